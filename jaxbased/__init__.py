@@ -1,0 +1,23 @@
+"""jaxbased: BASED and related sub-quadratic language models in JAX/Flax.
+
+import jaxbased
+config = jaxbased.ModelConfig.from_preset("based_tiny")
+model = jaxbased.LanguageModel(config)
+"""
+
+from jaxbased import ops
+from jaxbased.config import MIXER_NAMES, PRESETS, ModelConfig, based_layer_pattern
+from jaxbased.model import LanguageModel, ModelCache, count_parameters
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MIXER_NAMES",
+    "PRESETS",
+    "LanguageModel",
+    "ModelCache",
+    "ModelConfig",
+    "based_layer_pattern",
+    "count_parameters",
+    "ops",
+]

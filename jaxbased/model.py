@@ -1,0 +1,163 @@
+"""The language model (SPEC.md §1): embedding, pre-norm blocks following a layer pattern,
+final RMSNorm, head tied to the embedding.
+
+    h = mixer(norm1(x)); x = x + h; h = mlp(norm2(x)); x = x + h;  logits = final_norm(x) · Eᵀ
+
+The residual stream ``x`` is float32; mixers and MLPs run in ``config.dtype``. Logits are float32
+over the padded vocabulary (``config.padded_vocab_size`` columns, as in the reference).
+
+Generation: ``prefill(tokens, max_len)`` runs the parallel forms and returns every layer's cache;
+``decode_step(tokens, cache)`` consumes one token per row. ``init_cache`` builds an empty cache
+from the config alone (no parameters needed).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from jaxbased.config import ModelConfig
+from jaxbased.layers.common import RMSNorm, normal_init
+from jaxbased.layers.mlp import GatedMLP
+from jaxbased.layers.registry import build_mixer
+
+
+@flax.struct.dataclass
+class ModelCache:
+    """Decoding state of the whole model.
+
+    layers: one cache per layer (the mixer's cache pytree).
+    positions: ``[B]`` int32, the position the next token of each row takes.
+    """
+
+    layers: tuple[Any, ...]
+    positions: Int[Array, " B"]
+
+
+class Block(nn.Module):
+    """Pre-norm block: mixer then gated MLP, each added to the float32 residual."""
+
+    config: ModelConfig
+    mixer_name: str
+
+    def setup(self) -> None:
+        config = self.config
+        self.norm1 = RMSNorm(config.d_model, config.norm_eps, config.compute_dtype)
+        self.mixer = build_mixer(self.mixer_name, config)
+        self.norm2 = RMSNorm(config.d_model, config.norm_eps, config.compute_dtype)
+        self.mlp = GatedMLP(config)
+
+    def _mlp(self, x: Array) -> Array:
+        return x + self.mlp(self.norm2(x)).astype(jnp.float32)
+
+    def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
+        return self._mlp(x + self.mixer(self.norm1(x)).astype(jnp.float32))
+
+    def prefill(self, x: Float[Array, "B T D"], max_len: int) -> tuple[Array, Any]:
+        h, cache = self.mixer.prefill(self.norm1(x), max_len)
+        return self._mlp(x + h.astype(jnp.float32)), cache
+
+    def decode(
+        self, x: Float[Array, "B D"], cache: Any, position: Int[Array, " B"]
+    ) -> tuple[Array, Any]:
+        h, cache = self.mixer.decode(self.norm1(x), cache, position)
+        return self._mlp(x + h.astype(jnp.float32)), cache
+
+
+class LanguageModel(nn.Module):
+    """BASED / Transformer++ language model: ``tokens [B, T] -> logits [B, T, V]`` (float32)."""
+
+    config: ModelConfig
+
+    def setup(self) -> None:
+        config = self.config
+        self.embedding = self.param(
+            "embedding",
+            normal_init(config.init_std, ("vocab", "embed")),
+            (config.padded_vocab_size, config.d_model),
+            jnp.float32,
+        )
+        self.layers = [Block(config, name_) for name_ in config.layer_pattern]
+        self.final_norm = RMSNorm(config.d_model, config.norm_eps, jnp.float32)
+
+    def _embed(self, tokens: Array) -> Array:
+        if not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise TypeError(f"tokens must be integers; got dtype {tokens.dtype}")
+        return jnp.take(self.embedding, tokens, axis=0).astype(jnp.float32)
+
+    def _logits(self, x: Array) -> Array:
+        return jnp.einsum("...d,vd->...v", self.final_norm(x), self.embedding)
+
+    def __call__(self, tokens: Int[Array, "B T"]) -> Float[Array, "B T V"]:
+        """Logits for every position of ``tokens [B, T]``."""
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be [batch, seq]; got shape {tokens.shape}")
+        x = self._embed(tokens)
+        for block in self.layers:
+            x = block(x)
+        return self._logits(x)
+
+    def prefill(
+        self, tokens: Int[Array, "B T"], max_len: int
+    ) -> tuple[Float[Array, "B T V"], ModelCache]:
+        """Forward over prompts ``[B, T]`` (all rows length T) and the caches after them.
+
+        ``max_len`` is the total length (prompt + generated) that full-attention layers must hold;
+        other layers' caches do not depend on it.
+        """
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be [batch, seq]; got shape {tokens.shape}")
+        batch, seq = tokens.shape
+        if max_len < seq:
+            raise ValueError(f"max_len={max_len} is shorter than the prompt length {seq}")
+        x = self._embed(tokens)
+        caches = []
+        for block in self.layers:
+            x, cache = block.prefill(x, max_len)
+            caches.append(cache)
+        positions = jnp.full((batch,), seq, jnp.int32)
+        return self._logits(x), ModelCache(layers=tuple(caches), positions=positions)
+
+    def decode_step(
+        self, tokens: Int[Array, " B"], cache: ModelCache
+    ) -> tuple[Float[Array, "B V"], ModelCache]:
+        """Feed one token per row at ``cache.positions``; return its logits and the new cache."""
+        if tokens.ndim != 1:
+            raise ValueError(f"tokens must be [batch]; got shape {tokens.shape}")
+        x = self._embed(tokens)
+        new_caches = []
+        for block, layer_cache in zip(self.layers, cache.layers, strict=True):
+            x, layer_cache = block.decode(x, layer_cache, cache.positions)
+            new_caches.append(layer_cache)
+        return self._logits(x), ModelCache(tuple(new_caches), cache.positions + 1)
+
+    def init_cache(self, batch_size: int, max_len: int) -> ModelCache:
+        """An empty cache (position 0) for ``batch_size`` rows of up to ``max_len`` tokens.
+
+        Works on an unbound module: it reads only the config.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be >= 1")
+        config = self.config
+        layers = tuple(
+            build_mixer(name, config, parent=None).init_cache(batch_size, max_len)
+            for name in config.layer_pattern
+        )
+        return ModelCache(layers=layers, positions=jnp.zeros((batch_size,), jnp.int32))
+
+
+def count_parameters(params: Any) -> int:
+    """Number of scalars in a parameter pytree (boxed or not, arrays or ShapeDtypeStructs)."""
+    leaves = jax.tree_util.tree_leaves(nn.meta.unbox(params))
+    total = 0
+    for leaf in leaves:
+        size = 1
+        for dim in leaf.shape:
+            size *= dim
+        total += size
+    return total

@@ -1,0 +1,40 @@
+"""Framework-free math of the mixers (DESIGN.md layer 2): pure functions on arrays.
+
+Each op has an XLA reference (the source of truth) and its one-token decode step beside it.
+"""
+
+from jaxbased.ops.feature_maps import FEATURE_MAP_NAMES, expanded_dim, get_feature_map
+from jaxbased.ops.linear_attention import (
+    LinearAttentionState,
+    init_linear_attention_state,
+    linear_attention,
+    linear_attention_step,
+)
+from jaxbased.ops.rotary import apply_rotary
+from jaxbased.ops.short_conv import init_short_conv_state, short_conv, short_conv_step
+from jaxbased.ops.window_attention import (
+    KVCache,
+    fill_kv_cache,
+    init_kv_cache,
+    sliding_window_attention,
+    sliding_window_attention_step,
+)
+
+__all__ = [
+    "FEATURE_MAP_NAMES",
+    "KVCache",
+    "LinearAttentionState",
+    "apply_rotary",
+    "expanded_dim",
+    "fill_kv_cache",
+    "get_feature_map",
+    "init_kv_cache",
+    "init_linear_attention_state",
+    "init_short_conv_state",
+    "linear_attention",
+    "linear_attention_step",
+    "short_conv",
+    "short_conv_step",
+    "sliding_window_attention",
+    "sliding_window_attention_step",
+]

@@ -1,0 +1,261 @@
+"""Causal linear attention with a feature map and the BASED normalizer (SPEC.md §2).
+
+    y_i = sum_{j<=i} K(q_i, k_j) v_j / (sum_{j<=i} K(q_i, k_j) + eps),   K(q, k) = phi(q) . phi(k)
+
+Three algorithms compute the same function:
+
+- ``quadratic``: the masked ``T x T`` kernel matrix; O(T^2) time and memory.
+- ``chunked``: chunks of ``chunk_size`` tokens; inside a chunk the kernel comes from raw
+  ``F``-dimensional dots (``1 + s + s^2/2`` for the Taylor maps), across chunks an fp32 state of
+  expanded features ``S = sum phi(k) ⊗ v`` and ``z = sum phi(k)`` is carried by ``lax.scan``;
+  O(T) time and memory.
+- ``recurrent``: the state updated token by token (add the token, then read), as in decoding.
+
+Arrays are batch-major: ``q, k [B, T, H, F]``, ``v [B, T, H, Dv]``. All arithmetic is in float32
+(or float64 under x64); the output has the dtype of ``v``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from jaxbased.ops.feature_maps import (
+    TAYLOR_FEATURE_MAPS,
+    check_feature_map,
+    get_feature_map,
+    taylor_kernel_from_dots,
+)
+
+ALGORITHMS: tuple[str, ...] = ("chunked", "quadratic", "recurrent")
+DEFAULT_EPS = 1e-12
+
+
+class LinearAttentionState(NamedTuple):
+    """Recurrent state of causal linear attention, float32.
+
+    kv_state: ``[B, H, D', Dv]``, the sum of ``phi(k_j) ⊗ v_j``.
+    k_state: ``[B, H, D']``, the sum of ``phi(k_j)`` (the normalizer).
+    """
+
+    kv_state: Float[Array, "B H D Dv"]
+    k_state: Float[Array, "B H D"]
+
+
+def init_linear_attention_state(
+    batch_size: int, num_heads: int, expanded_dim: int, value_dim: int, dtype=jnp.float32
+) -> LinearAttentionState:
+    """An all-zero state (nothing seen yet)."""
+    return LinearAttentionState(
+        kv_state=jnp.zeros((batch_size, num_heads, expanded_dim, value_dim), dtype),
+        k_state=jnp.zeros((batch_size, num_heads, expanded_dim), dtype),
+    )
+
+
+def _compute_dtype(*arrays: Array) -> jnp.dtype:
+    return jnp.result_type(jnp.float32, *[a.dtype for a in arrays])
+
+
+def _check_inputs(q: Array, k: Array, v: Array) -> None:
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(
+            "q, k, v must be [batch, seq, heads, dim]; got shapes "
+            f"q={q.shape}, k={k.shape}, v={v.shape}"
+        )
+    if q.shape != k.shape:
+        raise ValueError(f"q and k must have the same shape; got q={q.shape}, k={k.shape}")
+    if v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"v must share batch, seq and heads with q; got q={q.shape}, v={v.shape}")
+
+
+def _state_or_zeros(
+    state: LinearAttentionState | None,
+    batch: int,
+    heads: int,
+    expanded: int,
+    value_dim: int,
+    dtype: jnp.dtype,
+) -> LinearAttentionState:
+    if state is None:
+        return init_linear_attention_state(batch, heads, expanded, value_dim, dtype)
+    expected_kv = (batch, heads, expanded, value_dim)
+    if state.kv_state.shape != expected_kv or state.k_state.shape != expected_kv[:3]:
+        raise ValueError(
+            f"initial_state has kv_state {state.kv_state.shape} and k_state "
+            f"{state.k_state.shape}; expected {expected_kv} and {expected_kv[:3]}"
+        )
+    return LinearAttentionState(state.kv_state.astype(dtype), state.k_state.astype(dtype))
+
+
+def _quadratic(q, k, v, feature_map, eps, state):
+    # q, k: [B, H, T, F]; v: [B, H, T, Dv]; all in the compute dtype.
+    phi = get_feature_map(feature_map)
+    phi_q, phi_k = phi(q), phi(k)
+    seq = q.shape[2]
+    kernel = jnp.einsum("bhif,bhjf->bhij", phi_q, phi_k)
+    kernel = jnp.where(jnp.tril(jnp.ones((seq, seq), bool)), kernel, 0.0)
+    numerator = jnp.einsum("bhij,bhjd->bhid", kernel, v)
+    numerator = numerator + jnp.einsum("bhif,bhfd->bhid", phi_q, state.kv_state)
+    denominator = kernel.sum(-1) + jnp.einsum("bhif,bhf->bhi", phi_q, state.k_state)
+    out = numerator / (denominator + eps)[..., None]
+    final = LinearAttentionState(
+        state.kv_state + jnp.einsum("bhjf,bhjd->bhfd", phi_k, v),
+        state.k_state + phi_k.sum(2),
+    )
+    return out, final
+
+
+def _chunked(q, k, v, feature_map, eps, state, chunk_size):
+    batch, heads, seq, feature_dim = q.shape
+    num_chunks = -(-seq // chunk_size)
+    padded = num_chunks * chunk_size
+    pad = ((0, 0), (0, 0), (0, padded - seq), (0, 0))
+    q, k, v = jnp.pad(q, pad), jnp.pad(k, pad), jnp.pad(v, pad)
+    valid = (jnp.arange(padded) < seq).reshape(num_chunks, chunk_size)
+
+    def to_chunks(x: Array) -> Array:  # [B, H, T, X] -> [N, B, H, C, X]
+        return jnp.moveaxis(x.reshape(batch, heads, num_chunks, chunk_size, x.shape[-1]), 2, 0)
+
+    phi = get_feature_map(feature_map)
+    causal = jnp.tril(jnp.ones((chunk_size, chunk_size), bool))
+    use_raw_dots = feature_map in TAYLOR_FEATURE_MAPS
+
+    def step(carry: LinearAttentionState, chunk):
+        q_c, k_c, v_c, valid_c = chunk
+        phi_q = phi(q_c)
+        phi_k = phi(k_c) * valid_c[:, None].astype(q_c.dtype)
+        if use_raw_dots:
+            dots = jnp.einsum("bhif,bhjf->bhij", q_c, k_c)
+            kernel = taylor_kernel_from_dots(dots, feature_dim)
+        else:
+            kernel = jnp.einsum("bhif,bhjf->bhij", phi_q, phi_k)
+        kernel = jnp.where(causal & valid_c[None, :], kernel, 0.0)
+        numerator = jnp.einsum("bhij,bhjd->bhid", kernel, v_c)
+        numerator = numerator + jnp.einsum("bhif,bhfd->bhid", phi_q, carry.kv_state)
+        denominator = kernel.sum(-1) + jnp.einsum("bhif,bhf->bhi", phi_q, carry.k_state)
+        out = numerator / (denominator + eps)[..., None]
+        new_carry = LinearAttentionState(
+            carry.kv_state + jnp.einsum("bhjf,bhjd->bhfd", phi_k, v_c),
+            carry.k_state + phi_k.sum(2),
+        )
+        return new_carry, out
+
+    final, out = jax.lax.scan(step, state, (to_chunks(q), to_chunks(k), to_chunks(v), valid))
+    out = jnp.moveaxis(out, 0, 2).reshape(batch, heads, padded, v.shape[-1])[:, :, :seq]
+    return out, final
+
+
+def _recurrent(q, k, v, feature_map, eps, state):
+    def step(carry: LinearAttentionState, token):
+        q_t, k_t, v_t = token
+        out, new_carry = _step(q_t, k_t, v_t, carry, feature_map, eps)
+        return new_carry, out
+
+    tokens = (jnp.moveaxis(q, 2, 0), jnp.moveaxis(k, 2, 0), jnp.moveaxis(v, 2, 0))
+    final, out = jax.lax.scan(step, state, tokens)
+    return jnp.moveaxis(out, 0, 2), final
+
+
+def _step(q_t, k_t, v_t, state, feature_map, eps):
+    # q_t, k_t: [B, H, F]; v_t: [B, H, Dv]. Add the token to the state, then read it.
+    phi = get_feature_map(feature_map)
+    phi_q, phi_k = phi(q_t), phi(k_t)
+    kv_state = state.kv_state + phi_k[..., :, None] * v_t[..., None, :]
+    k_state = state.k_state + phi_k
+    numerator = jnp.einsum("bhf,bhfd->bhd", phi_q, kv_state)
+    denominator = jnp.einsum("bhf,bhf->bh", phi_q, k_state)
+    return numerator / (denominator + eps)[..., None], LinearAttentionState(kv_state, k_state)
+
+
+def linear_attention(
+    q: Float[Array, "B T H F"],
+    k: Float[Array, "B T H F"],
+    v: Float[Array, "B T H Dv"],
+    *,
+    feature_map: str = "taylor",
+    algorithm: str = "chunked",
+    chunk_size: int = 64,
+    eps: float = DEFAULT_EPS,
+    initial_state: LinearAttentionState | None = None,
+    return_state: bool = False,
+) -> Float[Array, "B T H Dv"] | tuple[Float[Array, "B T H Dv"], LinearAttentionState]:
+    """Causal linear attention ``y_i = sum_{j<=i} K_ij v_j / (sum_{j<=i} K_ij + eps)``.
+
+    Args:
+      q, k: ``[B, T, H, F]`` queries and keys before the feature map.
+      v: ``[B, T, H, Dv]`` values.
+      feature_map: one of ``taylor``, ``taylor_symmetric``, ``elu``, ``relu``, ``identity``.
+      algorithm: ``chunked`` (O(T), default), ``quadratic`` or ``recurrent``; all agree.
+      chunk_size: tokens per chunk for ``chunked``; any length works (the tail is masked).
+      eps: added to the denominator (1e-12 as in the reference's quadratic path).
+      initial_state: state to continue from (keys and values seen before ``q[:, 0]``).
+      return_state: also return the state after the last token (for prefill).
+
+    Returns:
+      ``y [B, T, H, Dv]`` in ``v.dtype``, and the final :class:`LinearAttentionState` (float32)
+      when ``return_state`` is set.
+    """
+    _check_inputs(q, k, v)
+    check_feature_map(feature_map)
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm={algorithm!r} is not known; allowed: {', '.join(ALGORITHMS)}")
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size!r} must be a positive integer")
+    if eps < 0:
+        raise ValueError(f"eps={eps} must be >= 0")
+
+    dtype = _compute_dtype(q, k, v)
+    batch, _, heads, feature_dim = q.shape
+    value_dim = v.shape[-1]
+    expanded = get_feature_map(feature_map)(jnp.zeros((feature_dim,), dtype)).shape[-1]
+    state = _state_or_zeros(initial_state, batch, heads, expanded, value_dim, dtype)
+    # [B, T, H, X] -> [B, H, T, X] in the compute dtype.
+    qh, kh, vh = (jnp.swapaxes(x, 1, 2).astype(dtype) for x in (q, k, v))
+
+    if algorithm == "quadratic":
+        out, final = _quadratic(qh, kh, vh, feature_map, eps, state)
+    elif algorithm == "chunked":
+        out, final = _chunked(qh, kh, vh, feature_map, eps, state, chunk_size)
+    else:
+        out, final = _recurrent(qh, kh, vh, feature_map, eps, state)
+
+    out = jnp.swapaxes(out, 1, 2).astype(v.dtype)
+    return (out, final) if return_state else out
+
+
+def linear_attention_step(
+    q: Float[Array, "B H F"],
+    k: Float[Array, "B H F"],
+    v: Float[Array, "B H Dv"],
+    state: LinearAttentionState,
+    *,
+    feature_map: str = "taylor",
+    eps: float = DEFAULT_EPS,
+) -> tuple[Float[Array, "B H Dv"], LinearAttentionState]:
+    """One decoding step: add ``phi(k) ⊗ v`` to the state, then read it with ``phi(q)``.
+
+    Returns the output ``[B, H, Dv]`` (dtype of ``v``) and the new state (dtype of the state).
+    """
+    check_feature_map(feature_map)
+    if q.ndim != 3 or q.shape != k.shape or v.shape[:2] != q.shape[:2]:
+        raise ValueError(
+            f"q, k must be [batch, heads, F] and v [batch, heads, Dv]; got q={q.shape}, "
+            f"k={k.shape}, v={v.shape}"
+        )
+    dtype = _compute_dtype(q, k, v, state.kv_state)
+    out, new_state = _step(
+        q.astype(dtype),
+        k.astype(dtype),
+        v.astype(dtype),
+        LinearAttentionState(state.kv_state.astype(dtype), state.k_state.astype(dtype)),
+        feature_map,
+        eps,
+    )
+    new_state = LinearAttentionState(
+        new_state.kv_state.astype(state.kv_state.dtype),
+        new_state.k_state.astype(state.k_state.dtype),
+    )
+    return out.astype(v.dtype), new_state

@@ -1,0 +1,266 @@
+"""Causal softmax attention over a sliding window of keys, and full causal attention.
+
+Query ``i`` attends keys ``j`` with ``i - window < j <= i``: ``window`` counts the keys seen,
+including the query's own (the reference's ``window_size: 256`` sees 129 keys, SPEC.md §2).
+``window=None`` is full causal attention.
+
+    y_i = sum_j softmax_j(scale * q_i . k_j) v_j      (softmax in float32, scale = head_dim**-0.5)
+
+Algorithms (never a ``T x T`` matrix unless ``T`` is small):
+
+- windowed: queries in blocks of ``block_size``; a block sees its own key block and the
+  ``ceil((window - 1) / block_size)`` blocks before it. O(T * window) time and memory.
+- full causal, ``T <= block_size``: one masked ``T x T`` softmax.
+- full causal, longer: flash-style; ``lax.scan`` over key blocks with an online softmax.
+  O(T^2) time, O(T * block_size) memory.
+
+Decoding keeps a ring buffer (:class:`KVCache`) of ``capacity`` slots: ``window`` slots for a
+sliding window, the maximum length for full attention. Position ``p`` lives in slot
+``p % capacity``; empty slots hold position -1.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+DEFAULT_BLOCK_SIZE = 128
+FULL_ATTENTION_BLOCK_SIZE = 512
+
+
+class KVCache(NamedTuple):
+    """Ring buffer of keys and values (keys already rotated).
+
+    keys, values: ``[B, S, H, D]``; slot_positions: ``[B, S]`` int32, the absolute position
+    stored in each slot or -1 when empty.
+    """
+
+    keys: Float[Array, "B S H D"]
+    values: Float[Array, "B S H D"]
+    slot_positions: Int[Array, "B S"]
+
+
+def init_kv_cache(
+    batch_size: int, capacity: int, num_heads: int, head_dim: int, dtype=jnp.float32
+) -> KVCache:
+    """An empty ring buffer with ``capacity`` slots."""
+    if capacity < 1:
+        raise ValueError(f"capacity={capacity} must be >= 1")
+    shape = (batch_size, capacity, num_heads, head_dim)
+    return KVCache(
+        keys=jnp.zeros(shape, dtype),
+        values=jnp.zeros(shape, dtype),
+        slot_positions=jnp.full((batch_size, capacity), -1, jnp.int32),
+    )
+
+
+def _check_window(window: int | None) -> None:
+    if window is not None and (not isinstance(window, int) or window < 1):
+        raise ValueError(f"window={window!r} must be a positive integer or None (full attention)")
+
+
+def _check_inputs(q: Array, k: Array, v: Array) -> None:
+    if q.ndim != 4 or q.shape != k.shape or q.shape[:3] != v.shape[:3]:
+        raise ValueError(
+            "q, k, v must be [batch, seq, heads, dim] with matching batch, seq and heads; got "
+            f"q={q.shape}, k={k.shape}, v={v.shape}"
+        )
+
+
+def _masked_softmax_attention(q, k, v, mask):
+    # q [B,H,Q,D] (already scaled), k/v [B,H,K,D], mask broadcastable to [B,H,Q,K].
+    scores = jnp.einsum("bhqd,bhkd->bhqk", q, k)
+    scores = jnp.where(mask, scores, -jnp.inf)
+    weights = jax.nn.softmax(scores, axis=-1)
+    weights = jnp.where(mask, weights, 0.0)
+    return jnp.einsum("bhqk,bhkd->bhqd", weights, v)
+
+
+def _full_direct(q, k, v, window):
+    seq = q.shape[2]
+    query_pos = jnp.arange(seq)[:, None]
+    key_pos = jnp.arange(seq)[None, :]
+    mask = key_pos <= query_pos
+    if window is not None:
+        mask &= query_pos - key_pos < window
+    return _masked_softmax_attention(q, k, v, mask)
+
+
+def _full_flash(q, k, v, window, block_size):
+    batch, heads, seq, head_dim = q.shape
+    value_dim = v.shape[-1]
+    num_blocks = -(-seq // block_size)
+    padded = num_blocks * block_size
+    pad = ((0, 0), (0, 0), (0, padded - seq), (0, 0))
+    k_blocks = jnp.moveaxis(
+        jnp.pad(k, pad).reshape(batch, heads, num_blocks, block_size, head_dim), 2, 0
+    )
+    v_blocks = jnp.moveaxis(
+        jnp.pad(v, pad).reshape(batch, heads, num_blocks, block_size, value_dim), 2, 0
+    )
+    query_pos = jnp.arange(seq)[:, None]
+
+    def step(carry, block):
+        running_max, running_sum, accumulator = carry
+        k_b, v_b, index = block
+        key_pos = index * block_size + jnp.arange(block_size)[None, :]
+        mask = (key_pos <= query_pos) & (key_pos < seq)
+        if window is not None:
+            mask &= query_pos - key_pos < window
+        scores = jnp.where(mask, jnp.einsum("bhqd,bhkd->bhqk", q, k_b), -jnp.inf)
+        new_max = jax.lax.stop_gradient(jnp.maximum(running_max, scores.max(-1)))
+        probs = jnp.where(mask, jnp.exp(scores - new_max[..., None]), 0.0)
+        correction = jnp.exp(running_max - new_max)
+        running_sum = running_sum * correction + probs.sum(-1)
+        accumulator = accumulator * correction[..., None] + jnp.einsum(
+            "bhqk,bhkd->bhqd", probs, v_b
+        )
+        return (new_max, running_sum, accumulator), None
+
+    init = (
+        jnp.full((batch, heads, seq), -1e30, q.dtype),
+        jnp.zeros((batch, heads, seq), q.dtype),
+        jnp.zeros((batch, heads, seq, value_dim), q.dtype),
+    )
+    (_, running_sum, accumulator), _ = jax.lax.scan(
+        step, init, (k_blocks, v_blocks, jnp.arange(num_blocks))
+    )
+    return accumulator / running_sum[..., None]
+
+
+def _windowed_blocks(q, k, v, window, block_size):
+    batch, heads, seq, head_dim = q.shape
+    value_dim = v.shape[-1]
+    num_blocks = -(-seq // block_size)
+    padded = num_blocks * block_size
+    lookback = -(-(window - 1) // block_size)  # previous key blocks a query block needs
+    q = jnp.pad(q, ((0, 0), (0, 0), (0, padded - seq), (0, 0)))
+    key_pad = ((0, 0), (0, 0), (lookback * block_size, padded - seq), (0, 0))
+    k = jnp.pad(k, key_pad).reshape(batch, heads, lookback + num_blocks, block_size, head_dim)
+    v = jnp.pad(v, key_pad).reshape(batch, heads, lookback + num_blocks, block_size, value_dim)
+    # Key block j of query block i is padded block i + j, i.e. original block i - lookback + j.
+    k_seen = jnp.concatenate([k[:, :, j : j + num_blocks] for j in range(lookback + 1)], axis=3)
+    v_seen = jnp.concatenate([v[:, :, j : j + num_blocks] for j in range(lookback + 1)], axis=3)
+    q_blocks = q.reshape(batch, heads, num_blocks, block_size, head_dim)
+
+    block_start = jnp.arange(num_blocks)[:, None, None] * block_size
+    query_pos = block_start + jnp.arange(block_size)[None, :, None]
+    key_pos = (
+        block_start - lookback * block_size + jnp.arange((lookback + 1) * block_size)[None, None]
+    )
+    mask = (key_pos >= 0) & (key_pos <= query_pos) & (query_pos - key_pos < window)
+
+    scores = jnp.einsum("bhnqd,bhnkd->bhnqk", q_blocks, k_seen)
+    scores = jnp.where(mask, scores, -jnp.inf)
+    weights = jnp.where(mask, jax.nn.softmax(scores, axis=-1), 0.0)
+    out = jnp.einsum("bhnqk,bhnkd->bhnqd", weights, v_seen)
+    return out.reshape(batch, heads, padded, value_dim)[:, :, :seq]
+
+
+def sliding_window_attention(
+    q: Float[Array, "B T H D"],
+    k: Float[Array, "B T H D"],
+    v: Float[Array, "B T H Dv"],
+    *,
+    window: int | None,
+    scale: float | None = None,
+    block_size: int | None = None,
+) -> Float[Array, "B T H Dv"]:
+    """Causal softmax attention of each query over its last ``window`` keys (itself included).
+
+    Args:
+      q, k: ``[B, T, H, D]`` (rotary already applied); v: ``[B, T, H, Dv]``.
+      window: keys seen per query including itself; ``None`` for full causal attention.
+      scale: score scale, default ``D ** -0.5``.
+      block_size: query/key block length (default ``min(128, window)`` for a window, 512 for
+        full attention).
+
+    Returns ``[B, T, H, Dv]`` in ``v.dtype``; scores, softmax and sums in float32.
+    """
+    _check_inputs(q, k, v)
+    _check_window(window)
+    if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
+        raise ValueError(f"block_size={block_size!r} must be a positive integer")
+    seq, head_dim = q.shape[1], q.shape[-1]
+    scale = head_dim**-0.5 if scale is None else scale
+    dtype = jnp.result_type(jnp.float32, q.dtype, k.dtype, v.dtype)
+    qh, kh, vh = (jnp.swapaxes(x, 1, 2).astype(dtype) for x in (q, k, v))
+    qh = qh * jnp.asarray(scale, dtype)
+
+    if window is not None and window < seq:
+        block = block_size if block_size is not None else min(DEFAULT_BLOCK_SIZE, window)
+        out = _windowed_blocks(qh, kh, vh, window, block)
+    else:
+        block = block_size if block_size is not None else FULL_ATTENTION_BLOCK_SIZE
+        out = (
+            _full_direct(qh, kh, vh, None) if seq <= block else _full_flash(qh, kh, vh, None, block)
+        )
+    return jnp.swapaxes(out, 1, 2).astype(v.dtype)
+
+
+def fill_kv_cache(
+    keys: Float[Array, "B T H D"],
+    values: Float[Array, "B T H D"],
+    capacity: int,
+) -> KVCache:
+    """The ring buffer after a prefill of positions ``0 .. T-1`` (its last ``capacity`` tokens)."""
+    batch, seq, heads, head_dim = keys.shape
+    cache = init_kv_cache(batch, capacity, heads, head_dim, keys.dtype)
+    kept = min(seq, capacity)
+    positions = jnp.arange(seq - kept, seq, dtype=jnp.int32)
+    slots = positions % capacity
+    return KVCache(
+        keys=cache.keys.at[:, slots].set(keys[:, seq - kept :]),
+        values=cache.values.at[:, slots].set(values[:, seq - kept :].astype(keys.dtype)),
+        slot_positions=cache.slot_positions.at[:, slots].set(positions),
+    )
+
+
+def sliding_window_attention_step(
+    q: Float[Array, "B H D"],
+    k: Float[Array, "B H D"],
+    v: Float[Array, "B H Dv"],
+    cache: KVCache,
+    position: Int[Array, " B"],
+    *,
+    window: int | None,
+    scale: float | None = None,
+) -> tuple[Float[Array, "B H Dv"], KVCache]:
+    """One decoding step: write ``k, v`` at slot ``position % capacity``, then attend.
+
+    Args:
+      q, k: ``[B, H, D]`` (rotary already applied at ``position``); v: ``[B, H, Dv]``.
+      cache: the ring buffer; its capacity must be ``>= window`` (or the maximum length).
+      position: ``[B]`` absolute position of the new token in each row.
+
+    Returns the output ``[B, H, Dv]`` and the updated cache. Slots are updated in place
+    (``dynamic_update_slice``-style scatter on the carried buffer).
+    """
+    _check_window(window)
+    capacity = cache.keys.shape[1]
+    if window is not None and capacity < window:
+        raise ValueError(f"cache capacity {capacity} is smaller than window={window}")
+    batch = q.shape[0]
+    head_dim = q.shape[-1]
+    scale = head_dim**-0.5 if scale is None else scale
+    position = jnp.asarray(position, jnp.int32).reshape(batch)
+    slot = position % capacity
+    rows = jnp.arange(batch)
+    cache = KVCache(
+        keys=cache.keys.at[rows, slot].set(k.astype(cache.keys.dtype)),
+        values=cache.values.at[rows, slot].set(v.astype(cache.values.dtype)),
+        slot_positions=cache.slot_positions.at[rows, slot].set(position),
+    )
+    stored = cache.slot_positions
+    mask = (stored >= 0) & (stored <= position[:, None])
+    if window is not None:
+        mask &= position[:, None] - stored < window
+    dtype = jnp.result_type(jnp.float32, q.dtype, cache.keys.dtype)
+    scores = jnp.einsum("bhd,bshd->bhs", q.astype(dtype) * scale, cache.keys.astype(dtype))
+    scores = jnp.where(mask[:, None, :], scores, -jnp.inf)
+    weights = jnp.where(mask[:, None, :], jax.nn.softmax(scores, axis=-1), 0.0)
+    out = jnp.einsum("bhs,bshd->bhd", weights, cache.values.astype(dtype))
+    return out.astype(v.dtype), cache
