@@ -20,7 +20,8 @@ from jaxbased.ops.linear_attention import ALGORITHMS
 
 #: Mixer names a layer pattern may use. ``jaxbased.layers.registry`` maps each to its module.
 MIXER_NAMES: tuple[str, ...] = ("base_conv", "based", "sliding_window", "attention")
-DTYPES: tuple[str, ...] = ("float32", "bfloat16")
+#: Activation dtypes; ``float64`` (with ``jax_enable_x64``) is for numerical checks.
+DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float64")
 
 
 def based_layer_pattern(

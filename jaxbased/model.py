@@ -53,20 +53,20 @@ class Block(nn.Module):
         self.mlp = GatedMLP(config)
 
     def _mlp(self, x: Array) -> Array:
-        return x + self.mlp(self.norm2(x)).astype(jnp.float32)
+        return x + self.mlp(self.norm2(x)).astype(x.dtype)
 
     def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
-        return self._mlp(x + self.mixer(self.norm1(x)).astype(jnp.float32))
+        return self._mlp(x + self.mixer(self.norm1(x)).astype(x.dtype))
 
     def prefill(self, x: Float[Array, "B T D"], max_len: int) -> tuple[Array, Any]:
         h, cache = self.mixer.prefill(self.norm1(x), max_len)
-        return self._mlp(x + h.astype(jnp.float32)), cache
+        return self._mlp(x + h.astype(x.dtype)), cache
 
     def decode(
         self, x: Float[Array, "B D"], cache: Any, position: Int[Array, " B"]
     ) -> tuple[Array, Any]:
         h, cache = self.mixer.decode(self.norm1(x), cache, position)
-        return self._mlp(x + h.astype(jnp.float32)), cache
+        return self._mlp(x + h.astype(x.dtype)), cache
 
 
 class LanguageModel(nn.Module):
@@ -83,12 +83,14 @@ class LanguageModel(nn.Module):
             jnp.float32,
         )
         self.layers = [Block(config, name_) for name_ in config.layer_pattern]
-        self.final_norm = RMSNorm(config.d_model, config.norm_eps, jnp.float32)
+        residual_dtype = jnp.promote_types(config.compute_dtype, jnp.float32)
+        self.final_norm = RMSNorm(config.d_model, config.norm_eps, residual_dtype)
 
     def _embed(self, tokens: Array) -> Array:
         if not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise TypeError(f"tokens must be integers; got dtype {tokens.dtype}")
-        return jnp.take(self.embedding, tokens, axis=0).astype(jnp.float32)
+        residual_dtype = jnp.promote_types(self.config.compute_dtype, jnp.float32)
+        return jnp.take(self.embedding, tokens, axis=0).astype(residual_dtype)
 
     def _logits(self, x: Array) -> Array:
         return jnp.einsum("...d,vd->...v", self.final_norm(x), self.embedding)

@@ -55,7 +55,7 @@ class Projection(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """``x / sqrt(mean(x^2) + eps) * weight`` over the last axis, in float32; weight only."""
+    """``x / sqrt(mean(x^2) + eps) * weight`` over the last axis in float32 or wider; no bias."""
 
     dim: int
     eps: float = 1e-5
@@ -69,6 +69,6 @@ class RMSNorm(nn.Module):
             (self.dim,),
             jnp.float32,
         )
-        xf = x.astype(jnp.float32)
+        xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
         normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
         return (normed * weight).astype(self.dtype)

@@ -1,0 +1,9 @@
+"""Config of the ``based_1b`` model (SPEC.md §1: 36 layers, d 1792; hazyresearch/based-1b)."""
+
+import ml_collections
+
+from configs.presets import preset_config
+
+
+def get_config() -> ml_collections.ConfigDict:
+    return preset_config("based_1b")

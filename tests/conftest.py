@@ -1,0 +1,28 @@
+"""Shared helpers for the tests."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxbased import LanguageModel, ModelConfig
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(1234)
+
+
+def init_model(config: ModelConfig, seed: int = 0, seq: int = 4):
+    """The model and its unboxed float32 parameters."""
+    model = LanguageModel(config)
+    variables = model.init(jax.random.key(seed), jnp.zeros((1, seq), jnp.int32))
+    return model, nn.meta.unbox(variables["params"])
+
+
+def relative_error(actual, expected) -> float:
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    return float(np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), 1e-30))

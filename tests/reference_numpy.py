@@ -1,0 +1,193 @@
+"""Float64 NumPy references written from SPEC.md, independent of the library's code.
+
+Everything here uses plain loops or explicit masks so that it is easy to check by eye against
+SPEC.md §1–§2; speed does not matter.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+# Feature maps (SPEC.md §2) -------------------------------------------------------------------
+def phi(x: np.ndarray, name: str) -> np.ndarray:
+    x = np.asarray(x, np.float64)
+    feature_dim = x.shape[-1]
+    if name == "taylor":
+        outer = np.einsum("...i,...j->...ij", x, x).reshape(*x.shape[:-1], feature_dim**2)
+        return np.concatenate(
+            [
+                np.ones((*x.shape[:-1], 1)),
+                x / feature_dim**0.25,
+                outer / (math.sqrt(2) * math.sqrt(feature_dim)),
+            ],
+            axis=-1,
+        )
+    if name == "taylor_symmetric":
+        pieces = [np.ones((*x.shape[:-1], 1)), x / feature_dim**0.25]
+        for i in range(feature_dim):
+            for j in range(i, feature_dim):
+                scale = (
+                    1 / (math.sqrt(2) * math.sqrt(feature_dim))
+                    if i == j
+                    else 1 / math.sqrt(feature_dim)
+                )
+                pieces.append((x[..., i] * x[..., j] * scale)[..., None])
+        return np.concatenate(pieces, axis=-1)
+    if name == "elu":
+        return np.where(x > 0, x + 1.0, np.exp(x))
+    if name == "relu":
+        return np.maximum(x, 0.0)
+    if name == "identity":
+        return x
+    raise ValueError(name)
+
+
+def linear_attention(q, k, v, feature_map="taylor", eps=1e-12, kv_state=None, k_state=None):
+    """Token-by-token sums from the definition: q, k [B, T, H, F], v [B, T, H, Dv].
+
+    Returns y [B, T, H, Dv] and the final (kv_state [B, H, D', Dv], k_state [B, H, D']).
+    """
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    phi_q, phi_k = phi(q, feature_map), phi(k, feature_map)
+    batch, seq, heads, _ = q.shape
+    expanded, value_dim = phi_q.shape[-1], v.shape[-1]
+    kv = np.zeros((batch, heads, expanded, value_dim)) if kv_state is None else kv_state.copy()
+    z = np.zeros((batch, heads, expanded)) if k_state is None else k_state.copy()
+    kv0, z0 = kv.copy(), z.copy()
+    y = np.zeros((batch, seq, heads, value_dim))
+    for b in range(batch):
+        for h in range(heads):
+            for i in range(seq):
+                numerator = phi_q[b, i, h] @ kv0[b, h]
+                denominator = phi_q[b, i, h] @ z0[b, h]
+                for j in range(i + 1):
+                    kernel = phi_q[b, i, h] @ phi_k[b, j, h]
+                    numerator = numerator + kernel * v[b, j, h]
+                    denominator = denominator + kernel
+                y[b, i, h] = numerator / (denominator + eps)
+    kv = kv + np.einsum("bthf,bthd->bhfd", phi_k, v)
+    z = z + phi_k.sum(1)
+    return y, (kv, z)
+
+
+# Softmax attention -----------------------------------------------------------------------------
+def window_attention(q, k, v, window, scale=None):
+    """Masked softmax: query i sees keys j with i - window < j <= i (all j <= i if None)."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    seq, head_dim = q.shape[1], q.shape[-1]
+    scale = head_dim**-0.5 if scale is None else scale
+    scores = np.einsum("bihd,bjhd->bhij", q, k) * scale
+    i = np.arange(seq)[:, None]
+    j = np.arange(seq)[None, :]
+    mask = j <= i
+    if window is not None:
+        mask &= i - j < window
+    scores = np.where(mask, scores, -np.inf)
+    scores = scores - scores.max(-1, keepdims=True)
+    weights = np.exp(scores)
+    weights /= weights.sum(-1, keepdims=True)
+    return np.einsum("bhij,bjhd->bihd", weights, v)
+
+
+def rotary(x, positions, rotary_dim, base=10000.0):
+    """NeoX-halves rotary on the first 2*ceil(r/2) channels: x [B, T, H, D], positions [T]."""
+    x = np.asarray(x, np.float64)
+    inv_freq = 1.0 / base ** (np.arange(0, rotary_dim, 2) / rotary_dim)
+    half = len(inv_freq)
+    out = x.copy()
+    for t, position in enumerate(positions):
+        angle = position * inv_freq
+        x1, x2 = x[:, t, :, :half], x[:, t, :, half : 2 * half]
+        out[:, t, :, :half] = x1 * np.cos(angle) - x2 * np.sin(angle)
+        out[:, t, :, half : 2 * half] = x2 * np.cos(angle) + x1 * np.sin(angle)
+    return out
+
+
+# Short conv ------------------------------------------------------------------------------------
+def short_conv(x, weight):
+    """y[t, c] = sum_j weight[j, c] * x[t - K + 1 + j, c], zeros before the start."""
+    x = np.asarray(x, np.float64)
+    kernel_size = weight.shape[0]
+    y = np.zeros_like(x)
+    for t in range(x.shape[1]):
+        for j in range(kernel_size):
+            source = t - kernel_size + 1 + j
+            if source >= 0:
+                y[:, t] += weight[j] * x[:, source]
+    return y
+
+
+# The whole language model (SPEC.md §1-§2), from a parameter dict -------------------------------
+def silu(x):
+    return x / (1.0 + np.exp(-x))
+
+
+def rms_norm(x, weight, eps):
+    return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + eps) * weight
+
+
+def _linear(x, kernel, bias=None):
+    y = np.tensordot(x, np.asarray(kernel, np.float64), axes=1)
+    return y if bias is None else y + np.asarray(bias, np.float64)
+
+
+def _flat_out(kernel):
+    kernel = np.asarray(kernel, np.float64)
+    return kernel.reshape(kernel.shape[0], -1)
+
+
+def mixer_forward(name, params, x, config):
+    batch, seq, d_model = x.shape
+    if name == "base_conv":
+        in_kernel = _flat_out(params["in_proj"]["kernel"])  # [d, 2C]: u1 columns then u2
+        u = _linear(x, in_kernel, np.asarray(params["in_proj"]["bias"]).reshape(-1))
+        channels = in_kernel.shape[1] // 2
+        u1, u2 = u[..., :channels], u[..., channels:]
+        conv = short_conv(u1, np.asarray(params["conv_weight"], np.float64))
+        return _linear(silu(conv) * u2, params["out_proj"]["kernel"], params["out_proj"]["bias"])
+    if name == "based":
+        heads, feature_dim = config.linear_attention_heads, config.feature_dim
+        q = _linear(x, _flat_out(params["proj_q"]["kernel"])).reshape(
+            batch, seq, heads, feature_dim
+        )
+        k = _linear(x, _flat_out(params["proj_k"]["kernel"])).reshape(
+            batch, seq, heads, feature_dim
+        )
+        v = _linear(x, _flat_out(params["proj_v"]["kernel"])).reshape(batch, seq, heads, -1)
+        y, _ = linear_attention(q, k, v, config.feature_map, config.linear_attention_eps)
+        out_kernel = np.asarray(params["out_proj"]["kernel"], np.float64).reshape(-1, d_model)
+        return _linear(y.reshape(batch, seq, -1), out_kernel)
+    if name in ("sliding_window", "attention"):
+        heads = config.attention_heads
+        qkv = _linear(x, _flat_out(params["qkv_proj"]["kernel"]))  # columns [Q | K | V]
+        q, k, v = (part.reshape(batch, seq, heads, -1) for part in np.split(qkv, 3, axis=-1))
+        if config.rotary_dim:
+            q = rotary(q, range(seq), config.rotary_dim, config.rotary_base)
+            k = rotary(k, range(seq), config.rotary_dim, config.rotary_base)
+        window = config.window if name == "sliding_window" else None
+        y = window_attention(q, k, v, window)
+        out_kernel = np.asarray(params["out_proj"]["kernel"], np.float64).reshape(-1, d_model)
+        return _linear(y.reshape(batch, seq, -1), out_kernel)
+    raise ValueError(name)
+
+
+def model_forward(params, tokens, config):
+    """Logits [B, T, V] of the language model, float64."""
+    embedding = np.asarray(params["embedding"], np.float64)
+    x = embedding[np.asarray(tokens)]
+    for i, name in enumerate(config.layer_pattern):
+        layer = params[f"layers_{i}"]
+        h = mixer_forward(
+            name, layer["mixer"], rms_norm(x, layer["norm1"]["weight"], config.norm_eps), config
+        )
+        x = x + h
+        normed = rms_norm(x, layer["norm2"]["weight"], config.norm_eps)
+        both = _linear(normed, _flat_out(layer["mlp"]["fc1"]["kernel"]))
+        hidden = both.shape[-1] // 2
+        value, gate = both[..., :hidden], both[..., hidden:]
+        x = x + _linear(value * silu(gate), layer["mlp"]["fc2"]["kernel"])
+    x = rms_norm(x, params["final_norm"]["weight"], config.norm_eps)
+    return x @ embedding.T

@@ -1,0 +1,124 @@
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+from jaxbased import MIXER_NAMES, ModelConfig
+from jaxbased.layers import MIXERS, GatedMLP, RMSNorm, build_mixer
+from tests import reference_numpy as ref
+from tests.conftest import relative_error
+
+
+def mixer_config(name: str, **overrides) -> ModelConfig:
+    values = dict(
+        vocab_size=32,
+        d_model=8,
+        num_layers=1,
+        layer_pattern=(name,),
+        mlp_inner_dim=16,
+        mlp_multiple_of=8,
+        linear_attention_heads=2,
+        feature_dim=4,
+        chunk_size=4,
+        attention_heads=2,
+        window=3,
+        init_std=0.3,  # larger than the LM's 0.02 so that outputs are O(1)
+    )
+    values.update(overrides)
+    return ModelConfig(**values)
+
+
+def init_mixer(name: str, config: ModelConfig, seq: int = 5):
+    mixer = build_mixer(name, config, parent=None)
+    x = jnp.zeros((1, seq, config.d_model), config.compute_dtype)
+    return mixer, nn.meta.unbox(mixer.init(jax.random.key(3), x)["params"])
+
+
+def test_registry_covers_every_mixer_name():
+    assert set(MIXERS) == set(MIXER_NAMES)
+    with pytest.raises(ValueError, match="mixer 'mamba9'"):
+        build_mixer("mamba9", mixer_config("based"))
+
+
+@pytest.mark.parametrize("name", MIXER_NAMES)
+def test_mixer_matches_float64_numpy(name, rng):
+    config = mixer_config(name)
+    mixer, params = init_mixer(name, config)
+    x = rng.normal(size=(2, 11, config.d_model)).astype(np.float32)
+    got = mixer.apply({"params": params}, x)
+    assert got.shape == x.shape
+    assert relative_error(got, ref.mixer_forward(name, params, x, config)) <= 1e-5
+
+
+@pytest.mark.parametrize("name", MIXER_NAMES)
+def test_mixer_is_causal(name, rng):
+    config = mixer_config(name)
+    mixer, params = init_mixer(name, config)
+    x = rng.normal(size=(1, 12, config.d_model)).astype(np.float32)
+    base = np.asarray(mixer.apply({"params": params}, x))
+    for t in (0, 5, 11):
+        perturbed = x.copy()
+        perturbed[:, t] += 1.0
+        out = np.asarray(mixer.apply({"params": params}, perturbed))
+        np.testing.assert_array_equal(out[:, :t], base[:, :t])
+        assert np.abs(out[:, t] - base[:, t]).max() > 1e-4
+
+
+@pytest.mark.parametrize("name", MIXER_NAMES)
+def test_mixer_gradients_match_central_differences_in_float64(name, rng):
+    with jax.enable_x64(True):
+        config = mixer_config(name, dtype="float64")
+        mixer, params = init_mixer(name, config, seq=7)
+        params = jax.tree.map(lambda p: jnp.asarray(p, jnp.float64), params)
+        x = jnp.asarray(rng.normal(size=(2, 7, config.d_model)), jnp.float64)
+        weights = jnp.asarray(rng.normal(size=x.shape), jnp.float64)
+
+        def loss(params, x):
+            return jnp.sum(mixer.apply({"params": params}, x) * weights)
+
+        assert loss(params, x).dtype == jnp.float64
+        check_grads(loss, (params, x), order=1, modes=["rev"], eps=1e-6, atol=1e-7, rtol=1e-7)
+
+
+@pytest.mark.parametrize("name", MIXER_NAMES)
+@pytest.mark.parametrize("prompt", [1, 2, 9])
+def test_mixer_prefill_then_decode_equals_forward(name, prompt, rng):
+    config = mixer_config(name)
+    mixer, params = init_mixer(name, config)
+    seq = 12
+    x = rng.normal(size=(2, seq, config.d_model)).astype(np.float32)
+    forward = mixer.apply({"params": params}, x)
+    y, cache = mixer.apply({"params": params}, x[:, :prompt], seq, method="prefill")
+    assert relative_error(y, forward[:, :prompt]) <= 1e-5
+    empty = mixer.init_cache(2, seq)
+    assert jax.tree.structure(empty) == jax.tree.structure(cache)
+    for t in range(prompt, seq):
+        position = jnp.full((2,), t, jnp.int32)
+        y, cache = mixer.apply({"params": params}, x[:, t], cache, position, method="decode")
+        assert relative_error(y, forward[:, t]) <= 1e-5, t
+
+
+def test_rms_norm_and_gated_mlp_match_numpy(rng):
+    config = mixer_config("based")
+    x = rng.normal(size=(2, 3, 8)).astype(np.float32)
+    norm = RMSNorm(8, 1e-5)
+    norm_params = {"weight": rng.normal(size=8).astype(np.float32)}
+    got = norm.apply({"params": norm_params}, x)
+    assert relative_error(got, ref.rms_norm(x, norm_params["weight"], 1e-5)) <= 1e-6
+
+    mlp = GatedMLP(config)
+    params = nn.meta.unbox(mlp.init(jax.random.key(0), x)["params"])
+    assert params["fc1"]["kernel"].shape == (8, 2, 16)
+    both = x.astype(np.float64) @ np.asarray(params["fc1"]["kernel"], np.float64).reshape(8, 32)
+    want = (both[..., :16] * ref.silu(both[..., 16:])) @ np.asarray(params["fc2"]["kernel"])
+    assert relative_error(mlp.apply({"params": params}, x), want) <= 1e-5
+
+
+def test_parameters_carry_logical_axis_names():
+    config = mixer_config("sliding_window")
+    mixer = build_mixer("sliding_window", config, parent=None)
+    boxed = mixer.init(jax.random.key(0), jnp.zeros((1, 3, 8)))["params"]
+    assert boxed["qkv_proj"]["kernel"].names == ("embed", None, "heads", "head_dim")
+    assert boxed["out_proj"]["kernel"].names == ("heads", "head_dim", "embed")
