@@ -1,19 +1,78 @@
-"""Shared helper of the config files: an ml_collections config from a model preset.
+"""Shared helpers of the config files: ml_collections configs with ``model``, ``data``, ``train``
+and ``sample`` sections.
 
-Each ``configs/<preset>.py`` is read with absl ``config_flags``; any field can be overridden on the
-command line, e.g. ``--config=configs/based_360m.py --config.model.d_model=512``.
+Each ``configs/<name>.py`` is read with absl ``config_flags``; any field can be overridden on the
+command line, e.g. ``--config=configs/based_360m.py --config.model.d_model=512
+--config.train.num_steps=100 --config.data.path=/data/pile``. Unknown fields are rejected.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import ml_collections
 
 from jaxbased.config import ModelConfig
 
 
-def preset_config(preset: str) -> ml_collections.ConfigDict:
-    """``ConfigDict(model=<every ModelConfig field of the preset>, preset=<name>)``."""
+def data_defaults(**overrides: Any) -> ml_collections.ConfigDict:
+    """Data section: ``path`` empty = the built-in corpus (stdlib sources, byte tokenizer)."""
+    values = dict(
+        path="",
+        seq_len=2048,
+        batch_size=256,  # global, in sequences
+        seed=0,
+        prefetch_threads=2,
+        builtin_max_bytes=4_000_000,
+        validation_fraction=0.02,
+    )
+    values.update(overrides)
+    return ml_collections.ConfigDict(values)
+
+
+def train_defaults(**overrides: Any) -> ml_collections.ConfigDict:
+    """Train section with the released recipe (SPEC.md §3)."""
+    values = dict(
+        num_steps=20_000,
+        learning_rate=8e-4,
+        final_learning_rate=8e-5,
+        warmup_steps=200,
+        warmup_init=1e-6,
+        beta1=0.9,
+        beta2=0.95,
+        eps=1e-8,
+        weight_decay=0.1,
+        grad_clip=1.0,
+        grad_accum_steps=1,
+        seed=0,
+        log_every=10,
+        eval_every=1000,
+        eval_batches=8,
+        checkpoint_every=1000,
+        keep_checkpoints=3,
+        async_checkpoints=True,
+        tensorboard=True,
+        peak_flops=0.0,  # FLOP/s for utilisation; 0 = measure a float32 matmul at start
+    )
+    values.update(overrides)
+    return ml_collections.ConfigDict(values)
+
+
+def sample_defaults(**overrides: Any) -> ml_collections.ConfigDict:
+    """What ``train.py`` generates after training (``max_new_tokens=0`` skips it)."""
+    values = dict(prompt="def ", max_new_tokens=0, temperature=0.8, top_k=0, seed=0)
+    values.update(overrides)
+    return ml_collections.ConfigDict(values)
+
+
+def preset_config(preset: str, **model_overrides: Any) -> ml_collections.ConfigDict:
+    """A config whose model is ``preset`` (plus ``model_overrides``), with the released recipe."""
     config = ml_collections.ConfigDict()
     config.preset = preset
-    config.model = ml_collections.ConfigDict(ModelConfig.from_preset(preset).to_dict())
+    config.model = ml_collections.ConfigDict(
+        ModelConfig.from_preset(preset, **model_overrides).to_dict()
+    )
+    config.data = data_defaults()
+    config.train = train_defaults()
+    config.sample = sample_defaults()
     return config

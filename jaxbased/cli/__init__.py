@@ -1,0 +1,1 @@
+"""Console scripts (installed by setup.cfg's entry points)."""

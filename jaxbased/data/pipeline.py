@@ -1,0 +1,95 @@
+"""Grain input pipeline over a tokenized dataset.
+
+Training windows are ``seq_len + 1`` consecutive tokens starting every ``seq_len`` tokens of the
+train split (inputs are the first ``seq_len``, targets the last ``seq_len``). Each JAX process
+takes every ``process_count``-th window, shuffles them with the seed (reshuffled every epoch),
+repeats forever and batches. The iterator's state (``get_state``/``set_state``, a small dict) is
+saved with the model checkpoint, so that a resumed run sees exactly the batches it would have.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grain
+import numpy as np
+
+from jaxbased.data.token_store import TokenDataset
+
+
+class TokenWindows:
+    """Random-access windows: item ``i`` is ``tokens[i * seq_len : (i + 1) * seq_len + 1]``."""
+
+    def __init__(self, tokens: Any, seq_len: int, split_name: str = "train") -> None:
+        if not isinstance(seq_len, int) or seq_len < 1:
+            raise ValueError(f"seq_len={seq_len!r} must be a positive integer")
+        length = int(tokens.shape[0])
+        if length < seq_len + 1:
+            raise ValueError(
+                f"seq_len={seq_len} is longer than the data: the {split_name} split has {length} "
+                f"tokens and a window needs seq_len + 1 = {seq_len + 1}"
+            )
+        self.tokens, self.seq_len = tokens, seq_len
+        self.num_windows = (length - 1) // seq_len
+
+    def __len__(self) -> int:
+        return self.num_windows
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        if not 0 <= index < self.num_windows:
+            raise IndexError(f"window index {index} outside 0..{self.num_windows - 1}")
+        start = index * self.seq_len
+        window = self.tokens[start : start + self.seq_len + 1]
+        if not isinstance(window, np.ndarray):  # a TensorStore view
+            window = window.read().result()
+        return np.asarray(window, np.int32)
+
+
+def training_batches(
+    dataset: TokenDataset,
+    *,
+    seq_len: int,
+    batch_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> grain.MapDataset:
+    """Infinite shuffled batches ``[batch_size, seq_len + 1]`` (int32) of this process's windows.
+
+    ``batch_size`` is per process. Raises ``ValueError`` when the data holds fewer windows than
+    processes.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1")
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} outside 0..{process_count - 1}")
+    windows = TokenWindows(dataset.tokens("train"), seq_len, "train")
+    if len(windows) < process_count:
+        raise ValueError(
+            f"the train split has {len(windows)} windows of seq_len={seq_len}, fewer than the "
+            f"{process_count} processes"
+        )
+    source = grain.MapDataset.source(windows)[process_index::process_count]
+    return source.shuffle(seed=seed).repeat(None).batch(batch_size, drop_remainder=True)
+
+
+def make_iterator(
+    batches: grain.MapDataset, *, prefetch_threads: int = 2, prefetch_batches: int = 4
+) -> grain.DatasetIterator:
+    """A checkpointable iterator that reads ahead on ``prefetch_threads`` threads."""
+    options = grain.ReadOptions(num_threads=prefetch_threads, prefetch_buffer_size=prefetch_batches)
+    return iter(batches.to_iter_dataset(options))
+
+
+def validation_batches(
+    dataset: TokenDataset, *, seq_len: int, batch_size: int, max_batches: int
+) -> list[np.ndarray]:
+    """The first ``max_batches`` batches of validation windows, in order (the same every time).
+
+    Raises ``ValueError`` if the validation split is too short for one window.
+    """
+    windows = TokenWindows(dataset.tokens("validation"), seq_len, "validation")
+    count = min(len(windows), max_batches * batch_size)
+    rows = [windows[i] for i in range(count)]
+    batches = [np.stack(rows[i : i + batch_size]) for i in range(0, count, batch_size)]
+    return [batch for batch in batches if len(batch) == batch_size] or [np.stack(rows)]

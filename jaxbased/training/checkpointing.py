@@ -1,0 +1,123 @@
+"""Checkpoints: Orbax ``CheckpointManager`` with the train state, the data iterator state and the
+run's metadata (model config, tokenizer) saved together under one step.
+
+Saves are asynchronous and atomic (Orbax writes into a temporary directory and renames it when
+complete, so an interrupted save is never taken for a checkpoint); the last ``keep`` are kept.
+``load_for_inference`` reads a workdir for generation without any training state.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from jaxbased.config import ModelConfig
+from jaxbased.data.tokenizers import Tokenizer, load_tokenizer
+
+CHECKPOINT_SUBDIR = "checkpoints"
+TOKENIZER_SUBDIR = "tokenizer"
+ITEMS = ("state", "data", "metadata")
+
+
+class IncompatibleCheckpointError(ValueError):
+    """The workdir holds a checkpoint of a different model."""
+
+
+class Checkpointer:
+    """Save and restore ``(train state, data iterator state, metadata)`` in ``workdir``."""
+
+    def __init__(self, workdir: str | pathlib.Path, *, keep: int = 3, async_save: bool = True):
+        if keep < 1:
+            raise ValueError(f"keep={keep} must be >= 1")
+        self.directory = pathlib.Path(workdir).absolute() / CHECKPOINT_SUBDIR
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=async_save, create=True
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any, data_state: dict, metadata: dict) -> None:
+        """Start saving (returns before the write finishes when async)."""
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=ocp.args.JsonSave(data_state),
+                metadata=ocp.args.JsonSave(metadata),
+            ),
+            force=True,
+        )
+
+    def metadata(self, step: int) -> dict:
+        restored = self.manager.restore(
+            step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore())
+        )
+        return dict(restored["metadata"])
+
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:
+        """The state (shaped like ``abstract_state``), data iterator state and metadata."""
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state),
+                data=ocp.args.JsonRestore(),
+                metadata=ocp.args.JsonRestore(),
+            ),
+        )
+        return restored["state"], dict(restored["data"]), dict(restored["metadata"])
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def check_compatible(saved_model: dict, config: ModelConfig, workdir: pathlib.Path) -> None:
+    """Raise ``IncompatibleCheckpointError`` naming every model field that differs."""
+    current = config.to_dict()
+    differences = []
+    for name in sorted(set(saved_model) | set(current)):
+        saved_value, current_value = saved_model.get(name), current.get(name)
+        if isinstance(saved_value, list):
+            saved_value = tuple(saved_value)
+        if saved_value != current_value:
+            differences.append(f"{name}: checkpoint {saved_value!r} vs config {current_value!r}")
+    if differences:
+        raise IncompatibleCheckpointError(
+            f"workdir {str(workdir)!r} holds a checkpoint of an incompatible model ("
+            + "; ".join(differences)
+            + "); use a new --workdir or the same model config"
+        )
+
+
+def load_for_inference(
+    workdir: str | pathlib.Path, step: int | None = None
+) -> tuple[ModelConfig, Any, Tokenizer]:
+    """The model config, float32 parameters and tokenizer of a ``train.py`` workdir.
+
+    ``step`` defaults to the latest complete checkpoint. Raises ``ValueError`` if there is none.
+    """
+    workdir = pathlib.Path(workdir)
+    checkpointer = Checkpointer(workdir, async_save=False)
+    try:
+        step = checkpointer.latest_step() if step is None else step
+        if step is None:
+            raise ValueError(f"workdir {str(workdir)!r} holds no complete checkpoint")
+        metadata = checkpointer.metadata(step)
+        config = ModelConfig.from_dict(metadata["model"])
+        restored = checkpointer.manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore())
+        )
+        params = jax.tree.map(np.asarray, restored["state"]["params"])
+    finally:
+        checkpointer.close()
+    tokenizer = load_tokenizer(metadata["tokenizer"], workdir / TOKENIZER_SUBDIR)
+    return config, params, tokenizer

@@ -1,0 +1,65 @@
+"""AdamW with linear warmup and cosine decay (SPEC.md §3), global-norm clipping, and a weight
+decay mask that spares biases, norms and embeddings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import optax
+
+NO_DECAY_NAMES = ("bias", "norm", "embedding")
+
+
+def learning_rate_schedule(
+    *,
+    peak: float,
+    final: float,
+    warmup_steps: int,
+    total_steps: int,
+    warmup_init: float = 1e-6,
+) -> optax.Schedule:
+    """Linear from ``warmup_init`` to ``peak`` over ``warmup_steps``, then cosine to ``final`` at
+    ``total_steps``."""
+    if peak <= 0 or final < 0 or final > peak:
+        raise ValueError(f"need 0 <= final ({final}) <= peak ({peak}) and peak > 0")
+    if warmup_steps < 0 or total_steps < 1:
+        raise ValueError(
+            f"warmup_steps={warmup_steps} must be >= 0, total_steps={total_steps} >= 1"
+        )
+    decay_steps = max(total_steps - warmup_steps, 1)
+    cosine = optax.cosine_decay_schedule(peak, decay_steps, alpha=final / peak)
+    if warmup_steps == 0:
+        return cosine
+    warmup = optax.linear_schedule(warmup_init, peak, warmup_steps)
+    return optax.join_schedules([warmup, cosine], [warmup_steps])
+
+
+def weight_decay_mask(params: Any) -> Any:
+    """True for every parameter that decays: not a bias, a norm weight or the embedding."""
+
+    def decays(path: tuple[Any, ...], _: Any) -> bool:
+        names = [str(getattr(key, "key", getattr(key, "name", key))) for key in path]
+        return not any(marker in name for name in names for marker in NO_DECAY_NAMES)
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(
+    schedule: optax.Schedule,
+    *,
+    beta1: float = 0.9,
+    beta2: float = 0.95,
+    eps: float = 1e-8,
+    weight_decay: float = 0.1,
+    grad_clip: float = 1.0,
+) -> optax.GradientTransformation:
+    """``clip_by_global_norm(grad_clip)`` then AdamW with decoupled, masked weight decay."""
+    if grad_clip <= 0:
+        raise ValueError(f"grad_clip={grad_clip} must be > 0")
+    return optax.chain(
+        optax.clip_by_global_norm(grad_clip),
+        optax.adamw(
+            schedule, b1=beta1, b2=beta2, eps=eps, weight_decay=weight_decay, mask=weight_decay_mask
+        ),
+    )

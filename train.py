@@ -1,0 +1,46 @@
+"""Train a jaxbased language model.
+
+    python train.py --config=configs/demo.py --workdir=workdirs/demo
+    python train.py --config=configs/based_360m.py --config.data.path=/data/pile \
+        --config.train.num_steps=20000 --workdir=/ckpt/based-360m
+
+Restarting with the same --workdir resumes from the latest complete checkpoint. SIGTERM saves a
+checkpoint and exits cleanly.
+"""
+
+from __future__ import annotations
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from jaxbased.cli.logging_setup import configure_logging
+from jaxbased.training.loop import train
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", "configs/demo.py", "ml_collections config file", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", "workdirs/demo", "run directory (checkpoints, logs)")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    config = _CONFIG.value
+    result = train(config, _WORKDIR.value)
+    if result.initial_eval is not None:
+        logging.info(
+            "evaluation loss: %.4f at the start, %.4f at the end",
+            result.initial_eval["loss"],
+            result.final_eval.get("loss", float("nan")),
+        )
+    if not result.preempted and config.sample.max_new_tokens > 0:
+        from jaxbased.training.sampling import print_sample
+
+        print_sample(result.workdir, config.sample)
+    logging.info("checkpoints: %s", result.checkpoint_dir)
+    logging.info("logs: %s (metrics.jsonl, tensorboard/)", result.workdir)
+
+
+if __name__ == "__main__":
+    configure_logging()
+    app.run(main)
