@@ -1,0 +1,231 @@
+"""Chunked causal linear attention with the Taylor feature map fused: Pallas kernels + custom_vjp.
+
+    y_i = (sum_{j<=i} K(q_i, k_j) v_j + phi(q_i) S0) / (sum_{j<=i} K(q_i, k_j) + phi(q_i) z0 + eps)
+    K(q, k) = phi(q) . phi(k) = 1 + s + s**2 / 2,   s = q . k / sqrt(F)
+
+Inside a chunk of ``C`` tokens the kernel uses ``K`` from raw ``F``-dim dots; across chunks it
+carries the float32 state ``S = sum phi(k) ⊗ v`` ``[D', Dv]`` and ``z = sum phi(k)`` ``[D']`` on
+chip. The expanded features ``phi(q), phi(k)`` (``D' = 273`` for F = 16, or 153 with
+``taylor_symmetric``) are built per chunk in VMEM/registers and never written to device memory.
+
+- ``tpu.py``: Mosaic TPU kernels (grid over batch, heads, chunks; state in VMEM scratch).
+- ``gpu.py``: Triton kernels (grid over batch, heads, value blocks; loop over chunks).
+- ``_taylor.py``: the fused feature map and the per-chunk math both share.
+
+:func:`linear_attention` has a ``jax.custom_vjp`` whose backward runs two more kernels per
+backend (``dq`` forward over the chunks; ``dk, dv`` and the initial state's cotangent backward
+over them). ``interpret=True`` runs the kernels in Pallas' interpreter (CPU tests).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from pallas_kernels._common import (
+    check_block,
+    check_interpret,
+    compute_dtype,
+    resolve_backend,
+)
+from pallas_kernels.linear_attention import gpu, tpu
+from pallas_kernels.linear_attention._taylor import (
+    TAYLOR_FEATURE_MAPS,
+    TaylorLayout,
+    expanded_dim,
+    make_layout,
+)
+
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "TAYLOR_FEATURE_MAPS",
+    "LinearAttentionConfig",
+    "expanded_dim",
+    "linear_attention",
+    "unsupported_reason",
+]
+
+#: Default tokens per chunk: 64 on TPU (ThunderKittens' chunk), 16 on GPU (fla's fused_chunk).
+DEFAULT_CHUNK_SIZE: dict[str, int] = {"tpu": 64, "gpu": 16}
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearAttentionConfig:
+    """Static parameters of one kernel call (hashable: used as a ``custom_vjp`` static arg).
+
+    Attributes:
+      backend: ``tpu`` or ``gpu``.
+      feature_map: ``taylor`` or ``taylor_symmetric``.
+      feature_dim: ``F``.
+      chunk_size: tokens per chunk ``C``.
+      eps: added to the denominator.
+      operand_dtype: matmul operand dtype (bfloat16 or float32).
+      interpret: False, True, or a ``pltpu.InterpretParams`` (TPU kernels).
+      value_block_size: GPU only, value columns per program (None: 32).
+      num_warps: GPU only, Triton warps per program (None: 4 for C <= 32, else 8).
+    """
+
+    backend: str
+    feature_map: str
+    feature_dim: int
+    chunk_size: int
+    eps: float
+    operand_dtype: Any
+    interpret: Any
+    value_block_size: int | None = None
+    num_warps: int | None = None
+
+    @functools.cached_property
+    def layout(self) -> TaylorLayout:
+        return make_layout(self.feature_map, self.feature_dim, self.backend)
+
+
+_BACKENDS = {"tpu": tpu, "gpu": gpu}
+
+
+def unsupported_reason(
+    q_shape: tuple[int, ...],
+    v_shape: tuple[int, ...],
+    *,
+    feature_map: str,
+    chunk_size: int | None,
+    backend: str,
+    dtypes: tuple[Any, ...] = (),
+) -> str | None:
+    """Why the kernel cannot run these arguments (a sentence), or None when it can.
+
+    Dispatchers use this to fall back to XLA; :func:`linear_attention` raises it as a
+    ``ValueError``.
+    """
+    if len(q_shape) != 4 or len(v_shape) != 4 or tuple(v_shape[:3]) != tuple(q_shape[:3]):
+        return f"q, k must be [B, T, H, F] and v [B, T, H, Dv]; got q={q_shape}, v={v_shape}"
+    if feature_map not in TAYLOR_FEATURE_MAPS:
+        return (
+            f"feature_map={feature_map!r} has no fused kernel; allowed: "
+            f"{', '.join(TAYLOR_FEATURE_MAPS)}"
+        )
+    if any(jnp.dtype(dtype) == jnp.float64 for dtype in dtypes):
+        return "float64 inputs: the kernels compute in float32"
+    try:
+        check_block(
+            "chunk_size", DEFAULT_CHUNK_SIZE[backend] if chunk_size is None else chunk_size, backend
+        )
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def _apply(config: LinearAttentionConfig, q, k, v, initial_state):
+    y, final_state, _ = _BACKENDS[config.backend].forward(config, q, k, v, initial_state)
+    return y, final_state
+
+
+def _apply_forward(config: LinearAttentionConfig, q, k, v, initial_state):
+    y, final_state, residuals = _BACKENDS[config.backend].forward(config, q, k, v, initial_state)
+    return (y, final_state), residuals
+
+
+def _apply_backward(config: LinearAttentionConfig, residuals, cotangents):
+    dy, d_final_state = cotangents
+    dq, dk, dv, d_initial = _BACKENDS[config.backend].backward(config, residuals, dy, d_final_state)
+    has_initial_state = residuals[3] is not None  # both backends keep the kernel state there
+    return dq, dk, dv, (d_initial if has_initial_state else None)
+
+
+_apply_with_vjp = jax.custom_vjp(_apply, nondiff_argnums=(0,))
+_apply_with_vjp.defvjp(_apply_forward, _apply_backward)
+
+
+def linear_attention(
+    q: Float[Array, "B T H F"],
+    k: Float[Array, "B T H F"],
+    v: Float[Array, "B T H Dv"],
+    initial_state: tuple[Float[Array, "B H D Dv"], Float[Array, "B H D"]] | None = None,
+    *,
+    feature_map: str = "taylor",
+    chunk_size: int | None = None,
+    eps: float = 1e-12,
+    backend: str | None = None,
+    interpret: Any = False,
+    value_block_size: int | None = None,
+    num_warps: int | None = None,
+) -> tuple[Float[Array, "B T H Dv"], tuple[Float[Array, "B H D Dv"], Float[Array, "B H D"]]]:
+    """Causal Taylor linear attention by a fused chunked Pallas kernel (differentiable).
+
+    Args:
+      q, k: ``[B, T, H, F]`` queries and keys before the feature map (any ``T``; the tail chunk
+        is masked).
+      v: ``[B, T, H, Dv]`` values (any ``Dv``; padded internally to 128 lanes on TPU, to a power
+        of two on GPU).
+      initial_state: None or ``(kv_state [B, H, D', Dv], k_state [B, H, D'])`` to continue from,
+        in the layout of ``jaxbased.ops.feature_maps`` (``D' = expanded_dim(feature_map, F)``).
+      feature_map: ``taylor`` (``D' = 1 + F + F**2``) or ``taylor_symmetric``
+        (``1 + F + F (F + 1) / 2``); same outputs, different state layout.
+      chunk_size: tokens per chunk; TPU: a multiple of 8, GPU: a power of two >= 16
+        (None: 64 on TPU, 16 on GPU).
+      eps: added to the denominator (1e-12 as in the XLA reference).
+      backend: ``tpu``, ``gpu`` or None (the default JAX platform's; CPU: ``tpu``).
+      interpret: run in Pallas' interpreter (required on CPU); for ``tpu`` a
+        ``pltpu.InterpretParams`` selects the TPU interpreter.
+      value_block_size, num_warps: GPU tuning (see :class:`LinearAttentionConfig`).
+
+    Returns:
+      ``y [B, T, H, Dv]`` in ``v.dtype`` and the final state ``(kv_state, k_state)`` float32.
+      Matmul operands are bfloat16 when all of ``q, k, v`` are, else float32; accumulation,
+      state and normalizer are float32.
+    """
+    backend = resolve_backend(backend, interpret)
+    interpret = check_interpret(interpret, backend)
+    if q.shape != k.shape:
+        raise ValueError(f"q and k must have the same shape; got q={q.shape}, k={k.shape}")
+    reason = unsupported_reason(
+        q.shape,
+        v.shape,
+        feature_map=feature_map,
+        chunk_size=chunk_size,
+        backend=backend,
+        dtypes=(q.dtype, k.dtype, v.dtype),
+    )
+    if reason is not None:
+        raise ValueError(reason)
+    if not eps >= 0:
+        raise ValueError(f"eps={eps!r} must be >= 0")
+    if value_block_size is not None:
+        check_block("value_block_size", value_block_size, "gpu")
+    operand_dtype = compute_dtype(q, k, v)
+    batch, _, heads, feature_dim = q.shape
+    value_dim = v.shape[-1]
+    if initial_state is not None:
+        kv_state, k_state = initial_state
+        expanded = expanded_dim(feature_map, feature_dim)
+        expected = (batch, heads, expanded, value_dim)
+        if tuple(kv_state.shape) != expected or tuple(k_state.shape) != expected[:3]:
+            raise ValueError(
+                f"initial_state has kv_state {kv_state.shape} and k_state {k_state.shape}; "
+                f"expected {expected} and {expected[:3]}"
+            )
+        initial_state = (kv_state.astype(jnp.float32), k_state.astype(jnp.float32))
+    config = LinearAttentionConfig(
+        backend=backend,
+        feature_map=feature_map,
+        feature_dim=feature_dim,
+        chunk_size=DEFAULT_CHUNK_SIZE[backend] if chunk_size is None else chunk_size,
+        eps=float(eps),
+        operand_dtype=operand_dtype,
+        interpret=interpret,
+        value_block_size=value_block_size,
+        num_warps=num_warps,
+    )
+    y, final_state = _apply_with_vjp(
+        config,
+        q.astype(operand_dtype),
+        k.astype(operand_dtype),
+        v.astype(operand_dtype),
+        initial_state,
+    )
+    return y.astype(v.dtype), final_state
