@@ -31,6 +31,11 @@ def token_losses(
     return losses, correct
 
 
+def global_norm(tree: Any) -> Array:
+    """``sqrt(sum of squares)`` over every leaf."""
+    return jnp.sqrt(sum(jnp.sum(jnp.square(leaf)) for leaf in jax.tree.leaves(tree)))
+
+
 def make_train_step(
     model: LanguageModel,
     optimizer: optax.GradientTransformation,
@@ -72,7 +77,7 @@ def make_train_step(
         metrics = {
             "loss": loss * scale,
             "accuracy": accuracy * scale,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": global_norm(grads),
             "learning_rate": schedule(state.step),
         }
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
