@@ -27,7 +27,9 @@ TEXT = "the quick brown fox jumps over the lazy dog. " * 20
 
 def write_dataset(tmp_path, texts, name="ds", **kwargs) -> TokenDataset:
     documents = [Document(f"doc{i}", text) for i, text in enumerate(texts)]
-    path = write_token_dataset(documents, ByteTokenizer(), tmp_path / name, progress=False, **kwargs)
+    path = write_token_dataset(
+        documents, ByteTokenizer(), tmp_path / name, progress=False, **kwargs
+    )
     return TokenDataset.open(path)
 
 
@@ -35,7 +37,7 @@ def test_byte_tokenizer_round_trip():
     tokenizer = ByteTokenizer()
     text = "héllo, wörld ✓"
     ids = tokenizer.encode(text)
-    assert max(ids) < 256 and tokenizer.decode(ids + [tokenizer.eos_id]) == text
+    assert max(ids) < 256 and tokenizer.decode([*ids, tokenizer.eos_id]) == text
 
 
 def test_bpe_trains_saves_and_reloads(tmp_path):

@@ -238,7 +238,7 @@ def test_workdir_of_another_model_is_refused(corpus, tmp_path):
 
 
 def test_bad_training_inputs_are_named(corpus, tmp_path):
-    with pytest.raises(ValueError, match="data.path='/nonexistent' does not exist"):
+    with pytest.raises(ValueError, match=r"data\.path='/nonexistent' does not exist"):
         train(tiny_config(pathlib.Path("/nonexistent")), tmp_path / "a")
     small_vocab = tiny_config(corpus)
     small_vocab.model.vocab_size = 100

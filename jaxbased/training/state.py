@@ -18,5 +18,7 @@ class TrainState:
 
     @classmethod
     def create(cls, params: Any, optimizer) -> TrainState:
-        params = jax.tree.map(lambda p: jnp.array(p, jnp.float32), params)  # a copy: state is donated
+        params = jax.tree.map(
+            lambda p: jnp.array(p, jnp.float32), params
+        )  # a copy: state is donated
         return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
