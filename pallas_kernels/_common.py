@@ -160,6 +160,12 @@ def row_to_column(row: jax.Array) -> jax.Array:
     return jnp.sum(jnp.where(rows == cols, row, 0.0), axis=1, keepdims=True)
 
 
+def tpu_lane_width(size: int) -> int:
+    """Lane width a TPU kernel pads a minor dim to: 64 up to 64 (half a vreg row, which Mosaic
+    handles natively), else a multiple of 128."""
+    return round_up(size, 64) if size <= 64 else round_up(size, 128)
+
+
 def pad_axis(x: jax.Array, axis: int, size: int) -> jax.Array:
     """Zero-pad ``x`` along ``axis`` to ``size`` (no copy when already that size)."""
     extra = size - x.shape[axis]

@@ -5,10 +5,10 @@ Grid ``(B, H, N)`` over batch, heads and chunks of ``C`` tokens. The chunk axis 
 scratch across it and never go to HBM except once at the end (the returned final state). Batch
 and heads are "parallel" (split across the two TensorCores of a megacore chip).
 
-Kernel layout: head-major ``[B, H, T_pad, X]`` with ``T_pad`` a multiple of ``C`` and the value
-dim padded to a multiple of 128 lanes (``Dp``); ``q, k`` keep ``F`` lanes (a block may span the
-whole last dim). Per-row denominators are stored lane-dense as ``[B, H, N, 8, C]`` (each chunk's
-row replicated over 8 sublanes) instead of a ``[T, 128]`` broadcast.
+Kernel layout: head-major ``[B, H, T_pad, X]`` with ``T_pad`` a multiple of ``C``; ``q, k`` keep
+their ``F`` lanes (a block may span a whole minor dim) and values are padded to 64 lanes or a
+multiple of 128 (``Dp``). Per-row denominators are stored lane-dense as ``[B, H, N, 8, C]``
+(each chunk's row replicated over 8 sublanes) instead of a ``[T, 128]`` broadcast.
 
 Backward: ``dq`` runs forward over the chunks and rebuilds the state; ``dk, dv`` run backward
 over the chunks (reversed index maps) carrying the state's cotangent ``dS [rows, Dp]``,
@@ -27,7 +27,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels._common import column_to_row, pad_axis, round_up, row_to_column
+from pallas_kernels._common import column_to_row, pad_axis, row_to_column, tpu_lane_width
 from pallas_kernels.linear_attention._taylor import (
     Factors,
     SegmentState,
@@ -38,7 +38,6 @@ from pallas_kernels.linear_attention._taylor import (
     output_cotangents,
 )
 
-LANES = 128
 SUBLANES = 8
 
 
@@ -69,7 +68,7 @@ def _static(config, seq_len: int, value_dim: int, has_initial_state: bool) -> _S
         chunk_size=config.chunk_size,
         num_chunks=-(-seq_len // config.chunk_size),
         value_dim=value_dim,
-        padded_value_dim=round_up(value_dim, LANES),
+        padded_value_dim=tpu_lane_width(value_dim),
         eps=config.eps,
         operand_dtype=config.operand_dtype,
         has_initial_state=has_initial_state,
@@ -208,11 +207,11 @@ def _forward_kernel(*refs, static: _Static):
 
 
 def forward(config, q, k, v, initial_state):
-    """Forward kernel for ``config`` (a ``LinearAttentionConfig``). ``q, k [B, T, H, F]``, ``v [B, T, H, Dv]``; ``initial_state`` is None or
-    ``(kv [B, H, D', Dv], k [B, H, D'])``.
+    """Forward kernel for ``config`` (a ``LinearAttentionConfig``).
 
-    Returns ``y [B, T, H, Dv]`` (``v.dtype``), the final state ``(kv, k)`` float32 and the
-    residuals for :func:`backward`.
+    ``q, k [B, T, H, F]``, ``v [B, T, H, Dv]``; ``initial_state`` is None or
+    ``(kv [B, H, D', Dv], k [B, H, D'])``. Returns ``y [B, T, H, Dv]``, the final state
+    ``(kv, k)`` float32 and the residuals for :func:`backward`.
     """
     static = _static(config, q.shape[1], v.shape[-1], initial_state is not None)
     operand_dtype = static.operand_dtype
@@ -349,10 +348,10 @@ def _backward_key_value_kernel(*refs, static: _Static):
 
 
 def backward(config, residuals, dy, d_final_state):
-    """Backward kernels for ``config``; ``residuals`` from :func:`forward`. ``dy [B, T, H, Dv]``; ``d_final_state = (d_kv, d_k)``.
+    """Backward kernels for ``config``; ``residuals`` from :func:`forward`.
 
-    Returns ``dq, dk, dv`` (kernel operand dtype, public layout ``[B, T, H, X]``) and the
-    cotangent of the initial state ``(d_kv [B, H, D', Dv], d_k [B, H, D'])`` float32.
+    ``dy [B, T, H, Dv]``, ``d_final_state = (d_kv, d_k)``. Returns ``dq, dk, dv`` (operand
+    dtype, ``[B, T, H, X]``) and the initial state's cotangent ``(d_kv, d_k)`` float32.
     """
     q_kernel, k_kernel, v_kernel, kernel_state, y_kernel, denominator = residuals
     static = _static(config, dy.shape[1], dy.shape[-1], kernel_state is not None)
