@@ -11,6 +11,10 @@ Three algorithms compute the same function:
   O(T) time and memory.
 - ``recurrent``: the state updated token by token (add the token, then read), as in decoding.
 
+``implementation`` picks who computes the chunked algorithm (see :mod:`jaxbased.ops.dispatch`):
+the XLA ``lax.scan`` here, or the fused Pallas kernel of ``pallas_kernels.linear_attention``
+(Taylor feature maps only; its expanded features and state stay on chip).
+
 Arrays are batch-major: ``q, k [B, T, H, F]``, ``v [B, T, H, Dv]``. All arithmetic is in float32
 (or float64 under x64); the output has the dtype of ``v``.
 """
@@ -23,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from jaxbased.ops.dispatch import check_implementation, kernel_backend, use_pallas
 from jaxbased.ops.feature_maps import (
     TAYLOR_FEATURE_MAPS,
     check_feature_map,
@@ -181,6 +186,7 @@ def linear_attention(
     eps: float = DEFAULT_EPS,
     initial_state: LinearAttentionState | None = None,
     return_state: bool = False,
+    implementation: str = "auto",
 ) -> Float[Array, "B T H Dv"] | tuple[Float[Array, "B T H Dv"], LinearAttentionState]:
     """Causal linear attention ``y_i = sum_{j<=i} K_ij v_j / (sum_{j<=i} K_ij + eps)``.
 
@@ -193,6 +199,10 @@ def linear_attention(
       eps: added to the denominator (1e-12 as in the reference's quadratic path).
       initial_state: state to continue from (keys and values seen before ``q[:, 0]``).
       return_state: also return the state after the last token (for prefill).
+      implementation: ``auto`` (the Pallas kernel on TPU/GPU when it supports the arguments,
+        else XLA), ``xla`` (the reference) or ``pallas`` (the kernel; interpreted on CPU). The
+        kernel computes the ``chunked`` algorithm for the Taylor feature maps, in float32 with
+        bfloat16 matmul operands when q, k, v are all bfloat16.
 
     Returns:
       ``y [B, T, H, Dv]`` in ``v.dtype``, and the final :class:`LinearAttentionState` (float32)
@@ -206,6 +216,12 @@ def linear_attention(
         raise ValueError(f"chunk_size={chunk_size!r} must be a positive integer")
     if eps < 0:
         raise ValueError(f"eps={eps} must be >= 0")
+    check_implementation(implementation)
+    if implementation != "xla" and use_pallas(
+        implementation, _kernel_unsupported(q, k, v, feature_map, algorithm, chunk_size)
+    ):
+        out, final = _pallas(q, k, v, feature_map, chunk_size, eps, initial_state)
+        return (out, final) if return_state else out
 
     dtype = _compute_dtype(q, k, v)
     batch, _, heads, feature_dim = q.shape
@@ -224,6 +240,48 @@ def linear_attention(
 
     out = jnp.swapaxes(out, 1, 2).astype(v.dtype)
     return (out, final) if return_state else out
+
+
+def _kernel_unsupported(q, k, v, feature_map, algorithm, chunk_size) -> str | None:
+    from pallas_kernels.linear_attention import unsupported_reason
+
+    if algorithm != "chunked":
+        return f"the kernel computes algorithm='chunked', not {algorithm!r}"
+    backend, _ = kernel_backend()
+    return unsupported_reason(
+        q.shape,
+        v.shape,
+        feature_map=feature_map,
+        chunk_size=chunk_size,
+        backend=backend,
+        dtypes=(q.dtype, k.dtype, v.dtype),
+    )
+
+
+def _pallas(q, k, v, feature_map, chunk_size, eps, initial_state):
+    from pallas_kernels.linear_attention import linear_attention as pallas_linear_attention
+
+    backend, interpret = kernel_backend()
+    batch, _, heads, feature_dim = q.shape
+    if initial_state is not None:
+        # Same shape check (and message) as the XLA path.
+        expanded = get_feature_map(feature_map)(jnp.zeros((feature_dim,), jnp.float32)).shape[-1]
+        initial_state = _state_or_zeros(
+            initial_state, batch, heads, expanded, v.shape[-1], jnp.float32
+        )
+        initial_state = (initial_state.kv_state, initial_state.k_state)
+    out, (kv_state, k_state) = pallas_linear_attention(
+        q,
+        k,
+        v,
+        initial_state,
+        feature_map=feature_map,
+        chunk_size=chunk_size,
+        eps=eps,
+        backend=backend,
+        interpret=interpret,
+    )
+    return out, LinearAttentionState(kv_state, k_state)
 
 
 def linear_attention_step(

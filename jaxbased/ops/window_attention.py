@@ -14,6 +14,10 @@ Algorithms (never a ``T x T`` matrix unless ``T`` is small):
 - full causal, longer: flash-style; ``lax.scan`` over key blocks with an online softmax.
   O(T^2) time, O(T * block_size) memory.
 
+``implementation="pallas"`` (or ``"auto"`` on TPU/GPU) runs the flash-style Pallas kernel of
+``pallas_kernels.window_attention`` instead: the same blocks, key blocks outside the window
+skipped, online softmax in float32 (see :mod:`jaxbased.ops.dispatch`).
+
 Decoding keeps a ring buffer (:class:`KVCache`) of ``capacity`` slots: ``window`` slots for a
 sliding window, the maximum length for full attention. Position ``p`` lives in slot
 ``p % capacity``; empty slots hold position -1.
@@ -26,6 +30,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
+
+from jaxbased.ops.dispatch import check_implementation, kernel_backend, use_pallas
 
 DEFAULT_BLOCK_SIZE = 128
 FULL_ATTENTION_BLOCK_SIZE = 512
@@ -168,6 +174,7 @@ def sliding_window_attention(
     window: int | None,
     scale: float | None = None,
     block_size: int | None = None,
+    implementation: str = "auto",
 ) -> Float[Array, "B T H Dv"]:
     """Causal softmax attention of each query over its last ``window`` keys (itself included).
 
@@ -176,7 +183,9 @@ def sliding_window_attention(
       window: keys seen per query including itself; ``None`` for full causal attention.
       scale: score scale, default ``D ** -0.5``.
       block_size: query/key block length (default ``min(128, window)`` for a window, 512 for
-        full attention).
+        full attention; for the kernel: the backend's default, 128 on TPU and 64 on GPU).
+      implementation: ``auto`` (the Pallas kernel on TPU/GPU when it supports the arguments,
+        else XLA), ``xla`` (the reference) or ``pallas`` (the kernel; interpreted on CPU).
 
     Returns ``[B, T, H, Dv]`` in ``v.dtype``; scores, softmax and sums in float32.
     """
@@ -184,6 +193,11 @@ def sliding_window_attention(
     _check_window(window)
     if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
         raise ValueError(f"block_size={block_size!r} must be a positive integer")
+    check_implementation(implementation)
+    if implementation != "xla" and use_pallas(
+        implementation, _kernel_unsupported(q, k, v, window, block_size)
+    ):
+        return _pallas(q, k, v, window, scale, block_size)
     seq, head_dim = q.shape[1], q.shape[-1]
     scale = head_dim**-0.5 if scale is None else scale
     dtype = jnp.result_type(jnp.float32, q.dtype, k.dtype, v.dtype)
@@ -199,6 +213,36 @@ def sliding_window_attention(
             _full_direct(qh, kh, vh, None) if seq <= block else _full_flash(qh, kh, vh, None, block)
         )
     return jnp.swapaxes(out, 1, 2).astype(v.dtype)
+
+
+def _kernel_unsupported(q, k, v, window, block_size) -> str | None:
+    from pallas_kernels.window_attention import unsupported_reason
+
+    backend, _ = kernel_backend()
+    return unsupported_reason(
+        q.shape,
+        v.shape,
+        window=window,
+        block_size=block_size,
+        backend=backend,
+        dtypes=(q.dtype, k.dtype, v.dtype),
+    )
+
+
+def _pallas(q, k, v, window, scale, block_size):
+    from pallas_kernels.window_attention import window_attention
+
+    backend, interpret = kernel_backend()
+    return window_attention(
+        q,
+        k,
+        v,
+        window=window,
+        scale=scale,
+        block_size=block_size,
+        backend=backend,
+        interpret=interpret,
+    )
 
 
 def fill_kv_cache(
