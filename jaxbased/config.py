@@ -15,6 +15,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from jaxbased.ops.dispatch import IMPLEMENTATIONS
 from jaxbased.ops.feature_maps import FEATURE_MAP_NAMES, expanded_dim
 from jaxbased.ops.linear_attention import ALGORITHMS
 
@@ -71,6 +72,9 @@ class ModelConfig:
         states and softmax stay float32.
       init_std: standard deviation of linear and embedding weights; output projections use
         ``init_std / sqrt(2 * num_layers)``.
+      implementation: who computes linear and sliding-window attention: ``auto`` (Pallas
+        kernels on TPU/GPU, XLA on CPU), ``xla`` or ``pallas`` (interpreted on CPU);
+        see ``jaxbased.ops.dispatch``.
     """
 
     vocab_size: int = 50257
@@ -95,6 +99,7 @@ class ModelConfig:
     conv_expand: int = 4
     dtype: str = "float32"
     init_std: float = 0.02
+    implementation: str = "auto"
 
     def __post_init__(self) -> None:
         pattern = self.layer_pattern
@@ -145,6 +150,10 @@ class ModelConfig:
             raise ValueError(
                 f"linear_attention_algorithm={self.linear_attention_algorithm!r} is not known; "
                 f"allowed: {ALGORITHMS}"
+            )
+        if self.implementation not in IMPLEMENTATIONS:
+            raise ValueError(
+                f"implementation={self.implementation!r} is not known; allowed: {IMPLEMENTATIONS}"
             )
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r} is not known; allowed: {DTYPES}")

@@ -59,6 +59,11 @@ class SlidingWindowAttention(nn.Module):
             return x
         return apply_rotary(x, positions, rotary_dim=config.rotary_dim, base=config.rotary_base)
 
+    def _attention(self, q: Array, k: Array, v: Array) -> Array:
+        return sliding_window_attention(
+            q, k, v, window=self.window, implementation=self.config.implementation
+        )
+
     def _project(self, x: Array) -> tuple[Array, Array, Array]:
         seq = x.shape[1]
         qkv = self.qkv_proj(x)
@@ -69,14 +74,14 @@ class SlidingWindowAttention(nn.Module):
 
     def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
         q, k, v = self._project(x)
-        return self.out_proj(sliding_window_attention(q, k, v, window=self.window))
+        return self.out_proj(self._attention(q, k, v))
 
     def prefill(
         self, x: Float[Array, "B T D"], max_len: int
     ) -> tuple[Float[Array, "B T D"], KVCache]:
         """Forward over a prompt at positions ``0 .. T-1``; also returns the filled ring buffer."""
         q, k, v = self._project(x)
-        y = self.out_proj(sliding_window_attention(q, k, v, window=self.window))
+        y = self.out_proj(self._attention(q, k, v))
         return y, fill_kv_cache(k, v, self._capacity(max_len))
 
     def decode(

@@ -74,6 +74,7 @@ class BasedLinearAttention(nn.Module):
             chunk_size=config.chunk_size,
             eps=config.linear_attention_eps,
             return_state=return_state,
+            implementation=config.implementation,
         )
 
     def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
