@@ -7,6 +7,7 @@ model = jaxbased.LanguageModel(config)
 
 from jaxbased import ops
 from jaxbased.config import MIXER_NAMES, PRESETS, ModelConfig, based_layer_pattern
+from jaxbased.generation import GenerationResult, generate
 from jaxbased.model import LanguageModel, ModelCache, count_parameters
 
 __version__ = "0.1.0"
@@ -14,10 +15,12 @@ __version__ = "0.1.0"
 __all__ = [
     "MIXER_NAMES",
     "PRESETS",
+    "GenerationResult",
     "LanguageModel",
     "ModelCache",
     "ModelConfig",
     "based_layer_pattern",
     "count_parameters",
+    "generate",
     "ops",
 ]

@@ -58,8 +58,13 @@ class Block(nn.Module):
     def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
         return self._mlp(x + self.mixer(self.norm1(x)).astype(x.dtype))
 
-    def prefill(self, x: Float[Array, "B T D"], max_len: int) -> tuple[Array, Any]:
-        h, cache = self.mixer.prefill(self.norm1(x), max_len)
+    def prefill(
+        self, x: Float[Array, "B T D"], max_len: int, lengths: Int[Array, " B"] | None = None
+    ) -> tuple[Array, Any]:
+        if lengths is None:  # mixers without ragged support keep working
+            h, cache = self.mixer.prefill(self.norm1(x), max_len)
+        else:
+            h, cache = self.mixer.prefill(self.norm1(x), max_len, lengths)
         return self._mlp(x + h.astype(x.dtype)), cache
 
     def decode(
@@ -105,24 +110,42 @@ class LanguageModel(nn.Module):
         return self._logits(x)
 
     def prefill(
-        self, tokens: Int[Array, "B T"], max_len: int
-    ) -> tuple[Float[Array, "B T V"], ModelCache]:
-        """Forward over prompts ``[B, T]`` (all rows length T) and the caches after them.
+        self,
+        tokens: Int[Array, "B T"],
+        max_len: int,
+        lengths: Int[Array, " B"] | None = None,
+        last_logits_only: bool = False,
+    ) -> tuple[Float[Array, "B T V"] | Float[Array, "B V"], ModelCache]:
+        """Forward over prompts ``[B, T]`` and the caches after them.
 
         ``max_len`` is the total length (prompt + generated) that full-attention layers must hold;
         other layers' caches do not depend on it.
+
+        ``lengths [B]`` (int): prompts of different lengths, right-padded to ``T``; row ``b`` is
+        valid at positions ``< lengths[b]`` (``1 <= lengths[b] <= T``, not checked under jit).
+        Valid logits never see the padding (the model is causal), every layer's cache holds only
+        the valid tokens, and ``cache.positions = lengths``. Default: every row has ``T`` tokens.
+
+        ``last_logits_only``: return only each row's logits at its last valid position, ``[B, V]``
+        (skips the ``[B, T, V]`` head, which dominates memory for long prompts).
         """
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be [batch, seq]; got shape {tokens.shape}")
         batch, seq = tokens.shape
         if max_len < seq:
             raise ValueError(f"max_len={max_len} is shorter than the prompt length {seq}")
+        if lengths is not None:
+            lengths = jnp.asarray(lengths, jnp.int32)
+            if lengths.shape != (batch,):
+                raise ValueError(f"lengths must be [batch]={batch}; got shape {lengths.shape}")
         x = self._embed(tokens)
         caches = []
         for block in self.layers:
-            x, cache = block.prefill(x, max_len)
+            x, cache = block.prefill(x, max_len, lengths)
             caches.append(cache)
-        positions = jnp.full((batch,), seq, jnp.int32)
+        positions = jnp.full((batch,), seq, jnp.int32) if lengths is None else lengths
+        if last_logits_only:
+            x = jnp.take_along_axis(x, (positions - 1)[:, None, None], axis=1)[:, 0]
         return self._logits(x), ModelCache(layers=tuple(caches), positions=positions)
 
     def decode_step(

@@ -103,7 +103,7 @@ def test_ring_buffer_decode_equals_forward(window, prompt, rng):
             q[:, t], k[:, t], v[:, t], cache, position, window=window
         )
         assert relative_error(y, forward[:, t]) <= 1e-5, t
-    assert cache.keys.shape[1] == capacity
+    assert cache.slot_positions.shape[1] == cache.keys.shape[2] == capacity  # [B, H, S, D]
 
 
 def test_decode_rows_at_different_positions(rng):

@@ -77,12 +77,16 @@ class SlidingWindowAttention(nn.Module):
         return self.out_proj(self._attention(q, k, v))
 
     def prefill(
-        self, x: Float[Array, "B T D"], max_len: int
+        self, x: Float[Array, "B T D"], max_len: int, lengths: Int[Array, " B"] | None = None
     ) -> tuple[Float[Array, "B T D"], KVCache]:
-        """Forward over a prompt at positions ``0 .. T-1``; also returns the filled ring buffer."""
+        """Forward over a prompt at positions ``0 .. T-1``; also returns the filled ring buffer.
+
+        ``lengths [B]``: valid tokens per row of right-padded prompts; padding never enters the
+        cache (its slots keep position -1), and valid outputs never see it (causal).
+        """
         q, k, v = self._project(x)
         y = self.out_proj(self._attention(q, k, v))
-        return y, fill_kv_cache(k, v, self._capacity(max_len))
+        return y, fill_kv_cache(k, v, self._capacity(max_len), lengths)
 
     def decode(
         self, x: Float[Array, "B D"], cache: KVCache, position: Int[Array, " B"]

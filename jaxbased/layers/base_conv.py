@@ -72,13 +72,17 @@ class BaseConv(nn.Module):
         return self._gate(convolved, u[..., 1, :])
 
     def prefill(
-        self, x: Float[Array, "B T D"], max_len: int
+        self, x: Float[Array, "B T D"], max_len: int, lengths: Int[Array, " B"] | None = None
     ) -> tuple[Float[Array, "B T D"], Float[Array, "B K1 C"]]:
-        """Forward over a prompt; also returns the conv cache after it."""
+        """Forward over a prompt; also returns the conv cache after it.
+
+        ``lengths [B]``: valid tokens per row of right-padded prompts; each row's cache is then
+        its last ``K - 1`` valid inputs.
+        """
         del max_len  # the conv cache does not depend on it
         u = self.in_proj(x)
         convolved, state = short_conv(
-            u[..., 0, :], self.conv_weight.astype(u.dtype), return_state=True
+            u[..., 0, :], self.conv_weight.astype(u.dtype), return_state=True, lengths=lengths
         )
         return self._gate(convolved, u[..., 1, :]), state
 

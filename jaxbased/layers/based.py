@@ -9,10 +9,12 @@ float32), whose size does not depend on the sequence length.
 from __future__ import annotations
 
 import flax.linen as nn
+import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from jaxbased.config import ModelConfig
 from jaxbased.layers.common import Projection
+from jaxbased.ops.feature_maps import get_feature_map
 from jaxbased.ops.linear_attention import (
     LinearAttentionState,
     init_linear_attention_state,
@@ -63,12 +65,16 @@ class BasedLinearAttention(nn.Module):
             dtype,
         )
 
-    def _attend(self, x: Array, return_state: bool):
+    def _attend(self, x: Array, return_state: bool, lengths: Array | None = None):
         config = self.config
+        k, v = self.proj_k(x), self.proj_v(x)
+        if lengths is not None:
+            valid = (jnp.arange(x.shape[1]) < lengths[:, None])[:, :, None, None]
+            k, v = jnp.where(valid, k, 0), jnp.where(valid, v, 0)
         return linear_attention(
             self.proj_q(x),
-            self.proj_k(x),
-            self.proj_v(x),
+            k,
+            v,
             feature_map=config.feature_map,
             algorithm=config.linear_attention_algorithm,
             chunk_size=config.chunk_size,
@@ -81,12 +87,29 @@ class BasedLinearAttention(nn.Module):
         return self.out_proj(self._attend(x, return_state=False))
 
     def prefill(
-        self, x: Float[Array, "B T D"], max_len: int
+        self, x: Float[Array, "B T D"], max_len: int, lengths: Int[Array, " B"] | None = None
     ) -> tuple[Float[Array, "B T D"], LinearAttentionState]:
-        """Forward over a prompt; also returns the state after its last token."""
+        """Forward over a prompt; also returns the state after its last token.
+
+        ``lengths [B]``: valid tokens per row of right-padded prompts. Padding enters with
+        ``k = v = 0``, so it adds exactly ``0`` to ``kv_state`` and ``phi(0)`` per pad token to
+        ``k_state`` (``[1, 0, …, 0]`` for the Taylor maps), which is subtracted: the state is
+        that of the valid tokens alone, whatever algorithm or kernel computed it. Valid outputs
+        never see the padding (causal).
+        """
         del max_len  # the state does not grow with the length
-        y, state = self._attend(x, return_state=True)
-        return self.out_proj(y), state
+        if lengths is None:
+            y, state = self._attend(x, return_state=True)
+            return self.out_proj(y), state
+        lengths = jnp.asarray(lengths, jnp.int32)
+        y, state = self._attend(x, return_state=True, lengths=lengths)
+        config = self.config
+        phi_zero = get_feature_map(config.feature_map)(
+            jnp.zeros((config.feature_dim,), state.k_state.dtype)
+        )
+        pads = (x.shape[1] - lengths).astype(state.k_state.dtype)
+        k_state = state.k_state - pads[:, None, None] * phi_zero
+        return self.out_proj(y), LinearAttentionState(state.kv_state, k_state)
 
     def decode(
         self, x: Float[Array, "B D"], cache: LinearAttentionState, position: Int[Array, " B"]

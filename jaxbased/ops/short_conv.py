@@ -9,7 +9,7 @@ The last tap multiplies the current token. ``weight [K, C]`` is the reference's 
 from __future__ import annotations
 
 import jax.numpy as jnp
-from jaxtyping import Array, Float
+from jaxtyping import Array, Float, Int
 
 
 def _check_weight(weight: Array, channels: int) -> int:
@@ -33,12 +33,16 @@ def short_conv(
     *,
     initial_state: Float[Array, "B K1 C"] | None = None,
     return_state: bool = False,
+    lengths: Int[Array, " B"] | None = None,
 ) -> Float[Array, "B T C"] | tuple[Float[Array, "B T C"], Float[Array, "B K1 C"]]:
     """Causal depthwise convolution of ``x [B, T, C]`` with ``weight [K, C]``.
 
     Args:
       initial_state: the ``K - 1`` inputs before ``x[:, 0]`` (default zeros).
       return_state: also return the last ``K - 1`` inputs (for decoding after a prefill).
+      lengths: ``[B]`` int, valid tokens per row of a right-padded batch (default ``T``): the
+        returned state is then the ``K - 1`` inputs before ``x[b, lengths[b]]``. Outputs at valid
+        positions never see the padding (the conv is causal).
 
     Returns ``y [B, T, C]`` in ``x.dtype`` (accumulated in float32), and the state if asked.
     """
@@ -59,8 +63,13 @@ def short_conv(
     y = jnp.asarray(y).astype(x.dtype)
     if not return_state:
         return y
-    state = padded[:, seq:].astype(initial_state.dtype)
-    return y, state
+    if lengths is None:
+        state = padded[:, seq:]
+    else:
+        # Row b's last K-1 inputs x[b, len-K+1 .. len-1] sit at padded[b, len .. len+K-2].
+        index = jnp.asarray(lengths, jnp.int32)[:, None] + jnp.arange(kernel_size - 1)
+        state = jnp.take_along_axis(padded, index[:, :, None], axis=1)
+    return y, state.astype(initial_state.dtype)
 
 
 def short_conv_step(
