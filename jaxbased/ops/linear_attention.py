@@ -27,7 +27,15 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from jaxbased.ops.dispatch import check_implementation, kernel_backend, use_pallas
+from jaxbased.ops.dispatch import (
+    check_implementation,
+    head_spec,
+    kernel_backend,
+    mesh_partition,
+    shard_kernel,
+    token_spec,
+    use_pallas,
+)
 from jaxbased.ops.feature_maps import (
     TAYLOR_FEATURE_MAPS,
     check_feature_map,
@@ -270,16 +278,29 @@ def _pallas(q, k, v, feature_map, chunk_size, eps, initial_state):
             initial_state, batch, heads, expanded, v.shape[-1], jnp.float32
         )
         initial_state = (initial_state.kv_state, initial_state.k_state)
-    out, (kv_state, k_state) = pallas_linear_attention(
-        q,
-        k,
-        v,
-        initial_state,
-        feature_map=feature_map,
-        chunk_size=chunk_size,
-        eps=eps,
-        backend=backend,
-        interpret=interpret,
+
+    def kernel(q, k, v, *state):
+        return pallas_linear_attention(
+            q,
+            k,
+            v,
+            state or None,
+            feature_map=feature_map,
+            chunk_size=chunk_size,
+            eps=eps,
+            backend=backend,
+            interpret=interpret,
+        )
+
+    partition = mesh_partition(batch, heads)
+    tokens = state_specs = None
+    if partition is not None:
+        tokens = token_spec(partition)
+        state_specs = (head_spec(partition, 4), head_spec(partition, 3))
+    state = () if initial_state is None else initial_state
+    in_specs = (tokens, tokens, tokens, *(state_specs if state else ()))
+    out, (kv_state, k_state) = shard_kernel(kernel, partition, in_specs, (tokens, state_specs))(
+        q, k, v, *state
     )
     return out, LinearAttentionState(kv_state, k_state)
 

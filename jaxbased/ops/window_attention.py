@@ -34,7 +34,14 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from jaxbased.ops.dispatch import check_implementation, kernel_backend, use_pallas
+from jaxbased.ops.dispatch import (
+    check_implementation,
+    kernel_backend,
+    mesh_partition,
+    shard_kernel,
+    token_spec,
+    use_pallas,
+)
 
 DEFAULT_BLOCK_SIZE = 128
 FULL_ATTENTION_BLOCK_SIZE = 512
@@ -236,16 +243,22 @@ def _pallas(q, k, v, window, scale, block_size):
     from pallas_kernels.window_attention import window_attention
 
     backend, interpret = kernel_backend()
-    return window_attention(
-        q,
-        k,
-        v,
-        window=window,
-        scale=scale,
-        block_size=block_size,
-        backend=backend,
-        interpret=interpret,
-    )
+
+    def kernel(q, k, v):
+        return window_attention(
+            q,
+            k,
+            v,
+            window=window,
+            scale=scale,
+            block_size=block_size,
+            backend=backend,
+            interpret=interpret,
+        )
+
+    partition = mesh_partition(q.shape[0], q.shape[2])
+    tokens = None if partition is None else token_spec(partition)
+    return shard_kernel(kernel, partition, (tokens, tokens, tokens), tokens)(q, k, v)
 
 
 def fill_kv_cache(
