@@ -1,6 +1,16 @@
 """Hardware kernels (DESIGN.md layer 1): pure functions on arrays, no Flax, no jaxbased imports.
 
-One folder per op (``linear_attention/``, ``window_attention/``), each with a Mosaic TPU kernel, a
-GPU kernel and a ``custom_vjp``. The kernels arrive with the Pallas issue; until then
-``jaxbased.ops`` runs its XLA reference implementations on every platform.
+One folder per op, each with a Mosaic TPU kernel (``tpu.py``), a GPU kernel (``gpu.py``, Pallas'
+Triton lowering; see ``_common.py`` for why not Mosaic GPU), the math both share, and an
+``__init__.py`` exposing the op with its ``jax.custom_vjp`` (forward and backward kernels) and
+an ``interpret`` switch that runs it on CPU:
+
+- :func:`pallas_kernels.linear_attention.linear_attention`: causal chunked linear attention with
+  the Taylor feature map fused (expanded features and the float32 state stay on chip), optional
+  initial state, final state returned.
+- :func:`pallas_kernels.window_attention.window_attention`: flash-style causal softmax over a
+  sliding window (or full causal), key blocks outside the window skipped.
+
+``jaxbased.ops`` dispatches to these (``implementation="auto" | "xla" | "pallas"``). The
+subpackages are imported explicitly (their names are also the names of their functions).
 """
