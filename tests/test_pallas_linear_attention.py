@@ -257,9 +257,21 @@ def test_illegal_block_sizes_name_the_dimension(rng):
 
 
 def test_ops_dispatch(rng, monkeypatch):
-    q, k, v, _ = make_inputs(rng, seq=21)
+    q, k, v, state = make_inputs(rng, seq=21)
     forced = linear_attention(q, k, v, chunk_size=8, implementation="pallas")
     assert relative_error(forced, linear_attention(q, k, v, chunk_size=8)) <= 1e-5
+    # prefill continuing from a state, returning the state
+    initial = LinearAttentionState(*(jnp.asarray(x) for x in state))
+    results = [
+        linear_attention(
+            q, k, v, chunk_size=8, initial_state=initial, return_state=True, implementation=name
+        )
+        for name in ("pallas", "xla")
+    ]
+    (got, got_state), (want, want_state) = results
+    assert isinstance(got_state, LinearAttentionState)
+    assert relative_error(got, want) <= 1e-5
+    assert relative_error(got_state.kv_state, want_state.kv_state) <= 1e-5
     with pytest.raises(ValueError, match=r"implementation='pallas' cannot run.*'quadratic'"):
         linear_attention(q, k, v, algorithm="quadratic", implementation="pallas")
     with pytest.raises(ValueError, match="implementation='fast' is not known"):
@@ -332,7 +344,10 @@ def both(q, k, v, implementation):
         q, k, v, chunk_size=8, return_state=True, implementation=implementation
     )
     o = sliding_window_attention(q, k, q, window=5, implementation=implementation)
-    return y, state.kv_state, o
+    continued = linear_attention(
+        q, k, v, chunk_size=8, initial_state=state, implementation=implementation
+    )
+    return y, state.kv_state, o, continued
 
 
 def loss(q, k, v, implementation):

@@ -293,7 +293,7 @@ def _pallas(q, k, v, feature_map, chunk_size, eps, initial_state):
         )
 
     partition = mesh_partition(batch, heads)
-    tokens = state_specs = None
+    tokens, state_specs = None, (None, None)
     if partition is not None:
         tokens = token_spec(partition)
         state_specs = (head_spec(partition, 4), head_spec(partition, 3))
