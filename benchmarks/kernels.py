@@ -80,6 +80,7 @@ class Settings:
     repeats: int
     time_budget: float
     started: float
+    save: Callable[[], None] = lambda: None  # writes the JSON so far (called after each row)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,15 +385,17 @@ def run_checks(settings: Settings) -> list[dict]:
         for dtype in ("float32", "bfloat16"):
             for feature_map in ("taylor", "taylor_symmetric"):
                 for with_state in (False, True):
-                    if settings.quick and (
+                    if (settings.quick or value_dim != settings.value_dims[0]) and (
                         feature_map == "taylor_symmetric" or with_state != (dtype == "float32")
                     ):
-                        continue
+                        continue  # the other combinations once, at the first value dim
                     shapes = (batch, seq, heads, settings.feature_dim, value_dim)
                     results.append(
                         _guarded(check_linear, settings, shapes, feature_map, dtype, with_state)
                     )
             for window in (settings.window, None):
+                if window is None and value_dim != settings.value_dims[0]:
+                    continue
                 results.append(
                     _guarded(check_window, settings, (batch, seq, heads, value_dim), window, dtype)
                 )
@@ -429,6 +432,7 @@ def time_jax(settings, rows, peaks, label, implementation, function, arguments, 
         if out_of_time(settings):
             row["skipped"] = "time budget"
             rows.append(row)
+            settings.save()
             continue
         try:
             row.update(time_call(fn, arguments, settings.repeats))
@@ -436,6 +440,7 @@ def time_jax(settings, rows, peaks, label, implementation, function, arguments, 
         except Exception as error:
             row["error"] = f"{type(error).__name__}: {str(error)[:300]}"
         rows.append(row)
+        settings.save()
         print_row(row)
 
 
@@ -469,6 +474,7 @@ def time_fla(settings, rows, peaks, shapes, cost, meta):
             if out_of_time(settings):
                 row["skipped"] = "time budget"
                 rows.append(row)
+                settings.save()
                 continue
             try:
                 generator = torch.Generator(device="cuda").manual_seed(0)
@@ -520,6 +526,7 @@ def time_fla(settings, rows, peaks, shapes, cost, meta):
             except Exception as error:
                 row["error"] = f"{type(error).__name__}: {str(error)[:300]}"
             rows.append(row)
+            settings.save()
             print_row(row)
 
 
@@ -542,10 +549,10 @@ def print_row(row: dict) -> None:
         print(f"{head}| {row['Dv']} | {reason} | | | |", flush=True)
 
 
-def run_timings(settings: Settings, peaks: dict) -> list[dict]:
+def run_timings(settings: Settings, peaks: dict, rows: list[dict]) -> list[dict]:
+    """Append one row per timing to ``rows`` (saved as it grows) and return it."""
     print("\n## Timings (bfloat16; median ms)\n")
     print(TABLE_HEADER)
-    rows: list[dict] = []
     dtype = jnp.bfloat16
     itemsize = 2
     on_gpu = settings.platform in GPU_PLATFORMS
@@ -755,28 +762,39 @@ def main(argv: list[str] | None = None) -> int:
             "(interpret mode: correctness smoke run; timings measure the interpreter, not a kernel)"
         )
 
-    checks = run_checks(settings)
-    all_passed = all(result["passed"] for result in checks if not result.get("peer"))
+    payload: dict[str, Any] = {
+        "command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]]),
+        "machine": info,
+        "settings": {
+            key: value
+            for key, value in dataclasses.asdict(settings).items()
+            if key not in ("started", "save")
+        },
+        "peaks": None,
+        "checks": [],
+        "timings": [],
+        "elapsed_s": 0.0,
+    }
+
+    def save() -> None:
+        payload["elapsed_s"] = time.perf_counter() - settings.started
+        write_json(output, payload)
+
+    settings.save = save
+    payload["checks"] = run_checks(settings)
+    save()
+    all_passed = all(result["passed"] for result in payload["checks"] if not result.get("peer"))
     peaks = measure_peaks(settings.quick)
+    payload["peaks"] = peaks
     print(
         f"\nMeasured peaks: bf16 matmul {peaks['bf16_matmul_flops'] / 1e12:.1f} TFLOP/s, "
         f"memory {peaks['memory_bytes_per_s'] / 1e9:.0f} GB/s"
     )
-    rows: list[dict] = []
     if all_passed or args.skip_checks:
-        rows = run_timings(settings, peaks)
+        run_timings(settings, peaks, payload["timings"])
     else:
         print("\nA correctness check failed: timings skipped (pass --skip_checks to time anyway).")
-    payload = {
-        "command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]]),
-        "machine": info,
-        "settings": dataclasses.asdict(settings) | {"started": None},
-        "peaks": peaks,
-        "checks": checks,
-        "timings": rows,
-        "elapsed_s": time.perf_counter() - settings.started,
-    }
-    write_json(output, payload)
+    save()
     print(f"\nJSON written to {output} ({payload['elapsed_s']:.0f} s)")
     return 0 if all_passed else 1
 

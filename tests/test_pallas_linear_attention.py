@@ -180,17 +180,18 @@ def test_tpu_kernels_have_no_races_in_the_tpu_interpreter(rng):
             interpret=params,
         )
 
-    got, _ = attention(q, k, v, state, "taylor")
-    assert not interpret_pallas_call.races.races_found
     weights = random_weights(rng, q, v, "taylor")
-    got_grads = loss_and_gradients(attention, q, k, v, state, "taylor", weights)
+    # One pass runs every kernel: the forward (y is read), dq and dk/dv.
+    (got, _), pullback = jax.vjp(lambda *args: attention(*args, "taylor"), q, k, v, state)
+    zero_state = (jnp.zeros_like(state[0]), jnp.zeros_like(state[1]))
+    got_grads = pullback((jnp.asarray(weights[0]), zero_state))
     jax.block_until_ready(got_grads)
     assert not interpret_pallas_call.races.races_found
-    want, _ = reference(q, k, v, state, "taylor", chunk_size=8)
-    assert relative_error(got, want) <= 1e-5
-    want_grads = loss_and_gradients(
-        lambda *args: reference(*args, chunk_size=8), q, k, v, state, "taylor", weights
+    (want, _), want_pullback = jax.vjp(
+        lambda *args: reference(*args, "taylor", chunk_size=8), q, k, v, state
     )
+    want_grads = want_pullback((jnp.asarray(weights[0]), zero_state))
+    assert relative_error(got, want) <= 1e-5
     for got_grad, want_grad in zip(
         jax.tree.leaves(got_grads), jax.tree.leaves(want_grads), strict=True
     ):
@@ -294,7 +295,7 @@ def test_based_model_trains_the_same_with_the_kernels(rng):
     seq = 48  # 3 linear-attention chunks of 16
     tokens = jnp.asarray(rng.integers(0, 256, size=(2, seq + 1)), jnp.int32)
 
-    def train(implementation: str, steps: int = 3) -> list[float]:
+    def train(implementation: str, steps: int = 2) -> list[float]:
         config = ModelConfig.from_preset("based_tiny", implementation=implementation)
         model, params = init_model(config, seq=seq)
 

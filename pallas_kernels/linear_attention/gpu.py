@@ -74,7 +74,7 @@ class _Static:
         return self.padded_value_dim // self.value_block
 
 
-def _static(config, seq_len: int, value_dim: int, has_initial_state: bool) -> _Static:
+def _static(config: Any, seq_len: int, value_dim: int, has_initial_state: bool) -> _Static:
     padded_value_dim = next_power_of_two(value_dim, 16)
     value_block = min(config.value_block_size or 32, padded_value_dim)
     num_warps = config.num_warps or (4 if config.chunk_size <= 32 else 8)
@@ -253,7 +253,13 @@ def _forward_kernel(*refs, static: _Static):
     _store_states(static, states, final_kv_ref, final_k_ref, first_value_block)
 
 
-def forward(config, q, k, v, initial_state):
+def forward(
+    config: Any,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    initial_state: tuple[jax.Array, jax.Array] | None,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array], tuple]:
     """Forward kernel for ``config`` (a ``LinearAttentionConfig``). ``q, k [B, T, H, F]``,
     ``v [B, T, H, Dv]``; ``initial_state`` is None or ``(kv [B, H, D', Dv], k [B, H, D'])``.
 
@@ -386,7 +392,9 @@ def _backward_key_value_kernel(*refs, static: _Static):
     _store_states(static, d_states, initial_d_kv_ref, initial_d_k_ref, None)
 
 
-def backward(config, residuals, dy, d_final_state):
+def backward(
+    config: Any, residuals: tuple, dy: jax.Array, d_final_state: tuple[jax.Array, jax.Array]
+) -> tuple[jax.Array, jax.Array, jax.Array, tuple[jax.Array, jax.Array]]:
     """Backward kernels for ``config``; ``residuals`` from :func:`forward`.
 
     Returns ``dq, dk, dv`` (operand dtype, ``[B, T, H, X]``) and the initial state's cotangent

@@ -61,7 +61,7 @@ class _Static:
         return self.layout.rows
 
 
-def _static(config, seq_len: int, value_dim: int, has_initial_state: bool) -> _Static:
+def _static(config: Any, seq_len: int, value_dim: int, has_initial_state: bool) -> _Static:
     return _Static(
         layout=config.layout,
         seq_len=seq_len,
@@ -206,7 +206,13 @@ def _forward_kernel(*refs, static: _Static):
         final_k_ref[...] = state.k
 
 
-def forward(config, q, k, v, initial_state):
+def forward(
+    config: Any,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    initial_state: tuple[jax.Array, jax.Array] | None,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array], tuple]:
     """Forward kernel for ``config`` (a ``LinearAttentionConfig``).
 
     ``q, k [B, T, H, F]``, ``v [B, T, H, Dv]``; ``initial_state`` is None or
@@ -347,7 +353,9 @@ def _backward_key_value_kernel(*refs, static: _Static):
         initial_d_k_ref[...] = d_state.k
 
 
-def backward(config, residuals, dy, d_final_state):
+def backward(
+    config: Any, residuals: tuple, dy: jax.Array, d_final_state: tuple[jax.Array, jax.Array]
+) -> tuple[jax.Array, jax.Array, jax.Array, tuple[jax.Array, jax.Array]]:
     """Backward kernels for ``config``; ``residuals`` from :func:`forward`.
 
     ``dy [B, T, H, Dv]``, ``d_final_state = (d_kv, d_k)``. Returns ``dq, dk, dv`` (operand

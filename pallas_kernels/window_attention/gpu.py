@@ -47,7 +47,7 @@ class _Static:
     num_warps: int
 
 
-def _static(config, head_dim: int, value_dim: int) -> _Static:
+def _static(config: Any, head_dim: int, value_dim: int) -> _Static:
     padded_head_dim = next_power_of_two(head_dim, 16)
     return _Static(
         plan=config.plan,
@@ -122,7 +122,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, static: _Static):
     lse_ref[...] = (running_max + jnp.log(running_sum)).reshape(plan.block)
 
 
-def forward(config, q, k, v):
+def forward(config: Any, q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, tuple]:
     """Forward kernel: ``q, k [B, T, H, D]``, ``v [B, T, H, Dv]`` -> ``o [B, T, H, Dv]`` and the
     residuals for :func:`backward`."""
     static = _static(config, q.shape[-1], v.shape[-1])
@@ -224,7 +224,9 @@ def _backward_key_value_kernel(
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def backward(config, residuals, do):
+def backward(
+    config: Any, residuals: tuple, do: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Backward kernels: ``do [B, T, H, Dv]`` -> ``dq, dk [B, T, H, D]``, ``dv [B, T, H, Dv]``."""
     q_kernel, k_kernel, v_kernel, o, log_sum_exp = residuals
     static = _static(config, config.head_dim, do.shape[-1])

@@ -53,7 +53,7 @@ class _Static:
     interpret: Any
 
 
-def _static(config, head_dim: int, value_dim: int) -> _Static:
+def _static(config: Any, head_dim: int, value_dim: int) -> _Static:
     return _Static(
         plan=config.plan,
         head_dim=head_dim,
@@ -168,7 +168,7 @@ def _forward_kernel(
         lse_ref[...] = jnp.broadcast_to(column_to_row(log_sum_exp), lse_ref.shape)
 
 
-def forward(config, q, k, v):
+def forward(config: Any, q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, tuple]:
     """Forward kernel: ``q, k [B, T, H, D]``, ``v [B, T, H, Dv]`` -> ``o [B, T, H, Dv]`` and the
     residuals for :func:`backward`."""
     static = _static(config, q.shape[-1], v.shape[-1])
@@ -294,7 +294,9 @@ def _backward_key_value_kernel(
         dv_ref[...] = dv_scratch[...].astype(dv_ref.dtype)
 
 
-def backward(config, residuals, do):
+def backward(
+    config: Any, residuals: tuple, do: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Backward kernels: ``do [B, T, H, Dv]`` -> ``dq, dk [B, T, H, D]``, ``dv [B, T, H, Dv]``."""
     q_kernel, k_kernel, v_kernel, o_kernel, log_sum_exp = residuals
     static = _static(config, config.head_dim, do.shape[-1])
