@@ -59,6 +59,7 @@ from jaxbased.ops import (
     sliding_window_attention,
 )
 from jaxbased.ops import linear_attention as xla_linear_attention
+from pallas_kernels.linear_attention import DEFAULT_CHUNK_SIZE
 from pallas_kernels.linear_attention import linear_attention as pallas_linear_attention
 from pallas_kernels.window_attention import window_attention as pallas_window_attention
 
@@ -571,7 +572,7 @@ def run_timings(settings: Settings, peaks: dict, rows: list[dict]) -> list[dict]
                 5, [(batch, seq, heads, feature_dim)] * 2 + [(batch, seq, heads, value_dim)], dtype
             )
             for feature_map in ("taylor", "taylor_symmetric"):
-                chunk = 64 if settings.platform == "tpu" else 16
+                chunk = DEFAULT_CHUNK_SIZE["gpu" if on_gpu else "tpu"]
                 cost = linear_attention_cost(
                     batch, heads, seq, feature_dim, value_dim, chunk, "taylor", itemsize
                 )
