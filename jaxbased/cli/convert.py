@@ -1,0 +1,190 @@
+"""``jaxbased-convert``: a released PyTorch checkpoint -> a ``train.py`` workdir, and back.
+
+    # import: config.json + model.safetensors / pytorch_model.bin -> Orbax workdir
+    jaxbased-convert --checkpoint=based-360m/ --workdir=workdirs/based-360m
+    jaxbased-convert --checkpoint=hf:hazyresearch/based-360m --workdir=workdirs/based-360m
+    jaxbased-convert --checkpoint=based-360m/ --workdir=w --tokenizer_file=gpt2.tiktoken
+
+    # export: a workdir's latest checkpoint -> config.json + model.safetensors (released layout)
+    jaxbased-convert --workdir=workdirs/based-360m --export_to=exported/ --format=safetensors
+
+The workdir then works with ``jaxbased-generate --workdir=...``, the lm-eval model
+(``python -m jaxbased.evaluation --model jaxbased --model_args workdir=...``) and, unless
+``--inference_only``, with ``train.py --workdir=...`` for fine-tuning (its model config must
+equal the imported one; the command to use is printed). The GPT-2 tokenizer comes from
+``--tokenizer_file``, a tokenizer file in the checkpoint folder, or the hub when online.
+``hf:NAME`` downloads the checkpoint with ``huggingface_hub`` (online only).
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+from absl import app, flags, logging
+
+from jaxbased.cli.logging_setup import configure_logging
+
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", None, "released checkpoint folder (config.json + weights) or hf:OWNER/NAME"
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "train.py workdir to write (or to export from)")
+_EXPORT_TO = flags.DEFINE_string(
+    "export_to", None, "export --workdir's checkpoint to this folder in the released layout"
+)
+_FORMAT = flags.DEFINE_enum("format", "safetensors", ["safetensors", "bin"], "export format")
+_STEP = flags.DEFINE_integer("step", None, "export: checkpoint step (default: the latest)")
+_TOKENIZER_FILE = flags.DEFINE_string(
+    "tokenizer_file", None, "GPT-2 gpt2.tiktoken or tokenizer.json (default: see above)"
+)
+_WEIGHTS_FILE = flags.DEFINE_string("weights_file", None, "weights file to use instead")
+_DTYPE = flags.DEFINE_enum(
+    "dtype", "float32", ["float32", "bfloat16"], "activation dtype stored in the model config"
+)
+_IMPLEMENTATION = flags.DEFINE_enum(
+    "implementation", "auto", ["auto", "xla", "pallas"], "attention kernels (model config)"
+)
+_INFERENCE_ONLY = flags.DEFINE_bool(
+    "inference_only", False, "save parameters only (generation/evaluation, not train.py)"
+)
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "replace existing checkpoints or files")
+_ALLOW_PICKLE = flags.DEFINE_bool(
+    "allow_pickle", False, "let torch.load unpickle non-tensor objects (trusted files only)"
+)
+
+HF_PREFIX = "hf:"
+HF_PATTERNS = [
+    "config.json",
+    "model.safetensors",
+    "pytorch_model.bin",
+    "tokenizer.json",
+    "vocab.json",
+    "merges.txt",
+]
+
+
+def download(name: str) -> pathlib.Path:
+    """The files of hub repository ``name`` (config, weights, tokenizer) in the local cache."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as error:
+        raise app.UsageError(
+            "hf: checkpoints need huggingface_hub (pip install huggingface_hub); or download "
+            "config.json and the weights yourself and pass the folder"
+        ) from error
+    return pathlib.Path(snapshot_download(name, allow_patterns=HF_PATTERNS))
+
+
+def matching_preset(config) -> str | None:
+    """The name of the preset equal to ``config`` (train.py's configs/<name>.py), if any."""
+    from jaxbased.config import PRESETS
+
+    for name, make in PRESETS.items():
+        if make().replace(dtype=config.dtype, implementation=config.implementation) == config:
+            return name
+    return None
+
+
+def import_checkpoint() -> None:
+    from jaxbased.config import ModelConfig
+    from jaxbased.interop import load_checkpoint, write_workdir
+    from jaxbased.interop.tokenizer import checkpoint_tokenizer
+
+    source = _CHECKPOINT.value
+    folder = download(source[len(HF_PREFIX) :]) if source.startswith(HF_PREFIX) else source
+    folder = pathlib.Path(folder)
+    imported = load_checkpoint(
+        folder,
+        weights_file=_WEIGHTS_FILE.value,
+        allow_pickle=_ALLOW_PICKLE.value,
+        dtype=_DTYPE.value,
+        implementation=_IMPLEMENTATION.value,
+    )
+    config = imported.config
+    logging.info(
+        "read %s: %d layers %s, d_model %d, window %d keys; dropped %d metric keys, ignored %s",
+        imported.weights_file,
+        config.num_layers,
+        sorted(set(config.layer_pattern)),
+        config.d_model,
+        config.window,
+        len(imported.dropped_keys),
+        list(imported.ignored_keys),
+    )
+    tokenizer = checkpoint_tokenizer(folder, _TOKENIZER_FILE.value)
+    if tokenizer.vocab_size != config.vocab_size:
+        logging.warning(
+            "the tokenizer has %d ids, the model %d", tokenizer.vocab_size, config.vocab_size
+        )
+    checkpoints = write_workdir(
+        _WORKDIR.value,
+        config,
+        imported.params,
+        tokenizer,
+        source={"checkpoint": source, "weights_file": str(imported.weights_file)},
+        inference_only=_INFERENCE_ONLY.value,
+        overwrite=_OVERWRITE.value,
+    )
+    workdir = pathlib.Path(_WORKDIR.value)
+    print(f"wrote {checkpoints} (step 0) and {workdir / 'tokenizer'}")
+    print(f"generate: jaxbased-generate --workdir={workdir} --prompt='The capital of France is'")
+    print(
+        "evaluate: python -m jaxbased.evaluation --model jaxbased "
+        f"--model_args workdir={workdir} --tasks lambada_openai"
+    )
+    if _INFERENCE_ONLY.value:
+        return
+    preset = matching_preset(config)
+    defaults = ModelConfig()
+    overrides = "".join(
+        f" --config.model.{name}={getattr(config, name)}"
+        for name in ("dtype", "implementation")
+        if getattr(config, name) != getattr(defaults, name)
+    )
+    if preset is not None:
+        print(
+            f"fine-tune: python train.py --config=configs/{preset}.py{overrides} "
+            f"--config.data.path=<GPT-2-tokenized data> --workdir={workdir}"
+        )
+    else:
+        print(
+            "fine-tune: train.py resumes this workdir when its --config.model equals the imported "
+            f"model config: {config.to_dict()}"
+        )
+
+
+def export_checkpoint() -> None:
+    from jaxbased.interop import save_checkpoint
+    from jaxbased.training.checkpointing import load_for_inference
+
+    target = pathlib.Path(_EXPORT_TO.value)
+    if target.exists() and any(target.iterdir()) and not _OVERWRITE.value:
+        raise app.UsageError(f"--export_to={target} is not empty (pass --overwrite)")
+    config, params, tokenizer = load_for_inference(_WORKDIR.value, _STEP.value)
+    weights = save_checkpoint(target, config, params, format=_FORMAT.value)
+    tokenizer.save(target)
+    print(f"wrote {target / 'config.json'} and {weights}")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if _WORKDIR.value is None:
+        raise app.UsageError("--workdir is required")
+    if _EXPORT_TO.value is not None:
+        if _CHECKPOINT.value is not None:
+            raise app.UsageError("give --checkpoint (import) or --export_to (export), not both")
+        export_checkpoint()
+    elif _CHECKPOINT.value is not None:
+        import_checkpoint()
+    else:
+        raise app.UsageError("give --checkpoint to import or --export_to to export")
+
+
+def run() -> None:
+    """Console-script entry point."""
+    configure_logging()
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

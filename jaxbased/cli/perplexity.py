@@ -1,0 +1,80 @@
+"""``jaxbased-perplexity``: loss and perplexity of a model on a prepared dataset.
+
+    jaxbased-perplexity --workdir=workdirs/based-360m --data=data/pile-val --seq_len=2048
+    jaxbased-perplexity --checkpoint=based-360m/ --data=data/pile-val --max_tokens=1000000
+
+The model comes from a ``train.py`` / ``jaxbased-convert`` workdir or a released checkpoint
+folder; the data from ``jaxbased-prepare-data`` (tokenized with the model's tokenizer: GPT-2 for
+the released models). Windows are those of :mod:`jaxbased.evaluation.perplexity`. The result is
+printed as one JSON line (and written to ``--output`` when given).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import time
+
+from absl import app, flags, logging
+
+from jaxbased.cli.logging_setup import configure_logging
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "train.py or jaxbased-convert workdir")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "released checkpoint folder")
+_STEP = flags.DEFINE_integer("step", None, "workdir checkpoint step (default: the latest)")
+_DATA = flags.DEFINE_string("data", None, "prepared dataset directory", required=True)
+_SPLIT = flags.DEFINE_enum("split", "validation", ["train", "validation"], "dataset split")
+_SEQ_LEN = flags.DEFINE_integer("seq_len", 2048, "tokens predicted per window")
+_BATCH = flags.DEFINE_integer("batch_size", 8, "windows per forward pass")
+_MAX_TOKENS = flags.DEFINE_integer("max_tokens", None, "evaluate only the split's first tokens")
+_DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "override the activation dtype")
+_OUTPUT = flags.DEFINE_string("output", None, "also write the result as JSON here")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from jaxbased.data.token_store import TokenDataset
+    from jaxbased.evaluation import evaluate_perplexity, load_model
+    from jaxbased.model import LanguageModel
+
+    overrides = {} if _DTYPE.value is None else {"dtype": _DTYPE.value}
+    try:
+        config, params, _ = load_model(
+            workdir=_WORKDIR.value, checkpoint=_CHECKPOINT.value, step=_STEP.value, **overrides
+        )
+    except ValueError as error:
+        raise app.UsageError(str(error)) from error
+    dataset = TokenDataset.open(_DATA.value)
+    start = time.perf_counter()
+    result = evaluate_perplexity(
+        LanguageModel(config),
+        params,
+        dataset,
+        split=_SPLIT.value,
+        seq_len=_SEQ_LEN.value,
+        batch_size=_BATCH.value,
+        max_tokens=_MAX_TOKENS.value,
+    )
+    seconds = time.perf_counter() - start
+    logging.info(
+        "%s tokens in %.1f s: loss %.4f, perplexity %.3f",
+        f"{result.tokens:,}",
+        seconds,
+        result.loss,
+        result.perplexity,
+    )
+    line = json.dumps({**result.to_dict(), "data": _DATA.value, "split": _SPLIT.value})
+    print(line)
+    if _OUTPUT.value:
+        pathlib.Path(_OUTPUT.value).write_text(line + "\n")
+
+
+def run() -> None:
+    """Console-script entry point."""
+    configure_logging()
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

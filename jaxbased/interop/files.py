@@ -1,0 +1,245 @@
+"""Checkpoint folders of the released models: ``config.json`` plus ``pytorch_model.bin`` or
+``model.safetensors``.
+
+Reading a ``.bin`` (a pickled PyTorch state dict) needs ``torch`` (the ``torch`` extra), imported
+only then; ``.safetensors`` files are read with the ``safetensors`` package's NumPy API and need
+no torch (bfloat16 tensors, which NumPy cannot name, are decoded from the raw bytes with
+``ml_dtypes``). Every tensor comes back as a float32 NumPy array (integer buffers keep their
+dtype).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import pickle
+import struct
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from jaxbased.config import ModelConfig
+from jaxbased.interop.reference_config import config_from_reference, config_to_reference
+from jaxbased.interop.state_dict import (
+    Params,
+    clean_state_dict,
+    export_state_dict,
+    import_state_dict,
+)
+
+CONFIG_FILE = "config.json"
+BIN_FILE = "pytorch_model.bin"
+SAFETENSORS_FILE = "model.safetensors"
+#: Tokenizer files looked for next to the weights (the first that exists is used).
+TOKENIZER_FILES = ("tokenizer.json", "gpt2.tiktoken")
+
+
+@dataclasses.dataclass(frozen=True)
+class ImportedCheckpoint:
+    """A released checkpoint in jaxbased form.
+
+    Attributes:
+      config: the model config (from ``config.json`` and the overrides).
+      params: float32 NumPy parameter tree for :class:`~jaxbased.LanguageModel`.
+      reference_config: the parsed ``config.json``.
+      weights_file: the file the weights came from.
+      dropped_keys: keys removed before matching (``metrics`` counters).
+      ignored_keys: accepted keys that carry no parameter (tied ``lm_head.weight``, unused
+        buffers).
+      tokenizer_file: a tokenizer file found in the folder, if any.
+    """
+
+    config: ModelConfig
+    params: Params
+    reference_config: dict[str, Any]
+    weights_file: pathlib.Path
+    dropped_keys: tuple[str, ...]
+    ignored_keys: tuple[str, ...]
+    tokenizer_file: pathlib.Path | None
+
+
+def _to_numpy_torch(tensor: Any) -> np.ndarray:
+    import torch
+
+    tensor = tensor.detach().cpu()
+    if tensor.is_floating_point():
+        return tensor.to(torch.float32).numpy()
+    return tensor.numpy()
+
+
+def read_bin(path: str | pathlib.Path, *, allow_pickle: bool = False) -> dict[str, np.ndarray]:
+    """A ``pytorch_model.bin`` state dict as NumPy arrays (needs ``torch``).
+
+    Loads with ``weights_only=True`` (tensors and plain containers only); ``allow_pickle=True``
+    unpickles arbitrary objects, which runs code from the file: only for files you trust. A
+    Lightning checkpoint (a dict with a ``state_dict`` entry) is unwrapped.
+    """
+    try:
+        import torch
+    except ImportError as error:
+        raise ImportError(
+            f"reading {path} needs PyTorch: pip install 'jaxbased[torch]' (or convert the "
+            "weights to model.safetensors, which needs no torch)"
+        ) from error
+
+    def load(mmap: bool) -> Any:
+        return torch.load(path, map_location="cpu", weights_only=not allow_pickle, mmap=mmap)
+
+    try:
+        try:
+            loaded = load(mmap=True)
+        except RuntimeError:  # a legacy (non-zip) file cannot be memory-mapped
+            loaded = load(mmap=False)
+    except pickle.UnpicklingError as error:
+        if allow_pickle:
+            raise
+        raise ValueError(
+            f"{path} holds objects other than tensors ({error}); if you trust the file, load it "
+            "with allow_pickle=True (jaxbased-convert --allow_pickle)"
+        ) from error
+    if isinstance(loaded, Mapping) and isinstance(loaded.get("state_dict"), Mapping):
+        loaded = loaded["state_dict"]
+    if not isinstance(loaded, Mapping):
+        raise ValueError(f"{path} does not hold a state dict (got {type(loaded).__name__})")
+    return {
+        key: _to_numpy_torch(value) if isinstance(value, torch.Tensor) else np.asarray(value)
+        for key, value in loaded.items()
+    }
+
+
+def _safetensors_header(path: pathlib.Path) -> tuple[dict[str, Any], int]:
+    with open(path, "rb") as file:
+        (length,) = struct.unpack("<Q", file.read(8))
+        header = json.loads(file.read(length))
+    return header, 8 + length
+
+
+def read_safetensors(path: str | pathlib.Path) -> dict[str, np.ndarray]:
+    """A ``.safetensors`` file as NumPy arrays (floats as float32), without torch."""
+    from safetensors import safe_open
+
+    path = pathlib.Path(path)
+    header, data_start = _safetensors_header(path)
+    tensors: dict[str, np.ndarray] = {}
+    with safe_open(str(path), framework="numpy") as file:
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            if info["dtype"] == "BF16":  # NumPy has no bfloat16: decode the raw bytes
+                import ml_dtypes
+
+                begin, end = info["data_offsets"]
+                with open(path, "rb") as raw:
+                    raw.seek(data_start + begin)
+                    buffer = raw.read(end - begin)
+                value = np.frombuffer(buffer, ml_dtypes.bfloat16).reshape(info["shape"])
+            else:
+                value = file.get_tensor(key)
+            if np.issubdtype(value.dtype, np.floating) or value.dtype.kind == "V":
+                value = value.astype(np.float32)
+            tensors[key] = value
+    return tensors
+
+
+def read_state_dict(
+    path: str | pathlib.Path, *, allow_pickle: bool = False
+) -> dict[str, np.ndarray]:
+    """A ``.bin`` / ``.pt`` / ``.pth`` (torch) or ``.safetensors`` state dict, by suffix."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise ValueError(f"weights file {str(path)!r} does not exist")
+    if path.suffix == ".safetensors":
+        return read_safetensors(path)
+    if path.suffix in (".bin", ".pt", ".pth", ".ckpt"):
+        return read_bin(path, allow_pickle=allow_pickle)
+    raise ValueError(f"{str(path)!r}: unknown weights format (expected .bin or .safetensors)")
+
+
+def find_weights(folder: pathlib.Path) -> pathlib.Path:
+    """``model.safetensors`` if present (no torch needed), else ``pytorch_model.bin``."""
+    for name in (SAFETENSORS_FILE, BIN_FILE):
+        if (folder / name).is_file():
+            return folder / name
+    raise ValueError(
+        f"checkpoint folder {str(folder)!r} has neither {SAFETENSORS_FILE} nor {BIN_FILE}"
+    )
+
+
+def load_checkpoint(
+    folder: str | pathlib.Path,
+    *,
+    weights_file: str | pathlib.Path | None = None,
+    allow_pickle: bool = False,
+    **config_overrides: Any,
+) -> ImportedCheckpoint:
+    """Import a released checkpoint folder (``config.json`` + weights) into jaxbased.
+
+    Args:
+      folder: holds ``config.json`` and ``model.safetensors`` or ``pytorch_model.bin``.
+      weights_file: a weights file to use instead of the folder's.
+      allow_pickle: let ``torch.load`` unpickle non-tensor objects (trusted files only).
+      config_overrides: :class:`ModelConfig` fields that ``config.json`` does not decide
+        (``dtype``, ``implementation``, ``chunk_size``, ...).
+
+    Raises ``ValueError`` (:class:`~jaxbased.interop.UnsupportedCheckpointError`,
+    :class:`~jaxbased.interop.CheckpointMismatchError`) naming what does not fit.
+    """
+    folder = pathlib.Path(folder)
+    config_path = folder / CONFIG_FILE
+    if not config_path.is_file():
+        raise ValueError(f"checkpoint folder {str(folder)!r} has no {CONFIG_FILE}")
+    reference_config = json.loads(config_path.read_text())
+    config = config_from_reference(reference_config, **config_overrides)
+    weights = pathlib.Path(weights_file) if weights_file is not None else find_weights(folder)
+    raw = read_state_dict(weights, allow_pickle=allow_pickle)
+    state, dropped = clean_state_dict(raw)
+    params, ignored = import_state_dict(state, config)
+    tokenizer_file = next(
+        (folder / name for name in TOKENIZER_FILES if (folder / name).is_file()), None
+    )
+    return ImportedCheckpoint(
+        config=config,
+        params=params,
+        reference_config=reference_config,
+        weights_file=weights,
+        dropped_keys=tuple(dropped),
+        ignored_keys=tuple(ignored),
+        tokenizer_file=tokenizer_file,
+    )
+
+
+def save_checkpoint(
+    folder: str | pathlib.Path,
+    config: ModelConfig,
+    params: Params,
+    *,
+    format: str = "safetensors",
+    include_lm_head: bool = True,
+) -> pathlib.Path:
+    """Write ``config.json`` and the weights in the released layout; returns the weights file.
+
+    ``format``: ``"safetensors"`` (``model.safetensors``, no torch needed) or ``"bin"``
+    (``pytorch_model.bin`` via ``torch.save``). The file holds float32 tensors under the
+    released names (no ``model.`` prefix), which :func:`load_checkpoint` and the reference's
+    ``GPTLMHeadModel.load_state_dict`` read back.
+    """
+    if format not in ("safetensors", "bin"):
+        raise ValueError(f"format={format!r} is not known; allowed: 'safetensors', 'bin'")
+    folder = pathlib.Path(folder)
+    reference_config = config_to_reference(config)
+    state = export_state_dict(params, config, include_lm_head=include_lm_head)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / CONFIG_FILE).write_text(json.dumps(reference_config, indent=2) + "\n")
+    if format == "safetensors":
+        from safetensors.numpy import save_file
+
+        target = folder / SAFETENSORS_FILE
+        save_file(state, str(target), metadata={"format": "pt"})
+    else:
+        import torch
+
+        target = folder / BIN_FILE
+        torch.save({key: torch.from_numpy(value) for key, value in state.items()}, target)
+    return target
