@@ -241,5 +241,5 @@ def save_checkpoint(
         import torch
 
         target = folder / BIN_FILE
-        torch.save({key: torch.from_numpy(value) for key, value in state.items()}, target)
+        torch.save({key: torch.tensor(value) for key, value in state.items()}, target)
     return target
