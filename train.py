@@ -20,11 +20,32 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/demo.py", "ml_collections config file", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/demo", "run directory (checkpoints, logs)")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed",
+    False,
+    "call jax.distributed.initialize() (auto-detects TPU pods, SLURM, ...); the flags below "
+    "override what it detects",
+)
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 (multi-process runs)"
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "number of processes")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index")
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if _DISTRIBUTED.value or _COORDINATOR.value:
+        import jax
+
+        # Cross-process collectives on CPU hosts (ignored by GPU and TPU backends).
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(
+            coordinator_address=_COORDINATOR.value,
+            num_processes=_NUM_PROCESSES.value,
+            process_id=_PROCESS_ID.value,
+        )
     config = _CONFIG.value
     result = train(config, _WORKDIR.value)
     if result.initial_eval is not None:
@@ -33,7 +54,7 @@ def main(argv: list[str]) -> None:
             result.initial_eval["loss"],
             result.final_eval.get("loss", float("nan")),
         )
-    if not result.preempted and config.sample.max_new_tokens > 0:
+    if not result.preempted and config.sample.max_new_tokens > 0 and result.is_writer:
         from jaxbased.training.sampling import print_sample
 
         print_sample(result.workdir, config.sample)

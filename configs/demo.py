@@ -3,7 +3,7 @@ cores. Byte-level tokens; BaseConv, linear-attention and sliding-window layers a
 
 import ml_collections
 
-from configs.presets import data_defaults, sample_defaults, train_defaults
+from configs.presets import data_defaults, mesh_defaults, sample_defaults, train_defaults
 from jaxbased.config import ModelConfig, based_layer_pattern
 
 
@@ -35,5 +35,6 @@ def get_config() -> ml_collections.ConfigDict:
         eval_batches=4,
         checkpoint_every=100,
     )
+    config.mesh = mesh_defaults()
     config.sample = sample_defaults(prompt="def ", max_new_tokens=200)
     return config

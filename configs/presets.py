@@ -1,6 +1,6 @@
-"""Shared helpers of the config files: ml_collections configs with ``model``, ``data``, ``train``
-and ``sample`` sections.
+"""Shared helpers of the config files: the sections of a training config.
 
+Sections: ``model`` (every ``ModelConfig`` field), ``data``, ``train``, ``mesh`` and ``sample``.
 Each ``configs/<name>.py`` is read with absl ``config_flags``; any field can be overridden on the
 command line, e.g. ``--config=configs/based_360m.py --config.model.d_model=512
 --config.train.num_steps=100 --config.data.path=/data/pile``. Unknown fields are rejected.
@@ -58,6 +58,13 @@ def train_defaults(**overrides: Any) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(values)
 
 
+def mesh_defaults(**overrides: Any) -> ml_collections.ConfigDict:
+    """Device mesh ``(data, fsdp, tensor)``; one size may be -1 (all remaining devices)."""
+    values = dict(data=-1, fsdp=1, tensor=1)
+    values.update(overrides)
+    return ml_collections.ConfigDict(values)
+
+
 def sample_defaults(**overrides: Any) -> ml_collections.ConfigDict:
     """What ``train.py`` generates after training (``max_new_tokens=0`` skips it)."""
     values = dict(prompt="def ", max_new_tokens=0, temperature=0.8, top_k=0, seed=0)
@@ -74,5 +81,6 @@ def preset_config(preset: str, **model_overrides: Any) -> ml_collections.ConfigD
     )
     config.data = data_defaults()
     config.train = train_defaults()
+    config.mesh = mesh_defaults()
     config.sample = sample_defaults()
     return config

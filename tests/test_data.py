@@ -134,18 +134,24 @@ def test_windows_batches_and_resumable_iterator(tmp_path):
     assert not np.array_equal(next(other_seed), first[0])
 
 
-def test_processes_read_disjoint_windows(tmp_path):
+def test_processes_split_each_global_batch(tmp_path):
     letters = np.random.default_rng(0).choice(list("abcdefghij"), size=400)
     dataset = write_dataset(tmp_path, ["".join(letters)])
-    starts = []
-    for process in range(2):
-        batches = training_batches(
-            dataset, seq_len=8, batch_size=1, seed=0, process_index=process, process_count=2
+    whole = make_iterator(training_batches(dataset, seq_len=8, batch_size=4, seed=3))
+    parts = [
+        make_iterator(
+            training_batches(
+                dataset, seq_len=8, batch_size=4, seed=3, process_index=p, process_count=2
+            )
         )
-        count = len(TokenWindows(dataset.tokens("train"), 8)) // 2
-        iterator = make_iterator(batches)
-        starts.append({tuple(next(iterator)[0]) for _ in range(count)})
-    assert not starts[0] & starts[1]
+        for p in range(2)
+    ]
+    for _ in range(12):  # more than one epoch of the 49 windows
+        local = [next(part) for part in parts]
+        assert local[0].shape == (2, 9)
+        np.testing.assert_array_equal(np.concatenate(local), next(whole))
+    with pytest.raises(ValueError, match="batch_size=3 must be divisible by the 2 processes"):
+        training_batches(dataset, seq_len=8, batch_size=3, seed=0, process_count=2)
 
 
 def test_bad_data_arguments(tmp_path):

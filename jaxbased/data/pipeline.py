@@ -1,10 +1,11 @@
 """Grain input pipeline over a tokenized dataset.
 
 Training windows are ``seq_len + 1`` consecutive tokens starting every ``seq_len`` tokens of the
-train split (inputs are the first ``seq_len``, targets the last ``seq_len``). Each JAX process
-takes every ``process_count``-th window, shuffles them with the seed (reshuffled every epoch),
-repeats forever and batches. The iterator's state (``get_state``/``set_state``, a small dict) is
-saved with the model checkpoint, so that a resumed run sees exactly the batches it would have.
+train split (inputs are the first ``seq_len``, targets the last ``seq_len``). They are shuffled
+with the seed (reshuffled every epoch), repeated forever and cut into global batches; each JAX
+process reads only its own rows of each global batch. The iterator's state (``get_state`` /
+``set_state``, a small dict) is saved with the model checkpoint, so that a resumed run sees
+exactly the batches it would have.
 """
 
 from __future__ import annotations
@@ -54,23 +55,32 @@ def training_batches(
     process_index: int = 0,
     process_count: int = 1,
 ) -> grain.MapDataset:
-    """Infinite shuffled batches ``[batch_size, seq_len + 1]`` (int32) of this process's windows.
+    """This process's rows ``[batch_size / process_count, seq_len + 1]`` (int32) of every global
+    batch.
 
-    ``batch_size`` is per process. Raises ``ValueError`` when the data holds fewer windows than
-    processes.
+    The global stream is the same for any number of processes: all windows, shuffled with
+    ``seed`` (reshuffled every epoch), repeated, cut into global batches of ``batch_size``.
+    Process ``p`` reads only rows ``p * L .. (p + 1) * L - 1`` of each (``L`` = local batch), so
+    the processes together see exactly the batches one process would.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} outside 0..{process_count - 1}")
-    windows = TokenWindows(dataset.tokens("train"), seq_len, "train")
-    if len(windows) < process_count:
+    if batch_size % process_count:
         raise ValueError(
-            f"the train split has {len(windows)} windows of seq_len={seq_len}, fewer than the "
-            f"{process_count} processes"
+            f"batch_size={batch_size} must be divisible by the {process_count} processes"
         )
-    source = grain.MapDataset.source(windows)[process_index::process_count]
-    return source.shuffle(seed=seed).repeat(None).batch(batch_size, drop_remainder=True)
+    windows = TokenWindows(dataset.tokens("train"), seq_len, "train")
+    stream = grain.MapDataset.source(windows).shuffle(seed=seed).repeat(None)
+    local = batch_size // process_count
+    offset = process_index * local
+
+    def global_position(index: int) -> int:
+        return (index // local) * batch_size + offset + index % local
+
+    rows = grain.MapDataset.range(0, 1 << 50).map(lambda index: stream[global_position(index)])
+    return rows.batch(local, drop_remainder=True)
 
 
 def make_iterator(

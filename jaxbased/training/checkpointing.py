@@ -98,6 +98,32 @@ def check_compatible(saved_model: dict, config: ModelConfig, workdir: pathlib.Pa
         )
 
 
+def _single_device_state(config: ModelConfig) -> Any:
+    """The abstract train state of ``config`` on this host's first device: the restore target
+    that reads a checkpoint saved on any mesh (the optimizer's hyper-parameters do not change
+    its state's structure)."""
+    import flax.linen as nn
+    import jax.numpy as jnp
+    import optax
+
+    from jaxbased.model import LanguageModel
+    from jaxbased.training.optimizer import make_optimizer
+    from jaxbased.training.state import TrainState
+
+    model = LanguageModel(config)
+    optimizer = make_optimizer(optax.constant_schedule(1.0))
+
+    def init() -> TrainState:
+        params = model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
+        return TrainState.create(nn.meta.unbox(params), optimizer)
+
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(
+        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device),
+        jax.eval_shape(init),
+    )
+
+
 def load_for_inference(
     workdir: str | pathlib.Path, step: int | None = None
 ) -> tuple[ModelConfig, Any, Tokenizer]:
@@ -113,10 +139,11 @@ def load_for_inference(
             raise ValueError(f"workdir {str(workdir)!r} holds no complete checkpoint")
         metadata = checkpointer.metadata(step)
         config = ModelConfig.from_dict(metadata["model"])
+        target = _single_device_state(config)
         restored = checkpointer.manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore())
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
         )
-        params = jax.tree.map(np.asarray, restored["state"]["params"])
+        params = jax.tree.map(np.asarray, restored["state"].params)
     finally:
         checkpointer.close()
     tokenizer = load_tokenizer(metadata["tokenizer"], workdir / TOKENIZER_SUBDIR)

@@ -15,6 +15,7 @@ SIGTERM makes the loop save at the end of the current step and return.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -38,6 +39,14 @@ from jaxbased.data.pipeline import make_iterator, training_batches, validation_b
 from jaxbased.data.token_store import TokenDataset, write_token_dataset
 from jaxbased.data.tokenizers import ByteTokenizer
 from jaxbased.model import LanguageModel, count_parameters
+from jaxbased.sharding import (
+    LOGICAL_RULES,
+    batch_sharding,
+    global_batch,
+    logical_shardings,
+    make_mesh,
+    with_shardings,
+)
 from jaxbased.training.checkpointing import TOKENIZER_SUBDIR, Checkpointer, check_compatible
 from jaxbased.training.flops import flops_per_token, measure_matmul_peak
 from jaxbased.training.metrics import MetricsWriter, format_duration, progress_line
@@ -63,6 +72,7 @@ class TrainResult:
     preempted: bool
     parameters: int
     checkpoint_dir: pathlib.Path
+    is_writer: bool = True
 
 
 class _StopFlag:
@@ -145,10 +155,20 @@ def _save_tokenizer(dataset: TokenDataset, workdir: pathlib.Path) -> None:
     staging.rename(target)
 
 
-def evaluate(eval_step, params: Any, batches: list[np.ndarray]) -> dict[str, float]:
-    """Mean loss, perplexity and token accuracy over ``batches``."""
+def _local_rows(batch: np.ndarray) -> np.ndarray:
+    """This process's contiguous share of the rows of a global batch."""
+    local = batch.shape[0] // jax.process_count()
+    return batch[jax.process_index() * local : (jax.process_index() + 1) * local]
+
+
+def evaluate(
+    eval_step, params: Any, batches: list[np.ndarray], sharding: Any = None
+) -> dict[str, float]:
+    """Mean loss, perplexity and token accuracy over global ``batches``."""
     totals = {"loss_sum": 0.0, "correct_sum": 0.0, "tokens": 0.0}
     for batch in batches:
+        if sharding is not None:
+            batch = global_batch(_local_rows(batch), sharding)
         for key, value in eval_step(params, batch).items():
             totals[key] += float(value)
     loss = totals["loss_sum"] / totals["tokens"]
@@ -174,6 +194,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Tra
     process_index, process_count = jax.process_index(), jax.process_count()
     is_writer = process_index == 0
 
+    mesh = make_mesh(config.mesh)
     if data_config.batch_size % (process_count * train_config.grad_accum_steps):
         raise ValueError(
             f"data.batch_size={data_config.batch_size} must be divisible by process_count * "
@@ -187,7 +208,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Tra
     batches = training_batches(
         dataset,
         seq_len=data_config.seq_len,
-        batch_size=data_config.batch_size // process_count,
+        batch_size=data_config.batch_size,
         seed=data_config.seed,
         process_index=process_index,
         process_count=process_count,
@@ -195,7 +216,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Tra
     validation = validation_batches(
         dataset,
         seq_len=data_config.seq_len,
-        batch_size=max(data_config.batch_size // process_count, 1),
+        batch_size=data_config.batch_size,
         max_batches=train_config.eval_batches,
     )
 
@@ -216,10 +237,19 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Tra
         grad_clip=train_config.grad_clip,
     )
 
-    def init_state() -> TrainState:
+    def init_boxed_state() -> TrainState:
+        # Parameters still in their logical-axis boxes, so that the optimizer state built from
+        # them carries the same names (mu and nu are sharded like the parameters).
         sample = jnp.zeros((1, data_config.seq_len), jnp.int32)
-        variables = model.init(jax.random.key(train_config.seed), sample)
-        return TrainState.create(nn.meta.unbox(variables["params"]), optimizer)
+        params = model.init(jax.random.key(train_config.seed), sample)["params"]
+        return TrainState(
+            step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params)
+        )
+
+    abstract_boxed = jax.eval_shape(init_boxed_state)
+    state_shardings = logical_shardings(abstract_boxed, mesh)
+    init_state = jax.jit(lambda: nn.meta.unbox(init_boxed_state()), out_shardings=state_shardings)
+    data_sharding = batch_sharding(mesh)
 
     checkpointer = Checkpointer(
         workdir, keep=train_config.keep_checkpoints, async_save=train_config.async_checkpoints
@@ -230,13 +260,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Tra
     eval_step = make_eval_step(model)
     if latest is not None:
         check_compatible(checkpointer.metadata(latest)["model"], model_config, workdir)
-        abstract = jax.eval_shape(init_state)
-        state, data_state, _ = checkpointer.restore(latest, abstract)
+        target = with_shardings(abstract_boxed, state_shardings)
+        state, data_state, _ = checkpointer.restore(latest, target)
         iterator.set_state(data_state)
         logging.info("resumed from the checkpoint of step %d in %s", latest, workdir)
     else:
         state = init_state()
-        initial_eval = evaluate(eval_step, state.params, validation)
+        initial_eval = evaluate(eval_step, state.params, validation, data_sharding)
         logging.info("initial evaluation: %s", _format_eval(initial_eval))
     if is_writer:
         _save_tokenizer(dataset, workdir)
@@ -259,7 +289,20 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Tra
         "seq_len": data_config.seq_len,
     }
     writer = MetricsWriter(workdir, tensorboard=train_config.tensorboard) if is_writer else None
-    train_step = make_train_step(model, optimizer, schedule, train_config.grad_accum_steps)
+    train_step = make_train_step(
+        model,
+        optimizer,
+        schedule,
+        train_config.grad_accum_steps,
+        state_shardings=state_shardings,
+        batch_sharding=data_sharding,
+    )
+    logging.info(
+        "mesh %s over %d devices in %d processes",
+        dict(mesh.shape),
+        mesh.devices.size,
+        process_count,
+    )
     tokens_per_step = data_config.batch_size * data_config.seq_len
     stop = _StopFlag()
     stop.install()
@@ -268,14 +311,17 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Tra
     first_step, last_saved, preempted = step, latest, False
     start_time = time.monotonic()
     final_eval: dict[str, float] = {}
+    context = contextlib.ExitStack()
+    context.enter_context(jax.set_mesh(mesh))
+    context.enter_context(nn.logical_axis_rules(LOGICAL_RULES))
     try:
         if initial_eval is not None and writer is not None:
             writer.write(0, "eval", initial_eval)
         while step < train_config.num_steps:
             step_start = time.monotonic()
-            batch = next(iterator)
-            checksum = _checksum(batch)
-            state, metrics = train_step(state, batch)
+            local_batch = next(iterator)
+            checksum = _checksum(local_batch)
+            state, metrics = train_step(state, global_batch(local_batch, data_sharding))
             loss = float(metrics["loss"])
             step += 1
             if not math.isfinite(loss):
@@ -298,7 +344,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Tra
                 if writer is not None:
                     writer.write(step, "train", values)
             if step % train_config.eval_every == 0 and step < train_config.num_steps:
-                evaluation = evaluate(eval_step, state.params, validation)
+                evaluation = evaluate(eval_step, state.params, validation, data_sharding)
                 logging.info("step %d evaluation: %s", step, _format_eval(evaluation))
                 if writer is not None:
                     writer.write(step, "eval", evaluation)
@@ -312,7 +358,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Tra
         if not preempted:
             if last_saved != step:
                 checkpointer.save(step, state, iterator.get_state(), metadata)
-            final_eval = evaluate(eval_step, state.params, validation)
+            final_eval = evaluate(eval_step, state.params, validation, data_sharding)
             logging.info("final evaluation (step %d): %s", step, _format_eval(final_eval))
             if writer is not None:
                 writer.write(step, "eval", final_eval)
@@ -322,6 +368,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Tra
                 format_duration(time.monotonic() - start_time),
             )
     finally:
+        context.close()
         stop.uninstall()
         checkpointer.close()
         if writer is not None:
@@ -334,6 +381,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Tra
         preempted=preempted,
         parameters=parameters,
         checkpoint_dir=checkpointer.directory,
+        is_writer=is_writer,
     )
 
 

@@ -41,8 +41,16 @@ def make_train_step(
     optimizer: optax.GradientTransformation,
     schedule: optax.Schedule,
     grad_accum_steps: int = 1,
+    *,
+    state_shardings: Any = None,
+    batch_sharding: Any = None,
 ) -> Callable[[TrainState, Array], tuple[TrainState, dict[str, Array]]]:
-    """``step(state, batch) -> (state, metrics)``, jit-compiled with the state donated."""
+    """``step(state, batch) -> (state, metrics)``, jit-compiled with the state donated.
+
+    With ``state_shardings`` (a pytree of ``NamedSharding`` like the state) and
+    ``batch_sharding``, the step is compiled for that mesh: the state keeps its shardings
+    from step to step and metrics come back replicated.
+    """
     if grad_accum_steps < 1:
         raise ValueError(f"grad_accum_steps={grad_accum_steps} must be >= 1")
 
@@ -82,7 +90,14 @@ def make_train_step(
         }
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-    return jax.jit(step, donate_argnums=(0,))
+    if state_shardings is None:
+        return jax.jit(step, donate_argnums=(0,))
+    return jax.jit(
+        step,
+        in_shardings=(state_shardings, batch_sharding),
+        out_shardings=(state_shardings, None),
+        donate_argnums=(0,),
+    )
 
 
 def make_eval_step(model: LanguageModel) -> Callable[[Any, Array], dict[str, Array]]:

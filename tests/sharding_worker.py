@@ -1,0 +1,127 @@
+"""Runs in a subprocess with 8 simulated CPU devices (set before JAX starts); used by
+tests/test_sharding.py. Prints one JSON line with what it measured."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import sys
+
+if __name__ == "__main__":  # before JAX starts; importing this module changes nothing
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import jax
+import numpy as np
+
+from jaxbased.training.checkpointing import load_for_inference
+from jaxbased.training.loop import train
+from tests.test_training import tiny_config
+
+# Every dimension the rules split is divisible by 8, so each mesh really splits the arrays.
+SHARDABLE_MODEL = dict(
+    d_model=64, mlp_inner_dim=128, linear_attention_heads=8, attention_heads=8, feature_dim=4
+)
+
+
+def config_for(data: pathlib.Path, mesh: tuple[int, int, int], steps: int, **train):
+    config = tiny_config(data, num_steps=steps, **train)
+    config.model.update(SHARDABLE_MODEL)
+    config.data.batch_size = 8
+    config.mesh.update(data=mesh[0], fsdp=mesh[1], tensor=mesh[2])
+    return config
+
+
+def losses(workdir: pathlib.Path) -> list[float]:
+    lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [line["loss"] for line in lines if line["split"] == "train"]
+
+
+def max_param_difference(a: pathlib.Path, b: pathlib.Path) -> float:
+    _, params_a, _ = load_for_inference(a)
+    _, params_b, _ = load_for_inference(b)
+    leaves = zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b), strict=True)
+    return max(float(np.max(np.abs(x - y))) for x, y in leaves)
+
+
+def meshes(data: pathlib.Path, out: pathlib.Path) -> dict:
+    """4 steps on one device and on every mesh; then the (1, 8, 1) run's step-2 checkpoint is
+    continued on a (2, 2, 2) mesh and compared with the straight (1, 8, 1) run."""
+    report: dict = {"losses": {}, "param_difference": {}}
+    reference = out / "1x1x1"
+    train(config_for(data, (1, 1, 1), 4, checkpoint_every=2), reference)
+    report["losses"]["1x1x1"] = losses(reference)
+    for mesh in [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 1, 8)]:
+        name = "x".join(map(str, mesh))
+        train(config_for(data, mesh, 4, checkpoint_every=2), out / name)
+        report["losses"][name] = losses(out / name)
+        report["param_difference"][name] = max_param_difference(out / name, reference)
+    switched = out / "switched"
+    shutil.copytree(out / "1x8x1", switched)
+    shutil.rmtree(switched / "checkpoints" / "4")
+    (switched / "metrics.jsonl").write_text(
+        "".join(
+            line + "\n"
+            for line in (out / "1x8x1" / "metrics.jsonl").read_text().splitlines()
+            if json.loads(line)["step"] <= 2
+        )
+    )
+    train(config_for(data, (2, 2, 2), 4, checkpoint_every=2), switched)
+    report["reshard"] = {
+        "straight": losses(out / "1x8x1"),
+        "switched": losses(switched),
+        "param_difference": max_param_difference(out / "1x8x1", switched),
+    }
+    return report
+
+
+def shardings(data: pathlib.Path, out: pathlib.Path) -> dict:
+    """The partition spec of some parameters and their Adam moments on a (2, 2, 2) mesh."""
+    from flax import linen as nn
+
+    from jaxbased import LanguageModel, ModelConfig
+    from jaxbased.sharding import logical_shardings, make_mesh
+    from jaxbased.training.optimizer import learning_rate_schedule, make_optimizer
+    from jaxbased.training.state import TrainState
+
+    config = config_for(data, (2, 2, 2), 1)
+    model = LanguageModel(ModelConfig.from_dict(config.model))
+    optimizer = make_optimizer(
+        learning_rate_schedule(peak=1e-3, final=0, warmup_steps=0, total_steps=2)
+    )
+    mesh = make_mesh((2, 2, 2))
+
+    def boxed():
+        params = model.init(jax.random.key(0), jax.numpy.zeros((1, 8), "int32"))["params"]
+        return TrainState(
+            step=jax.numpy.zeros((), "int32"), params=params, opt_state=optimizer.init(params)
+        )
+
+    abstract = jax.eval_shape(boxed)
+    specs = logical_shardings(abstract, mesh)
+    state = jax.jit(lambda: nn.meta.unbox(boxed()), out_shardings=specs)()
+    adam = state.opt_state[1][0]  # chain(clip, adamw) -> adamw's ScaleByAdamState
+    picks = {
+        "embedding": state.params["embedding"],
+        "qkv_kernel": state.params["layers_2"]["mixer"]["qkv_proj"]["kernel"],
+        "qkv_kernel_mu": adam.mu["layers_2"]["mixer"]["qkv_proj"]["kernel"],
+        "fc2_kernel_nu": adam.nu["layers_0"]["mlp"]["fc2"]["kernel"],
+        "norm_weight": state.params["layers_0"]["norm1"]["weight"],
+        "conv_weight": state.params["layers_0"]["mixer"]["conv_weight"],
+    }
+    return {
+        name: {
+            "spec": [list(a) if isinstance(a, tuple) else a for a in array.sharding.spec],
+            "shard_shape": list(array.addressable_shards[0].data.shape),
+            "shape": list(array.shape),
+        }
+        for name, array in picks.items()
+    }
+
+
+if __name__ == "__main__":
+    mode, data_path, output = sys.argv[1], pathlib.Path(sys.argv[2]), pathlib.Path(sys.argv[3])
+    result = {"meshes": meshes, "shardings": shardings}[mode](data_path, output)
+    print("RESULT " + json.dumps(result), flush=True)
