@@ -41,6 +41,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -165,12 +166,62 @@ def other_benchmarks() -> list[str]:
     return found
 
 
+def busy_python_processes() -> list[str]:
+    """Other Python processes (tests, benchmarks) using a CPU right now, as ``pid %cpu args``."""
+    try:
+        listing = subprocess.run(
+            ["top", "-b", "-n", "1", "-w", "200", "-c"], capture_output=True, text=True, check=True
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return []
+    busy = []
+    for line in listing.splitlines():
+        fields = line.split(None, 11)
+        if len(fields) == 12 and fields[0].isdigit() and int(fields[0]) != os.getpid():
+            cpu = float(fields[8]) if fields[8].replace(".", "", 1).isdigit() else 0.0
+            if cpu >= 20 and "python" in fields[11]:
+                busy.append(f"{fields[0]} {cpu:.0f}% {fields[11][:120]}")
+    return busy
+
+
 def contention_snapshot() -> dict[str, Any]:
     return {
         "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "load_average_1m": os.getloadavg()[0],
         "other_benchmarks": other_benchmarks(),
+        "busy_python_processes": busy_python_processes(),
     }
+
+
+class ContentionSampler:
+    """Samples :func:`contention_snapshot` every ``interval`` seconds in a daemon thread."""
+
+    def __init__(self, interval: float = 15.0) -> None:
+        self.samples: list[dict[str, Any]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
+
+    def _run(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            self.samples.append(contention_snapshot())
+
+    def __enter__(self) -> ContentionSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def summary(self) -> dict[str, Any]:
+        loads = [s["load_average_1m"] for s in self.samples]
+        contended = [s for s in self.samples if s["other_benchmarks"] or s["busy_python_processes"]]
+        return {
+            "samples": len(self.samples),
+            "samples_with_other_busy_processes": len(contended),
+            "load_average_1m_max": max(loads, default=None),
+            "load_average_1m_mean": sum(loads) / len(loads) if loads else None,
+        }
 
 
 def _git(*args: str) -> str | None:
@@ -530,28 +581,34 @@ def main(argv: Sequence[str]) -> None:
             + "\n  ".join(payload["contention"]["start"]["other_benchmarks"]),
             flush=True,
         )
-    for name in FLAGS.models:
-        runner = Runner(name, FLAGS.seed)
-        payload["configs"][name] = runner.config.to_dict()
-        payload["parameters"][name] = runner.parameters
-        print(f"{MODEL_TITLES[name]}: {runner.parameters:,} parameters", flush=True)
-        if "c" in FLAGS.sections:
-            payload["cache_bytes_per_sequence"] += measure_cache_bytes(
-                runner, [*contexts, 32768, 131072]
-            )
-        if "a" in FLAGS.sections:
-            payload["decode_vs_context"] += measure_decode_vs_context(
-                runner, contexts, decode_batches, steps, repeats
-            )
-        if "b" in FLAGS.sections:
-            payload["throughput"] += measure_throughput(runner, batches, prompts, new_tokens)
-        del runner
+    with ContentionSampler() as sampler:
+        for name in FLAGS.models:
+            runner = Runner(name, FLAGS.seed)
+            payload["configs"][name] = runner.config.to_dict()
+            payload["parameters"][name] = runner.parameters
+            print(f"{MODEL_TITLES[name]}: {runner.parameters:,} parameters", flush=True)
+            if "c" in FLAGS.sections:
+                payload["cache_bytes_per_sequence"] += measure_cache_bytes(
+                    runner, [*contexts, 32768, 131072]
+                )
+            if "a" in FLAGS.sections:
+                payload["decode_vs_context"] += measure_decode_vs_context(
+                    runner, contexts, decode_batches, steps, repeats
+                )
+            if "b" in FLAGS.sections:
+                payload["throughput"] += measure_throughput(runner, batches, prompts, new_tokens)
+            del runner
     payload["checks"] = checks(payload["decode_vs_context"])
     payload["contention"]["end"] = contention_snapshot()
+    payload["contention"]["during"] = sampler.summary()
+    payload["contention"]["samples"] = sampler.samples
     payload["wall_seconds"] = time.perf_counter() - started
     print()
     print(tables(payload))
-    print(f"\nwall time {payload['wall_seconds']:.0f} s")
+    print(
+        f"\nwall time {payload['wall_seconds']:.0f} s; "
+        f"contention during the run: {payload['contention']['during']}"
+    )
     if output:
         write_json_atomic(output, payload)
         print(f"wrote {output}")
