@@ -2,7 +2,7 @@
 
 The two models of ``benchmarks/scaling.py`` (d_model 256, vocabulary 256; BASED: 12 layers in the
 released pattern with Taylor linear attention, a 129-key window and BaseConv; Transformer++:
-10 full-attention layers; both about 7.3M parameters), random weights, greedy decoding, no stop
+10 full-attention layers; 8.58M and 8.59M parameters), random weights, greedy decoding, no stop
 tokens (every row makes every token). Everything runs the compiled programs that
 ``jaxbased.generate`` runs (the jitted ragged prefill and the ``while_loop`` decode with donated
 caches), compiled ahead of time (``.lower().compile()``) so that compilation is timed apart.
