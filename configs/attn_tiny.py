@@ -2,7 +2,7 @@
 
 import ml_collections
 
-from configs.presets import preset_config
+from jaxbased.training.configs import preset_config
 
 
 def get_config() -> ml_collections.ConfigDict:

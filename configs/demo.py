@@ -3,7 +3,7 @@ cores. Byte-level tokens; BaseConv, linear-attention and sliding-window layers a
 
 import ml_collections
 
-from configs.presets import data_defaults, mesh_defaults, sample_defaults, train_defaults
+from jaxbased.training.configs import data_defaults, mesh_defaults, sample_defaults, train_defaults
 from jaxbased.config import ModelConfig, based_layer_pattern
 
 

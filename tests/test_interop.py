@@ -376,7 +376,7 @@ def test_convert_cli_writes_a_workdir_that_generates_and_fine_tunes(based_checkp
     assert result.num_generated[0] == 3
 
     # train.py resumes from the converted step 0 and fine-tunes.
-    from configs.presets import preset_config
+    from jaxbased.training.configs import preset_config
     from jaxbased.training.loop import train
 
     data = write_token_dataset(

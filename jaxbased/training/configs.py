@@ -1,4 +1,4 @@
-"""Shared helpers of the config files: the sections of a training config.
+"""The sections of a training config, shared by the files in ``configs/``.
 
 Sections: ``model`` (every ``ModelConfig`` field), ``data``, ``train``, ``mesh`` and ``sample``.
 Each ``configs/<name>.py`` is read with absl ``config_flags``; any field can be overridden on the

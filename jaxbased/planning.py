@@ -1,0 +1,160 @@
+"""Memory planning: per-device bytes of a training or generation run on a mesh, before running it.
+
+- parameters and optimizer state: exact, from every leaf's shape, dtype and the sharding rules
+  (``jaxbased.sharding``); a dimension a mesh axis does not divide stays whole, as in training;
+- activations: the temporary buffers XLA assigns to one train step of the per-device batch
+  (``batch / (data * fsdp)`` sequences), from ``memory_analysis()`` of the step compiled for one
+  device; tensor parallelism would split some of them further, so this is an upper bound;
+- caches: the generation cache of ``generate_batch`` sequences of ``max_len`` tokens, split over
+  the batch axes (linear-attention and window states do not grow with ``max_len``).
+
+Nothing is allocated: shapes come from ``jax.eval_shape``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxbased.config import ModelConfig
+from jaxbased.model import LanguageModel
+from jaxbased.sharding import LOGICAL_RULES, MESH_AXES, resolve_mesh_shape
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryPlan:
+    """Bytes per device of each part of a run."""
+
+    mesh: dict[str, int]
+    parameters: int
+    optimizer_state: int
+    activations: int | None
+    caches: int
+    batch_per_device: int
+
+    @property
+    def total(self) -> int:
+        return self.parameters + self.optimizer_state + (self.activations or 0) + self.caches
+
+    def table(self) -> str:
+        rows = [
+            ("parameters", self.parameters),
+            ("optimizer state", self.optimizer_state),
+            ("activations (one train step)", self.activations),
+            ("generation caches", self.caches),
+            ("total", self.total),
+        ]
+        mesh = " x ".join(f"{axis} {size}" for axis, size in self.mesh.items())
+        lines = [f"per-device memory on mesh {mesh} ({self.batch_per_device} sequences/device)"]
+        for name, value in rows:
+            shown = "not computed" if value is None else f"{value / 2**20:12.2f} MiB"
+            lines.append(f"  {name:<30} {shown}")
+        return "\n".join(lines)
+
+
+def _mesh_sizes(mesh_shape: Mapping[str, int] | Sequence[int], device_count: int | None) -> dict:
+    if device_count is None:
+        sizes = (
+            [int(mesh_shape[axis]) for axis in MESH_AXES]
+            if hasattr(mesh_shape, "keys")
+            else [int(size) for size in mesh_shape]
+        )
+        if any(size < 1 for size in sizes):
+            raise ValueError(f"mesh {sizes}: give every size (no -1) when planning")
+        device_count = math.prod(sizes)
+    return dict(zip(MESH_AXES, resolve_mesh_shape(mesh_shape, device_count), strict=True))
+
+
+def _shard_bytes(abstract_boxed: Any, mesh: dict[str, int]) -> int:
+    """Sum over leaves of the bytes of one shard (the largest, when a split is uneven)."""
+    specs = nn.logical_to_mesh(nn.get_partition_spec(abstract_boxed), LOGICAL_RULES)
+    leaves = nn.meta.unbox(abstract_boxed)
+    total = 0
+    for spec, leaf in zip(
+        jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)),
+        jax.tree.leaves(leaves),
+        strict=True,
+    ):
+        shape = list(leaf.shape)
+        for index, axes in enumerate(tuple(spec)):
+            if axes is None:
+                continue
+            axes = (axes,) if isinstance(axes, str) else axes
+            parts = math.prod(mesh[axis] for axis in axes)
+            if shape[index] % parts == 0:
+                shape[index] //= parts
+        total += math.prod(shape) * np.dtype(leaf.dtype).itemsize
+    return total
+
+
+def plan_memory(
+    config: ModelConfig,
+    mesh_shape: Mapping[str, int] | Sequence[int],
+    *,
+    seq_len: int,
+    batch_size: int,
+    optimizer: Any = None,
+    generate_batch: int = 1,
+    max_len: int | None = None,
+    activations: bool = True,
+    device_count: int | None = None,
+) -> MemoryPlan:
+    """The per-device :class:`MemoryPlan` of ``config`` on a ``(data, fsdp, tensor)`` mesh.
+
+    ``batch_size`` is the global training batch (sequences); ``max_len`` (default ``seq_len``) the
+    generation length. ``optimizer`` defaults to the training optimizer (AdamW + clipping).
+    """
+    import optax
+
+    from jaxbased.training.optimizer import make_optimizer
+    from jaxbased.training.state import TrainState
+    from jaxbased.training.steps import make_train_step
+
+    mesh = _mesh_sizes(mesh_shape, device_count)
+    batch_shards = mesh["data"] * mesh["fsdp"]
+    if batch_size % batch_shards:
+        raise ValueError(
+            f"batch_size={batch_size} is not divisible by data x fsdp = {batch_shards}"
+        )
+    optimizer = optimizer or make_optimizer(optax.constant_schedule(1e-3))
+    model = LanguageModel(config)
+    tokens = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
+    boxed_params = jax.eval_shape(model.init, jax.random.key(0), tokens)["params"]
+    boxed_opt_state = jax.eval_shape(optimizer.init, boxed_params)
+    per_device_batch = batch_size // batch_shards
+
+    activation_bytes = None
+    if activations:
+        schedule = optax.constant_schedule(1e-3)
+        step = make_train_step(model, optimizer, schedule)
+        state = jax.eval_shape(
+            lambda: TrainState.create(
+                nn.meta.unbox(
+                    model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
+                ),
+                optimizer,
+            )
+        )
+        batch = jax.ShapeDtypeStruct((per_device_batch, seq_len + 1), jnp.int32)
+        analysis = step.lower(state, batch).compile().memory_analysis()
+        activation_bytes = int(analysis.temp_size_in_bytes) if analysis is not None else None
+
+    cache = jax.eval_shape(lambda: model.init_cache(generate_batch, max_len or seq_len))
+    cache_bytes = sum(
+        math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(cache)
+    )
+    return MemoryPlan(
+        mesh=mesh,
+        parameters=_shard_bytes(boxed_params, mesh),
+        optimizer_state=_shard_bytes(boxed_opt_state, mesh),
+        activations=activation_bytes,
+        caches=cache_bytes // batch_shards if generate_batch % batch_shards == 0 else cache_bytes,
+        batch_per_device=per_device_batch,
+    )
