@@ -3,8 +3,8 @@ cores. Byte-level tokens; BaseConv, linear-attention and sliding-window layers a
 
 import ml_collections
 
-from jaxbased.training.configs import data_defaults, mesh_defaults, sample_defaults, train_defaults
 from jaxbased.config import ModelConfig, based_layer_pattern
+from jaxbased.training.configs import data_defaults, mesh_defaults, sample_defaults, train_defaults
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -111,7 +111,31 @@ def shardings(data: pathlib.Path, out: pathlib.Path) -> dict:
         "norm_weight": state.params["layers_0"]["norm1"]["weight"],
         "conv_weight": state.params["layers_0"]["mixer"]["conv_weight"],
     }
-    return {
+    from jaxbased.planning import plan_memory
+
+    def device_bytes(tree) -> int:  # what device 0 really holds
+        return sum(leaf.addressable_shards[0].data.nbytes for leaf in jax.tree.leaves(tree))
+
+    plan = plan_memory(
+        ModelConfig.from_dict(config.model),
+        (2, 2, 2),
+        seq_len=8,
+        batch_size=8,
+        optimizer=optimizer,
+        generate_batch=4,
+        max_len=64,
+    )
+    cache = LanguageModel(ModelConfig.from_dict(config.model)).init_cache(4, 64)
+    planning = {
+        "planned_parameters": plan.parameters,
+        "real_parameters": device_bytes(state.params),
+        "planned_optimizer_state": plan.optimizer_state,
+        "real_optimizer_state": device_bytes(state.opt_state),
+        "planned_caches": plan.caches,
+        "real_caches_per_device": sum(leaf.nbytes for leaf in jax.tree.leaves(cache)) // 4,
+        "planned_activations": plan.activations,
+    }
+    return planning | {
         name: {
             "spec": [list(a) if isinstance(a, tuple) else a for a in array.sharding.spec],
             "shard_shape": list(array.addressable_shards[0].data.shape),

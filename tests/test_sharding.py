@@ -66,6 +66,11 @@ def test_parameters_and_optimizer_state_are_sharded_by_the_rules(corpus, tmp_pat
     assert report["fc2_kernel_nu"]["spec"] == ["tensor", "fsdp"]
     assert report["norm_weight"]["spec"] == [None]
     assert report["conv_weight"]["spec"] == [None, "tensor"]
+    # jaxbased-plan's numbers are the bytes device 0 really holds.
+    assert report["planned_parameters"] == report["real_parameters"]
+    assert report["planned_optimizer_state"] == report["real_optimizer_state"]
+    assert report["planned_caches"] == report["real_caches_per_device"]
+    assert report["planned_activations"] > 0
 
 
 def free_port() -> int:
@@ -116,3 +121,26 @@ def test_mesh_shapes_are_checked():
     mesh = make_mesh((1, 1, 1))
     spec = jax.sharding.PartitionSpec("fsdp", "tensor")
     assert fit_to_shape(spec, (7, 3), mesh) == spec  # size-1 axes divide anything
+
+
+def test_plan_command_prints_every_part():
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jaxbased.cli.plan",
+            "--config=configs/based_tiny.py",
+            "--mesh=1,1,1",
+            "--config.data.seq_len=64",
+            "--config.data.batch_size=2",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    for part in ("parameters", "optimizer state", "activations", "generation caches", "total"):
+        assert part in result.stdout
+    parameters_mib = float(result.stdout.split("parameters")[1].split("MiB")[0])
+    assert abs(parameters_mib * 2**20 - 272_576 * 4) < 0.01 * 2**20  # based_tiny, float32
