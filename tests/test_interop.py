@@ -405,3 +405,20 @@ def test_convert_cli_writes_a_workdir_that_generates_and_fine_tunes(based_checkp
     assert result.final_step == 2
     _, tuned, _ = load_for_inference(workdir)
     assert not np.array_equal(tuned["embedding"], params["embedding"])
+
+
+def test_the_written_train_state_is_the_one_train_py_creates():
+    import optax
+
+    from jaxbased.interop.workdir import train_state_for
+    from jaxbased.training.optimizer import make_optimizer
+    from jaxbased.training.state import TrainState
+
+    config = ModelConfig.from_preset("based_tiny", vocab_size=100)
+    params = random_params(config, seed=0)
+    written = train_state_for(params)
+    created = TrainState.create(params, make_optimizer(optax.constant_schedule(1e-3)))
+    assert jax.tree.structure(written) == jax.tree.structure(created)
+    for ours, theirs in zip(jax.tree.leaves(written), jax.tree.leaves(created), strict=True):
+        assert ours.dtype == theirs.dtype
+        np.testing.assert_array_equal(ours, theirs)

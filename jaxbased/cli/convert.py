@@ -9,8 +9,8 @@
     jaxbased-convert --workdir=workdirs/based-360m --export_to=exported/ --format=safetensors
 
 The workdir then works with ``jaxbased-generate --workdir=...``, the lm-eval model
-(``python -m jaxbased.evaluation --model jaxbased --model_args workdir=...``) and, unless
-``--inference_only``, with ``train.py --workdir=...`` for fine-tuning (its model config must
+(``python -m jaxbased.evaluation --model jaxbased --model_args workdir=...``) and
+``train.py --workdir=...`` for fine-tuning (its model config must
 equal the imported one; the command to use is printed). The GPT-2 tokenizer comes from
 ``--tokenizer_file``, a tokenizer file in the checkpoint folder, or the hub when online.
 ``hf:NAME`` downloads the checkpoint with ``huggingface_hub`` (online only).
@@ -42,9 +42,6 @@ _DTYPE = flags.DEFINE_enum(
 )
 _IMPLEMENTATION = flags.DEFINE_enum(
     "implementation", "auto", ["auto", "xla", "pallas"], "attention kernels (model config)"
-)
-_INFERENCE_ONLY = flags.DEFINE_bool(
-    "inference_only", False, "save parameters only (generation/evaluation, not train.py)"
 )
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "replace existing checkpoints or files")
 _ALLOW_PICKLE = flags.DEFINE_bool(
@@ -121,7 +118,6 @@ def import_checkpoint() -> None:
         imported.params,
         tokenizer,
         source={"checkpoint": source, "weights_file": str(imported.weights_file)},
-        inference_only=_INFERENCE_ONLY.value,
         overwrite=_OVERWRITE.value,
     )
     workdir = pathlib.Path(_WORKDIR.value)
@@ -131,8 +127,6 @@ def import_checkpoint() -> None:
         "evaluate: python -m jaxbased.evaluation --model jaxbased "
         f"--model_args workdir={workdir} --tasks lambada_openai"
     )
-    if _INFERENCE_ONLY.value:
-        return
     preset = matching_preset(config)
     defaults = ModelConfig()
     overrides = "".join(

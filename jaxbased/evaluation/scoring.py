@@ -7,8 +7,8 @@ depending on it (the adapter in :mod:`jaxbased.evaluation.lm_eval_model` only co
   ``sum_i log p(continuation_i | context, continuation_<i)`` and whether every continuation
   token is the argmax (greedy) prediction;
 - :meth:`~LanguageModelScorer.rolling_loglikelihood`: ``log p(document)`` with every token
-  predicted once, with as much context as ``max_length`` allows (windows as lm-eval's
-  ``get_rolling_token_windows`` with ``context_len=1``, made disjoint);
+  predicted once, in windows of ``max_length`` tokens (lm-eval's ``get_rolling_token_windows``
+  with ``context_len=1``, made disjoint);
 - :meth:`~LanguageModelScorer.generate_until`: greedy (or sampled) continuations cut at the
   first stop string, computed in batches with :func:`jaxbased.generate`.
 
@@ -51,10 +51,12 @@ def rolling_windows(
 ) -> list[tuple[list[int], list[int]]]:
     """Disjoint ``(context, continuation)`` windows that predict every token of ``tokens`` once.
 
-    The first window predicts ``tokens[:max_length]`` after ``prefix_token``; each later one
-    predicts the next ``<= max_length`` tokens after the ``max_length - len(continuation)``
-    tokens before them, so every prediction sees a full window when there is one (lm-eval's
-    ``get_rolling_token_windows(..., context_len=1)`` then ``make_disjoint_window``).
+    The tokens are cut into blocks of ``max_length`` predicted tokens; the first block is
+    conditioned on ``prefix_token``, each later full block on the last token before it, and a
+    shorter last block on the ``max_length - len(block)`` tokens before it (so its forward is a
+    full ``max_length`` window). Each window is one forward of ``len(context) +
+    len(continuation) - 1 <= max_length`` tokens, as lm-eval's
+    ``get_rolling_token_windows(..., context_len=1)`` followed by ``make_disjoint_window``.
     """
     if max_length < 1:
         raise ValueError(f"max_length={max_length} must be >= 1")

@@ -10,9 +10,7 @@ The layout is the one ``train.py`` leaves (see :mod:`jaxbased.training.loop`)::
     tokenizer/       the tokenizer file and its spec.json
 
 ``train.py --workdir=<that dir>`` with the same model config resumes from step 0: the imported
-weights, a new optimizer state and the first batch of the given data. With ``inference_only``
-the checkpoint holds only ``{"params", "step"}`` (a third of the size): enough for generation
-and evaluation, not for ``train.py``.
+weights, a new optimizer state and the first batch of the given data.
 """
 
 from __future__ import annotations
@@ -23,7 +21,6 @@ import shutil
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxbased.config import ModelConfig
@@ -45,15 +42,21 @@ def initial_data_state() -> dict[str, Any]:
 def train_state_for(params: Any) -> Any:
     """``TrainState(step=0, params, AdamW state)`` shaped as ``train.py`` restores it.
 
-    The optimizer's hyper-parameters do not change the state's structure (only its values,
-    which start at zero), so the released recipe's defaults stand in for the run's own.
+    The optimizer's hyper-parameters do not change its state's structure, and AdamW's initial
+    state is all zeros (step counts, first and second moments), so the state is built from
+    shapes alone with NumPy zeros: no second and third copy of the weights is computed (the
+    zero pages cost no memory until written).
     """
-    from jaxbased.training.optimizer import learning_rate_schedule, make_optimizer
+    import optax
+
+    from jaxbased.training.optimizer import make_optimizer
     from jaxbased.training.state import TrainState
 
-    schedule = learning_rate_schedule(peak=8e-4, final=8e-5, warmup_steps=1, total_steps=2)
-    params = jax.tree.map(lambda leaf: jnp.asarray(leaf, jnp.float32), params)
-    return TrainState.create(params, make_optimizer(schedule))
+    params = jax.tree.map(lambda leaf: np.asarray(leaf, np.float32), params)
+    optimizer = make_optimizer(optax.constant_schedule(1.0))
+    abstract = jax.eval_shape(lambda p: TrainState.create(p, optimizer), params)
+    zeros = jax.tree.map(lambda leaf: np.zeros(leaf.shape, leaf.dtype), abstract)
+    return zeros.replace(params=params)
 
 
 def _save_tokenizer(tokenizer: Tokenizer, directory: pathlib.Path) -> None:
@@ -73,7 +76,6 @@ def write_workdir(
     tokenizer: Tokenizer,
     *,
     source: dict[str, Any] | None = None,
-    inference_only: bool = False,
     overwrite: bool = False,
 ) -> pathlib.Path:
     """Save ``params`` of ``config`` with ``tokenizer`` as step 0 of a ``train.py`` workdir.
@@ -85,7 +87,6 @@ def write_workdir(
       params: float32 parameter tree (NumPy or JAX arrays).
       tokenizer: saved into ``workdir/tokenizer`` and named in the metadata.
       source: extra metadata, e.g. where the weights came from.
-      inference_only: save only the parameters (not usable by ``train.py``).
       overwrite: replace the checkpoints of an existing workdir.
 
     Returns the checkpoint directory. Raises ``ValueError`` when ``workdir`` already holds
@@ -115,13 +116,7 @@ def write_workdir(
         "seq_len": None,
         "imported_from": source or {},
     }
-    if inference_only:
-        state: Any = {
-            "params": jax.tree.map(lambda leaf: np.asarray(leaf, np.float32), params),
-            "step": np.int32(STEP),
-        }
-    else:
-        state = train_state_for(params)
+    state = train_state_for(params)
     checkpointer = Checkpointer(workdir, keep=1, async_save=False)
     try:
         checkpointer.save(STEP, state, initial_data_state(), metadata)
