@@ -135,6 +135,13 @@ def shardings(data: pathlib.Path, out: pathlib.Path) -> dict:
         "real_caches_per_device": sum(leaf.nbytes for leaf in jax.tree.leaves(cache)) // 4,
         "planned_activations": plan.activations,
     }
+    from jaxbased.generation import generate
+
+    prompts = [[5, 6, 7], [8, 9]]
+    on_mesh = generate(model, state.params, prompts, max_new_tokens=6, temperature=0.0)
+    local = jax.device_get(state.params)
+    on_host = generate(model, local, prompts, max_new_tokens=6, temperature=0.0)
+    planning["generate_sharded_equals_local"] = on_mesh.tokens == on_host.tokens
     return planning | {
         name: {
             "spec": [list(a) if isinstance(a, tuple) else a for a in array.sharding.spec],

@@ -71,6 +71,7 @@ def test_parameters_and_optimizer_state_are_sharded_by_the_rules(corpus, tmp_pat
     assert report["planned_optimizer_state"] == report["real_optimizer_state"]
     assert report["planned_caches"] == report["real_caches_per_device"]
     assert report["planned_activations"] > 0
+    assert report["generate_sharded_equals_local"]  # generate() takes sharded parameters
 
 
 def free_port() -> int:
