@@ -47,6 +47,7 @@ def based_config_json(
     vocab_size: int = 50257,
     feature_dim: int = 16,
     heads: int = 16,
+    parallel_implementation: str | None = "fla_parallel",
 ) -> dict:
     """A config.json as the released BASED checkpoints write it (reference training YAMLs)."""
     return {
@@ -90,7 +91,11 @@ def based_config_json(
             "feature_map": {"_target_": TAYLOR, "input_dim": feature_dim},
             "feature_dim": feature_dim,
             "num_heads": heads,
-            "parallel_implementation": "fla_parallel",
+            **(
+                {"parallel_implementation": parallel_implementation}
+                if parallel_implementation
+                else {}
+            ),
         },
         "alt_mixer_2": {
             "_target_": SLIDING,
@@ -214,12 +219,28 @@ def test_imported_model_matches_the_pytorch_forward(kind, based_checkpoint, attn
 
 def test_released_config_files_give_the_presets():
     # SPEC.md §1/§4: based-360m / based-1b with window_size 256 -> 129 keys; attn baselines.
+    # based-360m's linear attention ran fla's kernel, whose normalizer adds 1e-6 (based-1b's
+    # config names none: the quadratic default, 1e-12).
     assert config_from_reference(
         based_config_json(1024, 27, [1, 6, 11, 16, 21], [2, 7, 12, 17, 22])
-    ) == ModelConfig.from_preset("based_360m")
-    based_1b = based_config_json(1792, 36, [1, 6, 11, 16, 21, 27, 33], [2, 7, 12, 17, 22, 28, 34])
+    ) == ModelConfig.from_preset("based_360m", linear_attention_eps=1e-6)
+    based_1b = based_config_json(
+        1792,
+        36,
+        [1, 6, 11, 16, 21, 27, 33],
+        [2, 7, 12, 17, 22, 28, 34],
+        parallel_implementation=None,
+    )
     based_1b.update(fixed_decay=True, decay_const=-3, decay_denom=False)
     assert config_from_reference(based_1b) == ModelConfig.from_preset("based_1b")
+    # jaxbased-convert tells how to fine-tune the imported based-360m with train.py.
+    from jaxbased.cli.convert import closest_preset
+
+    imported = ModelConfig.from_preset("based_360m", linear_attention_eps=1e-6)
+    assert closest_preset(imported) == (
+        "based_360m",
+        ["--config.model.linear_attention_eps=1e-06"],
+    )
     assert config_from_reference(attn_config_json(1024, 24, 16)) == ModelConfig.from_preset(
         "attn_360m"
     )

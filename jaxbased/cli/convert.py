@@ -71,18 +71,29 @@ def download(name: str) -> pathlib.Path:
     return pathlib.Path(snapshot_download(name, allow_patterns=HF_PATTERNS))
 
 
-def matching_preset(config) -> str | None:
-    """The name of the preset equal to ``config`` (train.py's configs/<name>.py), if any."""
+def closest_preset(config) -> tuple[str, list[str]] | None:
+    """The preset (train.py's ``configs/<name>.py``) with ``config``'s layer pattern that needs
+    the fewest ``--config.model.FIELD=VALUE`` overrides to equal ``config``, and those flags."""
+    import dataclasses
+
     from jaxbased.config import PRESETS
 
+    best = None
     for name, make in PRESETS.items():
-        if make().replace(dtype=config.dtype, implementation=config.implementation) == config:
-            return name
-    return None
+        preset = make()
+        if preset.layer_pattern != config.layer_pattern:
+            continue
+        flags_needed = [
+            f"--config.model.{field.name}={getattr(config, field.name)}"
+            for field in dataclasses.fields(config)
+            if getattr(config, field.name) != getattr(preset, field.name)
+        ]
+        if best is None or len(flags_needed) < len(best[1]):
+            best = (name, flags_needed)
+    return best
 
 
 def import_checkpoint() -> None:
-    from jaxbased.config import ModelConfig
     from jaxbased.interop import load_checkpoint, write_workdir
     from jaxbased.interop.tokenizer import checkpoint_tokenizer
 
@@ -127,17 +138,12 @@ def import_checkpoint() -> None:
         "evaluate: python -m jaxbased.evaluation --model jaxbased "
         f"--model_args workdir={workdir} --tasks lambada_openai"
     )
-    preset = matching_preset(config)
-    defaults = ModelConfig()
-    overrides = "".join(
-        f" --config.model.{name}={getattr(config, name)}"
-        for name in ("dtype", "implementation")
-        if getattr(config, name) != getattr(defaults, name)
-    )
+    preset = closest_preset(config)
     if preset is not None:
+        name, overrides = preset
         print(
-            f"fine-tune: python train.py --config=configs/{preset}.py{overrides} "
-            f"--config.data.path=<GPT-2-tokenized data> --workdir={workdir}"
+            f"fine-tune: python train.py --config=configs/{name}.py {' '.join(overrides)} "
+            f"--config.data.path=<data tokenized with this tokenizer> --workdir={workdir}"
         )
     else:
         print(

@@ -21,6 +21,9 @@ YAML/JSON spelling):
   model's ``n_head`` (and takes the rotary dim from ``n_embd / n_head``), so ``n_head`` wins.
 - BaseConv's kernel is its ``kernel_size`` argument, default 3; the training YAMLs' key
   ``kernel_sizes`` is swallowed by ``**kwargs`` and ignored, and so it is here.
+- Linear-attention epsilon: ``eps`` when given, else 1e-6 for the fla implementations
+  (``parallel_implementation: fla_parallel`` / ``fla_chunk``, based-360m's) and 1e-12 for the
+  others (``quadratic``, the default, based-1b's), as the reference's recurrent step uses.
 - MLP width: ``GatedMlp`` rounds ``n_inner`` (default ``int(8 * n_embd / 3)``) up to a multiple
   of 256, always.
 - ``rotary_dim = int(rotary_emb_fraction * head_dim)`` (odd values rotate ``2 * ceil(r / 2)``
@@ -76,6 +79,12 @@ def _layers(values: Mapping[str, Any], name: str, num_layers: int) -> set[int]:
             f"config.json {name} lists layers {outside} outside 0..{num_layers - 1}"
         )
     return result
+
+
+def linear_attention_eps(parallel_implementation: str | None) -> float:
+    """The normalizer epsilon the reference uses for a ``parallel_implementation``: fla's
+    kernels add 1e-6, the quadratic and CUDA paths 1e-12."""
+    return 1e-6 if "fla" in str(parallel_implementation or "") else 1e-12
 
 
 def _check_supported(values: Mapping[str, Any]) -> None:
@@ -143,7 +152,9 @@ def _mixer_fields(values: Mapping[str, Any], d_model: int) -> dict[str, Any]:
             fields["linear_attention_heads"] = heads
             fields["feature_dim"] = int(linear.get("feature_dim", 16))
             fields["feature_map"] = "taylor"
-            fields["linear_attention_eps"] = float(linear.get("eps", 1e-12))
+            fields["linear_attention_eps"] = float(
+                linear.get("eps", linear_attention_eps(linear.get("parallel_implementation")))
+            )
             head_dim = linear.get("head_dim")
             if head_dim is not None and head_dim != d_model // heads:
                 problems.append(f"alt_mixer.head_dim={head_dim!r} (must be n_embd / num_heads)")
