@@ -312,8 +312,9 @@ def test_lm_eval_model_runs_local_tasks_with_the_hand_computed_scores(byte_model
             hand_loglikelihood(byte_model, tokenizer.encode(question), tokenizer.encode(" " + c))[0]
             for c in choices
         ]
-        label = index % len(choices)  # some right, some wrong
-        correct += int(np.argmax(scores)) == label
+        best = int(np.argmax(scores))
+        label = best if index == 1 else (best + 1) % len(choices)  # one right, two wrong
+        correct += best == label
         choice_docs.append({"question": question, "choices": choices, "label": label})
     # Generation: answers are the greedy continuations (cut at "q" or a newline) for 3 of 5.
     prompts = ["The answer is", "abc", "Hello", "x y z", "0 1 2"]
@@ -348,7 +349,8 @@ def test_lm_eval_model_runs_local_tasks_with_the_hand_computed_scores(byte_model
         bootstrap_iters=0,
         log_samples=False,
     )["results"]
-    assert results["jaxbased_local_choice"]["acc,none"] == pytest.approx(correct / 3)
+    assert correct == 1
+    assert results["jaxbased_local_choice"]["acc,none"] == pytest.approx(1 / 3)
     assert results["jaxbased_local_generate"]["exact_match,none"] == pytest.approx(3 / 5)
     assert results["jaxbased_local_rolling"]["bits_per_byte,none"] == pytest.approx(
         expected_bits_per_byte, rel=1e-5

@@ -427,6 +427,33 @@ def test_convert_cli_writes_a_workdir_that_generates_and_fine_tunes(based_checkp
     _, tuned, _ = load_for_inference(workdir)
     assert not np.array_equal(tuned["embedding"], params["embedding"])
 
+    # ... and the fine-tuned model goes back to the released layout.
+    exported = tmp_path / "exported"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jaxbased.cli.convert",
+            f"--workdir={workdir}",
+            f"--export_to={exported}",
+            "--format=bin",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert (exported / "gpt2-bytes.tiktoken").is_file()
+    back = load_checkpoint(exported, implementation="xla")
+    assert back.config == config and back.weights_file.name == "pytorch_model.bin"
+    for (path, ours), (_, theirs) in zip(
+        jax.tree_util.tree_leaves_with_path(tuned),
+        jax.tree_util.tree_leaves_with_path(back.params),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(ours, theirs, err_msg=jax.tree_util.keystr(path))
+
 
 def test_the_written_train_state_is_the_one_train_py_creates():
     import optax
