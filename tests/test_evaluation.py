@@ -124,6 +124,7 @@ def test_loglikelihood_matches_a_direct_forward(byte_model):
         expected, expected_greedy = hand_loglikelihood(byte_model, context, continuation)
         assert abs(logprob - expected) <= 1e-4 * max(1.0, abs(expected))
         assert greedy == expected_greedy
+    assert scorer.loglikelihood([([1, 2], [])]) == [(0.0, True)]
     with pytest.raises(ValueError, match="empty context"):
         scorer.loglikelihood([([], [1])])
 

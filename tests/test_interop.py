@@ -470,3 +470,31 @@ def test_the_written_train_state_is_the_one_train_py_creates():
     for ours, theirs in zip(jax.tree.leaves(written), jax.tree.leaves(created), strict=True):
         assert ours.dtype == theirs.dtype
         np.testing.assert_array_equal(ours, theirs)
+
+
+def test_the_gpt2_tokenizer_is_found_in_the_checkpoint_folder(tmp_path):
+    from tokenizers import pre_tokenizers
+
+    from jaxbased.interop.tokenizer import checkpoint_tokenizer
+
+    # GPT-2's original files: byte-level symbols in vocab.json, merges.txt (one merge here).
+    symbols = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {symbol: index for index, symbol in enumerate(symbols)}
+    vocab["he"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    original = tmp_path / "original"
+    original.mkdir()
+    (original / "vocab.json").write_text(json.dumps(vocab))
+    (original / "merges.txt").write_text("#version: 0.2\nh e\n")
+    tokenizer = checkpoint_tokenizer(original)
+    assert tokenizer.eos_id == vocab["<|endoftext|>"] and tokenizer.vocab_size == len(vocab)
+    ids = tokenizer.encode("hello\n")
+    assert ids[0] == vocab["he"] and tokenizer.decode(ids) == "hello\n"
+    # A rank file beside the weights is used too; an explicit file wins over both.
+    with_rank_file = tmp_path / "ranks"
+    with_rank_file.mkdir()
+    tiny_tiktoken(with_rank_file / "gpt2.tiktoken")
+    assert checkpoint_tokenizer(with_rank_file).spec() == {"kind": "gpt2", "file": "gpt2.tiktoken"}
+    explicit = tiny_tiktoken(tmp_path / "other.tiktoken")
+    chosen = checkpoint_tokenizer(with_rank_file, explicit)
+    assert chosen.spec() == {"kind": "gpt2", "file": "other.tiktoken"}

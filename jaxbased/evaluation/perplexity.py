@@ -47,8 +47,8 @@ def _window_nll(
     """Summed ``-log p`` (float32) of ``windows[b, 1:lengths[b]]`` given the tokens before."""
     inputs, targets = windows[:, :-1], windows[:, 1:]
     logits = model.apply({"params": params}, inputs).astype(jnp.float32)
-    logprobs = jax.nn.log_softmax(logits, axis=-1)
-    chosen = jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
+    chosen = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    chosen = chosen - jax.nn.logsumexp(logits, axis=-1)  # log_softmax at the targets only
     valid = jnp.arange(targets.shape[1])[None, :] < (lengths[:, None] - 1)
     return -jnp.sum(jnp.where(valid, chosen, 0.0))
 

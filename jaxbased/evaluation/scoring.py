@@ -78,10 +78,11 @@ def rolling_windows(
 def _token_scores(
     model: LanguageModel, params: Any, inputs: Int[Array, "B T"], targets: Int[Array, "B T"]
 ) -> tuple[Float[Array, "B T"], Bool[Array, "B T"]]:
-    """``log_softmax(logits)[target]`` (float32) and ``argmax(logits) == target`` per position."""
+    """``log_softmax(logits)[target] = logits[target] - logsumexp(logits)`` (float32) and
+    ``argmax(logits) == target`` per position (no second ``[B, T, V]`` array)."""
     logits = model.apply({"params": params}, inputs).astype(jnp.float32)
-    logprobs = jax.nn.log_softmax(logits, axis=-1)
-    chosen = jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
+    chosen = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    chosen = chosen - jax.nn.logsumexp(logits, axis=-1)
     return chosen, jnp.argmax(logits, axis=-1) == targets
 
 
@@ -121,22 +122,24 @@ class LanguageModelScorer:
         """``(log p(continuation | context), is_greedy)`` for each ``(context, continuation)``.
 
         Both are token-id lists; the context must not be empty (give the end-of-text id for
-        an unconditional score) and the continuation must hold 1 .. ``max_length`` tokens.
+        an unconditional score) and the continuation must hold at most ``max_length`` tokens (an
+        empty one scores ``(0.0, True)``).
         """
         rows = []
         for index, (context, continuation) in enumerate(requests):
             context, continuation = list(context), list(continuation)
             if not context:
                 raise ValueError(f"request {index}: empty context (start it with eos_id)")
-            if not 1 <= len(continuation) <= self.max_length:
+            if len(continuation) > self.max_length:
                 raise ValueError(
-                    f"request {index}: continuation of {len(continuation)} tokens; must be 1 .. "
+                    f"request {index}: continuation of {len(continuation)} tokens is longer than "
                     f"max_length={self.max_length}"
                 )
             whole = (context + continuation)[-(self.max_length + 1) :]
             rows.append((whole[:-1], whole[1:], len(continuation)))
-        results: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
-        order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+        results: list[tuple[float, bool]] = [(0.0, True)] * len(rows)
+        scored = [index for index, row in enumerate(rows) if row[2] > 0]
+        order = sorted(scored, key=lambda i: -len(rows[i][0]))
         vocab = self.model.config.vocab_size
         for start in range(0, len(order), self.batch_size):
             chosen = order[start : start + self.batch_size]
