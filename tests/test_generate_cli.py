@@ -5,11 +5,14 @@ import subprocess
 import sys
 
 import numpy as np
+import optax
 import pytest
 
 from jaxbased import LanguageModel, ModelConfig, generate
 from jaxbased.data.tokenizers import ByteTokenizer
 from jaxbased.training.checkpointing import Checkpointer
+from jaxbased.training.optimizer import make_optimizer
+from jaxbased.training.state import TrainState
 from tests.conftest import init_model
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -23,7 +26,9 @@ def workdir(tmp_path_factory):
     path = tmp_path_factory.mktemp("run")
     checkpointer = Checkpointer(path, async_save=False)
     metadata = {"model": config.to_dict(), "tokenizer": ByteTokenizer().spec()}
-    checkpointer.save(5, {"params": params, "step": np.int32(5)}, {}, metadata)
+    optimizer = make_optimizer(optax.constant_schedule(1e-3))
+    state = TrainState.create(params, optimizer).replace(step=np.int32(5))
+    checkpointer.save(5, state, {}, metadata)
     checkpointer.close()
     return path, config, params
 
