@@ -25,6 +25,7 @@ from jaxbased.config import ModelConfig
 from jaxbased.layers.common import RMSNorm, normal_init
 from jaxbased.layers.mlp import GatedMLP
 from jaxbased.layers.registry import build_mixer
+from jaxbased.ops.dispatch import constrain_batch
 
 
 @flax.struct.dataclass
@@ -104,9 +105,9 @@ class LanguageModel(nn.Module):
         """Logits for every position of ``tokens [B, T]``."""
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be [batch, seq]; got shape {tokens.shape}")
-        x = self._embed(tokens)
+        x = constrain_batch(self._embed(tokens))
         for block in self.layers:
-            x = block(x)
+            x = constrain_batch(block(x))
         return self._logits(x)
 
     def prefill(

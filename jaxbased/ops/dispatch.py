@@ -102,3 +102,15 @@ def shard_kernel(
     if partition is None:
         return function
     return jax.shard_map(function, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+
+
+def constrain_batch(x: jax.Array) -> jax.Array:
+    """Keep the leading (batch) axis of an activation split over the active mesh's batch axes.
+
+    Used at block boundaries so that XLA never gathers the batch; a no-op without a mesh or
+    when the batch does not divide."""
+    partition = mesh_partition(x.shape[0], 1)
+    if partition is None or partition[0] is None:
+        return x
+    spec = PartitionSpec(partition[0], *([None] * (x.ndim - 1)))
+    return jax.lax.with_sharding_constraint(x, spec)
