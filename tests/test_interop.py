@@ -498,3 +498,19 @@ def test_the_gpt2_tokenizer_is_found_in_the_checkpoint_folder(tmp_path):
     explicit = tiny_tiktoken(tmp_path / "other.tiktoken")
     chosen = checkpoint_tokenizer(with_rank_file, explicit)
     assert chosen.spec() == {"kind": "gpt2", "file": "other.tiktoken"}
+
+
+def test_evaluation_loads_a_released_folder_with_its_tokenizer(based_checkpoint, tmp_path):
+    from jaxbased.evaluation import load_model
+
+    folder, _ = based_checkpoint
+    tokenizer_file = tiny_tiktoken(tmp_path / "gpt2.tiktoken")
+    config, params, tokenizer = load_model(
+        checkpoint=folder, tokenizer_file=tokenizer_file, dtype="bfloat16"
+    )
+    imported = load_checkpoint(folder)
+    assert config == imported.config.replace(dtype="bfloat16")
+    np.testing.assert_array_equal(params["embedding"], imported.params["embedding"])
+    assert tokenizer.spec() == {"kind": "gpt2", "file": "gpt2.tiktoken"}
+    with pytest.raises(ValueError, match="exactly one"):
+        load_model(checkpoint=folder, workdir=tmp_path)

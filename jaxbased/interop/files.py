@@ -28,12 +28,11 @@ from jaxbased.interop.state_dict import (
     export_state_dict,
     import_state_dict,
 )
+from jaxbased.interop.tokenizer import find_tokenizer_file
 
 CONFIG_FILE = "config.json"
 BIN_FILE = "pytorch_model.bin"
 SAFETENSORS_FILE = "model.safetensors"
-#: Tokenizer files looked for next to the weights (the first that exists is used).
-TOKENIZER_FILES = ("tokenizer.json", "gpt2.tiktoken")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,9 +195,7 @@ def load_checkpoint(
     raw = read_state_dict(weights, allow_pickle=allow_pickle)
     state, dropped = clean_state_dict(raw)
     params, ignored = import_state_dict(state, config)
-    tokenizer_file = next(
-        (folder / name for name in TOKENIZER_FILES if (folder / name).is_file()), None
-    )
+    tokenizer_file = find_tokenizer_file(folder)
     return ImportedCheckpoint(
         config=config,
         params=params,
