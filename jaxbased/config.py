@@ -256,7 +256,9 @@ class ModelConfig:
 
 
 def _based_360m() -> ModelConfig:
-    return ModelConfig()
+    # The released based-360m ran fla's parallel kernel, whose normalizer adds 1e-6 (based-1b's
+    # config names no implementation: the reference's default, 1e-12).
+    return ModelConfig(linear_attention_eps=1e-6)
 
 
 def _based_1b() -> ModelConfig:

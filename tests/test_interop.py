@@ -223,7 +223,7 @@ def test_released_config_files_give_the_presets():
     # config names none: the quadratic default, 1e-12).
     assert config_from_reference(
         based_config_json(1024, 27, [1, 6, 11, 16, 21], [2, 7, 12, 17, 22])
-    ) == ModelConfig.from_preset("based_360m", linear_attention_eps=1e-6)
+    ) == ModelConfig.from_preset("based_360m")
     based_1b = based_config_json(
         1792,
         36,
@@ -236,11 +236,8 @@ def test_released_config_files_give_the_presets():
     # jaxbased-convert tells how to fine-tune the imported based-360m with train.py.
     from jaxbased.cli.convert import closest_preset
 
-    imported = ModelConfig.from_preset("based_360m", linear_attention_eps=1e-6)
-    assert closest_preset(imported) == (
-        "based_360m",
-        ["--config.model.linear_attention_eps=1e-06"],
-    )
+    imported = ModelConfig.from_preset("based_360m", window=65)
+    assert closest_preset(imported) == ("based_360m", ["--config.model.window=65"])
     assert config_from_reference(attn_config_json(1024, 24, 16)) == ModelConfig.from_preset(
         "attn_360m"
     )
