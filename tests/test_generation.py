@@ -220,14 +220,19 @@ def test_sampling_filters_keep_the_right_tokens():
     assert frequencies(temperature=0.0).tolist() == [1, 0, 0, 0]
 
 
-def test_decode_loop_does_not_copy_the_caches(model_and_params):
+@pytest.mark.parametrize("batch", [1, 2])
+def test_decode_loop_does_not_copy_the_caches(model_and_params, batch):
     # SPEC.md §8: caches must be updated in place. Every cache-sized buffer the compiled loop
-    # copies would be read and written once more per step (a [B, S, H, D] KV layout made XLA
-    # transpose-copy every attention layer's cache on every step).
+    # copies is read and written once more per step. Seen and fixed: a [B, S, H, D] KV layout
+    # made XLA transpose-copy every attention cache on every step; with B = 1 XLA duplicated
+    # the slot update (dynamic_update_slice) and copied the cache 4 times per step.
     model, params = model_and_params
     programs = _programs_for(model)
     logits, cache = programs.prefill(
-        params, jnp.zeros((2, 16), jnp.int32), jnp.array([5, 16], jnp.int32), max_len=48
+        params,
+        jnp.zeros((batch, 16), jnp.int32),
+        jnp.array([5, 16][:batch], jnp.int32),
+        max_len=48,
     )
     lowered = programs.decode.lower(
         params,
@@ -245,7 +250,7 @@ def test_decode_loop_does_not_copy_the_caches(model_and_params):
     # The short conv's [B, K-1, C] state is a shift (read before write): a copy of 2 rows is
     # the cheapest way to do it, and is allowed.
     conv_states = {leaf.shape for leaf in jax.tree.leaves(cache.layers) if leaf.ndim == 3}
-    conv_states &= {(2, model.config.conv_kernel_size - 1, model.config.conv_channels)}
+    conv_states &= {(batch, model.config.conv_kernel_size - 1, model.config.conv_channels)}
     copied = []
     for shape in re.findall(r"= [a-z0-9]+\[([0-9,]*)\]\{[0-9,]*\} copy\(", hlo):
         dims = tuple(int(d) for d in shape.split(",") if d)

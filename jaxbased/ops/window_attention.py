@@ -324,31 +324,43 @@ def sliding_window_attention_step(
       cache: the ring buffer; its capacity must be ``>= window`` (or the maximum length).
       position: ``[B]`` absolute position of the new token in each row.
 
-    Returns the output ``[B, H, Dv]`` and the updated cache. Slots are updated in place
-    (``dynamic_update_slice``-style scatter on the carried buffer).
+    Returns the output ``[B, H, Dv]`` and the updated cache. Slots are updated in place: the
+    write and both matrix-vector products work on a ``[B * H, S, D]`` view of the buffers, so
+    that the update stays one scatter of ``B * H`` rows. (With ``[B, H, S, D]`` operands and
+    ``B = 1``, XLA:CPU turns the update into a ``dynamic_update_slice``, drops the unit batch
+    dimension of the products, and then duplicates the update into both shapes, copying the
+    whole cache several times per step: 10x slower at 8k slots.)
     """
     _check_window(window)
     capacity = cache.slot_positions.shape[1]
     if window is not None and capacity < window:
         raise ValueError(f"cache capacity {capacity} is smaller than window={window}")
-    batch = q.shape[0]
-    head_dim = q.shape[-1]
+    batch, heads, head_dim = q.shape
+    value_dim = v.shape[-1]
     scale = head_dim**-0.5 if scale is None else scale
     position = jnp.asarray(position, jnp.int32).reshape(batch)
     slot = position % capacity
-    rows = jnp.arange(batch)
-    cache = KVCache(  # x.at[rows, :, slot] addresses [B, H, D]: one slot per row, all heads
-        keys=cache.keys.at[rows, :, slot].set(k.astype(cache.keys.dtype)),
-        values=cache.values.at[rows, :, slot].set(v.astype(cache.values.dtype)),
-        slot_positions=cache.slot_positions.at[rows, slot].set(position),
-    )
-    stored = cache.slot_positions
+    # Row r = b * H + h of the [B*H, S, D] views; each row writes one slot.
+    rows = jnp.arange(batch * heads)
+    row_slot = jnp.repeat(slot, heads)
+    keys = cache.keys.reshape(batch * heads, capacity, head_dim)
+    values = cache.values.reshape(batch * heads, capacity, value_dim)
+    keys = keys.at[rows, row_slot].set(k.reshape(-1, head_dim).astype(keys.dtype))
+    values = values.at[rows, row_slot].set(v.reshape(-1, value_dim).astype(values.dtype))
+    stored = cache.slot_positions.at[jnp.arange(batch), slot].set(position)
     mask = (stored >= 0) & (stored <= position[:, None])
     if window is not None:
         mask &= position[:, None] - stored < window
-    dtype = jnp.result_type(jnp.float32, q.dtype, cache.keys.dtype)
-    scores = jnp.einsum("bhd,bhsd->bhs", q.astype(dtype) * scale, cache.keys.astype(dtype))
-    scores = jnp.where(mask[:, None, :], scores, -jnp.inf)
-    weights = jnp.where(mask[:, None, :], jax.nn.softmax(scores, axis=-1), 0.0)
-    out = jnp.einsum("bhs,bhsd->bhd", weights, cache.values.astype(dtype))
-    return out.astype(v.dtype), cache
+    row_mask = jnp.repeat(mask, heads, axis=0)  # [B*H, S]
+    dtype = jnp.result_type(jnp.float32, q.dtype, keys.dtype)
+    row_q = q.reshape(batch * heads, head_dim).astype(dtype) * scale
+    scores = jnp.einsum("rd,rsd->rs", row_q, keys.astype(dtype))
+    scores = jnp.where(row_mask, scores, -jnp.inf)
+    weights = jnp.where(row_mask, jax.nn.softmax(scores, axis=-1), 0.0)
+    out = jnp.einsum("rs,rsd->rd", weights, values.astype(dtype))
+    cache = KVCache(
+        keys=keys.reshape(cache.keys.shape),
+        values=values.reshape(cache.values.shape),
+        slot_positions=stored,
+    )
+    return out.reshape(batch, heads, value_dim).astype(v.dtype), cache
