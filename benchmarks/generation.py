@@ -1,6 +1,6 @@
 """Generation speed and cache memory: BASED vs. Transformer++ of equal size, on the CPU.
 
-The two models of ``benchmarks/scaling.py`` (d_model 256, vocabulary 256; BASED: 12 layers in the
+The two models of ``benchmarks/common.py`` (d_model 256, vocabulary 256; BASED: 12 layers in the
 released pattern with Taylor linear attention, a 129-key window and BaseConv; Transformer++:
 10 full-attention layers; 8.58M and 8.59M parameters), random weights, greedy decoding, no stop
 tokens (every row makes every token). Everything runs the compiled programs that
@@ -35,12 +35,9 @@ are recorded (``contention``), since they share the cores.
 from __future__ import annotations
 
 import datetime
-import json
 import os
-import platform
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -65,87 +62,19 @@ flags.DEFINE_string(
 flags.DEFINE_bool("quick", False, "Smoke run: tiny sizes, output /tmp/generation_quick.json.")
 flags.DEFINE_integer("seed", 0, "Seed of the parameters and prompts.")
 
-# The models of benchmarks/scaling.py (kept identical so that the two can be read together).
-VOCAB_SIZE = 256
-D_MODEL = 256
-BASED_LAYERS = 12
-TRANSFORMER_LAYERS = 10
-MODEL_TITLES = {"based": "BASED", "transformer": "Transformer++"}
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import (  # noqa: E402  (the benchmarks' shared models and helpers)
+    MODEL_TITLES,
+    VOCAB_SIZE,
+    machine_info,
+    model_config,
+    write_json_atomic,
+)
+
 MIB = 2**20
 
 
-def model_config(name: str):
-    """The ``ModelConfig`` of ``name`` (``based`` or ``transformer``), as in scaling.py."""
-    from jaxbased import ModelConfig, based_layer_pattern
-
-    if name == "based":
-        return ModelConfig(
-            vocab_size=VOCAB_SIZE,
-            d_model=D_MODEL,
-            num_layers=BASED_LAYERS,
-            layer_pattern=based_layer_pattern(
-                BASED_LAYERS, range(1, BASED_LAYERS, 5), range(2, BASED_LAYERS, 5)
-            ),
-            mlp_inner_dim=2 * D_MODEL,
-            linear_attention_heads=4,
-            feature_dim=16,
-            attention_heads=4,
-            window=129,
-        )
-    if name == "transformer":
-        return ModelConfig(
-            vocab_size=VOCAB_SIZE,
-            pad_vocab_size_multiple=16,
-            d_model=D_MODEL,
-            num_layers=TRANSFORMER_LAYERS,
-            layer_pattern=("attention",) * TRANSFORMER_LAYERS,
-            mlp_inner_dim=None,
-            attention_heads=4,
-            rotary_fraction=0.5,
-        )
-    raise ValueError(f"model={name!r} is not known; allowed: {sorted(MODEL_TITLES)}")
-
-
-# Machine and contention -------------------------------------------------------------------------
-def machine_info() -> dict[str, Any]:
-    """Platform, CPU model and count, memory, library versions."""
-    import flax
-    import jax
-    import jaxlib
-
-    cpu_model = platform.processor() or None
-    memory_total = None
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            cpu_model = next(
-                (
-                    line.split(":", 1)[1].strip()
-                    for line in cpuinfo
-                    if line.startswith("model name")
-                ),
-                cpu_model,
-            )
-        with open("/proc/meminfo") as meminfo:
-            memory_total = next(
-                (int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemTotal:")),
-                None,
-            )
-    except OSError:
-        pass
-    return {
-        "platform": platform.platform(),
-        "cpu_model": cpu_model,
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "memory_total_bytes": memory_total,
-        "python": platform.python_version(),
-        "jax": jax.__version__,
-        "jaxlib": jaxlib.__version__,
-        "flax": flax.__version__,
-        "backend": jax.default_backend(),
-    }
-
-
+# Contention -------------------------------------------------------------------------------------
 def other_benchmarks() -> list[str]:
     """Command lines of other running ``benchmarks/`` processes (they share the cores)."""
     try:
@@ -236,22 +165,6 @@ def _git(*args: str) -> str | None:
     except (OSError, subprocess.CalledProcessError):
         return None
     return out.stdout.strip()
-
-
-def write_json_atomic(path: str, payload: dict) -> None:
-    """Write ``payload`` to ``path`` atomically (a temporary file in its folder, then rename)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(prefix=".generation-", suffix=".json.tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as tmp:
-            json.dump(payload, tmp, indent=2)
-            tmp.write("\n")
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
 
 
 # Measurements -----------------------------------------------------------------------------------
