@@ -90,15 +90,17 @@ def test_ragged_prefill_caches_equal_each_row_alone(model_and_params):
     padded = np.zeros((3, 20), np.int32)
     for row, prompt in enumerate(prompts):
         padded[row, : len(prompt)] = prompt
-    logits, cache = model.apply(
-        {"params": params}, padded, 40, np.array([3, 17, 9]), True, method=LanguageModel.prefill
+    prefill = jax.jit(
+        lambda tokens, lengths=None, last=False: model.apply(
+            {"params": params}, tokens, 40, lengths, last, method=LanguageModel.prefill
+        ),
+        static_argnums=2,
     )
+    logits, cache = prefill(padded, np.array([3, 17, 9]), True)
     assert logits.shape == (3, model.config.padded_vocab_size)
     np.testing.assert_array_equal(cache.positions, [3, 17, 9])
     for row, prompt in enumerate(prompts):
-        row_logits, row_cache = model.apply(
-            {"params": params}, np.asarray([prompt]), 40, method=LanguageModel.prefill
-        )
+        row_logits, row_cache = prefill(np.asarray([prompt]))
         np.testing.assert_allclose(logits[row], row_logits[0, -1], atol=1e-4)
         for ragged, alone in zip(
             jax.tree.leaves(cache.layers), jax.tree.leaves(row_cache.layers), strict=True
