@@ -23,6 +23,9 @@ from jaxbased.ops.linear_attention import ALGORITHMS
 MIXER_NAMES: tuple[str, ...] = ("base_conv", "based", "sliding_window", "attention")
 #: Activation dtypes; ``float64`` (with ``jax_enable_x64``) is for numerical checks.
 DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float64")
+#: Normalisation layers: ``rmsnorm`` (no bias, the released models) or ``layernorm`` (with bias,
+#: the Zoology MQAR models).
+NORMS: tuple[str, ...] = ("rmsnorm", "layernorm")
 
 
 def based_layer_pattern(
@@ -60,7 +63,10 @@ class ModelConfig:
       layer_pattern: mixer names from ``MIXER_NAMES``, one per layer.
       mlp_inner_dim: gated-MLP hidden width before rounding (None: ``int(8 * d_model / 3)``),
         rounded up to ``mlp_multiple_of``; ``fc1`` maps to twice that.
-      norm_eps: RMSNorm epsilon.
+      use_mlp: whether each block has a gated MLP after its mixer (False: mixer-only blocks, as
+        in Mamba and the Zoology MQAR models).
+      norm: ``rmsnorm`` or ``layernorm`` (pre-norms and the final norm).
+      norm_eps: epsilon of the norms.
       linear_attention_heads, feature_dim, feature_map, linear_attention_eps, chunk_size,
       linear_attention_algorithm: the ``based`` mixer (value head dim
         ``d_model / linear_attention_heads``).
@@ -84,6 +90,8 @@ class ModelConfig:
     layer_pattern: tuple[str, ...] = based_layer_pattern(27, (1, 6, 11, 16, 21), (2, 7, 12, 17, 22))
     mlp_inner_dim: int | None = 2048
     mlp_multiple_of: int = 256
+    use_mlp: bool = True
+    norm: str = "rmsnorm"
     norm_eps: float = 1e-5
     linear_attention_heads: int = 16
     feature_dim: int = 16
@@ -155,6 +163,10 @@ class ModelConfig:
             raise ValueError(
                 f"implementation={self.implementation!r} is not known; allowed: {IMPLEMENTATIONS}"
             )
+        if not isinstance(self.use_mlp, bool):
+            raise ValueError(f"use_mlp={self.use_mlp!r} must be True or False")
+        if self.norm not in NORMS:
+            raise ValueError(f"norm={self.norm!r} is not known; allowed: {NORMS}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r} is not known; allowed: {DTYPES}")
         if len(self.layer_pattern) != self.num_layers:

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from jaxbased.config import ModelConfig
-from jaxbased.layers.common import RMSNorm, normal_init
+from jaxbased.layers.common import make_norm, normal_init
 from jaxbased.layers.mlp import GatedMLP
 from jaxbased.layers.registry import build_mixer
 from jaxbased.ops.dispatch import constrain_batch
@@ -41,19 +41,25 @@ class ModelCache:
 
 
 class Block(nn.Module):
-    """Pre-norm block: mixer then gated MLP, each added to the float32 residual."""
+    """Pre-norm block: mixer then (if ``config.use_mlp``) gated MLP, each added to the float32
+    residual."""
 
     config: ModelConfig
     mixer_name: str
 
     def setup(self) -> None:
         config = self.config
-        self.norm1 = RMSNorm(config.d_model, config.norm_eps, config.compute_dtype)
+        self.norm1 = make_norm(config.norm, config.d_model, config.norm_eps, config.compute_dtype)
         self.mixer = build_mixer(self.mixer_name, config)
-        self.norm2 = RMSNorm(config.d_model, config.norm_eps, config.compute_dtype)
-        self.mlp = GatedMLP(config)
+        if config.use_mlp:
+            self.norm2 = make_norm(
+                config.norm, config.d_model, config.norm_eps, config.compute_dtype
+            )
+            self.mlp = GatedMLP(config)
 
     def _mlp(self, x: Array) -> Array:
+        if not self.config.use_mlp:
+            return x
         return x + self.mlp(self.norm2(x)).astype(x.dtype)
 
     def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
@@ -90,7 +96,7 @@ class LanguageModel(nn.Module):
         )
         self.layers = [Block(config, name_) for name_ in config.layer_pattern]
         residual_dtype = jnp.promote_types(config.compute_dtype, jnp.float32)
-        self.final_norm = RMSNorm(config.d_model, config.norm_eps, residual_dtype)
+        self.final_norm = make_norm(config.norm, config.d_model, config.norm_eps, residual_dtype)
 
     def _embed(self, tokens: Array) -> Array:
         if not jnp.issubdtype(tokens.dtype, jnp.integer):

@@ -129,6 +129,17 @@ def rms_norm(x, weight, eps):
     return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + eps) * weight
 
 
+def layer_norm(x, weight, bias, eps):
+    centered = x - x.mean(-1, keepdims=True)
+    return centered / np.sqrt(np.mean(centered**2, -1, keepdims=True) + eps) * weight + bias
+
+
+def _norm(x, params, config):
+    if config.norm == "layernorm":
+        return layer_norm(x, params["weight"], params["bias"], config.norm_eps)
+    return rms_norm(x, params["weight"], config.norm_eps)
+
+
 def _linear(x, kernel, bias=None):
     y = np.tensordot(x, np.asarray(kernel, np.float64), axes=1)
     return y if bias is None else y + np.asarray(bias, np.float64)
@@ -180,14 +191,14 @@ def model_forward(params, tokens, config):
     x = embedding[np.asarray(tokens)]
     for i, name in enumerate(config.layer_pattern):
         layer = params[f"layers_{i}"]
-        h = mixer_forward(
-            name, layer["mixer"], rms_norm(x, layer["norm1"]["weight"], config.norm_eps), config
-        )
-        x = x + h
-        normed = rms_norm(x, layer["norm2"]["weight"], config.norm_eps)
+        x = x + mixer_forward(name, layer["mixer"], _norm(x, layer["norm1"], config), config)
+        if not config.use_mlp:
+            assert "mlp" not in layer and "norm2" not in layer
+            continue
+        normed = _norm(x, layer["norm2"], config)
         both = _linear(normed, _flat_out(layer["mlp"]["fc1"]["kernel"]))
         hidden = both.shape[-1] // 2
         value, gate = both[..., :hidden], both[..., hidden:]
         x = x + _linear(value * silu(gate), layer["mlp"]["fc2"]["kernel"])
-    x = rms_norm(x, params["final_norm"]["weight"], config.norm_eps)
+    x = _norm(x, params["final_norm"], config)
     return x @ embedding.T

@@ -40,6 +40,8 @@ def test_sliding_window_wins_over_linear_attention_when_listed_twice():
         ({"rotary_fraction": 1.5}, "rotary_fraction=1.5"),
         ({"d_model": 64.0}, "d_model=64.0 must be an integer"),
         ({"layer_pattern": "based"}, "layer_pattern='based' must be a sequence"),
+        ({"norm": "batchnorm"}, "norm='batchnorm' is not known; allowed:"),
+        ({"use_mlp": 0}, "use_mlp=0 must be True or False"),
     ],
 )
 def test_invalid_configs_name_the_field(overrides, message):

@@ -72,6 +72,28 @@ def test_model_matches_float64_numpy_forward(preset, rng):
     assert relative_error(logits, ref.model_forward(params, tokens, config)) <= 1e-5
 
 
+@pytest.mark.parametrize("pattern", [("base_conv", "based"), ("base_conv", "sliding_window")])
+def test_mixer_only_layernorm_model_matches_float64_numpy_forward(pattern, rng):
+    # The Zoology MQAR shape: no MLP, LayerNorm (with bias) instead of RMSNorm.
+    config = ModelConfig.from_preset(
+        "based_tiny",
+        num_layers=2,
+        layer_pattern=pattern,
+        use_mlp=False,
+        norm="layernorm",
+        init_std=0.2,
+        window=5,
+    )
+    model, params = init_model(config)
+    params = jax.tree_util.tree_map(  # non-trivial norm weights and biases
+        lambda p: p + 0.1 * jnp.asarray(rng.standard_normal(p.shape), p.dtype), params
+    )
+    assert "mlp" not in params["layers_0"] and set(params["final_norm"]) == {"weight", "bias"}
+    tokens = rng.integers(0, config.vocab_size, size=(2, 13))
+    logits = model.apply({"params": params}, jnp.asarray(tokens))
+    assert relative_error(logits, ref.model_forward(params, tokens, config)) <= 1e-5
+
+
 @pytest.mark.parametrize("preset", ["based_tiny", "attn_tiny"])
 def test_model_is_causal(preset, rng):
     config = ModelConfig.from_preset(preset, init_std=0.2)

@@ -244,6 +244,11 @@ def config_to_reference(config: ModelConfig, *, l_max: int = DEFAULT_L_MAX) -> d
         )
     if "based" in used and config.feature_map not in ("taylor", "taylor_symmetric"):
         problems.append(f"feature_map={config.feature_map!r} (the reference has TaylorExp)")
+    if not config.use_mlp or config.norm != "rmsnorm":
+        problems.append(
+            f"use_mlp={config.use_mlp}, norm={config.norm!r} (the reference's blocks have a "
+            "gated MLP and RMSNorm)"
+        )
     if config.mlp_hidden_dim != reference_mlp_hidden_dim(config):
         problems.append(
             f"mlp_multiple_of={config.mlp_multiple_of} gives an MLP width the reference's "

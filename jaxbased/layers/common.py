@@ -1,4 +1,5 @@
-"""Building blocks shared by the layers: a projection with logical axis names, RMSNorm."""
+"""Building blocks shared by the layers: a projection with logical axis names, RMSNorm,
+LayerNorm."""
 
 from __future__ import annotations
 
@@ -72,3 +73,41 @@ class RMSNorm(nn.Module):
         xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
         normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
         return (normed * weight).astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+    """``(x - mean) / sqrt(var + eps) * weight + bias`` over the last axis in float32 or wider."""
+
+    dim: int
+    eps: float = 1e-5
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Float[Array, "... D"]) -> Float[Array, "... D"]:
+        weight = self.param(
+            "weight",
+            nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+            (self.dim,),
+            jnp.float32,
+        )
+        bias = self.param(
+            "bias",
+            nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
+            (self.dim,),
+            jnp.float32,
+        )
+        xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+        centered = xf - jnp.mean(xf, axis=-1, keepdims=True)
+        normed = centered * jax.lax.rsqrt(
+            jnp.mean(centered * centered, axis=-1, keepdims=True) + self.eps
+        )
+        return (normed * weight + bias).astype(self.dtype)
+
+
+def make_norm(kind: str, dim: int, eps: float, dtype: jnp.dtype) -> nn.Module:
+    """The norm named ``kind`` (``rmsnorm`` or ``layernorm``, see ``ModelConfig.norm``)."""
+    if kind == "rmsnorm":
+        return RMSNorm(dim, eps, dtype)
+    if kind == "layernorm":
+        return LayerNorm(dim, eps, dtype)
+    raise ValueError(f"norm={kind!r} is not known; allowed: ('rmsnorm', 'layernorm')")

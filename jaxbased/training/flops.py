@@ -42,7 +42,8 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> dict[str, float]:
     parts: dict[str, float] = {}
     for name in config.layer_pattern:
         parts[name] = parts.get(name, 0.0) + 3 * mixer_forward_flops(name, config, seq_len)
-    parts["mlp"] = 3 * config.num_layers * 6 * config.d_model * config.mlp_hidden_dim
+    if config.use_mlp:
+        parts["mlp"] = 3 * config.num_layers * 6 * config.d_model * config.mlp_hidden_dim
     parts["head"] = 3 * 2 * config.d_model * config.padded_vocab_size
     parts["total"] = sum(parts.values())
     return parts
