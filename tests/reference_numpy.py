@@ -202,3 +202,78 @@ def model_forward(params, tokens, config):
         x = x + _linear(value * silu(gate), layer["mlp"]["fc2"]["kernel"])
     x = _norm(x, params["final_norm"], config)
     return x @ embedding.T
+
+
+# Decay linear attention, SSD (Mamba-2) and the selective scan (Mamba-1) ------------------------
+def decayed_linear_attention(
+    q, k, v, log_decay, feature_map="taylor", normalize=True, eps=1e-12, kv_state=None, k_state=None
+):
+    """The recurrence token by token, per batch and head, with a_t = exp(log_decay_t):
+    S_t = a_t S_{t-1} + phi(k_t) v_t^T, z_t = a_t z_{t-1} + phi(k_t),
+    y_t = phi(q_t)^T S_t / (phi(q_t)^T z_t + eps), or phi(q_t)^T S_t without normalize.
+
+    log_decay: None (a_t = 1), [H] or [B, T, H]. Returns y [B, T, H, Dv] and (S, z).
+    """
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    phi_q, phi_k = phi(q, feature_map), phi(k, feature_map)
+    batch, seq, heads, _ = q.shape
+    log_decay = np.zeros((heads,)) if log_decay is None else np.asarray(log_decay, np.float64)
+    log_decay = np.broadcast_to(log_decay, (batch, seq, heads))
+    expanded, value_dim = phi_q.shape[-1], v.shape[-1]
+    kv = np.zeros((batch, heads, expanded, value_dim)) if kv_state is None else kv_state.copy()
+    z = np.zeros((batch, heads, expanded)) if k_state is None else k_state.copy()
+    kv, z = np.array(kv, np.float64), np.array(z, np.float64)
+    y = np.zeros((batch, seq, heads, value_dim))
+    for b in range(batch):
+        for h in range(heads):
+            for t in range(seq):
+                decay = math.exp(log_decay[b, t, h])
+                kv[b, h] = decay * kv[b, h] + np.outer(phi_k[b, t, h], v[b, t, h])
+                z[b, h] = decay * z[b, h] + phi_k[b, t, h]
+                numerator = phi_q[b, t, h] @ kv[b, h]
+                y[b, t, h] = (
+                    numerator / (phi_q[b, t, h] @ z[b, h] + eps) if normalize else numerator
+                )
+    return y, (kv, z)
+
+
+def ssd(x, dt, a, b, c, initial_state=None):
+    """Mamba-2's scan token by token: x [B, T, H, P], dt [B, T, H], a [H], b, c [B, T, G, N];
+    head h reads group h // (H // G). h_t = exp(dt_t a) h_{t-1} + dt_t x_t b_t^T ([P, N]),
+    y_t = h_t c_t. Returns y [B, T, H, P] and the final state [B, H, P, N]."""
+    x, dt, a, b, c = (np.asarray(arr, np.float64) for arr in (x, dt, a, b, c))
+    batch, seq, heads, head_dim = x.shape
+    groups, state_dim = b.shape[2], b.shape[3]
+    state = np.zeros((batch, heads, head_dim, state_dim))
+    if initial_state is not None:
+        state = np.array(initial_state, np.float64)
+    y = np.zeros_like(x)
+    for n in range(batch):
+        for h in range(heads):
+            g = h // (heads // groups)
+            for t in range(seq):
+                state[n, h] = math.exp(dt[n, t, h] * a[h]) * state[n, h] + dt[n, t, h] * np.outer(
+                    x[n, t, h], b[n, t, g]
+                )
+                y[n, t, h] = state[n, h] @ c[n, t, g]
+    return y, state
+
+
+def selective_scan(u, delta, a, b, c, initial_state=None):
+    """Mamba-1's scan token by token: u, delta [B, T, D], a [D, N], b, c [B, T, N].
+    h_t[d, n] = exp(delta_t[d] a[d, n]) h_{t-1}[d, n] + delta_t[d] u_t[d] b_t[n],
+    y_t[d] = sum_n h_t[d, n] c_t[n]. Returns y [B, T, D] and the final state [B, D, N]."""
+    u, delta, a, b, c = (np.asarray(arr, np.float64) for arr in (u, delta, a, b, c))
+    batch, seq, channels = u.shape
+    state = np.zeros((batch, channels, a.shape[1]))
+    if initial_state is not None:
+        state = np.array(initial_state, np.float64)
+    y = np.zeros_like(u)
+    for n in range(batch):
+        for t in range(seq):
+            for d in range(channels):
+                state[n, d] = np.exp(delta[n, t, d] * a[d]) * state[n, d] + (
+                    delta[n, t, d] * u[n, t, d] * b[n, t]
+                )
+                y[n, t, d] = state[n, d] @ c[n, t]
+    return y, state

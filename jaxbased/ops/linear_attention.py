@@ -2,13 +2,24 @@
 
     y_i = sum_{j<=i} K(q_i, k_j) v_j / (sum_{j<=i} K(q_i, k_j) + eps),   K(q, k) = phi(q) . phi(k)
 
+With an optional decay ``a_t = exp(log_decay_t)`` (fixed per head, or per step and head, as in
+RetNet / Lightning Attention and SSD), per batch and head:
+
+    S_t = a_t S_{t-1} + phi(k_t) v_t^T,   z_t = a_t z_{t-1} + phi(k_t),
+    y_t = phi(q_t)^T S_t / (phi(q_t)^T z_t + eps)     (or phi(q_t)^T S_t with normalize=False)
+
+so that ``K_ij`` is weighted by ``exp(G_i - G_j)`` with ``G`` the cumulative sum of log decays.
+
 Three algorithms compute the same function:
 
 - ``quadratic``: the masked ``T x T`` kernel matrix; O(T^2) time and memory.
 - ``chunked``: chunks of ``chunk_size`` tokens; inside a chunk the kernel comes from raw
   ``F``-dimensional dots (``1 + s + s^2/2`` for the Taylor maps), across chunks an fp32 state of
   expanded features ``S = sum phi(k) ⊗ v`` and ``z = sum phi(k)`` is carried by ``lax.scan``;
-  O(T) time and memory.
+  O(T) time and memory. With a decay, ``G`` restarts in every chunk; the intra-chunk weights
+  ``exp(G_i - G_j)`` are masked to ``-inf`` above the diagonal before ``exp`` (so ``exp`` only
+  sees non-positive numbers), the carried state is decayed by the chunk's total decay and keys
+  are weighted by their decay to the chunk's end.
 - ``recurrent``: the state updated token by token (add the token, then read), as in decoding.
 
 ``implementation`` picks who computes the chunked algorithm (see :mod:`jaxbased.ops.dispatch`):
@@ -103,31 +114,76 @@ def _state_or_zeros(
     return LinearAttentionState(state.kv_state.astype(dtype), state.k_state.astype(dtype))
 
 
-def _quadratic(q, k, v, feature_map, eps, state):
-    # q, k: [B, H, T, F]; v: [B, H, T, Dv]; all in the compute dtype.
+def _decay_weights(log_decay: Array) -> tuple[Array, Array, Array, Array]:
+    """Decay factors of one block of steps from its log decays ``[B, H, C]`` (all <= 0).
+
+    With ``G_i`` the cumulative sum of log decays inside the block, returns
+    ``exp(G_i - G_j)`` for ``j <= i`` (0 above the diagonal) ``[B, H, C, C]``, the decay of the
+    incoming state at each step ``exp(G_i)`` ``[B, H, C]``, each key's decay to the block's end
+    ``exp(G_C - G_j)`` ``[B, H, C]`` and the block's total decay ``exp(G_C)`` ``[B, H]``. The
+    differences are masked to ``-inf`` above the diagonal before ``exp``: every exponent is <= 0.
+    """
+    size = log_decay.shape[-1]
+    cumulative = jnp.cumsum(log_decay, axis=-1)
+    differences = cumulative[..., :, None] - cumulative[..., None, :]
+    causal = jnp.tril(jnp.ones((size, size), bool))
+    pairwise = jnp.exp(jnp.where(causal, differences, -jnp.inf))
+    total = cumulative[..., -1]
+    return pairwise, jnp.exp(cumulative), jnp.exp(total[..., None] - cumulative), jnp.exp(total)
+
+
+def _advance(
+    state: LinearAttentionState, phi_k: Array, v: Array, decay: Array | None
+) -> LinearAttentionState:
+    # The state after a block: decayed by the block's total decay [B, H] (if any), plus the
+    # block's keys [B, H, C, D'] (already weighted by their decay to the block's end) and values.
+    kv_state, k_state = state
+    if decay is not None:
+        kv_state = decay[..., None, None] * kv_state
+        k_state = decay[..., None] * k_state
+    return LinearAttentionState(
+        kv_state + jnp.einsum("bhjf,bhjd->bhfd", phi_k, v), k_state + phi_k.sum(2)
+    )
+
+
+def _quadratic(q, k, v, feature_map, eps, state, log_decay=None, normalize=True):
+    # q, k: [B, H, T, F]; v: [B, H, T, Dv]; log_decay: None or [B, H, T]; all in the compute
+    # dtype.
     phi = get_feature_map(feature_map)
     phi_q, phi_k = phi(q), phi(k)
     seq = q.shape[2]
     kernel = jnp.einsum("bhif,bhjf->bhij", phi_q, phi_k)
     kernel = jnp.where(jnp.tril(jnp.ones((seq, seq), bool)), kernel, 0.0)
+    read_q, state_decay = phi_q, None
+    if log_decay is not None:
+        pairwise, query_decay, key_decay, state_decay = _decay_weights(log_decay)
+        kernel = kernel * pairwise
+        read_q = phi_q * query_decay[..., None]
+        phi_k = phi_k * key_decay[..., None]
     numerator = jnp.einsum("bhij,bhjd->bhid", kernel, v)
-    numerator = numerator + jnp.einsum("bhif,bhfd->bhid", phi_q, state.kv_state)
-    denominator = kernel.sum(-1) + jnp.einsum("bhif,bhf->bhi", phi_q, state.k_state)
-    out = numerator / (denominator + eps)[..., None]
-    final = LinearAttentionState(
-        state.kv_state + jnp.einsum("bhjf,bhjd->bhfd", phi_k, v),
-        state.k_state + phi_k.sum(2),
-    )
-    return out, final
+    numerator = numerator + jnp.einsum("bhif,bhfd->bhid", read_q, state.kv_state)
+    if normalize:
+        denominator = kernel.sum(-1) + jnp.einsum("bhif,bhf->bhi", read_q, state.k_state)
+        out = numerator / (denominator + eps)[..., None]
+    else:
+        out = numerator
+    return out, _advance(state, phi_k, v, state_decay)
 
 
-def _chunked(q, k, v, feature_map, eps, state, chunk_size):
+def _chunked(q, k, v, feature_map, eps, state, chunk_size, log_decay=None, normalize=True):
     batch, heads, seq, feature_dim = q.shape
     num_chunks = -(-seq // chunk_size)
     padded = num_chunks * chunk_size
     pad = ((0, 0), (0, 0), (0, padded - seq), (0, 0))
     q, k, v = jnp.pad(q, pad), jnp.pad(k, pad), jnp.pad(v, pad)
     valid = (jnp.arange(padded) < seq).reshape(num_chunks, chunk_size)
+    chunked_decay = ()
+    if log_decay is not None:
+        # Padded steps do not decay (log decay 0), so the final state is that of the last token.
+        log_decay = jnp.pad(log_decay, pad[:3])
+        chunked_decay = (
+            jnp.moveaxis(log_decay.reshape(batch, heads, num_chunks, chunk_size), 2, 0),
+        )
 
     def to_chunks(x: Array) -> Array:  # [B, H, T, X] -> [N, B, H, C, X]
         return jnp.moveaxis(x.reshape(batch, heads, num_chunks, chunk_size, x.shape[-1]), 2, 0)
@@ -137,7 +193,7 @@ def _chunked(q, k, v, feature_map, eps, state, chunk_size):
     use_raw_dots = feature_map in TAYLOR_FEATURE_MAPS
 
     def step(carry: LinearAttentionState, chunk):
-        q_c, k_c, v_c, valid_c = chunk
+        q_c, k_c, v_c, valid_c, *log_decay_c = chunk
         phi_q = phi(q_c)
         phi_k = phi(k_c) * valid_c[:, None].astype(q_c.dtype)
         if use_raw_dots:
@@ -146,41 +202,81 @@ def _chunked(q, k, v, feature_map, eps, state, chunk_size):
         else:
             kernel = jnp.einsum("bhif,bhjf->bhij", phi_q, phi_k)
         kernel = jnp.where(causal & valid_c[None, :], kernel, 0.0)
+        read_q, chunk_decay = phi_q, None
+        if log_decay_c:
+            pairwise, query_decay, key_decay, chunk_decay = _decay_weights(log_decay_c[0])
+            kernel = kernel * pairwise
+            read_q = phi_q * query_decay[..., None]
+            phi_k = phi_k * key_decay[..., None]
         numerator = jnp.einsum("bhij,bhjd->bhid", kernel, v_c)
-        numerator = numerator + jnp.einsum("bhif,bhfd->bhid", phi_q, carry.kv_state)
-        denominator = kernel.sum(-1) + jnp.einsum("bhif,bhf->bhi", phi_q, carry.k_state)
-        out = numerator / (denominator + eps)[..., None]
-        new_carry = LinearAttentionState(
-            carry.kv_state + jnp.einsum("bhjf,bhjd->bhfd", phi_k, v_c),
-            carry.k_state + phi_k.sum(2),
-        )
-        return new_carry, out
+        numerator = numerator + jnp.einsum("bhif,bhfd->bhid", read_q, carry.kv_state)
+        if normalize:
+            denominator = kernel.sum(-1) + jnp.einsum("bhif,bhf->bhi", read_q, carry.k_state)
+            out = numerator / (denominator + eps)[..., None]
+        else:
+            out = numerator
+        return _advance(carry, phi_k, v_c, chunk_decay), out
 
-    final, out = jax.lax.scan(step, state, (to_chunks(q), to_chunks(k), to_chunks(v), valid))
+    chunks = (to_chunks(q), to_chunks(k), to_chunks(v), valid, *chunked_decay)
+    final, out = jax.lax.scan(step, state, chunks)
     out = jnp.moveaxis(out, 0, 2).reshape(batch, heads, padded, v.shape[-1])[:, :, :seq]
     return out, final
 
 
-def _recurrent(q, k, v, feature_map, eps, state):
+def _recurrent(q, k, v, feature_map, eps, state, log_decay=None, normalize=True):
     def step(carry: LinearAttentionState, token):
-        q_t, k_t, v_t = token
-        out, new_carry = _step(q_t, k_t, v_t, carry, feature_map, eps)
+        q_t, k_t, v_t, *log_decay_t = token
+        decay = jnp.exp(log_decay_t[0]) if log_decay_t else None
+        out, new_carry = _step(q_t, k_t, v_t, carry, feature_map, eps, decay, normalize)
         return new_carry, out
 
     tokens = (jnp.moveaxis(q, 2, 0), jnp.moveaxis(k, 2, 0), jnp.moveaxis(v, 2, 0))
+    if log_decay is not None:
+        tokens = (*tokens, jnp.moveaxis(log_decay, 2, 0))
     final, out = jax.lax.scan(step, state, tokens)
     return jnp.moveaxis(out, 0, 2), final
 
 
-def _step(q_t, k_t, v_t, state, feature_map, eps):
-    # q_t, k_t: [B, H, F]; v_t: [B, H, Dv]. Add the token to the state, then read it.
+def _step(q_t, k_t, v_t, state, feature_map, eps, decay=None, normalize=True):
+    # q_t, k_t: [B, H, F]; v_t: [B, H, Dv]; decay: None or a_t [B, H]. Decay the state, add the
+    # token, then read it.
     phi = get_feature_map(feature_map)
     phi_q, phi_k = phi(q_t), phi(k_t)
-    kv_state = state.kv_state + phi_k[..., :, None] * v_t[..., None, :]
-    k_state = state.k_state + phi_k
+    kv_state, k_state = state
+    if decay is not None:
+        kv_state = decay[..., None, None] * kv_state
+        k_state = decay[..., None] * k_state
+    kv_state = kv_state + phi_k[..., :, None] * v_t[..., None, :]
+    k_state = k_state + phi_k
     numerator = jnp.einsum("bhf,bhfd->bhd", phi_q, kv_state)
+    if not normalize:
+        return numerator, LinearAttentionState(kv_state, k_state)
     denominator = jnp.einsum("bhf,bhf->bh", phi_q, k_state)
     return numerator / (denominator + eps)[..., None], LinearAttentionState(kv_state, k_state)
+
+
+def check_not_positive(name: str, values: Array) -> None:
+    """Raise ``ValueError`` naming ``name`` if any of ``values`` is > 0 (or NaN).
+
+    Only concrete values are checked; inside ``jit`` the values are not known and nothing is
+    checked.
+    """
+    if isinstance(values, jax.core.Tracer):
+        return
+    largest = float(jnp.max(values)) if jnp.size(values) else 0.0
+    if not largest <= 0:
+        raise ValueError(f"{name} must be <= 0 everywhere; its largest value is {largest}")
+
+
+def _check_log_decay(log_decay: Array, allowed: dict[str, tuple[int, ...]]) -> Array:
+    log_decay = jnp.asarray(log_decay)
+    if log_decay.shape not in allowed.values():
+        choices = " or ".join(f"{name}={shape}" for name, shape in allowed.items())
+        raise ValueError(f"log_decay has shape {log_decay.shape}; allowed: {choices}")
+    if not jnp.issubdtype(log_decay.dtype, jnp.floating):
+        raise ValueError(f"log_decay must be floating point; got dtype {log_decay.dtype}")
+    check_not_positive("log_decay", log_decay)
+    return log_decay
 
 
 def linear_attention(
@@ -195,8 +291,14 @@ def linear_attention(
     initial_state: LinearAttentionState | None = None,
     return_state: bool = False,
     implementation: str = "auto",
+    log_decay: Float[Array, " H"] | Float[Array, "B T H"] | None = None,
+    normalize: bool = True,
 ) -> Float[Array, "B T H Dv"] | tuple[Float[Array, "B T H Dv"], LinearAttentionState]:
     """Causal linear attention ``y_i = sum_{j<=i} K_ij v_j / (sum_{j<=i} K_ij + eps)``.
+
+    With ``log_decay``, ``K_ij`` is weighted by ``a_{j+1} ... a_i`` (``a_t = exp(log_decay_t)``):
+    ``S_t = a_t S_{t-1} + phi(k_t) v_t^T``, ``z_t = a_t z_{t-1} + phi(k_t)``,
+    ``y_t = phi(q_t)^T S_t / (phi(q_t)^T z_t + eps)``; the initial state decays too.
 
     Args:
       q, k: ``[B, T, H, F]`` queries and keys before the feature map.
@@ -210,7 +312,12 @@ def linear_attention(
       implementation: ``auto`` (the Pallas kernel on TPU/GPU when it supports the arguments,
         else XLA), ``xla`` (the reference) or ``pallas`` (the kernel; interpreted on CPU). The
         kernel computes the ``chunked`` algorithm for the Taylor feature maps, in float32 with
-        bfloat16 matmul operands when q, k, v are all bfloat16.
+        bfloat16 matmul operands when q, k, v are all bfloat16. It has no decay and always
+        normalizes: with ``log_decay`` or ``normalize=False``, ``auto`` uses XLA.
+      log_decay: None (no decay), ``[H]`` (one decay per head) or ``[B, T, H]`` (per step and
+        head); values <= 0 (checked when concrete).
+      normalize: divide by ``phi(q_t)^T z_t + eps`` (the BASED normalizer); False returns
+        ``phi(q_t)^T S_t`` (SSD, RetNet). The state holds ``z`` either way.
 
     Returns:
       ``y [B, T, H, Dv]`` in ``v.dtype``, and the final :class:`LinearAttentionState` (float32)
@@ -225,34 +332,51 @@ def linear_attention(
     if eps < 0:
         raise ValueError(f"eps={eps} must be >= 0")
     check_implementation(implementation)
+    batch, seq, heads, feature_dim = q.shape
+    if log_decay is not None:
+        log_decay = _check_log_decay(log_decay, {"[H]": (heads,), "[B, T, H]": (batch, seq, heads)})
     if implementation != "xla" and use_pallas(
-        implementation, _kernel_unsupported(q, k, v, feature_map, algorithm, chunk_size)
+        implementation,
+        _kernel_unsupported(q, k, v, feature_map, algorithm, chunk_size, log_decay, normalize),
     ):
         out, final = _pallas(q, k, v, feature_map, chunk_size, eps, initial_state)
         return (out, final) if return_state else out
 
     dtype = _compute_dtype(q, k, v)
-    batch, _, heads, feature_dim = q.shape
     value_dim = v.shape[-1]
     expanded = get_feature_map(feature_map)(jnp.zeros((feature_dim,), dtype)).shape[-1]
     state = _state_or_zeros(initial_state, batch, heads, expanded, value_dim, dtype)
     # [B, T, H, X] -> [B, H, T, X] in the compute dtype.
     qh, kh, vh = (jnp.swapaxes(x, 1, 2).astype(dtype) for x in (q, k, v))
+    decay = None  # [B, H, T]
+    if log_decay is not None:
+        decay = log_decay.astype(dtype)
+        decay = (
+            jnp.broadcast_to(decay[None, :, None], (batch, heads, seq))
+            if decay.ndim == 1
+            else jnp.swapaxes(decay, 1, 2)
+        )
 
     if algorithm == "quadratic":
-        out, final = _quadratic(qh, kh, vh, feature_map, eps, state)
+        out, final = _quadratic(qh, kh, vh, feature_map, eps, state, decay, normalize)
     elif algorithm == "chunked":
-        out, final = _chunked(qh, kh, vh, feature_map, eps, state, chunk_size)
+        out, final = _chunked(qh, kh, vh, feature_map, eps, state, chunk_size, decay, normalize)
     else:
-        out, final = _recurrent(qh, kh, vh, feature_map, eps, state)
+        out, final = _recurrent(qh, kh, vh, feature_map, eps, state, decay, normalize)
 
     out = jnp.swapaxes(out, 1, 2).astype(v.dtype)
     return (out, final) if return_state else out
 
 
-def _kernel_unsupported(q, k, v, feature_map, algorithm, chunk_size) -> str | None:
+def _kernel_unsupported(
+    q, k, v, feature_map, algorithm, chunk_size, log_decay=None, normalize=True
+) -> str | None:
     from pallas_kernels.linear_attention import unsupported_reason
 
+    if log_decay is not None:
+        return "log_decay: the kernel has no decay"
+    if not normalize:
+        return "normalize=False: the kernel always normalizes"
     if algorithm != "chunked":
         return f"the kernel computes algorithm='chunked', not {algorithm!r}"
     backend, _ = kernel_backend()
@@ -313,10 +437,15 @@ def linear_attention_step(
     *,
     feature_map: str = "taylor",
     eps: float = DEFAULT_EPS,
+    log_decay: Float[Array, " H"] | Float[Array, "B H"] | None = None,
+    normalize: bool = True,
 ) -> tuple[Float[Array, "B H Dv"], LinearAttentionState]:
-    """One decoding step: add ``phi(k) ⊗ v`` to the state, then read it with ``phi(q)``.
+    """One decoding step: decay the state by ``a = exp(log_decay)`` (if given), add
+    ``phi(k) ⊗ v`` (and ``phi(k)``), then read it with ``phi(q)`` (normalized unless
+    ``normalize=False``).
 
-    Returns the output ``[B, H, Dv]`` (dtype of ``v``) and the new state (dtype of the state).
+    ``log_decay``: None, ``[H]`` or ``[B, H]``, values <= 0. Returns the output ``[B, H, Dv]``
+    (dtype of ``v``) and the new state (dtype of the state).
     """
     check_feature_map(feature_map)
     if q.ndim != 3 or q.shape != k.shape or v.shape[:2] != q.shape[:2]:
@@ -325,6 +454,11 @@ def linear_attention_step(
             f"k={k.shape}, v={v.shape}"
         )
     dtype = _compute_dtype(q, k, v, state.kv_state)
+    decay = None
+    if log_decay is not None:
+        batch, heads = q.shape[:2]
+        log_decay = _check_log_decay(log_decay, {"[H]": (heads,), "[B, H]": (batch, heads)})
+        decay = jnp.broadcast_to(jnp.exp(log_decay.astype(dtype)), (batch, heads))
     out, new_state = _step(
         q.astype(dtype),
         k.astype(dtype),
@@ -332,6 +466,8 @@ def linear_attention_step(
         LinearAttentionState(state.kv_state.astype(dtype), state.k_state.astype(dtype)),
         feature_map,
         eps,
+        decay,
+        normalize,
     )
     new_state = LinearAttentionState(
         new_state.kv_state.astype(state.kv_state.dtype),
