@@ -12,6 +12,7 @@ from jaxbased.ops.linear_attention import (
 )
 from jaxbased.ops.rotary import apply_rotary
 from jaxbased.ops.short_conv import init_short_conv_state, short_conv, short_conv_step
+from jaxbased.ops.ssd import ssd, ssd_step
 from jaxbased.ops.window_attention import (
     KVCache,
     fill_kv_cache,
@@ -37,4 +38,6 @@ __all__ = [
     "short_conv_step",
     "sliding_window_attention",
     "sliding_window_attention_step",
+    "ssd",
+    "ssd_step",
 ]

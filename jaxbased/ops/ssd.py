@@ -1,0 +1,192 @@
+"""SSD, the state-space scan of Mamba-2 (SPEC.md §2): a scalar decay per head and step.
+
+Per batch and head, with a state ``h [P, N]``:
+
+    h_t = exp(dt_t a) h_{t-1} + dt_t x_t b_t^T,    y_t = h_t c_t
+
+``x [B, T, H, P]``, ``dt [B, T, H]`` (already positive: the layer applies softplus and the bias),
+``a [H]`` (negative: ``-exp(A_log)``), ``b, c [B, T, G, N]`` shared by groups of heads (head ``h``
+reads group ``h // (H // G)``). The ``D`` skip term and the gate belong to the layer.
+
+Two algorithms compute the same function:
+
+- ``chunked``: SSD is decayed linear attention with the identity feature map and no normalizer,
+  ``q = c``, ``k = b``, ``v = dt x``, ``log_decay = dt a``; this calls
+  :func:`jaxbased.ops.linear_attention` (the chunked scan that BASED and decay attention use),
+  with its numerically stable segment sums. Any length works (the tail is masked).
+- ``recurrent``: ``lax.scan`` token by token, as in decoding.
+
+All arithmetic is in float32 (float64 under x64); ``y`` has the dtype of ``x``; states are
+``[B, H, P, N]`` float32.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from jaxbased.ops.linear_attention import (
+    LinearAttentionState,
+    check_not_positive,
+    linear_attention,
+)
+
+ALGORITHMS: tuple[str, ...] = ("chunked", "recurrent")
+
+
+def _compute_dtype(*arrays: Array) -> jnp.dtype:
+    return jnp.result_type(jnp.float32, *[a.dtype for a in arrays])
+
+
+def _check_not_negative(name: str, values: Array) -> None:
+    if isinstance(values, jax.core.Tracer) or not jnp.size(values):
+        return
+    smallest = float(jnp.min(values))
+    if not smallest >= 0:
+        raise ValueError(f"{name} must be >= 0 everywhere; its smallest value is {smallest}")
+
+
+def _check_shapes(x, dt, a, b, c, token_axes: int) -> tuple[int, int, int, int]:
+    """Validate shapes; returns ``(heads, head_dim, groups, state_dim)``.
+
+    ``token_axes`` is 2 for sequences (``[B, T, ...]``) and 1 for one step (``[B, ...]``).
+    """
+    lead = "[B, T, " if token_axes == 2 else "[B, "
+    if x.ndim != token_axes + 2:
+        raise ValueError(f"x must be {lead}H, P]; got shape {x.shape}")
+    heads, head_dim = x.shape[-2:]
+    if dt.shape != x.shape[:-1]:
+        raise ValueError(f"dt must be {lead}H] = {x.shape[:-1]}; got shape {dt.shape}")
+    if a.shape != (heads,):
+        raise ValueError(f"a must be [H] = ({heads},); got shape {a.shape}")
+    if b.ndim != token_axes + 2 or b.shape[:token_axes] != x.shape[:token_axes]:
+        raise ValueError(
+            f"b must be {lead}G, N] with leading dims {x.shape[:token_axes]}; got shape {b.shape}"
+        )
+    if c.shape != b.shape:
+        raise ValueError(f"c must have the shape of b {b.shape}; got shape {c.shape}")
+    groups, state_dim = b.shape[-2:]
+    if heads % groups:
+        raise ValueError(f"b and c have {groups} groups, which must divide the {heads} heads of x")
+    check_not_positive("a", a)
+    _check_not_negative("dt", dt)
+    return heads, head_dim, groups, state_dim
+
+
+def _heads_from_groups(array: Array, heads: int) -> Array:
+    # [..., G, N] -> [..., H, N]: head h reads group h // (H // G).
+    return jnp.repeat(array, heads // array.shape[-2], axis=-2)
+
+
+def _step(x_t, dt_t, a, b_t, c_t, state):
+    # x_t [B, H, P], dt_t [B, H], a [H], b_t, c_t [B, H, N], state [B, H, P, N].
+    decay = jnp.exp(dt_t * a)
+    state = decay[..., None, None] * state + (dt_t[..., None] * x_t)[..., None] * b_t[..., None, :]
+    return jnp.einsum("bhpn,bhn->bhp", state, c_t), state
+
+
+def ssd(
+    x: Float[Array, "B T H P"],
+    dt: Float[Array, "B T H"],
+    a: Float[Array, " H"],
+    b: Float[Array, "B T G N"],
+    c: Float[Array, "B T G N"],
+    *,
+    chunk_size: int = 256,
+    algorithm: str = "chunked",
+    initial_state: Float[Array, "B H P N"] | None = None,
+    return_state: bool = False,
+) -> Float[Array, "B T H P"] | tuple[Float[Array, "B T H P"], Float[Array, "B H P N"]]:
+    """Mamba-2's scan ``h_t = exp(dt_t a) h_{t-1} + dt_t x_t b_t^T``, ``y_t = h_t c_t``.
+
+    Args:
+      x: ``[B, T, H, P]`` inputs (heads of ``P`` channels).
+      dt: ``[B, T, H]`` step sizes, >= 0 (after softplus).
+      a: ``[H]`` per-head rates, <= 0 (``-exp(A_log)``).
+      b, c: ``[B, T, G, N]`` input and output projections; ``G`` divides ``H``.
+      chunk_size: tokens per chunk of the ``chunked`` algorithm.
+      algorithm: ``chunked`` (default; the decayed linear-attention scan) or ``recurrent``.
+      initial_state: ``[B, H, P, N]`` state to continue from.
+      return_state: also return the state after the last token.
+
+    Returns:
+      ``y [B, T, H, P]`` in ``x.dtype``, and the final state ``[B, H, P, N]`` (float32) when
+      ``return_state`` is set. Values of ``a`` and ``dt`` are checked when concrete.
+    """
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm={algorithm!r} is not known; allowed: {', '.join(ALGORITHMS)}")
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size!r} must be a positive integer")
+    heads, head_dim, _, state_dim = _check_shapes(x, dt, a, b, c, token_axes=2)
+    batch = x.shape[0]
+    dtype = _compute_dtype(x, dt, a, b, c)
+    if initial_state is None:
+        state = jnp.zeros((batch, heads, head_dim, state_dim), dtype)
+    elif initial_state.shape != (batch, heads, head_dim, state_dim):
+        raise ValueError(
+            f"initial_state has shape {initial_state.shape}; expected [B, H, P, N] = "
+            f"{(batch, heads, head_dim, state_dim)}"
+        )
+    else:
+        state = initial_state.astype(dtype)
+    x_, dt_, a_ = x.astype(dtype), dt.astype(dtype), a.astype(dtype)
+    b_heads = _heads_from_groups(b.astype(dtype), heads)
+    c_heads = _heads_from_groups(c.astype(dtype), heads)
+
+    if algorithm == "chunked":
+        # The linear-attention state is [B, H, N, P] (keys x values); ours is [B, H, P, N].
+        carried = LinearAttentionState(
+            jnp.swapaxes(state, -1, -2), jnp.zeros((batch, heads, state_dim), dtype)
+        )
+        y, final = linear_attention(
+            c_heads,
+            b_heads,
+            dt_[..., None] * x_,
+            feature_map="identity",
+            chunk_size=chunk_size,
+            initial_state=carried,
+            return_state=True,
+            log_decay=dt_ * a_,
+            normalize=False,
+        )
+        final_state = jnp.swapaxes(final.kv_state, -1, -2)
+    else:
+
+        def step(carry, token):
+            y_t, carry = _step(*token[:2], a_, *token[2:], carry)
+            return carry, y_t
+
+        tokens = tuple(jnp.moveaxis(arr, 1, 0) for arr in (x_, dt_, b_heads, c_heads))
+        final_state, y = jax.lax.scan(step, state, tokens)
+        y = jnp.moveaxis(y, 0, 1)
+    y = y.astype(x.dtype)
+    return (y, final_state) if return_state else y
+
+
+def ssd_step(
+    x: Float[Array, "B H P"],
+    dt: Float[Array, "B H"],
+    a: Float[Array, " H"],
+    b: Float[Array, "B G N"],
+    c: Float[Array, "B G N"],
+    state: Float[Array, "B H P N"],
+) -> tuple[Float[Array, "B H P"], Float[Array, "B H P N"]]:
+    """One decoding step of :func:`ssd`: decay the state, add ``dt x b^T``, read it with ``c``.
+
+    Returns ``y [B, H, P]`` (dtype of ``x``) and the new state (dtype of ``state``).
+    """
+    heads, head_dim, _, state_dim = _check_shapes(x, dt, a, b, c, token_axes=1)
+    expected = (x.shape[0], heads, head_dim, state_dim)
+    if state.shape != expected:
+        raise ValueError(f"state has shape {state.shape}; expected [B, H, P, N] = {expected}")
+    dtype = _compute_dtype(x, dt, a, b, c, state)
+    y, new_state = _step(
+        x.astype(dtype),
+        dt.astype(dtype),
+        a.astype(dtype),
+        _heads_from_groups(b.astype(dtype), heads),
+        _heads_from_groups(c.astype(dtype), heads),
+        state.astype(dtype),
+    )
+    return y.astype(x.dtype), new_state.astype(state.dtype)
