@@ -11,6 +11,7 @@ from jaxbased.ops.linear_attention import (
     linear_attention_step,
 )
 from jaxbased.ops.rotary import apply_rotary
+from jaxbased.ops.selective_scan import selective_scan, selective_scan_step
 from jaxbased.ops.short_conv import init_short_conv_state, short_conv, short_conv_step
 from jaxbased.ops.ssd import ssd, ssd_step
 from jaxbased.ops.window_attention import (
@@ -34,6 +35,8 @@ __all__ = [
     "init_short_conv_state",
     "linear_attention",
     "linear_attention_step",
+    "selective_scan",
+    "selective_scan_step",
     "short_conv",
     "short_conv_step",
     "sliding_window_attention",

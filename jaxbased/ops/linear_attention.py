@@ -268,6 +268,16 @@ def check_not_positive(name: str, values: Array) -> None:
         raise ValueError(f"{name} must be <= 0 everywhere; its largest value is {largest}")
 
 
+def check_not_negative(name: str, values: Array) -> None:
+    """Raise ``ValueError`` naming ``name`` if any of ``values`` is < 0 (or NaN); concrete
+    values only, like :func:`check_not_positive`."""
+    if isinstance(values, jax.core.Tracer):
+        return
+    smallest = float(jnp.min(values)) if jnp.size(values) else 0.0
+    if not smallest >= 0:
+        raise ValueError(f"{name} must be >= 0 everywhere; its smallest value is {smallest}")
+
+
 def _check_log_decay(log_decay: Array, allowed: dict[str, tuple[int, ...]]) -> Array:
     log_decay = jnp.asarray(log_decay)
     if log_decay.shape not in allowed.values():

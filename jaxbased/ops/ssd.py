@@ -28,6 +28,7 @@ from jaxtyping import Array, Float
 
 from jaxbased.ops.linear_attention import (
     LinearAttentionState,
+    check_not_negative,
     check_not_positive,
     linear_attention,
 )
@@ -37,14 +38,6 @@ ALGORITHMS: tuple[str, ...] = ("chunked", "recurrent")
 
 def _compute_dtype(*arrays: Array) -> jnp.dtype:
     return jnp.result_type(jnp.float32, *[a.dtype for a in arrays])
-
-
-def _check_not_negative(name: str, values: Array) -> None:
-    if isinstance(values, jax.core.Tracer) or not jnp.size(values):
-        return
-    smallest = float(jnp.min(values))
-    if not smallest >= 0:
-        raise ValueError(f"{name} must be >= 0 everywhere; its smallest value is {smallest}")
 
 
 def _check_shapes(x, dt, a, b, c, token_axes: int) -> tuple[int, int, int, int]:
@@ -70,7 +63,7 @@ def _check_shapes(x, dt, a, b, c, token_axes: int) -> tuple[int, int, int, int]:
     if heads % groups:
         raise ValueError(f"b and c have {groups} groups, which must divide the {heads} heads of x")
     check_not_positive("a", a)
-    _check_not_negative("dt", dt)
+    check_not_negative("dt", dt)
     return heads, head_dim, groups, state_dim
 
 
@@ -129,10 +122,10 @@ def ssd(
             f"{(batch, heads, head_dim, state_dim)}"
         )
     else:
-        state = initial_state.astype(dtype)
-    x_, dt_, a_ = x.astype(dtype), dt.astype(dtype), a.astype(dtype)
-    b_heads = _heads_from_groups(b.astype(dtype), heads)
-    c_heads = _heads_from_groups(c.astype(dtype), heads)
+        state = jnp.asarray(initial_state, dtype)
+    x_, dt_, a_ = (jnp.asarray(arr, dtype) for arr in (x, dt, a))
+    b_heads = _heads_from_groups(jnp.asarray(b, dtype), heads)
+    c_heads = _heads_from_groups(jnp.asarray(c, dtype), heads)
 
     if algorithm == "chunked":
         # The linear-attention state is [B, H, N, P] (keys x values); ours is [B, H, P, N].
