@@ -3,6 +3,12 @@
     y_i = (sum_{j<=i} K(q_i, k_j) v_j + phi(q_i) S0) / (sum_{j<=i} K(q_i, k_j) + phi(q_i) z0 + eps)
     K(q, k) = phi(q) . phi(k) = 1 + s + s**2 / 2,   s = q . k / sqrt(F)
 
+Optionally with a decay ``a_t = exp(log_decay_t) <= 1`` per step and head (SSD, decay
+attention): ``S_t = a_t S_{t-1} + phi(k_t) v_t^T``, ``z_t = a_t z_{t-1} + phi(k_t)``,
+``y_t = phi(q_t) S_t / (phi(q_t) . z_t + eps)`` (or ``y_t = phi(q_t) S_t`` with
+``normalize=False``). Inside a chunk the kernel weighs ``K_ij`` by ``exp(g_i - g_j)`` with the
+chunk-local cumulative log decays ``g``; the state is decayed by ``exp(g_last)`` per chunk.
+
 Inside a chunk of ``C`` tokens the kernel uses ``K`` from raw ``F``-dim dots; across chunks it
 carries the float32 state ``S = sum phi(k) ⊗ v`` ``[D', Dv]`` and ``z = sum phi(k)`` ``[D']`` on
 chip. The expanded features ``phi(q), phi(k)`` (``D' = 273`` for F = 16, or 153 with
@@ -64,6 +70,7 @@ class LinearAttentionConfig:
       feature_dim: ``F``.
       chunk_size: tokens per chunk ``C``.
       eps: added to the denominator.
+      normalize: divide by the normalizer (False: ``y = phi(q) S``, as SSD).
       operand_dtype: matmul operand dtype (bfloat16 or float32).
       interpret: False, True, or a ``pltpu.InterpretParams`` (TPU kernels).
       value_block_size: GPU only, value columns per program (None: 32).
@@ -77,6 +84,7 @@ class LinearAttentionConfig:
     eps: float
     operand_dtype: Any
     interpret: Any
+    normalize: bool = True
     value_block_size: int | None = None
     num_warps: int | None = None
 
@@ -120,21 +128,25 @@ def unsupported_reason(
     return None
 
 
-def _apply(config: LinearAttentionConfig, q, k, v, initial_state):
-    y, final_state, _ = _BACKENDS[config.backend].forward(config, q, k, v, initial_state)
+def _apply(config: LinearAttentionConfig, q, k, v, initial_state, log_decay):
+    y, final_state, _ = _BACKENDS[config.backend].forward(config, q, k, v, initial_state, log_decay)
     return y, final_state
 
 
-def _apply_forward(config: LinearAttentionConfig, q, k, v, initial_state):
-    y, final_state, residuals = _BACKENDS[config.backend].forward(config, q, k, v, initial_state)
+def _apply_forward(config: LinearAttentionConfig, q, k, v, initial_state, log_decay):
+    y, final_state, residuals = _BACKENDS[config.backend].forward(
+        config, q, k, v, initial_state, log_decay
+    )
     return (y, final_state), residuals
 
 
 def _apply_backward(config: LinearAttentionConfig, residuals, cotangents):
     dy, d_final_state = cotangents
-    dq, dk, dv, d_initial = _BACKENDS[config.backend].backward(config, residuals, dy, d_final_state)
+    dq, dk, dv, d_initial, d_log_decay = _BACKENDS[config.backend].backward(
+        config, residuals, dy, d_final_state
+    )
     has_initial_state = residuals[3] is not None  # both backends keep the kernel state there
-    return dq, dk, dv, (d_initial if has_initial_state else None)
+    return dq, dk, dv, (d_initial if has_initial_state else None), d_log_decay
 
 
 _apply_with_vjp = jax.custom_vjp(_apply, nondiff_argnums=(0,))
@@ -147,6 +159,8 @@ def linear_attention(
     v: Float[Array, "B T H Dv"],
     initial_state: tuple[Float[Array, "B H D Dv"], Float[Array, "B H D"]] | None = None,
     *,
+    log_decay: Float[Array, "B T H"] | None = None,
+    normalize: bool = True,
     feature_map: str = "taylor",
     chunk_size: int | None = None,
     eps: float = 1e-12,
@@ -164,6 +178,9 @@ def linear_attention(
         of two on GPU).
       initial_state: None or ``(kv_state [B, H, D', Dv], k_state [B, H, D'])`` to continue from,
         in the layout of ``jaxbased.ops.feature_maps`` (``D' = expanded_dim(feature_map, F)``).
+      log_decay: None (no decay) or ``[B, T, H]``: ``log a_t <= 0`` per step and head (a fixed
+        per-head decay is broadcast by the caller); computed in float32, differentiable.
+      normalize: divide by ``phi(q) . z + eps`` (True, BASED) or not (``y = phi(q) S``).
       feature_map: ``taylor`` (``D' = 1 + F + F**2``) or ``taylor_symmetric``
         (``1 + F + F (F + 1) / 2``); same outputs, different state layout.
       chunk_size: tokens per chunk; TPU: a multiple of 8, GPU: a power of two >= 16
@@ -195,6 +212,17 @@ def linear_attention(
         raise ValueError(reason)
     if not eps >= 0:
         raise ValueError(f"eps={eps!r} must be >= 0")
+    if not isinstance(normalize, bool):
+        raise TypeError(f"normalize={normalize!r} must be a bool")
+    if log_decay is not None:
+        if tuple(log_decay.shape) != tuple(q.shape[:3]):
+            raise ValueError(
+                f"log_decay has shape {tuple(log_decay.shape)}; expected [B, T, H] = "
+                f"{tuple(q.shape[:3])}"
+            )
+        if jnp.dtype(log_decay.dtype) == jnp.float64:
+            raise ValueError("log_decay is float64: the kernels compute in float32")
+        log_decay = jnp.asarray(log_decay, jnp.float32)
     if value_block_size is not None:
         check_block("value_block_size", value_block_size, "gpu")
     operand_dtype = compute_dtype(q, k, v)
@@ -218,6 +246,7 @@ def linear_attention(
         eps=float(eps),
         operand_dtype=operand_dtype,
         interpret=interpret,
+        normalize=normalize,
         value_block_size=value_block_size,
         num_warps=num_warps,
     )
@@ -227,5 +256,6 @@ def linear_attention(
         k.astype(operand_dtype),
         v.astype(operand_dtype),
         initial_state,
+        log_decay,
     )
     return y.astype(v.dtype), final_state

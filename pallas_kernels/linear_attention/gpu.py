@@ -39,7 +39,10 @@ from pallas_kernels.linear_attention._taylor import (
     TaylorLayout,
     chunk_backward_key_value,
     chunk_backward_query,
+    chunk_cumulative_log_decay,
+    chunk_decay,
     chunk_forward,
+    log_decay_cotangent,
     output_cotangents,
 )
 
@@ -58,6 +61,8 @@ class _Static:
     eps: float
     operand_dtype: Any
     has_initial_state: bool
+    has_decay: bool
+    normalize: bool
     interpret: Any
     num_warps: int
 
@@ -74,7 +79,9 @@ class _Static:
         return self.padded_value_dim // self.value_block
 
 
-def _static(config: Any, seq_len: int, value_dim: int, has_initial_state: bool) -> _Static:
+def _static(
+    config: Any, seq_len: int, value_dim: int, has_initial_state: bool, has_decay: bool
+) -> _Static:
     padded_value_dim = next_power_of_two(value_dim, 16)
     value_block = min(config.value_block_size or 32, padded_value_dim)
     num_warps = config.num_warps or (4 if config.chunk_size <= 32 else 8)
@@ -89,6 +96,8 @@ def _static(config: Any, seq_len: int, value_dim: int, has_initial_state: bool) 
         eps=config.eps,
         operand_dtype=config.operand_dtype,
         has_initial_state=has_initial_state,
+        has_decay=has_decay,
+        normalize=config.normalize,
         interpret=config.interpret,
         num_warps=num_warps,
     )
@@ -204,6 +213,12 @@ def _key_valid(static: _Static, start) -> jax.Array | None:
     return positions < static.seq_len
 
 
+def _load_decay(static: _Static, decay_ref, tokens):
+    if not static.has_decay:
+        return None
+    return chunk_decay(decay_ref[tokens].reshape(1, static.chunk_size))
+
+
 def _factor_arrays(static: _Static) -> list[jax.Array]:
     return [jnp.asarray(a) for a in static.layout.factors()]
 
@@ -215,6 +230,7 @@ def _compiler_params(static: _Static):
 # Forward -----------------------------------------------------------------------------------------
 def _forward_kernel(*refs, static: _Static):
     q_ref, k_ref, v_ref, *refs = refs
+    decay_ref = refs.pop(0) if static.has_decay else None
     factor_refs, refs = refs[:5], refs[5:]
     if static.has_initial_state:
         initial_kv_ref, initial_k_ref, *refs = refs
@@ -240,6 +256,8 @@ def _forward_kernel(*refs, static: _Static):
             eps=static.eps,
             operand_dtype=static.operand_dtype,
             key_valid=_key_valid(static, start),
+            decay=_load_decay(static, decay_ref, tokens),
+            normalize=static.normalize,
         )
         y_ref[tokens, :] = y.astype(y_ref.dtype)
 
@@ -259,23 +277,38 @@ def forward(
     k: jax.Array,
     v: jax.Array,
     initial_state: tuple[jax.Array, jax.Array] | None,
+    log_decay: jax.Array | None,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array], tuple]:
     """Forward kernel for ``config`` (a ``LinearAttentionConfig``). ``q, k [B, T, H, F]``,
-    ``v [B, T, H, Dv]``; ``initial_state`` is None or ``(kv [B, H, D', Dv], k [B, H, D'])``.
+    ``v [B, T, H, Dv]``; ``initial_state`` is None or ``(kv [B, H, D', Dv], k [B, H, D'])``;
+    ``log_decay`` None or ``[B, T, H]`` float32.
 
     Returns ``y [B, T, H, Dv]``, the final state ``(kv, k)`` float32 and the residuals.
     """
-    static = _static(config, q.shape[1], v.shape[-1], initial_state is not None)
+    static = _static(
+        config, q.shape[1], v.shape[-1], initial_state is not None, log_decay is not None
+    )
     batch, _, heads, _ = q.shape
     padded_feature_dim = static.layout.padded_feature_dim
     q_kernel = _to_kernel(q, static, padded_feature_dim)
     k_kernel = _to_kernel(k, static, padded_feature_dim)
     v_kernel = _to_kernel(v, static, static.padded_value_dim)
-    inputs = [q_kernel, k_kernel, v_kernel, *_factor_arrays(static)]
+    decay_kernel = None
+    if log_decay is not None:
+        cumulative = chunk_cumulative_log_decay(log_decay, static.chunk_size, static.num_chunks)
+        decay_kernel = cumulative.reshape(batch, heads, static.padded_seq)
+    inputs = [
+        q_kernel,
+        k_kernel,
+        v_kernel,
+        *([] if decay_kernel is None else [decay_kernel]),
+        *_factor_arrays(static),
+    ]
     in_specs = [
         _row_specs(static, padded_feature_dim, blocked=False),
         _row_specs(static, padded_feature_dim, blocked=False),
         _row_specs(static, static.padded_value_dim, blocked=True),
+        *([] if decay_kernel is None else [_per_token_spec(static)]),
         *_factor_specs(static),
     ]
     kernel_state = None
@@ -303,12 +336,25 @@ def forward(
         name="based_linear_attention_forward",
     )(*inputs)
     y = y_kernel[:, : static.seq_len, :, : static.value_dim]
-    residuals = (q_kernel, k_kernel, v_kernel, kernel_state, y, denominator)
-    return y, _state_from_kernel(final_kv, final_k, static), residuals
+    final_state = _state_from_kernel(final_kv, final_k, static)
+    residuals = (
+        q_kernel,
+        k_kernel,
+        v_kernel,
+        kernel_state,
+        y,
+        denominator,
+        decay_kernel,
+        None if decay_kernel is None else final_state,
+    )
+    return y, final_state, residuals
 
 
 # Backward ----------------------------------------------------------------------------------------
 def _cotangents(static: _Static, dy_ref, y_dot_dy_ref, denominator_ref, tokens, normalizer_scale):
+    """``(dN, dD)`` of the chunk; ``dD`` is None without the normalizer (``dN = dy``)."""
+    if not static.normalize:
+        return dy_ref[tokens, :].astype(jnp.float32), None
     chunk_size = static.chunk_size
     denominator = denominator_ref[tokens].reshape(chunk_size, 1)
     y_dot_dy = y_dot_dy_ref[tokens].reshape(chunk_size, 1)
@@ -321,6 +367,7 @@ def _cotangents(static: _Static, dy_ref, y_dot_dy_ref, denominator_ref, tokens, 
 
 def _backward_query_kernel(*refs, static: _Static):
     q_ref, k_ref, v_ref, dy_ref, y_dot_dy_ref, denominator_ref, *refs = refs
+    decay_ref = refs.pop(0) if static.has_decay else None
     factor_refs, refs = refs[:5], refs[5:]
     if static.has_initial_state:
         initial_kv_ref, initial_k_ref, *refs = refs
@@ -350,6 +397,7 @@ def _backward_query_kernel(*refs, static: _Static):
             feature_dim=static.layout.feature_dim,
             operand_dtype=static.operand_dtype,
             key_valid=_key_valid(static, start),
+            decay=_load_decay(static, decay_ref, tokens),
         )
         dq_ref[tokens, :] = dq
         return states
@@ -359,8 +407,11 @@ def _backward_query_kernel(*refs, static: _Static):
 
 def _backward_key_value_kernel(*refs, static: _Static):
     q_ref, k_ref, v_ref, dy_ref, y_dot_dy_ref, denominator_ref, *refs = refs
+    decay_ref = refs.pop(0) if static.has_decay else None
     factor_refs, refs = refs[:5], refs[5:]
-    final_d_kv_ref, final_d_k_ref, dk_ref, dv_ref, initial_d_kv_ref, initial_d_k_ref = refs
+    final_d_kv_ref, final_d_k_ref, dk_ref, dv_ref, *refs = refs
+    key_term_ref = refs.pop(0) if static.has_decay else None
+    initial_d_kv_ref, initial_d_k_ref = refs
     normalizer_scale = (pl.program_id(2) == 0).astype(jnp.float32)
     factors = _load_factors(static, factor_refs)
     d_states = _load_states(static, final_d_kv_ref, final_d_k_ref, k_scale=normalizer_scale)
@@ -373,7 +424,7 @@ def _backward_key_value_kernel(*refs, static: _Static):
         d_numerator, d_denominator = _cotangents(
             static, dy_ref, y_dot_dy_ref, denominator_ref, tokens, normalizer_scale
         )
-        dk, dv, d_states = chunk_backward_key_value(
+        dk, dv, d_states, key_term = chunk_backward_key_value(
             q_ref[tokens, :],
             k_ref[tokens, :],
             v_ref[tokens, :],
@@ -383,9 +434,12 @@ def _backward_key_value_kernel(*refs, static: _Static):
             factors,
             feature_dim=static.layout.feature_dim,
             operand_dtype=static.operand_dtype,
+            decay=_load_decay(static, decay_ref, tokens),
         )
         dk_ref[tokens, :] = dk
         dv_ref[tokens, :] = dv.astype(dv_ref.dtype)
+        if static.has_decay:
+            key_term_ref[tokens] = key_term.reshape(chunk_size)
         return d_states
 
     d_states = lax.fori_loop(0, static.num_chunks, body, d_states)
@@ -394,14 +448,19 @@ def _backward_key_value_kernel(*refs, static: _Static):
 
 def backward(
     config: Any, residuals: tuple, dy: jax.Array, d_final_state: tuple[jax.Array, jax.Array]
-) -> tuple[jax.Array, jax.Array, jax.Array, tuple[jax.Array, jax.Array]]:
+) -> tuple[jax.Array, jax.Array, jax.Array, tuple[jax.Array, jax.Array], jax.Array | None]:
     """Backward kernels for ``config``; ``residuals`` from :func:`forward`.
 
-    Returns ``dq, dk, dv`` (operand dtype, ``[B, T, H, X]``) and the initial state's cotangent
-    ``(d_kv [B, H, D', Dv], d_k [B, H, D'])`` float32.
+    Returns ``dq, dk, dv`` (operand dtype, ``[B, T, H, X]``), the initial state's cotangent
+    ``(d_kv [B, H, D', Dv], d_k [B, H, D'])`` float32 and ``d log_decay [B, T, H]`` float32
+    (None without decay).
     """
-    q_kernel, k_kernel, v_kernel, kernel_state, y, denominator = residuals
-    static = _static(config, dy.shape[1], dy.shape[-1], kernel_state is not None)
+    q_kernel, k_kernel, v_kernel, kernel_state, y, denominator, decay_kernel, final_state = (
+        residuals
+    )
+    static = _static(
+        config, dy.shape[1], dy.shape[-1], kernel_state is not None, decay_kernel is not None
+    )
     batch, _, heads, padded_feature_dim = q_kernel.shape
     dy_kernel = _to_kernel(dy, static, static.padded_value_dim)
     y_dot_dy = jnp.sum(dy.astype(jnp.float32) * y.astype(jnp.float32), axis=-1)  # [B, T, H]
@@ -416,8 +475,11 @@ def backward(
         _row_specs(static, static.padded_value_dim, blocked=True),
         _per_token_spec(static),
         _per_token_spec(static),
-        *_factor_specs(static),
     ]
+    if static.has_decay:
+        common_inputs.append(decay_kernel)
+        common_specs.append(_per_token_spec(static))
+    common_specs += _factor_specs(static)
     factor_arrays = _factor_arrays(static)
     partial_shape = (static.value_blocks, batch, static.padded_seq, heads, padded_feature_dim)
 
@@ -437,7 +499,18 @@ def backward(
         name="based_linear_attention_backward_query",
     )(*query_inputs)
 
-    dk_partial, dv_kernel, d_initial_kv, d_initial_k = pl.pallas_call(
+    # Per-value-block partial sums of the decay's key term [NVB, B, H, T_pad].
+    key_term_outputs = []
+    if static.has_decay:
+        key_term_outputs = [
+            (
+                pl.BlockSpec((None, None, None, static.padded_seq), lambda b, h, j: (j, b, h, 0)),
+                jax.ShapeDtypeStruct(
+                    (static.value_blocks, batch, heads, static.padded_seq), jnp.float32
+                ),
+            )
+        ]
+    dk_partial, dv_kernel, *key_term, d_initial_kv, d_initial_k = pl.pallas_call(
         functools.partial(_backward_key_value_kernel, static=static),
         grid=grid,
         in_specs=[
@@ -450,6 +523,7 @@ def backward(
         out_specs=[
             _partial_spec(static, padded_feature_dim),
             _row_specs(static, static.padded_value_dim, blocked=True),
+            *(spec for spec, _ in key_term_outputs),
             pl.BlockSpec(
                 (None, None, static.rows, static.value_block), lambda b, h, j: (b, h, 0, j)
             ),
@@ -458,6 +532,7 @@ def backward(
         out_shape=[
             jax.ShapeDtypeStruct(partial_shape, jnp.float32),
             jax.ShapeDtypeStruct(v_kernel.shape, static.operand_dtype),
+            *(shape for _, shape in key_term_outputs),
             jax.ShapeDtypeStruct((batch, heads, static.rows, static.padded_value_dim), jnp.float32),
             jax.ShapeDtypeStruct((static.value_blocks, batch, heads, 1, static.rows), jnp.float32),
         ],
@@ -475,4 +550,16 @@ def backward(
     dk = unpad(dk_partial.sum(0), feature_dim)
     dv = unpad(dv_kernel, static.value_dim)
     d_initial = _state_from_kernel(d_initial_kv, d_initial_k.sum(0), static)
-    return dq, dk, dv, d_initial
+    d_log_decay = None
+    if static.has_decay:
+        d_log_decay = log_decay_cotangent(
+            y_dot_dy,
+            denominator,
+            key_term[0].sum(0),
+            final_state,
+            d_final_state,
+            seq_len=static.seq_len,
+            eps=static.eps,
+            normalize=static.normalize,
+        )
+    return dq, dk, dv, d_initial, d_log_decay

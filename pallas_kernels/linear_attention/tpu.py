@@ -34,7 +34,10 @@ from pallas_kernels.linear_attention._taylor import (
     TaylorLayout,
     chunk_backward_key_value,
     chunk_backward_query,
+    chunk_cumulative_log_decay,
+    chunk_decay,
     chunk_forward,
+    log_decay_cotangent,
     output_cotangents,
 )
 
@@ -54,6 +57,8 @@ class _Static:
     eps: float
     operand_dtype: Any
     has_initial_state: bool
+    has_decay: bool
+    normalize: bool
     interpret: Any
 
     @property
@@ -61,7 +66,9 @@ class _Static:
         return self.layout.rows
 
 
-def _static(config: Any, seq_len: int, value_dim: int, has_initial_state: bool) -> _Static:
+def _static(
+    config: Any, seq_len: int, value_dim: int, has_initial_state: bool, has_decay: bool
+) -> _Static:
     return _Static(
         layout=config.layout,
         seq_len=seq_len,
@@ -72,6 +79,8 @@ def _static(config: Any, seq_len: int, value_dim: int, has_initial_state: bool) 
         eps=config.eps,
         operand_dtype=config.operand_dtype,
         has_initial_state=has_initial_state,
+        has_decay=has_decay,
+        normalize=config.normalize,
         interpret=config.interpret,
     )
 
@@ -100,6 +109,17 @@ def _state_from_kernel(kv: jax.Array, k: jax.Array, static: _Static):
     kv = static.layout.from_rows(kv[..., : static.value_dim], axis=2)
     k = static.layout.from_rows(k[:, :, 0, :], axis=2)
     return kv, k
+
+
+def _rows_to_kernel(x: jax.Array) -> jax.Array:
+    """Per-token ``[B, H, N, C]`` -> lane-dense ``[B, H, N, 8, C]`` (replicated sublanes)."""
+    return jnp.broadcast_to(x[:, :, :, None, :], (*x.shape[:3], SUBLANES, x.shape[3]))
+
+
+def _rows_from_kernel(x: jax.Array) -> jax.Array:
+    """Lane-dense ``[B, H, N, 8, C]`` -> per-token ``[B, H, T_pad]``."""
+    batch, heads, num_chunks, _, chunk_size = x.shape
+    return x[:, :, :, 0, :].reshape(batch, heads, num_chunks * chunk_size)
 
 
 # Block specs -------------------------------------------------------------------------------------
@@ -167,8 +187,13 @@ def _state_scratch(static: _Static) -> list:
 
 
 # Forward -----------------------------------------------------------------------------------------
+def _load_decay(static: _Static, decay_ref):
+    return chunk_decay(decay_ref[0:1, :]) if static.has_decay else None
+
+
 def _forward_kernel(*refs, static: _Static):
     q_ref, k_ref, v_ref, *refs = refs
+    decay_ref = refs.pop(0) if static.has_decay else None
     factor_refs, refs = refs[:5], refs[5:]
     if static.has_initial_state:
         initial_kv_ref, initial_k_ref, *refs = refs
@@ -194,6 +219,8 @@ def _forward_kernel(*refs, static: _Static):
         eps=static.eps,
         operand_dtype=static.operand_dtype,
         key_valid=_key_valid(static, chunk),
+        decay=_load_decay(static, decay_ref),
+        normalize=static.normalize,
     )
     y_ref[...] = y.astype(y_ref.dtype)
     denominator_ref[...] = jnp.broadcast_to(column_to_row(denominator), denominator_ref.shape)
@@ -212,24 +239,40 @@ def forward(
     k: jax.Array,
     v: jax.Array,
     initial_state: tuple[jax.Array, jax.Array] | None,
+    log_decay: jax.Array | None,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array], tuple]:
     """Forward kernel for ``config`` (a ``LinearAttentionConfig``).
 
     ``q, k [B, T, H, F]``, ``v [B, T, H, Dv]``; ``initial_state`` is None or
-    ``(kv [B, H, D', Dv], k [B, H, D'])``. Returns ``y [B, T, H, Dv]``, the final state
-    ``(kv, k)`` float32 and the residuals for :func:`backward`.
+    ``(kv [B, H, D', Dv], k [B, H, D'])``; ``log_decay`` None or ``[B, T, H]`` float32.
+    Returns ``y [B, T, H, Dv]``, the final state ``(kv, k)`` float32 and the residuals for
+    :func:`backward`.
     """
-    static = _static(config, q.shape[1], v.shape[-1], initial_state is not None)
+    static = _static(
+        config, q.shape[1], v.shape[-1], initial_state is not None, log_decay is not None
+    )
     operand_dtype = static.operand_dtype
     batch, _, heads, feature_dim = q.shape
     q_kernel = _to_kernel(q, static, feature_dim)
     k_kernel = _to_kernel(k, static, feature_dim)
     v_kernel = _to_kernel(v, static, static.padded_value_dim)
-    inputs = [q_kernel, k_kernel, v_kernel, *_factor_arrays(static)]
+    decay_kernel = None
+    if log_decay is not None:
+        decay_kernel = _rows_to_kernel(
+            chunk_cumulative_log_decay(log_decay, static.chunk_size, static.num_chunks)
+        )
+    inputs = [
+        q_kernel,
+        k_kernel,
+        v_kernel,
+        *([] if decay_kernel is None else [decay_kernel]),
+        *_factor_arrays(static),
+    ]
     in_specs = [
         _chunk_spec(static, feature_dim),
         _chunk_spec(static, feature_dim),
         _chunk_spec(static, static.padded_value_dim),
+        *([] if decay_kernel is None else [_rows_spec(static)]),
         *_factor_specs(static),
     ]
     kernel_state = None
@@ -263,20 +306,34 @@ def forward(
         name="based_linear_attention_forward",
     )(*inputs)
     y = _from_kernel(y_kernel, static, static.value_dim, v.dtype)
-    residuals = (q_kernel, k_kernel, v_kernel, kernel_state, y_kernel, denominator)
-    return y, _state_from_kernel(final_kv, final_k, static), residuals
+    final_state = _state_from_kernel(final_kv, final_k, static)
+    residuals = (
+        q_kernel,
+        k_kernel,
+        v_kernel,
+        kernel_state,
+        y_kernel,
+        denominator,
+        decay_kernel,
+        None if decay_kernel is None else final_state,
+    )
+    return y, final_state, residuals
 
 
 # Backward ----------------------------------------------------------------------------------------
-def _cotangents(y_ref, dy_ref, denominator_ref, eps):
+def _cotangents(y_ref, dy_ref, denominator_ref, static: _Static):
+    """``(dN, dD)`` of the chunk; ``dD`` is None without the normalizer (``dN = dy``)."""
     dy = dy_ref[...].astype(jnp.float32)
+    if not static.normalize:
+        return dy, None
     y_dot_dy = jnp.sum(dy * y_ref[...].astype(jnp.float32), axis=1, keepdims=True)
     denominator = row_to_column(denominator_ref[0:1, :])
-    return output_cotangents(dy, y_dot_dy, denominator, eps)
+    return output_cotangents(dy, y_dot_dy, denominator, static.eps)
 
 
 def _backward_query_kernel(*refs, static: _Static):
     q_ref, k_ref, v_ref, y_ref, dy_ref, denominator_ref, *refs = refs
+    decay_ref = refs.pop(0) if static.has_decay else None
     factor_refs, refs = refs[:5], refs[5:]
     if static.has_initial_state:
         initial_kv_ref, initial_k_ref, *refs = refs
@@ -292,7 +349,7 @@ def _backward_query_kernel(*refs, static: _Static):
             kv_scratch[...] = jnp.zeros(kv_scratch.shape, jnp.float32)
             k_scratch[...] = jnp.zeros(k_scratch.shape, jnp.float32)
 
-    d_numerator, d_denominator = _cotangents(y_ref, dy_ref, denominator_ref, static.eps)
+    d_numerator, d_denominator = _cotangents(y_ref, dy_ref, denominator_ref, static)
     dq, (state,) = chunk_backward_query(
         q_ref[...],
         k_ref[...],
@@ -304,6 +361,7 @@ def _backward_query_kernel(*refs, static: _Static):
         feature_dim=static.layout.feature_dim,
         operand_dtype=static.operand_dtype,
         key_valid=_key_valid(static, chunk),
+        decay=_load_decay(static, decay_ref),
     )
     dq_ref[...] = dq.astype(dq_ref.dtype)
     kv_scratch[...] = state.kv
@@ -312,17 +370,11 @@ def _backward_query_kernel(*refs, static: _Static):
 
 def _backward_key_value_kernel(*refs, static: _Static):
     q_ref, k_ref, v_ref, y_ref, dy_ref, denominator_ref, *refs = refs
+    decay_ref = refs.pop(0) if static.has_decay else None
     factor_refs, refs = refs[:5], refs[5:]
-    (
-        final_d_kv_ref,
-        final_d_k_ref,
-        dk_ref,
-        dv_ref,
-        initial_d_kv_ref,
-        initial_d_k_ref,
-        d_kv_scratch,
-        d_k_scratch,
-    ) = refs
+    final_d_kv_ref, final_d_k_ref, dk_ref, dv_ref, *refs = refs
+    key_term_ref = refs.pop(0) if static.has_decay else None
+    initial_d_kv_ref, initial_d_k_ref, d_kv_scratch, d_k_scratch = refs
     step = pl.program_id(2)
 
     @pl.when(step == 0)
@@ -330,8 +382,8 @@ def _backward_key_value_kernel(*refs, static: _Static):
         d_kv_scratch[...] = final_d_kv_ref[...]
         d_k_scratch[...] = final_d_k_ref[...]
 
-    d_numerator, d_denominator = _cotangents(y_ref, dy_ref, denominator_ref, static.eps)
-    dk, dv, (d_state,) = chunk_backward_key_value(
+    d_numerator, d_denominator = _cotangents(y_ref, dy_ref, denominator_ref, static)
+    dk, dv, (d_state,), key_term = chunk_backward_key_value(
         q_ref[...],
         k_ref[...],
         v_ref[...],
@@ -341,9 +393,12 @@ def _backward_key_value_kernel(*refs, static: _Static):
         _load_factors(factor_refs),
         feature_dim=static.layout.feature_dim,
         operand_dtype=static.operand_dtype,
+        decay=_load_decay(static, decay_ref),
     )
     dk_ref[...] = dk.astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
+    if static.has_decay:
+        key_term_ref[...] = jnp.broadcast_to(column_to_row(key_term), key_term_ref.shape)
     d_kv_scratch[...] = d_state.kv
     d_k_scratch[...] = d_state.k
 
@@ -355,18 +410,32 @@ def _backward_key_value_kernel(*refs, static: _Static):
 
 def backward(
     config: Any, residuals: tuple, dy: jax.Array, d_final_state: tuple[jax.Array, jax.Array]
-) -> tuple[jax.Array, jax.Array, jax.Array, tuple[jax.Array, jax.Array]]:
+) -> tuple[jax.Array, jax.Array, jax.Array, tuple[jax.Array, jax.Array], jax.Array | None]:
     """Backward kernels for ``config``; ``residuals`` from :func:`forward`.
 
     ``dy [B, T, H, Dv]``, ``d_final_state = (d_kv, d_k)``. Returns ``dq, dk, dv`` (operand
-    dtype, ``[B, T, H, X]``) and the initial state's cotangent ``(d_kv, d_k)`` float32.
+    dtype, ``[B, T, H, X]``), the initial state's cotangent ``(d_kv, d_k)`` float32 and
+    ``d log_decay [B, T, H]`` float32 (None without decay).
     """
-    q_kernel, k_kernel, v_kernel, kernel_state, y_kernel, denominator = residuals
-    static = _static(config, dy.shape[1], dy.shape[-1], kernel_state is not None)
+    (
+        q_kernel,
+        k_kernel,
+        v_kernel,
+        kernel_state,
+        y_kernel,
+        denominator,
+        decay_kernel,
+        final_state,
+    ) = residuals
+    static = _static(
+        config, dy.shape[1], dy.shape[-1], kernel_state is not None, decay_kernel is not None
+    )
     batch, heads, _, feature_dim = q_kernel.shape
     dy_kernel = _to_kernel(dy, static, static.padded_value_dim)
     d_final_kv, d_final_k = _state_to_kernel(*d_final_state, static)
     common_inputs = [q_kernel, k_kernel, v_kernel, y_kernel, dy_kernel, denominator]
+    if decay_kernel is not None:
+        common_inputs.append(decay_kernel)
     grid = (batch, heads, static.num_chunks)
 
     def common_specs(reverse: bool) -> list[pl.BlockSpec]:
@@ -377,6 +446,7 @@ def backward(
             _chunk_spec(static, static.padded_value_dim, reverse),
             _chunk_spec(static, static.padded_value_dim, reverse),
             _rows_spec(static, reverse),
+            *([_rows_spec(static, reverse)] if static.has_decay else []),
             *_factor_specs(static),
         ]
 
@@ -397,18 +467,23 @@ def backward(
         name="based_linear_attention_backward_query",
     )(*query_inputs)
 
-    dk_kernel, dv_kernel, d_initial_kv, d_initial_k = pl.pallas_call(
+    key_term_outputs = []
+    if static.has_decay:
+        key_term_outputs = [(_rows_spec(static, reverse=True), denominator.shape)]
+    dk_kernel, dv_kernel, *key_term, d_initial_kv, d_initial_k = pl.pallas_call(
         functools.partial(_backward_key_value_kernel, static=static),
         grid=grid,
         in_specs=[*common_specs(reverse=True), *_state_specs(static)],
         out_specs=[
             _chunk_spec(static, feature_dim, reverse=True),
             _chunk_spec(static, static.padded_value_dim, reverse=True),
+            *(spec for spec, _ in key_term_outputs),
             *_state_specs(static),
         ],
         out_shape=[
             jax.ShapeDtypeStruct(k_kernel.shape, static.operand_dtype),
             jax.ShapeDtypeStruct(v_kernel.shape, static.operand_dtype),
+            *(jax.ShapeDtypeStruct(shape, jnp.float32) for _, shape in key_term_outputs),
             jax.ShapeDtypeStruct((batch, heads, static.rows, static.padded_value_dim), jnp.float32),
             jax.ShapeDtypeStruct((batch, heads, 1, static.rows), jnp.float32),
         ],
@@ -421,4 +496,18 @@ def backward(
     dq = _from_kernel(dq_kernel, static, feature_dim, static.operand_dtype)
     dk = _from_kernel(dk_kernel, static, feature_dim, static.operand_dtype)
     dv = _from_kernel(dv_kernel, static, static.value_dim, static.operand_dtype)
-    return dq, dk, dv, _state_from_kernel(d_initial_kv, d_initial_k, static)
+    d_log_decay = None
+    if static.has_decay:
+        y_dot_dy = jnp.sum(dy_kernel.astype(jnp.float32) * y_kernel.astype(jnp.float32), axis=-1)
+        d_log_decay = log_decay_cotangent(
+            y_dot_dy,
+            _rows_from_kernel(denominator),
+            _rows_from_kernel(key_term[0]),
+            final_state,
+            d_final_state,
+            seq_len=static.seq_len,
+            eps=static.eps,
+            normalize=static.normalize,
+        )
+    d_initial = _state_from_kernel(d_initial_kv, d_initial_k, static)
+    return dq, dk, dv, d_initial, d_log_decay
