@@ -273,3 +273,50 @@ def test_decay_arguments_are_checked(rng):
         pallas_linear_attention(q, k, v, log_decay=log_decay[..., 0], interpret=True)
     with pytest.raises(TypeError, match="normalize=1 must be a bool"):
         pallas_linear_attention(q, k, v, log_decay=log_decay, normalize=1, interpret=True)
+
+
+@pytest.mark.parametrize(
+    ("per_step", "with_state", "normalize"), [(True, True, True), (False, False, False)]
+)
+def test_ops_dispatch_with_decay_matches_xla(per_step, with_state, normalize, rng):
+    # jaxbased.ops.linear_attention(implementation="pallas") runs the kernel (interpreted on
+    # CPU) with a per-step [B, T, H] or a fixed per-head [H] decay (broadcast for the kernel).
+    from jaxbased.ops import LinearAttentionState, linear_attention
+
+    q, k, v, log_decay, state = make_inputs(rng, seq=24, value_dim=8)
+    if not per_step:
+        log_decay = np.log(np.array([0.9, 0.6], np.float32))
+    initial = LinearAttentionState(*state) if with_state else None
+    weights = random_weights(rng, v, "taylor", q.shape[-1])
+
+    def results(implementation):
+        def attention(q, k, v, log_decay, initial_state):
+            y, final = linear_attention(
+                q,
+                k,
+                v,
+                chunk_size=8,
+                log_decay=log_decay,
+                normalize=normalize,
+                initial_state=initial_state,
+                return_state=True,
+                implementation=implementation,
+            )
+            return y, tuple(final)
+
+        loss = weighted_loss(attention, weights)
+        argnums = (0, 1, 2, 3, 4) if with_state else (0, 1, 2, 3)
+        run = jax.jit(lambda *args: (attention(*args), jax.grad(loss, argnums=argnums)(*args)))
+        return jax.tree.leaves(run(q, k, v, log_decay, initial))
+
+    got, want = results("pallas"), results("xla")
+    assert len(got) == len(want) == (9 if with_state else 7)
+    for got_leaf, want_leaf in zip(got, want, strict=True):
+        assert got_leaf.shape == want_leaf.shape
+        assert relative_error(got_leaf, want_leaf) <= 1e-5
+    # and the XLA op agrees with the float64 recurrence (so both match the definition)
+    per_step_decay = np.broadcast_to(log_decay, q.shape[:3])
+    want_y, _ = numpy_recurrence(
+        q, k, v, per_step_decay, "taylor", state if with_state else None, normalize=normalize
+    )
+    assert relative_error(got[0], want_y) <= 1e-5

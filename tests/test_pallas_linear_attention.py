@@ -338,9 +338,11 @@ mesh = jax.make_mesh(
 rng = np.random.default_rng(0)
 q, k = (rng.normal(size=(4, 24, 2, 8)).astype(np.float32) for _ in range(2))
 v = rng.normal(size=(4, 24, 2, 5)).astype(np.float32)
+log_decay = np.log(rng.uniform(0.5, 1.0, size=(4, 24, 2))).astype(np.float32)
+per_head_log_decay = np.log(np.array([0.9, 0.7], np.float32))
 
 
-def both(q, k, v, implementation):
+def both(q, k, v, log_decay, implementation):
     y, state = linear_attention(
         q, k, v, chunk_size=8, return_state=True, implementation=implementation
     )
@@ -348,11 +350,19 @@ def both(q, k, v, implementation):
     continued = linear_attention(
         q, k, v, chunk_size=8, initial_state=state, implementation=implementation
     )
-    return y, state.kv_state, o, continued
+    decayed = linear_attention(
+        q, k, v, chunk_size=8, log_decay=log_decay, initial_state=state,
+        implementation=implementation,
+    )
+    unnormalized = linear_attention(
+        q, k, v, chunk_size=8, log_decay=per_head_log_decay, normalize=False,
+        implementation=implementation,
+    )
+    return y, state.kv_state, o, continued, decayed, unnormalized
 
 
-def loss(q, k, v, implementation):
-    return sum(x.sum() for x in both(q, k, v, implementation))
+def loss(q, k, v, log_decay, implementation):
+    return sum(x.sum() for x in both(q, k, v, log_decay, implementation))
 
 
 def relative(a, b):
@@ -362,13 +372,16 @@ def relative(a, b):
 
 with jax.set_mesh(mesh):
     sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp"), None, "tensor", None))
+    # log_decay [B, T, H] is split like the tokens
+    decay_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp"), None, "tensor"))
     args = [jax.device_put(x, sharding) for x in (q, k, v)]
-    forward = jax.jit(lambda q, k, v: both(q, k, v, "pallas"))
+    args.append(jax.device_put(log_decay, decay_sharding))
+    forward = jax.jit(lambda *args: both(*args, "pallas"))
     hlo = forward.lower(*args).compile().as_text()
-    got, want = forward(*args), jax.jit(lambda q, k, v: both(q, k, v, "xla"))(*args)
-    grad = jax.grad(loss, argnums=(0, 1, 2))
-    got_grads = jax.jit(lambda q, k, v: grad(q, k, v, "pallas"))(*args)
-    want_grads = jax.jit(lambda q, k, v: grad(q, k, v, "xla"))(*args)
+    got, want = forward(*args), jax.jit(lambda *args: both(*args, "xla"))(*args)
+    grad = jax.grad(loss, argnums=(0, 1, 2, 3))
+    got_grads = jax.jit(lambda *args: grad(*args, "pallas"))(*args)
+    want_grads = jax.jit(lambda *args: grad(*args, "xla"))(*args)
     print(json.dumps({
         "collectives": [op for op in ("all-gather", "all-reduce", "all-to-all") if op in hlo],
         "output_spec": str(got[0].sharding.spec),

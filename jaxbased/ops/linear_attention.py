@@ -36,6 +36,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 from jaxtyping import Array, Float
 
 from jaxbased.ops.dispatch import (
@@ -322,8 +323,8 @@ def linear_attention(
       implementation: ``auto`` (the Pallas kernel on TPU/GPU when it supports the arguments,
         else XLA), ``xla`` (the reference) or ``pallas`` (the kernel; interpreted on CPU). The
         kernel computes the ``chunked`` algorithm for the Taylor feature maps, in float32 with
-        bfloat16 matmul operands when q, k, v are all bfloat16. It has no decay and always
-        normalizes: with ``log_decay`` or ``normalize=False``, ``auto`` uses XLA.
+        bfloat16 matmul operands when q, k, v are all bfloat16, with or without decay and
+        normalizer (a per-head ``[H]`` decay is broadcast to ``[B, T, H]`` for it).
       log_decay: None (no decay), ``[H]`` (one decay per head) or ``[B, T, H]`` (per step and
         head); values <= 0 (checked when concrete).
       normalize: divide by ``phi(q_t)^T z_t + eps`` (the BASED normalizer); False returns
@@ -349,7 +350,9 @@ def linear_attention(
         implementation,
         _kernel_unsupported(q, k, v, feature_map, algorithm, chunk_size, log_decay, normalize),
     ):
-        out, final = _pallas(q, k, v, feature_map, chunk_size, eps, initial_state)
+        out, final = _pallas(
+            q, k, v, feature_map, chunk_size, eps, initial_state, log_decay, normalize
+        )
         return (out, final) if return_state else out
 
     dtype = _compute_dtype(q, k, v)
@@ -383,28 +386,25 @@ def _kernel_unsupported(
 ) -> str | None:
     from pallas_kernels.linear_attention import unsupported_reason
 
-    if log_decay is not None:
-        return "log_decay: the kernel has no decay"
-    if not normalize:
-        return "normalize=False: the kernel always normalizes"
     if algorithm != "chunked":
         return f"the kernel computes algorithm='chunked', not {algorithm!r}"
     backend, _ = kernel_backend()
+    decay_dtypes = () if log_decay is None else (log_decay.dtype,)
     return unsupported_reason(
         q.shape,
         v.shape,
         feature_map=feature_map,
         chunk_size=chunk_size,
         backend=backend,
-        dtypes=(q.dtype, k.dtype, v.dtype),
+        dtypes=(q.dtype, k.dtype, v.dtype, *decay_dtypes),
     )
 
 
-def _pallas(q, k, v, feature_map, chunk_size, eps, initial_state):
+def _pallas(q, k, v, feature_map, chunk_size, eps, initial_state, log_decay, normalize):
     from pallas_kernels.linear_attention import linear_attention as pallas_linear_attention
 
     backend, interpret = kernel_backend()
-    batch, _, heads, feature_dim = q.shape
+    batch, seq, heads, feature_dim = q.shape
     if initial_state is not None:
         # Same shape check (and message) as the XLA path.
         expanded = get_feature_map(feature_map)(jnp.zeros((feature_dim,), jnp.float32)).shape[-1]
@@ -413,12 +413,19 @@ def _pallas(q, k, v, feature_map, chunk_size, eps, initial_state):
         )
         initial_state = (initial_state.kv_state, initial_state.k_state)
 
-    def kernel(q, k, v, *state):
+    # The kernel takes a decay per step and head: a fixed per-head decay [H] is broadcast.
+    decay = () if log_decay is None else (jnp.broadcast_to(log_decay, (batch, seq, heads)),)
+
+    def kernel(q, k, v, *rest):
+        log_decay = rest[0] if decay else None
+        state = rest[len(decay) :]
         return pallas_linear_attention(
             q,
             k,
             v,
             state or None,
+            log_decay=log_decay,
+            normalize=normalize,
             feature_map=feature_map,
             chunk_size=chunk_size,
             eps=eps,
@@ -427,14 +434,21 @@ def _pallas(q, k, v, feature_map, chunk_size, eps, initial_state):
         )
 
     partition = mesh_partition(batch, heads)
-    tokens, state_specs = None, (None, None)
+    tokens, decay_spec, state_specs = None, None, (None, None)
     if partition is not None:
         tokens = token_spec(partition)
+        decay_spec = PartitionSpec(*tuple(tokens)[:3])  # [B, T, H], split like the tokens
         state_specs = (head_spec(partition, 4), head_spec(partition, 3))
     state = () if initial_state is None else initial_state
-    in_specs = (tokens, tokens, tokens, *(state_specs if state else ()))
+    in_specs = (
+        tokens,
+        tokens,
+        tokens,
+        *((decay_spec,) if decay else ()),
+        *(state_specs if state else ()),
+    )
     out, (kv_state, k_state) = shard_kernel(kernel, partition, in_specs, (tokens, state_specs))(
-        q, k, v, *state
+        q, k, v, *decay, *state
     )
     return out, LinearAttentionState(kv_state, k_state)
 
