@@ -146,10 +146,10 @@ def test_decode_steps_continue_a_prefix(decay_kind, rng):
         return_state=True,
         log_decay=log_decay if decay_kind == "per_head" else log_decay[:, :prefix],
     )
-    outputs = []
+    outputs, step = [], jax.jit(linear_attention_step)
     for t in range(prefix, seq):
         step_decay = log_decay if decay_kind == "per_head" else log_decay[:, t]
-        y, state = linear_attention_step(q[:, t], k[:, t], v[:, t], state, log_decay=step_decay)
+        y, state = step(q[:, t], k[:, t], v[:, t], state, log_decay=step_decay)
         outputs.append(y)
     assert relative_error(jnp.stack(outputs, 1), whole[:, prefix:]) <= 1e-5
 

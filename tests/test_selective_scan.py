@@ -102,9 +102,9 @@ def test_decode_steps_continue_a_prefix(rng):
         chunk_size=CHUNK,
         return_state=True,
     )
-    outputs = []
+    outputs, step = [], jax.jit(selective_scan_step)
     for t in range(prefix, seq):
-        y, state = selective_scan_step(u[:, t], delta[:, t], a, b[:, t], c[:, t], state)
+        y, state = step(u[:, t], delta[:, t], a, b[:, t], c[:, t], state)
         outputs.append(y)
     assert relative_error(jnp.stack(outputs, 1), whole[:, prefix:]) <= 1e-5
     assert relative_error(state, whole_state) <= 1e-5
