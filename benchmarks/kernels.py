@@ -275,7 +275,9 @@ def check(name: str, pairs: list[tuple[str, Any, Any]], dtype: str) -> dict[str,
     return {"name": name, "dtype": dtype, "errors": errors, "passed": passed}
 
 
-def check_linear(settings: Settings, shapes, feature_map, dtype_name, with_state) -> dict:
+def check_linear(
+    settings: Settings, shapes, feature_map, dtype_name, with_state, with_decay=False
+) -> dict:
     batch, seq, heads, feature_dim, value_dim = shapes
     dtype = jnp.dtype(dtype_name)
     q, k, v, cotangent = random_arrays(
@@ -291,13 +293,23 @@ def check_linear(settings: Settings, shapes, feature_map, dtype_name, with_state
             3, [(batch, heads, expanded, value_dim), (batch, heads, expanded)], jnp.float32
         )
         initial = (0.1 * kv_state, jnp.abs(k_state))
+    log_decay = None  # a decay per step and head, a in [0.9, 1]
+    if with_decay:
+        (uniform,) = random_arrays(5, [(batch, seq, heads)], jnp.float32)
+        log_decay = jnp.log(1.0 - 0.1 * jax.nn.sigmoid(uniform))
 
-    def kernel(q, k, v, initial):
+    def kernel(q, k, v, initial, log_decay):
         return pallas_linear_attention(
-            q, k, v, initial, feature_map=feature_map, interpret=settings.interpret
+            q,
+            k,
+            v,
+            initial,
+            log_decay=log_decay,
+            feature_map=feature_map,
+            interpret=settings.interpret,
         )
 
-    def reference(q, k, v, initial):
+    def reference(q, k, v, initial, log_decay):
         state = None if initial is None else LinearAttentionState(*initial)
         y, final = xla_linear_attention(
             q,
@@ -307,27 +319,30 @@ def check_linear(settings: Settings, shapes, feature_map, dtype_name, with_state
             initial_state=state,
             return_state=True,
             implementation="xla",
+            log_decay=log_decay,
         )
         return y, (final.kv_state, final.k_state)
 
+    argnums = [0, 1, 2] + ([3] if initial is not None else []) + ([4] if with_decay else [])
+
     def gradients(function):
-        def loss(q, k, v, initial):
-            y, (kv_state, k_state) = function(q, k, v, initial)
+        def loss(q, k, v, initial, log_decay):
+            y, (kv_state, k_state) = function(q, k, v, initial, log_decay)
             return (
                 jnp.sum(y.astype(jnp.float32) * cotangent)
                 + 1e-3 * jnp.sum(kv_state)
                 + 1e-3 * jnp.sum(k_state)
             )
 
-        argnums = (0, 1, 2) if initial is None else (0, 1, 2, 3)
-        return jax.jit(jax.grad(loss, argnums=argnums))(q, k, v, initial)
+        return jax.jit(jax.grad(loss, argnums=tuple(argnums)))(q, k, v, initial, log_decay)
 
     with jax.default_matmul_precision("highest"):
-        want_y, want_state = jax.jit(reference)(q, k, v, initial)
+        want_y, want_state = jax.jit(reference)(q, k, v, initial, log_decay)
         want_grads = gradients(reference)
-    got_y, got_state = jax.jit(kernel)(q, k, v, initial)
+    got_y, got_state = jax.jit(kernel)(q, k, v, initial, log_decay)
     got_grads = gradients(kernel)
-    names = ["dq", "dk", "dv", "d_kv_state0", "d_k_state0"]
+    names = ["dq", "dk", "dv"] + (["d_kv_state0", "d_k_state0"] if initial is not None else [])
+    names += ["d_log_decay"] if with_decay else []
     pairs = [
         ("y", got_y, want_y),
         ("kv_state", got_state[0], want_state[0]),
@@ -341,7 +356,7 @@ def check_linear(settings: Settings, shapes, feature_map, dtype_name, with_state
     ]
     label = (
         f"linear {feature_map} T={seq} F={feature_dim} Dv={value_dim} "
-        f"{'state' if with_state else 'no state'}"
+        f"{'state' if with_state else 'no state'}{' decay' if with_decay else ''}"
     )
     return check(label, pairs, dtype_name)
 
@@ -394,6 +409,11 @@ def run_checks(settings: Settings) -> list[dict]:
                     results.append(
                         _guarded(check_linear, settings, shapes, feature_map, dtype, with_state)
                     )
+            if value_dim == settings.value_dims[0]:  # with a decay per step and head
+                shapes = (batch, seq, heads, settings.feature_dim, value_dim)
+                results.append(
+                    _guarded(check_linear, settings, shapes, "taylor", dtype, True, True)
+                )
             for window in (settings.window, None):
                 if window is None and value_dim != settings.value_dims[0]:
                     continue
