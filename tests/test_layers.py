@@ -8,6 +8,7 @@ from jax.test_util import check_grads
 from jaxbased import MIXER_NAMES, ModelConfig
 from jaxbased.layers import MIXERS, GatedMLP, RMSNorm, build_mixer
 from tests import reference_numpy as ref
+from tests import reference_ssm_numpy
 from tests.conftest import relative_error
 
 
@@ -24,6 +25,12 @@ def mixer_config(name: str, **overrides) -> ModelConfig:
         chunk_size=4,
         attention_heads=2,
         window=3,
+        mamba_state_dim=4,
+        mamba_chunk_size=4,
+        mamba2_state_dim=4,
+        mamba2_head_dim=4,
+        mamba2_chunk_size=4,
+        decay_attention_heads=2,
         init_std=0.3,  # larger than the LM's 0.02 so that outputs are O(1)
     )
     values.update(overrides)
@@ -49,7 +56,8 @@ def test_mixer_matches_float64_numpy(name, rng):
     x = rng.normal(size=(2, 11, config.d_model)).astype(np.float32)
     got = mixer.apply({"params": params}, x)
     assert got.shape == x.shape
-    assert relative_error(got, ref.mixer_forward(name, params, x, config)) <= 1e-5
+    want = reference_ssm_numpy.mixer_forward(name, params, x, config)
+    assert relative_error(got, want) <= 1e-5
 
 
 @pytest.mark.parametrize("name", MIXER_NAMES)

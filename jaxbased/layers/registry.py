@@ -11,6 +11,10 @@ from jaxbased.config import MIXER_NAMES, ModelConfig
 from jaxbased.layers.attention import SlidingWindowAttention
 from jaxbased.layers.base_conv import BaseConv
 from jaxbased.layers.based import BasedLinearAttention
+from jaxbased.layers.decay_attention import DecayLinearAttention
+from jaxbased.layers.mamba import Mamba
+from jaxbased.layers.mamba2 import Mamba2
+from jaxbased.layers.mlp_mixer import MLPMixer
 
 MixerFactory = Callable[..., nn.Module]
 
@@ -22,6 +26,10 @@ MIXERS: MappingProxyType[str, MixerFactory] = MappingProxyType(
             config, window=config.window, **kwargs
         ),
         "attention": lambda config, **kwargs: SlidingWindowAttention(config, window=None, **kwargs),
+        "mamba": lambda config, **kwargs: Mamba(config, **kwargs),
+        "mamba2": lambda config, **kwargs: Mamba2(config, **kwargs),
+        "decay_attention": lambda config, **kwargs: DecayLinearAttention(config, **kwargs),
+        "mlp": lambda config, **kwargs: MLPMixer(config, **kwargs),
     }
 )
 if set(MIXERS) != set(MIXER_NAMES):  # pragma: no cover - a developer error caught at import

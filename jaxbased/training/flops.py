@@ -4,6 +4,10 @@ Forward FLOPs count 2 per multiply-add of every matmul; training is 3x forward (
 Attention terms use the average number of keys a causal query sees, ``(T + 1) / 2`` for full
 attention and ``min(window, (T + 1) / 2)`` for a window (roughly; exact for T >> window); the
 chunked linear attention counts the intra-chunk ``C x C`` work and the state read/update.
+The state-space mixers count their projections and conv, plus: Mamba's selective scan one
+multiply-add for the state update and one for the read per state entry (``4 * inner * N``);
+Mamba-2's SSD and decay attention the chunked scan as BASED (intra-chunk dots and weighted sums,
+state read and update per head); an ``mlp`` layer its gated MLP.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxbased.config import ModelConfig
+from jaxbased.ops.feature_maps import expanded_dim
 
 
 def mixer_forward_flops(name: str, config: ModelConfig, seq_len: int) -> float:
@@ -34,6 +39,35 @@ def mixer_forward_flops(name: str, config: ModelConfig, seq_len: int) -> float:
         if name == "sliding_window":
             average_keys = min(config.window, average_keys)
         return 2 * d * 3 * d + 2 * d * d + 4 * average_keys * d
+    if name == "mamba":
+        inner, rank = config.ssm_inner_dim, config.mamba_time_step_rank
+        state = config.mamba_state_dim
+        projections = 2 * d * 2 * inner + 2 * inner * (rank + 2 * state) + 2 * rank * inner
+        projections += 2 * inner * d
+        return projections + 2 * config.ssm_conv_kernel_size * inner + 4 * inner * state
+    if name == "mamba2":
+        inner, heads, channels = (
+            config.ssm_inner_dim,
+            config.mamba2_heads,
+            config.mamba2_conv_channels,
+        )
+        state, head_dim = config.mamba2_state_dim, config.mamba2_head_dim
+        chunk = min(config.mamba2_chunk_size, seq_len)
+        projections = 2 * d * (inner + channels + heads) + 2 * inner * d
+        per_head = 2 * chunk * state + 2 * chunk * head_dim + 4 * state * head_dim
+        return projections + 2 * config.ssm_conv_kernel_size * channels + heads * per_head
+    if name == "decay_attention":
+        heads, key_dim = config.decay_attention_heads, config.decay_head_key_dim
+        value = config.decay_value_dim
+        expanded = expanded_dim(config.decay_feature_map, key_dim)
+        chunk = min(config.chunk_size, seq_len)
+        value_projections = 2 if config.decay_output_gate else 1
+        projections = 2 * d * heads * (2 * key_dim + value_projections * value)
+        projections += 2 * heads * value * d
+        per_head = 2 * chunk * expanded + 2 * chunk * value + 4 * expanded * value
+        return projections + heads * per_head
+    if name == "mlp":
+        return 6 * d * config.mlp_hidden_dim
     raise ValueError(f"mixer {name!r} is not known")
 
 
@@ -43,7 +77,8 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> dict[str, float]:
     for name in config.layer_pattern:
         parts[name] = parts.get(name, 0.0) + 3 * mixer_forward_flops(name, config, seq_len)
     if config.use_mlp:
-        parts["mlp"] = 3 * config.num_layers * 6 * config.d_model * config.mlp_hidden_dim
+        mlp = 3 * config.num_layers * 6 * config.d_model * config.mlp_hidden_dim
+        parts["mlp"] = parts.get("mlp", 0.0) + mlp  # added to any ``mlp`` mixer layers
     parts["head"] = 3 * 2 * config.d_model * config.padded_vocab_size
     parts["total"] = sum(parts.values())
     return parts
