@@ -20,6 +20,7 @@ data races between grid points run on different cores).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -85,6 +86,32 @@ def check_interpret(interpret: Any, backend: str) -> Any:
     raise ValueError(
         f"interpret={interpret!r} must be a bool or a jax.experimental.pallas.tpu.InterpretParams"
     )
+
+
+def check_call(
+    unsupported_reason: Callable[..., str | None],
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    backend: str | None,
+    interpret: Any,
+    **options: Any,
+) -> tuple[str, Any]:
+    """Validate a kernel call and return ``(backend, interpret)`` resolved and checked.
+
+    Raises ``ValueError`` if ``q`` and ``k`` differ in shape, or with the sentence that the op's
+    ``unsupported_reason(q.shape, v.shape, backend=..., dtypes=..., **options)`` returns.
+    """
+    backend = resolve_backend(backend, interpret)
+    interpret = check_interpret(interpret, backend)
+    if q.shape != k.shape:
+        raise ValueError(f"q and k must have the same shape; got q={q.shape}, k={k.shape}")
+    reason = unsupported_reason(
+        q.shape, v.shape, backend=backend, dtypes=(q.dtype, k.dtype, v.dtype), **options
+    )
+    if reason is not None:
+        raise ValueError(reason)
+    return backend, interpret
 
 
 def check_block(name: str, size: int, backend: str) -> None:

@@ -33,12 +33,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from pallas_kernels._common import (
-    check_block,
-    check_interpret,
-    compute_dtype,
-    resolve_backend,
-)
+from pallas_kernels._common import check_block, check_call, compute_dtype
 from pallas_kernels.linear_attention import gpu, tpu
 from pallas_kernels.linear_attention._taylor import (
     TAYLOR_FEATURE_MAPS,
@@ -145,7 +140,7 @@ def _apply_backward(config: LinearAttentionConfig, residuals, cotangents):
     dq, dk, dv, d_initial, d_log_decay = _BACKENDS[config.backend].backward(
         config, residuals, dy, d_final_state
     )
-    has_initial_state = residuals[3] is not None  # both backends keep the kernel state there
+    has_initial_state = residuals.initial_state is not None
     return dq, dk, dv, (d_initial if has_initial_state else None), d_log_decay
 
 
@@ -196,20 +191,16 @@ def linear_attention(
       Matmul operands are bfloat16 when all of ``q, k, v`` are, else float32; accumulation,
       state and normalizer are float32.
     """
-    backend = resolve_backend(backend, interpret)
-    interpret = check_interpret(interpret, backend)
-    if q.shape != k.shape:
-        raise ValueError(f"q and k must have the same shape; got q={q.shape}, k={k.shape}")
-    reason = unsupported_reason(
-        q.shape,
-        v.shape,
+    backend, interpret = check_call(
+        unsupported_reason,
+        q,
+        k,
+        v,
+        backend,
+        interpret,
         feature_map=feature_map,
         chunk_size=chunk_size,
-        backend=backend,
-        dtypes=(q.dtype, k.dtype, v.dtype),
     )
-    if reason is not None:
-        raise ValueError(reason)
     if not eps >= 0:
         raise ValueError(f"eps={eps!r} must be >= 0")
     if not isinstance(normalize, bool):

@@ -25,10 +25,9 @@ from jaxtyping import Array, Float
 
 from pallas_kernels._common import (
     check_block,
-    check_interpret,
+    check_call,
     compute_dtype,
     next_power_of_two,
-    resolve_backend,
     round_up,
 )
 from pallas_kernels.window_attention import gpu, tpu
@@ -150,20 +149,9 @@ def window_attention(
     Returns ``[B, T, H, Dv]`` in ``v.dtype``. Scores, softmax and accumulation are float32;
     matmul operands are bfloat16 when all inputs are, else float32.
     """
-    backend = resolve_backend(backend, interpret)
-    interpret = check_interpret(interpret, backend)
-    if q.shape != k.shape:
-        raise ValueError(f"q and k must have the same shape; got q={q.shape}, k={k.shape}")
-    reason = unsupported_reason(
-        q.shape,
-        v.shape,
-        window=window,
-        block_size=block_size,
-        backend=backend,
-        dtypes=(q.dtype, k.dtype, v.dtype),
+    backend, interpret = check_call(
+        unsupported_reason, q, k, v, backend, interpret, window=window, block_size=block_size
     )
-    if reason is not None:
-        raise ValueError(reason)
     seq_len, head_dim = q.shape[1], q.shape[-1]
     operand_dtype = compute_dtype(q, k, v)
     config = WindowAttentionConfig(

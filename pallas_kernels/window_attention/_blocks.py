@@ -16,6 +16,7 @@ uses ``delta_i = sum_d o_id do_id``:
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -58,11 +59,54 @@ def make_plan(seq_len: int, block: int, window: int | None) -> BlockPlan:
     return BlockPlan(seq_len, block, num_blocks, lookback, window)
 
 
-def visible(plan: BlockPlan, query_start, key_start) -> jax.Array:
-    """``[block, block]`` bool: key ``key_start + c`` is visible to query ``query_start + r``."""
+@dataclasses.dataclass(frozen=True)
+class WindowCall:
+    """Compile-time parameters of one kernel call, common to both backends.
+
+    Attributes:
+      plan: the blocks; head_dim, value_dim: ``D, Dv``; padded_head_dim, padded_value_dim:
+      padded as the backend wants them; scale, operand_dtype, interpret: from the op's config.
+    """
+
+    plan: BlockPlan
+    head_dim: int
+    value_dim: int
+    padded_head_dim: int
+    padded_value_dim: int
+    scale: float
+    operand_dtype: Any
+    interpret: Any
+
+    @classmethod
+    def create(
+        cls,
+        config: Any,
+        head_dim: int,
+        value_dim: int,
+        padded_head_dim: int,
+        padded_value_dim: int,
+        **extra: Any,
+    ):
+        """From a ``WindowAttentionConfig`` and the shapes (``extra``: a backend's own fields)."""
+        return cls(
+            plan=config.plan,
+            head_dim=head_dim,
+            value_dim=value_dim,
+            padded_head_dim=padded_head_dim,
+            padded_value_dim=padded_value_dim,
+            scale=config.scale,
+            operand_dtype=config.operand_dtype,
+            interpret=config.interpret,
+            **extra,
+        )
+
+
+def visible(plan: BlockPlan, query_block, key_block) -> jax.Array:
+    """``[block, block]`` bool: in query block ``query_block`` and key block ``key_block``,
+    key ``c`` is visible to query ``r`` (causal, inside the window)."""
     shape = (plan.block, plan.block)
-    query_position = query_start + lax.broadcasted_iota(jnp.int32, shape, 0)
-    key_position = key_start + lax.broadcasted_iota(jnp.int32, shape, 1)
+    query_position = query_block * plan.block + lax.broadcasted_iota(jnp.int32, shape, 0)
+    key_position = key_block * plan.block + lax.broadcasted_iota(jnp.int32, shape, 1)
     mask = key_position <= query_position
     if plan.window is not None:
         mask = mask & (query_position - key_position < plan.window)

@@ -28,6 +28,7 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels._common import MASK_VALUE, matmul, next_power_of_two, pad_axis
 from pallas_kernels.window_attention._blocks import (
     BlockPlan,
+    WindowCall,
     backward_step,
     online_softmax_step,
     visible,
@@ -35,29 +36,20 @@ from pallas_kernels.window_attention._blocks import (
 
 
 @dataclasses.dataclass(frozen=True)
-class _Static:
-    plan: BlockPlan
-    head_dim: int
-    value_dim: int
-    padded_head_dim: int
-    padded_value_dim: int
-    scale: float
-    operand_dtype: Any
-    interpret: Any
+class _Static(WindowCall):
+    """:class:`WindowCall` plus the number of Triton warps."""
+
     num_warps: int
 
 
 def _static(config: Any, head_dim: int, value_dim: int) -> _Static:
     padded_head_dim = next_power_of_two(head_dim, 16)
-    return _Static(
-        plan=config.plan,
-        head_dim=head_dim,
-        value_dim=value_dim,
-        padded_head_dim=padded_head_dim,
-        padded_value_dim=next_power_of_two(value_dim, 16),
-        scale=config.scale,
-        operand_dtype=config.operand_dtype,
-        interpret=config.interpret,
+    return _Static.create(
+        config,
+        head_dim,
+        value_dim,
+        padded_head_dim,
+        next_power_of_two(value_dim, 16),
         num_warps=config.num_warps or (4 if padded_head_dim <= 64 else 8),
     )
 
@@ -100,7 +92,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, static: _Static):
 
     def body(key_block, carry):
         tokens = _tokens(plan, key_block)
-        mask = visible(plan, query_block * plan.block, key_block * plan.block)
+        mask = visible(plan, query_block, key_block)
         return online_softmax_step(
             q,
             k_ref[tokens, :],
@@ -165,7 +157,7 @@ def _backward_query_kernel(
     def body(key_block, dq):
         tokens = _tokens(plan, key_block)
         k = k_ref[tokens, :]
-        mask = visible(plan, query_block * plan.block, key_block * plan.block)
+        mask = visible(plan, query_block, key_block)
         _, d_scores = backward_step(
             q,
             k,
@@ -198,7 +190,7 @@ def _backward_key_value_kernel(
         dk, dv = carry
         tokens = _tokens(plan, query_block)
         q, do = q_ref[tokens, :], do_ref[tokens, :]
-        mask = visible(plan, query_block * plan.block, key_block * plan.block)
+        mask = visible(plan, query_block, key_block)
         probabilities, d_scores = backward_step(
             q,
             k,

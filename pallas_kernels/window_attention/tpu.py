@@ -13,7 +13,6 @@ the log-sum-exp is stored lane-dense as ``[B, H, N, 8, block]``.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any
 
@@ -32,6 +31,7 @@ from pallas_kernels._common import (
 )
 from pallas_kernels.window_attention._blocks import (
     BlockPlan,
+    WindowCall,
     backward_step,
     online_softmax_step,
     visible,
@@ -41,38 +41,19 @@ SUBLANES = 8
 LANES = 128
 
 
-@dataclasses.dataclass(frozen=True)
-class _Static:
-    plan: BlockPlan
-    head_dim: int
-    value_dim: int
-    padded_head_dim: int
-    padded_value_dim: int
-    scale: float
-    operand_dtype: Any
-    interpret: Any
-
-
-def _static(config: Any, head_dim: int, value_dim: int) -> _Static:
-    return _Static(
-        plan=config.plan,
-        head_dim=head_dim,
-        value_dim=value_dim,
-        padded_head_dim=tpu_lane_width(head_dim),
-        padded_value_dim=tpu_lane_width(value_dim),
-        scale=config.scale,
-        operand_dtype=config.operand_dtype,
-        interpret=config.interpret,
+def _static(config: Any, head_dim: int, value_dim: int) -> WindowCall:
+    return WindowCall.create(
+        config, head_dim, value_dim, tpu_lane_width(head_dim), tpu_lane_width(value_dim)
     )
 
 
-def _to_kernel(x: jax.Array, static: _Static, width: int) -> jax.Array:
+def _to_kernel(x: jax.Array, static: WindowCall, width: int) -> jax.Array:
     """``[B, T, H, X] -> [B, H, T_pad, width]``."""
     x = jnp.swapaxes(x, 1, 2).astype(static.operand_dtype)
     return pad_axis(pad_axis(x, 2, static.plan.padded_seq), 3, width)
 
 
-def _from_kernel(x: jax.Array, static: _Static, width: int) -> jax.Array:
+def _from_kernel(x: jax.Array, static: WindowCall, width: int) -> jax.Array:
     return jnp.swapaxes(x[:, :, : static.plan.seq_len, :width], 1, 2)
 
 
@@ -82,12 +63,12 @@ def _compiler_params():
     )
 
 
-def _outer_spec(static: _Static, width: int) -> pl.BlockSpec:
+def _outer_spec(static: WindowCall, width: int) -> pl.BlockSpec:
     """The block indexed by the outer (grid axis 2) block index."""
     return pl.BlockSpec((None, None, static.plan.block, width), lambda b, h, i, t: (b, h, i, 0))
 
 
-def _rows_outer_spec(static: _Static) -> pl.BlockSpec:
+def _rows_outer_spec(static: WindowCall) -> pl.BlockSpec:
     return pl.BlockSpec(
         (None, None, None, SUBLANES, static.plan.block), lambda b, h, i, t: (b, h, i, 0, 0)
     )
@@ -97,7 +78,7 @@ def _key_block(plan: BlockPlan, query_block, step):
     return query_block - plan.lookback + step
 
 
-def _key_spec(static: _Static, width: int) -> pl.BlockSpec:
+def _key_spec(static: WindowCall, width: int) -> pl.BlockSpec:
     plan = static.plan
 
     def index(b, h, i, t):
@@ -106,11 +87,17 @@ def _key_spec(static: _Static, width: int) -> pl.BlockSpec:
     return pl.BlockSpec((None, None, plan.block, width), index)
 
 
+def _query_major_position(plan: BlockPlan):
+    """In the forward and ``dq`` kernels: ``(query block, step, key block)`` of the grid point."""
+    query_block, step = pl.program_id(2), pl.program_id(3)
+    return query_block, step, _key_block(plan, query_block, step)
+
+
 def _query_block(key_block, step):
     return key_block + step
 
 
-def _query_spec(static: _Static, width: int) -> pl.BlockSpec:
+def _query_spec(static: WindowCall, width: int) -> pl.BlockSpec:
     plan = static.plan
 
     def index(b, h, j, t):
@@ -119,7 +106,7 @@ def _query_spec(static: _Static, width: int) -> pl.BlockSpec:
     return pl.BlockSpec((None, None, plan.block, width), index)
 
 
-def _rows_query_spec(static: _Static) -> pl.BlockSpec:
+def _rows_query_spec(static: WindowCall) -> pl.BlockSpec:
     plan = static.plan
 
     def index(b, h, j, t):
@@ -133,8 +120,7 @@ def _forward_kernel(
     q_ref, k_ref, v_ref, o_ref, lse_ref, max_scratch, sum_scratch, acc_scratch, *, static
 ):
     plan = static.plan
-    query_block, step = pl.program_id(2), pl.program_id(3)
-    key_block = _key_block(plan, query_block, step)
+    query_block, step, key_block = _query_major_position(plan)
 
     @pl.when(step == 0)
     def _start():
@@ -144,7 +130,7 @@ def _forward_kernel(
 
     @pl.when(key_block >= 0)
     def _fold():
-        mask = visible(plan, query_block * plan.block, key_block * plan.block)
+        mask = visible(plan, query_block, key_block)
         running_max, running_sum, accumulator = online_softmax_step(
             q_ref[...],
             k_ref[...],
@@ -217,8 +203,7 @@ def _backward_query_kernel(
     q_ref, k_ref, v_ref, o_ref, do_ref, lse_ref, dq_ref, dq_scratch, *, static
 ):
     plan = static.plan
-    query_block, step = pl.program_id(2), pl.program_id(3)
-    key_block = _key_block(plan, query_block, step)
+    query_block, step, key_block = _query_major_position(plan)
 
     @pl.when(step == 0)
     def _start():
@@ -226,7 +211,7 @@ def _backward_query_kernel(
 
     @pl.when(key_block >= 0)
     def _accumulate():
-        mask = visible(plan, query_block * plan.block, key_block * plan.block)
+        mask = visible(plan, query_block, key_block)
         k = k_ref[...]
         _, d_scores = backward_step(
             q_ref[...],
@@ -271,7 +256,7 @@ def _backward_key_value_kernel(
 
     @pl.when(query_block < plan.num_blocks)
     def _accumulate():
-        mask = visible(plan, query_block * plan.block, key_block * plan.block)
+        mask = visible(plan, query_block, key_block)
         q, do = q_ref[...], do_ref[...]
         probabilities, d_scores = backward_step(
             q,
