@@ -7,7 +7,8 @@ an ``interpret`` switch that runs it on CPU:
 
 - :func:`pallas_kernels.linear_attention.linear_attention`: causal chunked linear attention with
   the Taylor feature map fused (expanded features and the float32 state stay on chip), optional
-  initial state, final state returned.
+  initial state, final state returned, optional decay per step and head (``log_decay``,
+  differentiable) and an unnormalized variant (``normalize=False``).
 - :func:`pallas_kernels.window_attention.window_attention`: flash-style causal softmax over a
   sliding window (or full causal), key blocks outside the window skipped.
 
