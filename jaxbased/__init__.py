@@ -6,7 +6,13 @@ model = jaxbased.LanguageModel(config)
 """
 
 from jaxbased import ops
-from jaxbased.config import MIXER_NAMES, PRESETS, ModelConfig, based_layer_pattern
+from jaxbased.config import (
+    MIXER_NAMES,
+    PRESETS,
+    ModelConfig,
+    based_layer_pattern,
+    hybrid_layer_pattern,
+)
 from jaxbased.generation import GenerationResult, generate
 from jaxbased.model import LanguageModel, ModelCache, count_parameters
 
@@ -22,5 +28,6 @@ __all__ = [
     "based_layer_pattern",
     "count_parameters",
     "generate",
+    "hybrid_layer_pattern",
     "ops",
 ]

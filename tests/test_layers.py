@@ -40,7 +40,7 @@ def mixer_config(name: str, **overrides) -> ModelConfig:
 def init_mixer(name: str, config: ModelConfig, seq: int = 5):
     mixer = build_mixer(name, config, parent=None)
     x = jnp.zeros((1, seq, config.d_model), config.compute_dtype)
-    return mixer, nn.meta.unbox(mixer.init(jax.random.key(3), x)["params"])
+    return mixer, nn.meta.unbox(jax.jit(mixer.init)(jax.random.key(3), x)["params"])
 
 
 def test_registry_covers_every_mixer_name():
@@ -54,7 +54,7 @@ def test_mixer_matches_float64_numpy(name, rng):
     config = mixer_config(name)
     mixer, params = init_mixer(name, config)
     x = rng.normal(size=(2, 11, config.d_model)).astype(np.float32)
-    got = mixer.apply({"params": params}, x)
+    got = jax.jit(mixer.apply)({"params": params}, x)
     assert got.shape == x.shape
     want = reference_ssm_numpy.mixer_forward(name, params, x, config)
     assert relative_error(got, want) <= 1e-5
@@ -83,6 +83,7 @@ def test_mixer_gradients_match_central_differences_in_float64(name, rng):
         x = jnp.asarray(rng.normal(size=(2, 7, config.d_model)), jnp.float64)
         weights = jnp.asarray(rng.normal(size=x.shape), jnp.float64)
 
+        @jax.jit  # one compile of the forward and one of its VJP, not op-by-op dispatch
         def loss(params, x):
             return jnp.sum(mixer.apply({"params": params}, x) * weights)
 
