@@ -12,8 +12,11 @@
   inverses); :class:`CheckpointMismatchError` names every missing, unexpected and mis-shaped key.
 - :func:`write_workdir`: a ``train.py`` workdir (Orbax) for fine-tuning and generation.
 
-``jaxbased-convert`` (:mod:`jaxbased.cli.convert`) runs these from the command line. Mamba
-checkpoints (``mamba-360m``, ...) do not map yet: see the README.
+``jaxbased-convert`` (:mod:`jaxbased.cli.convert`) runs these from the command line. Mamba and
+Mamba-2 checkpoints in mamba_ssm's layout (``mamba-360m``, ``mamba2-370m``, ...) map with
+:mod:`jaxbased.interop.mamba_checkpoint` (:func:`mamba_config_from_reference`,
+:func:`import_mamba_state_dict`, :func:`export_mamba_state_dict`); ``load_checkpoint`` and
+``jaxbased-convert`` do not call it yet.
 """
 
 from jaxbased.interop.files import (
@@ -21,6 +24,11 @@ from jaxbased.interop.files import (
     load_checkpoint,
     read_state_dict,
     save_checkpoint,
+)
+from jaxbased.interop.mamba_checkpoint import (
+    export_mamba_state_dict,
+    import_mamba_state_dict,
+    mamba_config_from_reference,
 )
 from jaxbased.interop.reference_config import (
     UnsupportedCheckpointError,
@@ -43,9 +51,12 @@ __all__ = [
     "clean_state_dict",
     "config_from_reference",
     "config_to_reference",
+    "export_mamba_state_dict",
     "export_state_dict",
+    "import_mamba_state_dict",
     "import_state_dict",
     "load_checkpoint",
+    "mamba_config_from_reference",
     "read_state_dict",
     "reference_shapes",
     "save_checkpoint",

@@ -1,0 +1,255 @@
+"""Mamba and Mamba-2 checkpoints in mamba_ssm's ``MambaLMHeadModel`` layout <-> jaxbased.
+
+The reference's ``mamba-360m`` / ``mamba-1b`` (HazyResearch/based, whose ``MambaLMHeadModel``
+is mamba_ssm's) and state-spaces' ``mamba2-*`` models keep their weights under ``backbone.``
+(after :func:`~jaxbased.interop.clean_state_dict` strips a Lightning ``model.`` prefix)::
+
+    backbone.embedding.weight                       [V_padded, d]
+    backbone.layers.{i}.norm.weight (.bias)         [d]          one norm per block, no MLP
+    backbone.layers.{i}.mixer.in_proj.weight        [2 inner, d]; Mamba-2 [2 inner + 2GN + H, d]
+    backbone.layers.{i}.mixer.conv1d.weight / .bias [C, 1, K] / [C]
+    Mamba:   .mixer.x_proj.weight [R + 2N, inner], .mixer.dt_proj.weight [inner, R],
+             .mixer.dt_proj.bias [inner], .mixer.A_log [inner, N], .mixer.D [inner]
+    Mamba-2: .mixer.dt_bias [H], .mixer.A_log [H], .mixer.D [H], .mixer.norm.weight [inner]
+    backbone.layers.{i}.mixer.out_proj.weight       [d, inner]
+    backbone.norm_f.weight (.bias)                  [d]
+    lm_head.weight                                  tied: must equal the embedding
+
+Its ``config.json`` is a ``MambaConfig`` (``d_model``, ``n_layer``, ``vocab_size``,
+``pad_vocab_size_multiple``, ``rms_norm``, ``ssm_cfg``). Every mapping is a transpose or a copy
+(:mod:`jaxbased.interop.state_dict`'s rules), so import and export are exact inverses.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from jaxbased.config import ModelConfig
+from jaxbased.interop.reference_config import UnsupportedCheckpointError
+from jaxbased.interop.state_dict import (
+    LM_HEAD_KEY,
+    CheckpointMismatchError,
+    Params,
+    _bias,
+    _conv,
+    _copy,
+    _get,
+    _linear,
+    _Rule,
+    _set,
+    _shape,
+)
+
+EMBEDDING_KEY = "backbone.embedding.weight"
+FINAL_NORM_PREFIX = "backbone.norm_f"
+
+_MAMBA1_DEFAULTS = {"d_state": 16, "d_conv": 4, "expand": 2}
+_MAMBA2_DEFAULTS = {"d_state": 128, "d_conv": 4, "expand": 2, "headdim": 64, "ngroups": 1}
+
+
+def mamba_config_from_reference(values: Mapping[str, Any], **overrides: Any) -> ModelConfig:
+    """The :class:`ModelConfig` of a ``MambaConfig`` ``config.json`` (Mamba-1 or Mamba-2 layers,
+    mixer-only blocks); ``overrides`` replace fields of the result.
+
+    Raises :class:`UnsupportedCheckpointError` for what jaxbased cannot map: attention layers
+    (``attn_layer_idx``), MLPs (``d_intermediate``), untied heads, biases in the projections,
+    convs without bias, a per-channel D or a norm before the gate.
+    """
+    ssm = dict(values.get("ssm_cfg") or {})
+    layer = ssm.pop("layer", "Mamba1")
+    if layer not in ("Mamba1", "Mamba2"):
+        raise UnsupportedCheckpointError(f"ssm_cfg.layer={layer!r}: only Mamba1 and Mamba2 map")
+    for name in ("attn_layer_idx",):
+        if values.get(name):
+            raise UnsupportedCheckpointError(f"{name}={values[name]!r}: hybrid checkpoints")
+    if values.get("d_intermediate", 0):
+        raise UnsupportedCheckpointError(
+            f"d_intermediate={values['d_intermediate']!r}: blocks with an MLP do not map"
+        )
+    if not values.get("tie_embeddings", True):
+        raise UnsupportedCheckpointError("tie_embeddings=False: jaxbased ties the head")
+    unsupported = {
+        "bias": True,
+        "conv_bias": False,
+        "D_has_hdim": True,
+        "norm_before_gate": True,
+        "rmsnorm": False,
+    }
+    for name, bad in unsupported.items():
+        if name in ssm and ssm[name] == bad:
+            raise UnsupportedCheckpointError(f"ssm_cfg.{name}={ssm[name]!r} does not map")
+    defaults = _MAMBA1_DEFAULTS if layer == "Mamba1" else _MAMBA2_DEFAULTS
+    ssm = {**defaults, **ssm}
+    num_layers = int(values["n_layer"])
+    fields: dict[str, Any] = dict(
+        vocab_size=int(values.get("vocab_size", 50277)),
+        pad_vocab_size_multiple=int(values.get("pad_vocab_size_multiple", 8)),
+        d_model=int(values["d_model"]),
+        num_layers=num_layers,
+        layer_pattern=("mamba" if layer == "Mamba1" else "mamba2",) * num_layers,
+        use_mlp=False,
+        norm="rmsnorm" if values.get("rms_norm", True) else "layernorm",
+        norm_eps=float(values.get("norm_epsilon", 1e-5)),
+        ssm_expand=int(ssm["expand"]),
+        ssm_conv_kernel_size=int(ssm["d_conv"]),
+    )
+    if layer == "Mamba1":
+        dt_rank = ssm.get("dt_rank", "auto")
+        fields.update(
+            mamba_state_dim=int(ssm["d_state"]),
+            mamba_dt_rank=None if dt_rank == "auto" else int(dt_rank),
+        )
+    else:
+        fields.update(
+            mamba2_state_dim=int(ssm["d_state"]),
+            mamba2_head_dim=int(ssm["headdim"]),
+            mamba2_groups=int(ssm["ngroups"]),
+            mamba2_chunk_size=int(ssm.get("chunk_size", 256)),
+        )
+    return ModelConfig(**{**fields, **overrides})
+
+
+def _norm_rules(config: ModelConfig, key_prefix: str, path: tuple[str, ...]) -> list[_Rule]:
+    rules = [_copy(f"{key_prefix}.weight", (*path, "weight"), (config.d_model,))]
+    if config.norm == "layernorm":
+        rules.append(_copy(f"{key_prefix}.bias", (*path, "bias"), (config.d_model,)))
+    return rules
+
+
+def _mixer_rules(config: ModelConfig, index: int, mixer: str) -> list[_Rule]:
+    prefix, ours = f"backbone.layers.{index}.mixer", (f"layers_{index}", "mixer")
+    d, inner, kernel_size = config.d_model, config.ssm_inner_dim, config.ssm_conv_kernel_size
+    if mixer == "mamba":
+        rank, state = config.mamba_time_step_rank, config.mamba_state_dim
+        return [
+            _linear(f"{prefix}.in_proj.weight", (*ours, "in_proj", "kernel"), (d,), (2, inner)),
+            _conv(f"{prefix}.conv1d.weight", (*ours, "conv_weight"), kernel_size, inner),
+            _bias(f"{prefix}.conv1d.bias", (*ours, "conv_bias"), (inner,)),
+            _linear(
+                f"{prefix}.x_proj.weight",
+                (*ours, "x_proj", "kernel"),
+                (inner,),
+                (rank + 2 * state,),
+            ),
+            _linear(f"{prefix}.dt_proj.weight", (*ours, "dt_proj_kernel"), (rank,), (inner,)),
+            _bias(f"{prefix}.dt_proj.bias", (*ours, "dt_bias"), (inner,)),
+            _copy(f"{prefix}.A_log", (*ours, "A_log"), (inner, state)),
+            _copy(f"{prefix}.D", (*ours, "D"), (inner,)),
+            _linear(f"{prefix}.out_proj.weight", (*ours, "out_proj", "kernel"), (inner,), (d,)),
+        ]
+    if mixer == "mamba2":
+        heads, channels = config.mamba2_heads, config.mamba2_conv_channels
+        return [
+            _linear(
+                f"{prefix}.in_proj.weight",
+                (*ours, "in_proj", "kernel"),
+                (d,),
+                (inner + channels + heads,),
+            ),
+            _conv(f"{prefix}.conv1d.weight", (*ours, "conv_weight"), kernel_size, channels),
+            _bias(f"{prefix}.conv1d.bias", (*ours, "conv_bias"), (channels,)),
+            _copy(f"{prefix}.dt_bias", (*ours, "dt_bias"), (heads,)),
+            _copy(f"{prefix}.A_log", (*ours, "A_log"), (heads,)),
+            _copy(f"{prefix}.D", (*ours, "D"), (heads,)),
+            _copy(f"{prefix}.norm.weight", (*ours, "norm_weight"), (inner,)),
+            _linear(f"{prefix}.out_proj.weight", (*ours, "out_proj", "kernel"), (inner,), (d,)),
+        ]
+    raise UnsupportedCheckpointError(
+        f"layer {index} is {mixer!r}: the mamba_ssm layout holds only mamba and mamba2 layers"
+    )
+
+
+def mamba_parameter_rules(config: ModelConfig) -> list[_Rule]:
+    """One rule per tensor of the mamba_ssm layout, in its state-dict order."""
+    if config.use_mlp:
+        raise UnsupportedCheckpointError("use_mlp=True: mamba_ssm blocks have no MLP")
+    rules = [_copy(EMBEDDING_KEY, ("embedding",), (config.padded_vocab_size, config.d_model))]
+    for index, mixer in enumerate(config.layer_pattern):
+        rules += _norm_rules(config, f"backbone.layers.{index}.norm", (f"layers_{index}", "norm1"))
+        rules += _mixer_rules(config, index, mixer)
+    rules += _norm_rules(config, FINAL_NORM_PREFIX, ("final_norm",))
+    return rules
+
+
+def import_mamba_state_dict(
+    state_dict: Mapping[str, Any], config: ModelConfig
+) -> tuple[Params, list[str]]:
+    """Our float32 parameter tree from a mamba_ssm state dict (keys already cleaned).
+
+    Returns ``(params, ignored_keys)`` (``lm_head.weight``, checked to equal the embedding).
+    Raises :class:`~jaxbased.interop.CheckpointMismatchError` naming every missing,
+    unexpected and mis-shaped key at once.
+    """
+    rules = mamba_parameter_rules(config)
+    expected = {rule.key: rule.reference_shape for rule in rules}
+    found = {key: _shape(value) for key, value in state_dict.items()}
+    missing = [key for key in expected if key not in state_dict]
+    mismatched = [
+        (key, found[key], shape)
+        for key, shape in expected.items()
+        if key in state_dict and found[key] != shape
+    ]
+    unexpected, ignored, other = [], [], []
+    for key in state_dict:
+        if key in expected:
+            continue
+        if key != LM_HEAD_KEY:
+            unexpected.append(key)
+            continue
+        ignored.append(key)
+        if found[key] != expected[EMBEDDING_KEY]:
+            mismatched.append((key, found[key], expected[EMBEDDING_KEY]))
+        elif found.get(EMBEDDING_KEY) == found[key] and not np.array_equal(
+            np.asarray(state_dict[key], np.float32),
+            np.asarray(state_dict[EMBEDDING_KEY], np.float32),
+        ):
+            other.append(f"untied head: {LM_HEAD_KEY} differs from {EMBEDDING_KEY}")
+    if missing or unexpected or mismatched or other:
+        raise CheckpointMismatchError(
+            missing, sorted(unexpected), mismatched, other, expected, found
+        )
+    params: Params = {}
+    for rule in rules:
+        value = np.asarray(state_dict[rule.key], np.float32)
+        _set(params, rule.path, np.ascontiguousarray(rule.to_ours(value)))
+    return params, ignored
+
+
+def export_mamba_state_dict(
+    params: Mapping[str, Any], config: ModelConfig, *, include_lm_head: bool = True
+) -> dict[str, np.ndarray]:
+    """The mamba_ssm state dict (float32 NumPy) of our parameters, with ``lm_head.weight`` (a
+    copy of the embedding) unless ``include_lm_head`` is False.
+
+    Raises ``ValueError`` naming every parameter whose shape does not fit ``config``.
+    """
+    problems, state = [], {}
+    for rule in mamba_parameter_rules(config):
+        try:
+            value = np.asarray(_get(params, rule.path), np.float32)
+        except (KeyError, TypeError):
+            problems.append(f"missing parameter {'/'.join(rule.path)}")
+            continue
+        if math.prod(value.shape) != math.prod(rule.reference_shape):
+            problems.append(
+                f"{'/'.join(rule.path)} has shape {list(value.shape)}; {rule.key} needs "
+                f"{list(rule.reference_shape)}"
+            )
+            continue
+        reference = np.ascontiguousarray(rule.to_reference(value))
+        if reference.shape != rule.reference_shape:
+            problems.append(
+                f"{'/'.join(rule.path)} has shape {list(value.shape)}; {rule.key} needs "
+                f"{list(rule.reference_shape)}"
+            )
+            continue
+        state[rule.key] = reference
+    if problems:
+        raise ValueError("parameters do not fit the config: " + "; ".join(problems))
+    if include_lm_head:
+        state[LM_HEAD_KEY] = state[EMBEDDING_KEY].copy()
+    return state
