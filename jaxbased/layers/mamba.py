@@ -104,9 +104,10 @@ class Mamba(nn.Module):
     Parameters (``inner = ssm_expand * d``, ``R = mamba_time_step_rank``, ``N =
     mamba_state_dim``; PyTorch's ``[out, in]`` weights transposed):
     ``in_proj`` kernel ``[d, 2, inner]`` (x half, then z), ``conv_weight [K, inner]``,
-    ``conv_bias [inner]``, ``x_proj`` kernel ``[inner, R + 2N]`` (dt, B, C), ``dt_proj`` kernel
-    ``[R, inner]`` and bias ``[inner]``, ``A_log [inner, N]``, ``D [inner]``, ``out_proj``
-    kernel ``[inner, d]``.
+    ``conv_bias [inner]``, ``x_proj`` kernel ``[inner, R + 2N]`` (dt, B, C),
+    ``dt_proj_kernel [R, inner]`` and ``dt_bias [inner]`` (the reference's ``dt_proj``),
+    ``A_log [inner, N]``, ``D [inner]``, ``out_proj`` kernel ``[inner, d]``. The ``inner``
+    channels carry the logical axis ``conv_channels`` (split over ``tensor``).
     """
 
     config: ModelConfig
@@ -182,7 +183,7 @@ class Mamba(nn.Module):
         return u[..., 0, :], u[..., 1, :]
 
     def _selection(self, conv_out: Array) -> tuple[Array, Array, Array, Array]:
-        """``silu(conv)`` -> (scan input, delta float32, b, c)."""
+        """Conv output -> (scan input ``silu(conv + bias)``, delta in float32 or wider, b, c)."""
         config = self.config
         rank, state = config.mamba_time_step_rank, config.mamba_state_dim
         scan_input = jax.nn.silu(conv_out + self.conv_bias.astype(conv_out.dtype))

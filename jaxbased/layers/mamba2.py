@@ -63,7 +63,8 @@ class Mamba2(nn.Module):
     ``[out, in]`` weights transposed): ``in_proj`` kernel ``[d, inner + C + H]`` (columns z, x,
     B, C, dt as the reference's ``in_proj``), ``conv_weight [K, C]``, ``conv_bias [C]``,
     ``dt_bias [H]``, ``A_log [H]``, ``D [H]``, ``norm`` weight ``[inner]``, ``out_proj``
-    kernel ``[inner, d]``.
+    kernel ``[inner, d]``. ``in_proj`` and the conv mix z, x, B, C and dt columns, so they are
+    split over ``fsdp`` only (``embed``); heads and ``out_proj`` split over ``tensor``.
     """
 
     config: ModelConfig
