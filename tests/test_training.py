@@ -18,6 +18,7 @@ from jaxbased.data import ByteTokenizer, Document, write_token_dataset
 from jaxbased.training.checkpointing import (
     Checkpointer,
     IncompatibleCheckpointError,
+    check_compatible,
     load_for_inference,
 )
 from jaxbased.training.loop import NonFiniteLossError, train
@@ -111,6 +112,26 @@ def test_weight_decay_spares_biases_norms_and_embeddings():
     assert conv["norm1"]["weight"] is False and conv["mixer"]["in_proj"]["bias"] is False
     assert conv["mixer"]["in_proj"]["kernel"] is True and conv["mixer"]["conv_weight"] is True
     assert conv["mlp"]["fc2"]["kernel"] is True
+
+
+def test_weight_decay_spares_the_state_space_parameters():
+    # mamba_ssm marks A_log and D "_no_weight_decay"; dt and conv biases are biases.
+    mamba = ModelConfig.from_preset("mamba_tiny", num_layers=1, layer_pattern=("mamba",))
+    mamba2 = ModelConfig.from_preset("mamba2_tiny", num_layers=1, layer_pattern=("mamba2",))
+    for config in (mamba, mamba2):
+        mixer = weight_decay_mask(jax.eval_shape(lambda c=config: init_model(c)[1]))
+        mixer = mixer["layers_0"]["mixer"]
+        assert mixer["A_log"] is False and mixer["D"] is False, config.layer_pattern
+        assert mixer["in_proj"]["kernel"] is True and mixer["out_proj"]["kernel"] is True
+
+
+def test_checkpoint_without_a_newer_field_counts_it_as_its_default(tmp_path):
+    config = ModelConfig(**TINY_MODEL)
+    saved = config.to_dict()
+    del saved["use_mlp"], saved["norm"]  # written before these fields existed
+    check_compatible(saved, config, tmp_path)
+    with pytest.raises(IncompatibleCheckpointError, match="use_mlp: checkpoint True vs config"):
+        check_compatible(saved, config.replace(use_mlp=False), tmp_path)
 
 
 def test_gradient_accumulation_equals_one_big_batch(rng):

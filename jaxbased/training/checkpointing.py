@@ -8,6 +8,7 @@ complete, so an interrupted save is never taken for a checkpoint); the last ``ke
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 from typing import Any
 
@@ -81,11 +82,21 @@ class Checkpointer:
 
 
 def check_compatible(saved_model: dict, config: ModelConfig, workdir: pathlib.Path) -> None:
-    """Raise ``IncompatibleCheckpointError`` naming every model field that differs."""
+    """Raise ``IncompatibleCheckpointError`` naming every model field that differs.
+
+    A field missing from the saved record (a checkpoint written before the field existed) counts
+    as its default value.
+    """
     current = config.to_dict()
+    defaults = {
+        field.name: field.default
+        for field in dataclasses.fields(ModelConfig)
+        if field.default is not dataclasses.MISSING
+    }
     differences = []
     for name in sorted(set(saved_model) | set(current)):
-        saved_value, current_value = saved_model.get(name), current.get(name)
+        saved_value = saved_model.get(name, defaults.get(name))
+        current_value = current.get(name)
         if isinstance(saved_value, list):
             saved_value = tuple(saved_value)
         if saved_value != current_value:

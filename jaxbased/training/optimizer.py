@@ -1,5 +1,5 @@
 """AdamW with linear warmup and cosine decay (SPEC.md §3), global-norm clipping, and a weight
-decay mask that spares biases, norms and embeddings."""
+decay mask that spares biases, norms, embeddings and the state-space parameters ``A_log``/``D``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,9 @@ import jax
 import optax
 
 NO_DECAY_NAMES = ("bias", "norm", "embedding")
+#: Parameters that never decay, matched by their exact name: the SSM decay rates and skip
+#: weights of Mamba / Mamba-2 (mamba_ssm sets ``_no_weight_decay`` on them).
+NO_DECAY_EXACT_NAMES = frozenset({"A_log", "D"})
 
 
 def learning_rate_schedule(
@@ -36,10 +39,13 @@ def learning_rate_schedule(
 
 
 def weight_decay_mask(params: Any) -> Any:
-    """True for every parameter that decays: not a bias, a norm weight or the embedding."""
+    """True for every parameter that decays: not a bias, a norm weight, the embedding, ``A_log``
+    or ``D``."""
 
     def decays(path: tuple[Any, ...], _: Any) -> bool:
         names = [str(getattr(key, "key", getattr(key, "name", key))) for key in path]
+        if names and names[-1] in NO_DECAY_EXACT_NAMES:
+            return False
         return not any(marker in name for name in names for marker in NO_DECAY_NAMES)
 
     return jax.tree_util.tree_map_with_path(decays, params)
