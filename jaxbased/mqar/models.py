@@ -1,0 +1,148 @@
+"""MQAR models: the 2-layer Zoology setup built from the language model's own code.
+
+Zoology's MQAR models (HazyResearch/zoology, ``arxiv24_based_figure2``) have two blocks whose
+sequence mixer is a "hybrid" that picks, by layer index, BaseConv (kernel 3) for layer 0 and the
+mixer under test for layer 1; no MLP (an identity state mixer), LayerNorm, no position
+embedding, one head. Here that is ``LanguageModel`` with ``layer_pattern=("base_conv", mixer)``,
+``use_mlp=False``, ``norm="layernorm"``, one head, and:
+
+- rotary off (``rotary_fraction=0``): Zoology's attention and sliding-window mixers have no
+  positional encoding at all (the short conv of layer 0 carries the order); keep it off for
+  fidelity, or turn it on with an override;
+- BASED with the symmetric Taylor map (``taylor_symmetric``): the same kernel as Zoology's
+  ``taylor_exp`` with ``1 + F + F (F + 1) / 2`` features, the ``E`` of SPEC.md §6's state size.
+
+Known differences from Zoology that the task does not depend on: our BaseConv is BASED's gated
+short conv (SPEC.md §2; Zoology's MQAR BaseConv is ``conv(u) * linear(u) + u``), our attention
+projections have no biases, and Zoology's identity state mixer adds ``norm2(x)`` to the residual
+where ``use_mlp=False`` adds nothing.
+
+State size (the x axis of the paper's figure) is counted from the model's own decode caches,
+``LanguageModel(config).init_cache(1, seq_len)``: the floating-point numbers a model carries
+from token to token, per sequence.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from jaxbased.config import MIXER_NAMES, ModelConfig
+from jaxbased.model import LanguageModel
+
+#: Fields every MQAR model sets (the Zoology setup); overrides may change any of them except
+#: ``num_layers`` and ``layer_pattern``.
+MQAR_DEFAULTS: dict[str, Any] = dict(
+    num_layers=2,
+    use_mlp=False,
+    norm="layernorm",
+    pad_vocab_size_multiple=1,
+    linear_attention_heads=1,
+    attention_heads=1,
+    feature_dim=16,
+    feature_map="taylor_symmetric",
+    rotary_fraction=0.0,
+    conv_kernel_size=3,
+    chunk_size=64,
+)
+
+
+def mqar_model_config(
+    mixer: str, *, d_model: int, vocab_size: int = 8192, **overrides: Any
+) -> ModelConfig:
+    """The 2-layer MQAR model: BaseConv, then ``mixer`` (any name in ``MIXER_NAMES``).
+
+    ``overrides`` are ``ModelConfig`` fields (``feature_dim``, ``window``, ``d_state``, ...);
+    ``mixer="base_conv"`` gives two BaseConv layers. Raises ``ValueError`` for an unknown mixer
+    or field, or an invalid value.
+    """
+    if mixer not in MIXER_NAMES:
+        raise ValueError(f"mixer={mixer!r} is not known; allowed: {MIXER_NAMES}")
+    for fixed in ("num_layers", "layer_pattern"):
+        if fixed in overrides:
+            raise ValueError(
+                f"{fixed}={overrides[fixed]!r} cannot be overridden: an MQAR model is "
+                f"('base_conv', mixer)"
+            )
+    values = {
+        **MQAR_DEFAULTS,
+        **overrides,
+        "vocab_size": vocab_size,
+        "d_model": d_model,
+        "layer_pattern": ("base_conv", mixer),
+    }
+    return ModelConfig.from_dict(values)
+
+
+def mixer_of(config: ModelConfig) -> str:
+    """The mixer under test: the model's last layer."""
+    return config.layer_pattern[-1]
+
+
+def _float_count(tree: Any) -> int:
+    return sum(
+        math.prod(leaf.shape)
+        for leaf in jax.tree_util.tree_leaves(tree)
+        if jnp.issubdtype(leaf.dtype, jnp.floating)
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class StateSize:
+    """Floats of recurrent state per sequence, from the decode caches.
+
+    mixer: the mixer layer's cache (what SPEC.md §6's formulas count and the figure plots).
+    total: every layer's cache, BaseConv's ``(K - 1) * conv_channels`` included.
+    """
+
+    mixer: int
+    total: int
+
+
+def state_size(config: ModelConfig, seq_len: int) -> StateSize:
+    """State of ``config``'s model at batch 1 after ``seq_len`` tokens (full attention's KV cache
+    grows with ``seq_len``; every other cache does not). Integer bookkeeping such as the KV
+    cache's slot positions is not state and is not counted."""
+    if seq_len < 1:
+        raise ValueError(f"seq_len={seq_len} must be >= 1")
+    cache = jax.eval_shape(lambda: LanguageModel(config).init_cache(1, seq_len))
+    per_layer = [_float_count(layer) for layer in cache.layers]
+    return StateSize(mixer=per_layer[-1], total=sum(per_layer))
+
+
+def _answer_logits(
+    module: LanguageModel, tokens: Int[Array, "B T"], positions: Int[Array, "B P"]
+) -> Float[Array, "B P V"]:
+    # The model's forward up to the final norm, then the tied head at the answer positions
+    # only: the [B, T, V] logits of the full forward would be mostly thrown away (T / P times
+    # the work). tests/test_mqar.py checks these equal the full forward's logits there.
+    x = module._embed(tokens)
+    for block in module.layers:
+        x = block(x)
+    x = jnp.take_along_axis(x, positions[:, :, None], axis=1)
+    return module._logits(x)
+
+
+def answer_logits(
+    model: LanguageModel,
+    params: Any,
+    tokens: Int[Array, "B T"],
+    positions: Int[Array, "B P"],
+) -> Float[Array, "B P V"]:
+    """Logits of ``model`` (float32, padded vocabulary) at ``positions`` of each row:
+    ``model.apply(params, tokens)[b, positions[b, j]]`` without the rest of the head."""
+    return model.apply({"params": params}, tokens, positions, method=_answer_logits)
+
+
+def init_params(config: ModelConfig, seed: int, seq_len: int = 8) -> Any:
+    """Unboxed float32 parameters of ``LanguageModel(config)`` from ``seed``."""
+    model = LanguageModel(config)
+    # Jitted: one compilation is far cheaper than dispatching every initialiser op by op.
+    variables = jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, seq_len), jnp.int32))
+    return nn.meta.unbox(variables["params"])

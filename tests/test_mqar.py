@@ -1,0 +1,342 @@
+"""MQAR: the generator against its definition (SPEC.md §6, Zoology's ``multiquery_ar``), the
+2-layer models, state sizes against SPEC.md §6's formulas, training, and the sweep CLI."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxbased.config import MIXER_NAMES
+from jaxbased.data.mqar import (
+    IGNORE_INDEX,
+    SegmentSpec,
+    iterate_batches,
+    make_segments,
+    multiquery_ar,
+    power_law_probabilities,
+)
+from jaxbased.model import LanguageModel
+from jaxbased.mqar import (
+    TrainSettings,
+    answer_logits,
+    init_params,
+    mqar_model_config,
+    state_size,
+    train,
+)
+
+REPO = pathlib.Path(__file__).absolute().parents[1]
+
+
+# Generator -------------------------------------------------------------------------------
+def test_answers_are_the_values_paired_with_the_queried_keys():
+    vocab, seq, pairs = 64, 48, 6
+    data = multiquery_ar(num_examples=300, seq_len=seq, num_pairs=pairs, vocab_size=vocab, seed=3)
+    assert data.inputs.shape == data.targets.shape == (300, seq)
+    assert data.answer_positions.shape == data.answers.shape == (300, pairs)
+    for array in (data.inputs, data.targets, data.answer_positions, data.answers):
+        assert array.dtype == np.int32
+    for row in range(300):
+        tokens, targets = data.inputs[row], data.targets[row]
+        keys, values = tokens[0 : 2 * pairs : 2], tokens[1 : 2 * pairs : 2]
+        # keys from [1, V/2), values from [V/2, V), both distinct within the example
+        assert len(set(keys)) == pairs and len(set(values)) == pairs
+        assert keys.min() >= 1 and keys.max() < vocab // 2
+        assert values.min() >= vocab // 2 and values.max() < vocab
+        value_of = dict(zip(keys.tolist(), values.tolist(), strict=True))
+        answered = np.flatnonzero(targets != IGNORE_INDEX)
+        assert len(answered) == pairs
+        assert answered.min() >= 2 * pairs and np.all((answered - 2 * pairs) % 2 == 0)
+        # each key is queried exactly once, and the target there is its value
+        assert sorted(tokens[answered].tolist()) == sorted(keys.tolist())
+        for position in answered:
+            assert targets[position] == value_of[int(tokens[position])]
+        np.testing.assert_array_equal(np.sort(data.answer_positions[row]), answered)
+        # key j (j-th pair) is queried at answer_positions[j]
+        np.testing.assert_array_equal(tokens[data.answer_positions[row]], keys)
+        np.testing.assert_array_equal(data.answers[row], values)
+
+
+def test_layout_without_random_filler_is_zoologys():
+    # Zoology's docstring example: pairs, then zeros except the queries; labels at the queries.
+    data = multiquery_ar(
+        num_examples=50, seq_len=16, num_pairs=2, vocab_size=12, random_non_queries=False, seed=0
+    )
+    context = data.inputs[:, :4]
+    assert np.all(context[:, 0::2] < 6) and np.all(context[:, 1::2] >= 6)
+    rest = data.inputs[:, 4:].copy()
+    np.put_along_axis(rest, data.answer_positions - 4, 0, axis=1)
+    assert not rest.any()
+
+
+def test_filler_tokens_cover_the_vocabulary():
+    data = multiquery_ar(num_examples=400, seq_len=64, num_pairs=4, vocab_size=32, seed=1)
+    filler = data.inputs[:, 8:][data.targets[:, 8:] == IGNORE_INDEX]
+    counts = np.bincount(filler, minlength=32)
+    assert counts.min() > 0.7 * counts.mean()  # uniform over [0, V), 0 included
+
+
+def test_reproducible_from_a_seed_and_seeds_differ():
+    kwargs = dict(num_examples=64, seq_len=64, num_pairs=8, vocab_size=128)
+    first, again = multiquery_ar(seed=7, **kwargs), multiquery_ar(seed=7, **kwargs)
+    other = multiquery_ar(seed=8, **kwargs)
+    np.testing.assert_array_equal(first.inputs, again.inputs)
+    np.testing.assert_array_equal(first.targets, again.targets)
+    assert np.mean(first.inputs != other.inputs) > 0.5
+    specs = [SegmentSpec(32, 2, 16), SegmentSpec(64, 4, 16)]
+    train_mix = make_segments(specs, vocab_size=64, seed=(0, 0))
+    test_mix = make_segments(specs, vocab_size=64, seed=(0, 1))
+    np.testing.assert_array_equal(
+        train_mix[1].inputs, make_segments(specs, vocab_size=64, seed=(0, 0))[1].inputs
+    )
+    assert np.mean(train_mix[0].inputs != test_mix[0].inputs) > 0.5
+
+
+def test_first_query_gap_follows_the_power_law():
+    # The first key's gap is the first draw without replacement: exactly p_g ∝ (g+1)^(a-1).
+    seq, pairs, power_a = 48, 4, 0.3
+    data = multiquery_ar(
+        num_examples=40_000, seq_len=seq, num_pairs=pairs, vocab_size=64, power_a=power_a, seed=2
+    )
+    slots = (seq - 2 * pairs) // 2
+    gaps = (data.answer_positions[:, 0] - 2 * pairs) // 2
+    observed = np.bincount(gaps, minlength=slots) / len(gaps)
+    expected = power_law_probabilities(slots, power_a)
+    np.testing.assert_allclose(observed, expected, atol=0.006)
+    # the second key's gap, drawn after the first was removed: P(g2 = g) = sum_f p_f p_g/(1-p_f)
+    second = np.bincount((data.answer_positions[:, 1] - 2 * pairs) // 2, minlength=slots)
+    expected_second = np.array(
+        [
+            sum(expected[f] * expected[g] / (1 - expected[f]) for f in range(slots) if f != g)
+            for g in range(slots)
+        ]
+    )
+    np.testing.assert_allclose(second / len(gaps), expected_second, atol=0.006)
+
+
+def test_keys_are_uniform_over_ordered_distinct_draws():
+    # keys from [1, 6): 5 * 4 = 20 ordered pairs, each with probability 1/20
+    data = multiquery_ar(num_examples=20_000, seq_len=8, num_pairs=2, vocab_size=12, seed=5)
+    keys = data.inputs[:, 0:4:2]
+    codes = (keys[:, 0] - 1) * 5 + (keys[:, 1] - 1)
+    counts = np.bincount(codes, minlength=25).reshape(5, 5)
+    assert np.all(np.diag(counts) == 0)
+    off_diagonal = counts[~np.eye(5, dtype=bool)] / len(codes)
+    np.testing.assert_allclose(off_diagonal, 1 / 20, atol=0.006)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(seq_len=63, num_pairs=4), "even"),
+        (dict(seq_len=64, num_pairs=17), "does not fit"),
+        (dict(seq_len=256, num_pairs=20, vocab_size=40), "distinct keys"),
+        (dict(seq_len=64, num_pairs=0), "num_pairs"),
+        (dict(seq_len=64, num_pairs=4, num_examples=0), "num_examples"),
+        (dict(seq_len=64, num_pairs=4, power_a=0.0), "power_a"),
+    ],
+)
+def test_invalid_settings_are_rejected(kwargs, message):
+    arguments = dict(num_examples=4, vocab_size=8192, seed=0) | kwargs
+    with pytest.raises(ValueError, match=message):
+        multiquery_ar(**arguments)
+
+
+def test_batches_come_segment_by_segment():
+    segments = make_segments([SegmentSpec(16, 2, 10), SegmentSpec(32, 4, 6)], vocab_size=32, seed=0)
+    shapes = [batch.inputs.shape for batch in iterate_batches(segments, 4, seed=1)]
+    assert shapes == [(4, 16), (4, 16), (4, 32)]  # in mix order, remainders dropped
+    mixed = [batch.seq_len for batch in iterate_batches(segments, 2, seed=3, interleave=True)]
+    assert sorted(mixed) == [16] * 5 + [32] * 3
+
+
+# Models ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mixer", MIXER_NAMES)
+def test_every_mixer_builds_an_mqar_model(mixer):
+    config = mqar_model_config(mixer, d_model=32, vocab_size=96, feature_dim=4, window=8)
+    assert config.layer_pattern == ("base_conv", mixer)
+    assert config.num_layers == 2 and not config.use_mlp and config.norm == "layernorm"
+    params = init_params(config, seed=0)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 96, (2, 24)), jnp.int32)
+    logits = jax.jit(LanguageModel(config).apply)({"params": params}, tokens)
+    assert logits.shape == (2, 24, 96) and logits.dtype == jnp.float32
+    assert bool(jnp.all(jnp.isfinite(logits)))
+
+
+def test_answer_logits_are_the_full_forwards_logits_at_the_answers():
+    config = mqar_model_config("based", d_model=32, vocab_size=64, feature_dim=4)
+    params = init_params(config, seed=1)
+    data = multiquery_ar(num_examples=3, seq_len=32, num_pairs=4, vocab_size=64, seed=0)
+    model = LanguageModel(config)
+    full = jax.jit(model.apply)({"params": params}, data.inputs)
+    picked = np.take_along_axis(np.asarray(full), data.answer_positions[:, :, None], axis=1)
+    np.testing.assert_allclose(
+        answer_logits(model, params, data.inputs, data.answer_positions),
+        picked,
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+
+def test_mqar_model_config_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="mixer='transformer'"):
+        mqar_model_config("transformer", d_model=32)
+    with pytest.raises(ValueError, match="layer_pattern"):
+        mqar_model_config("based", d_model=32, layer_pattern=("based", "based"))
+    with pytest.raises(ValueError, match="unknown ModelConfig fields"):
+        mqar_model_config("based", d_model=32, feature_dims=8)
+
+
+# State sizes: SPEC.md §6 formulas, written out independently of the caches.
+def _based_formula(d_model: int, feature_dim: int, heads: int = 1) -> int:
+    expanded = feature_dim * (feature_dim + 1) // 2 + feature_dim + 1
+    value_dim = d_model // heads
+    return heads * value_dim * expanded + heads * expanded
+
+
+@pytest.mark.parametrize(("d_model", "feature_dim"), [(48, 8), (64, 16), (128, 24)])
+def test_based_state_size_is_the_spec_formula(d_model, feature_dim):
+    config = mqar_model_config("based", d_model=d_model, feature_dim=feature_dim)
+    size = state_size(config, seq_len=1024)
+    assert size.mixer == _based_formula(d_model, feature_dim)
+    # BaseConv keeps its last K-1 = 2 raw inputs of conv_expand * d / 2 = 2d channels
+    assert size.total == size.mixer + 2 * 2 * d_model
+
+
+def test_softmax_attention_state_sizes_are_the_spec_formulas():
+    for seq in (64, 256, 1024):
+        attention = mqar_model_config("attention", d_model=64)
+        assert state_size(attention, seq).mixer == 2 * seq * 64  # grows with the sequence
+    for window in (8, 64, 1024):
+        sliding = mqar_model_config("sliding_window", d_model=128, window=window)
+        assert state_size(sliding, 4096).mixer == 2 * window * 128
+    assert state_size(mqar_model_config("base_conv", d_model=64), 256).mixer == 2 * 2 * 64
+
+
+def test_mamba_state_size_is_the_spec_formula_plus_its_conv():
+    config = mqar_model_config("mamba", d_model=64, mamba_state_dim=16)
+    inner = config.ssm_expand * 64
+    ssm = inner * 16  # SPEC.md §6: d_inner * d_state
+    conv = (config.ssm_conv_kernel_size - 1) * inner  # its short conv's last K-1 inputs
+    assert state_size(config, 256).mixer == ssm + conv
+
+
+# Training ----------------------------------------------------------------------------------
+def _tiny_mix(vocab: int):
+    train_mix = make_segments([SegmentSpec(32, 4, 4096)], vocab_size=vocab, seed=(0, 0))
+    test_mix = make_segments([SegmentSpec(32, 4, 256)], vocab_size=vocab, seed=(0, 1))
+    return train_mix, test_mix
+
+
+def test_attention_learns_a_small_mqar_task_and_a_short_window_cannot():
+    vocab = 256  # large enough that random filler seldom repeats a key (a false match)
+    train_mix, test_mix = _tiny_mix(vocab)
+    settings = TrainSettings(
+        learning_rate=1e-2, batch_size=32, max_epochs=3, eval_every=64, eval_batch_size=256
+    )
+    attention = train(
+        mqar_model_config("attention", d_model=32, vocab_size=vocab), train_mix, test_mix, settings
+    )
+    assert attention.final.accuracy >= 0.9  # chance is 1 / 128
+    assert attention.history[0]["step"] == 64 and attention.steps <= 3 * 128
+    # A window of 2 keys (the query and its predecessor) cannot see the pairs at all: chance.
+    settings = TrainSettings(learning_rate=1e-2, batch_size=32, max_steps=128, eval_every=0)
+    window = train(
+        mqar_model_config("sliding_window", d_model=32, vocab_size=vocab, window=2),
+        train_mix,
+        test_mix,
+        settings,
+    )
+    assert window.final.accuracy < 0.25
+    assert not window.stopped_early
+
+
+# Sweep CLI ---------------------------------------------------------------------------------
+TINY_SWEEP = """
+import ml_collections
+from jaxbased.mqar.sweep import base_sweep_config, model_group
+
+def get_config():
+    config = base_sweep_config()
+    config.vocab_size = 32
+    config.train_mix = ((16, 2, 64),)
+    config.test_mix = ((16, 2, 32), (32, 4, 32))
+    config.state_size_seq_len = 32
+    config.learning_rates = (1e-3, 3e-3)
+    config.train.batch_size = 16
+    config.train.max_epochs = 1
+    config.train.eval_batch_size = 32
+    config.models = ml_collections.ConfigDict(dict(
+        based=model_group("based", dict(d_model=(16,)), dict(feature_dim=4)),
+        sliding_window=model_group(
+            "sliding_window", dict(d_model=(16,), window=(4,)), learning_rates=(1e-2,)),
+    ))
+    return config
+"""
+
+
+def _run_cli(config_path: pathlib.Path, output: pathlib.Path, *extra: str):
+    environment = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jaxbased.cli.mqar",
+            f"--config={config_path}",
+            f"--output_dir={output}",
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        env=environment,
+        cwd=REPO,
+        timeout=300,
+    )
+
+
+def test_sweep_cli_writes_runs_summary_and_figure_and_resumes(tmp_path):
+    config_path = tmp_path / "tiny_sweep.py"
+    config_path.write_text(textwrap.dedent(TINY_SWEEP))
+    output = tmp_path / "out"
+    first = _run_cli(config_path, output)
+    assert first.returncode == 0, first.stderr[-3000:]
+    runs = sorted(path.name for path in (output / "runs").iterdir())
+    assert runs == [
+        "based-d_model16-lr1.0e-03.json",
+        "based-d_model16-lr3.0e-03.json",
+        "sliding_window-d_model16-window4-lr1.0e-02.json",
+    ]
+    record = json.loads((output / "runs" / runs[0]).read_text())
+    assert record["state_size"]["mixer"] == _based_formula(16, 4)
+    assert set(record["accuracy_by_segment"]) == {"T16_P2", "T32_P4"}
+    assert record["steps"] == 4 and 0.0 <= record["accuracy"] <= 1.0
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["runs"] == 3
+    points = {point["model_key"]: point for point in summary["points"]}
+    assert set(points) == {"based-d_model16", "sliding_window-d_model16-window4"}
+    based_runs = [json.loads((output / "runs" / name).read_text()) for name in runs[:2]]
+    best = max(based_runs, key=lambda run: run["accuracy"])
+    assert points["based-d_model16"]["best_learning_rate"] == best["learning_rate"]
+    assert points["based-d_model16"]["learning_rates"] == [1e-3, 3e-3]
+    assert points["sliding_window-d_model16-window4"]["state_size"] == 2 * 4 * 16
+    assert (output / "mqar.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(output.rglob(".*tmp*"))  # atomic writes leave no temporary files
+
+    # A killed sweep resumes: finished runs are skipped, a missing one is redone.
+    finished_at = {
+        name: json.loads((output / "runs" / name).read_text())["finished"] for name in runs
+    }
+    (output / "runs" / runs[2]).unlink()
+    second = _run_cli(config_path, output, "--figure", str(tmp_path / "again.png"))
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "trained 1 runs, 2 were finished before" in second.stderr
+    for name in runs[:2]:
+        assert json.loads((output / "runs" / name).read_text())["finished"] == finished_at[name]
+    assert (output / "runs" / runs[2]).is_file() and (tmp_path / "again.png").is_file()
