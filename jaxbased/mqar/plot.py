@@ -35,12 +35,12 @@ def plot_summary(
     annotate: bool = True,
 ) -> pathlib.Path:
     """Draw ``summary["points"]`` (from :func:`jaxbased.mqar.sweep.summarize`) to ``path``
-    (PNG, or any format matplotlib infers from the suffix) with the Agg backend; returns the
+    (PNG, or any format matplotlib infers from the suffix) with the Agg canvas; returns the
     path. ``annotate`` writes each point's grid values beside it."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A bare Figure draws with the Agg canvas and leaves pyplot's backend alone (a notebook's
+    # inline plots keep working).
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     points = list(summary["points"])
     if not points:
@@ -49,7 +49,9 @@ def plot_summary(
     for point in points:
         groups.setdefault(point["group"], []).append(point)
     spare = iter(_SPARE_STYLES)
-    figure, axes = plt.subplots(figsize=(7.5, 4.8), dpi=120)
+    figure = Figure(figsize=(7.5, 4.8), dpi=120)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
     for group, group_points in groups.items():
         marker, colour = _STYLES.get(group) or next(spare, ("o", None))
         group_points = sorted(group_points, key=lambda point: point["state_size"])
@@ -86,5 +88,4 @@ def plot_summary(
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path)
-    plt.close(figure)
     return path
