@@ -200,6 +200,7 @@ def test_imported_model_matches_the_pytorch_forward(kind, based_checkpoint, attn
     folder, reference = based_checkpoint if kind == "based" else attn_checkpoint
     imported = load_checkpoint(folder, chunk_size=16)  # several chunks of linear attention
     config = imported.config
+    assert imported.family == "based"
     if kind == "based":
         assert config.layer_pattern == ("base_conv", "based", "sliding_window", "base_conv")
         assert config.window == 5  # window_size 8 -> 8 // 2 earlier keys + the query itself

@@ -3,10 +3,17 @@
     # import: config.json + model.safetensors / pytorch_model.bin -> Orbax workdir
     jaxbased-convert --checkpoint=based-360m/ --workdir=workdirs/based-360m
     jaxbased-convert --checkpoint=hf:hazyresearch/based-360m --workdir=workdirs/based-360m
+    jaxbased-convert --checkpoint=hf:hazyresearch/mamba-360m --workdir=workdirs/mamba-360m
     jaxbased-convert --checkpoint=based-360m/ --workdir=w --tokenizer_file=gpt2.tiktoken
 
     # export: a workdir's latest checkpoint -> config.json + model.safetensors (released layout)
     jaxbased-convert --workdir=workdirs/based-360m --export_to=exported/ --format=safetensors
+
+Both checkpoint families are read, told apart by ``config.json``
+(:func:`jaxbased.interop.checkpoint_family`): BASED and attention models (HazyResearch/based's
+``GPT2Config``) and Mamba / Mamba-2 models (mamba_ssm's ``MambaConfig``). Export writes the
+layout the model can have (:func:`jaxbased.interop.export_family`): mamba_ssm's for
+all-Mamba models without MLPs, HazyResearch/based's for the others it can hold.
 
 The workdir then works with ``jaxbased-generate --workdir=...``, the lm-eval model
 (``python -m jaxbased.evaluation --model jaxbased --model_args workdir=...``) and
@@ -109,12 +116,12 @@ def import_checkpoint() -> None:
     )
     config = imported.config
     logging.info(
-        "read %s: %d layers %s, d_model %d, window %d keys; dropped %d metric keys, ignored %s",
+        "read %s (%s layout): %d layers %s, d_model %d; dropped %d metric keys, ignored %s",
         imported.weights_file,
+        imported.family,
         config.num_layers,
         sorted(set(config.layer_pattern)),
         config.d_model,
-        config.window,
         len(imported.dropped_keys),
         list(imported.ignored_keys),
     )
@@ -128,7 +135,11 @@ def import_checkpoint() -> None:
         config,
         imported.params,
         tokenizer,
-        source={"checkpoint": source, "weights_file": str(imported.weights_file)},
+        source={
+            "checkpoint": source,
+            "weights_file": str(imported.weights_file),
+            "family": imported.family,
+        },
         overwrite=_OVERWRITE.value,
     )
     workdir = pathlib.Path(_WORKDIR.value)
@@ -153,16 +164,17 @@ def import_checkpoint() -> None:
 
 
 def export_checkpoint() -> None:
-    from jaxbased.interop import save_checkpoint
+    from jaxbased.interop import export_family, save_checkpoint
     from jaxbased.training.checkpointing import load_for_inference
 
     target = pathlib.Path(_EXPORT_TO.value)
     if target.exists() and any(target.iterdir()) and not _OVERWRITE.value:
         raise app.UsageError(f"--export_to={target} is not empty (pass --overwrite)")
     config, params, tokenizer = load_for_inference(_WORKDIR.value, _STEP.value)
+    family = export_family(config)  # raises, naming the layers, before anything is written
     weights = save_checkpoint(target, config, params, format=_FORMAT.value)
     tokenizer.save(target)
-    print(f"wrote {target / 'config.json'} and {weights}")
+    print(f"wrote {target / 'config.json'} and {weights} ({family} layout)")
 
 
 def main(argv: list[str]) -> None:

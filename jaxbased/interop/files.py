@@ -1,6 +1,17 @@
 """Checkpoint folders of the released models: ``config.json`` plus ``pytorch_model.bin`` or
 ``model.safetensors``.
 
+Two families share this folder layout, told apart by ``config.json``
+(:func:`checkpoint_family`):
+
+- ``"based"``: HazyResearch/based's ``GPTLMHeadModel`` (a ``GPT2Config`` with mixer dicts:
+  based-*, attn-*), mapped by :mod:`jaxbased.interop.reference_config` and
+  :mod:`jaxbased.interop.state_dict`;
+- ``"mamba"``: mamba_ssm's ``MambaLMHeadModel`` (a ``MambaConfig``: the reference's mamba-*,
+  state-spaces' mamba-* and mamba2-*), mapped by :mod:`jaxbased.interop.mamba_checkpoint`.
+
+:func:`save_checkpoint` writes a model in the layout it can have (:func:`export_family`).
+
 Reading a ``.bin`` (a pickled PyTorch state dict) needs ``torch`` (the ``torch`` extra), imported
 only then; ``.safetensors`` files are read with the ``safetensors`` package's NumPy API and need
 no torch (bfloat16 tensors, which NumPy cannot name, are decoded from the raw bytes with
@@ -21,7 +32,19 @@ from typing import Any
 import numpy as np
 
 from jaxbased.config import ModelConfig
-from jaxbased.interop.reference_config import config_from_reference, config_to_reference
+from jaxbased.interop.mamba_checkpoint import (
+    MAMBA_LAYERS,
+    export_mamba_state_dict,
+    import_mamba_state_dict,
+    mamba_config_from_reference,
+    mamba_config_to_reference,
+    mamba_layout_problems,
+)
+from jaxbased.interop.reference_config import (
+    UnsupportedCheckpointError,
+    config_from_reference,
+    config_to_reference,
+)
 from jaxbased.interop.state_dict import (
     Params,
     clean_state_dict,
@@ -33,6 +56,12 @@ from jaxbased.interop.tokenizer import find_tokenizer_file
 CONFIG_FILE = "config.json"
 BIN_FILE = "pytorch_model.bin"
 SAFETENSORS_FILE = "model.safetensors"
+#: HazyResearch/based's ``GPTLMHeadModel`` layout (``GPT2Config``, ``transformer.*`` keys).
+BASED_FAMILY = "based"
+#: mamba_ssm's ``MambaLMHeadModel`` layout (``MambaConfig``, ``backbone.*`` keys).
+MAMBA_FAMILY = "mamba"
+#: Mixers the BASED layout (``GPTLMHeadModel``) can hold.
+BASED_LAYOUT_MIXERS = frozenset({"base_conv", "based", "sliding_window", "attention"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +77,7 @@ class ImportedCheckpoint:
       ignored_keys: accepted keys that carry no parameter (tied ``lm_head.weight``, unused
         buffers).
       tokenizer_file: a tokenizer file found in the folder, if any.
+      family: the layout it came in, ``"based"`` or ``"mamba"`` (see :func:`checkpoint_family`).
     """
 
     config: ModelConfig
@@ -57,6 +87,7 @@ class ImportedCheckpoint:
     dropped_keys: tuple[str, ...]
     ignored_keys: tuple[str, ...]
     tokenizer_file: pathlib.Path | None
+    family: str = BASED_FAMILY
 
 
 def _to_numpy_torch(tensor: Any) -> np.ndarray:
@@ -166,6 +197,73 @@ def find_weights(folder: pathlib.Path) -> pathlib.Path:
     )
 
 
+def checkpoint_family(values: Any, *, source: str = CONFIG_FILE) -> str:
+    """The family of a parsed ``config.json``: ``"mamba"`` for mamba_ssm's ``MambaConfig``
+    (``d_model`` or ``ssm_cfg``, with ``d_model`` and ``n_layer`` required; the reference's
+    ``MambaConfig`` also carries GPT-2 fields such as ``n_embd``, which do not count),
+    ``"based"`` for a ``GPT2Config`` (``n_embd`` or ``hidden_size``, ``n_layer`` or
+    ``num_hidden_layers``, ``vocab_size``, ``model_type`` absent or ``gpt2``).
+
+    Raises ``ValueError`` naming ``source``, its ``model_type`` and keys when it is neither
+    (for instance transformers' ``MambaConfig`` of the ``*-hf`` repositories), or the fields a
+    ``MambaConfig`` lacks.
+    """
+    if not isinstance(values, Mapping):
+        raise ValueError(f"{source} holds a JSON {type(values).__name__}, not an object")
+    model_type = values.get("model_type")
+    if ("d_model" in values or "ssm_cfg" in values) and model_type in (None, "mamba"):
+        absent = [name for name in ("d_model", "n_layer") if name not in values]
+        if absent:
+            raise ValueError(
+                f"{source} looks like mamba_ssm's MambaConfig but lacks {absent} (the model's "
+                "width and depth are not guessed from MambaConfig's defaults)"
+            )
+        return MAMBA_FAMILY
+    has_width = any(name in values for name in ("n_embd", "hidden_size"))
+    has_depth = any(name in values for name in ("n_layer", "num_hidden_layers"))
+    if has_width and has_depth and "vocab_size" in values and model_type in (None, "gpt2"):
+        return BASED_FAMILY
+    keys = sorted(str(key) for key in values)
+    shown = ", ".join(keys[:24]) + (f", ... ({len(keys)} keys)" if len(keys) > 24 else "")
+    raise ValueError(
+        f"{source} is neither a GPT2Config of HazyResearch/based (n_embd, n_layer, vocab_size; "
+        "model_type absent or 'gpt2') nor a MambaConfig of mamba_ssm (d_model, n_layer, "
+        f"ssm_cfg); found model_type={model_type!r} and keys [{shown}]"
+        + (
+            " (transformers' Mamba configs of the '-hf' repositories are not read: use the "
+            "mamba_ssm checkpoint, e.g. state-spaces/mamba-130m rather than mamba-130m-hf)"
+            if str(model_type).startswith("mamba")
+            else ""
+        )
+    )
+
+
+def export_family(config: ModelConfig) -> str:
+    """The layout :func:`save_checkpoint` writes ``config`` in: ``"mamba"`` (mamba_ssm) when
+    every layer is ``mamba`` or every layer ``mamba2`` and the blocks have no MLP, ``"based"``
+    (``GPTLMHeadModel``) when every layer is ``base_conv``, ``based``, ``sliding_window`` or
+    ``attention``.
+
+    Raises :class:`UnsupportedCheckpointError` naming the layer kinds (and what stops the
+    mamba_ssm layout) when neither layout holds the model.
+    """
+    kinds = set(config.layer_pattern)
+    if kinds <= set(MAMBA_LAYERS):
+        problems = mamba_layout_problems(config)
+        if problems:
+            raise UnsupportedCheckpointError(
+                "cannot export to mamba_ssm's layout: " + "; ".join(problems)
+            )
+        return MAMBA_FAMILY
+    if kinds <= BASED_LAYOUT_MIXERS:
+        return BASED_FAMILY
+    raise UnsupportedCheckpointError(
+        f"layer_pattern uses {sorted(kinds)}: no released layout holds it (HazyResearch/based's "
+        f"GPTLMHeadModel takes {sorted(BASED_LAYOUT_MIXERS)}; mamba_ssm's MambaLMHeadModel "
+        "takes all 'mamba' or all 'mamba2' layers with use_mlp=False)"
+    )
+
+
 def load_checkpoint(
     folder: str | pathlib.Path,
     *,
@@ -173,7 +271,9 @@ def load_checkpoint(
     allow_pickle: bool = False,
     **config_overrides: Any,
 ) -> ImportedCheckpoint:
-    """Import a released checkpoint folder (``config.json`` + weights) into jaxbased.
+    """Import a released checkpoint folder (``config.json`` + weights) into jaxbased, in the
+    family its ``config.json`` names (:func:`checkpoint_family`): a BASED/attention
+    ``GPT2Config`` or a Mamba / Mamba-2 ``MambaConfig``.
 
     Args:
       folder: holds ``config.json`` and ``model.safetensors`` or ``pytorch_model.bin``.
@@ -183,18 +283,29 @@ def load_checkpoint(
         (``dtype``, ``implementation``, ``chunk_size``, ...).
 
     Raises ``ValueError`` (:class:`~jaxbased.interop.UnsupportedCheckpointError`,
-    :class:`~jaxbased.interop.CheckpointMismatchError`) naming what does not fit.
+    :class:`~jaxbased.interop.CheckpointMismatchError`) naming what does not fit, or when
+    ``config.json`` is of neither family.
     """
     folder = pathlib.Path(folder)
     config_path = folder / CONFIG_FILE
     if not config_path.is_file():
         raise ValueError(f"checkpoint folder {str(folder)!r} has no {CONFIG_FILE}")
-    reference_config = json.loads(config_path.read_text())
-    config = config_from_reference(reference_config, **config_overrides)
+    try:
+        reference_config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{config_path} is not valid JSON: {error}") from error
+    family = checkpoint_family(reference_config, source=str(config_path))
+    if family == MAMBA_FAMILY:
+        config = mamba_config_from_reference(reference_config, **config_overrides)
+    else:
+        config = config_from_reference(reference_config, **config_overrides)
     weights = pathlib.Path(weights_file) if weights_file is not None else find_weights(folder)
     raw = read_state_dict(weights, allow_pickle=allow_pickle)
-    state, dropped = clean_state_dict(raw)
-    params, ignored = import_state_dict(state, config)
+    state, dropped = clean_state_dict(raw)  # a Lightning "model." prefix, metric counters
+    if family == MAMBA_FAMILY:
+        params, ignored = import_mamba_state_dict(state, config)
+    else:
+        params, ignored = import_state_dict(state, config)
     tokenizer_file = find_tokenizer_file(folder)
     return ImportedCheckpoint(
         config=config,
@@ -204,6 +315,7 @@ def load_checkpoint(
         dropped_keys=tuple(dropped),
         ignored_keys=tuple(ignored),
         tokenizer_file=tokenizer_file,
+        family=family,
     )
 
 
@@ -217,16 +329,24 @@ def save_checkpoint(
 ) -> pathlib.Path:
     """Write ``config.json`` and the weights in the released layout; returns the weights file.
 
+    The layout is the one the model can have (:func:`export_family`): mamba_ssm's
+    (``MambaConfig``, ``backbone.*``) for all-``mamba`` or all-``mamba2`` models without MLPs,
+    HazyResearch/based's ``GPTLMHeadModel`` (``GPT2Config``, ``transformer.*``) for BASED and
+    attention models; anything else raises :class:`UnsupportedCheckpointError`.
     ``format``: ``"safetensors"`` (``model.safetensors``, no torch needed) or ``"bin"``
     (``pytorch_model.bin`` via ``torch.save``). The file holds float32 tensors under the
     released names (no ``model.`` prefix), which :func:`load_checkpoint` and the reference's
-    ``GPTLMHeadModel.load_state_dict`` read back.
+    ``load_state_dict`` read back.
     """
     if format not in ("safetensors", "bin"):
         raise ValueError(f"format={format!r} is not known; allowed: 'safetensors', 'bin'")
     folder = pathlib.Path(folder)
-    reference_config = config_to_reference(config)
-    state = export_state_dict(params, config, include_lm_head=include_lm_head)
+    if export_family(config) == MAMBA_FAMILY:
+        reference_config = mamba_config_to_reference(config)
+        state = export_mamba_state_dict(params, config, include_lm_head=include_lm_head)
+    else:
+        reference_config = config_to_reference(config)
+        state = export_state_dict(params, config, include_lm_head=include_lm_head)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / CONFIG_FILE).write_text(json.dumps(reference_config, indent=2) + "\n")
     if format == "safetensors":

@@ -16,7 +16,10 @@ is mamba_ssm's) and state-spaces' ``mamba2-*`` models keep their weights under `
     lm_head.weight                                  tied: must equal the embedding
 
 Its ``config.json`` is a ``MambaConfig`` (``d_model``, ``n_layer``, ``vocab_size``,
-``pad_vocab_size_multiple``, ``rms_norm``, ``ssm_cfg``). Every mapping is a transpose or a copy
+``pad_vocab_size_multiple``, ``rms_norm``, ``ssm_cfg``; the reference's own ``MambaConfig`` adds
+GPT-2 fields such as ``n_embd`` and ``n_head`` that its model does not read).
+:func:`mamba_config_to_reference` writes the fields both the reference's and mamba_ssm's
+``MambaConfig`` accept. Every tensor mapping is a transpose or a copy
 (:mod:`jaxbased.interop.state_dict`'s rules), so import and export are exact inverses.
 """
 
@@ -49,6 +52,10 @@ FINAL_NORM_PREFIX = "backbone.norm_f"
 
 _MAMBA1_DEFAULTS = {"d_state": 16, "d_conv": 4, "expand": 2}
 _MAMBA2_DEFAULTS = {"d_state": 128, "d_conv": 4, "expand": 2, "headdim": 64, "ngroups": 1}
+#: The norm epsilon of mamba_ssm's ``MixerModel`` (its ``MambaConfig`` has no field for it).
+MAMBA_NORM_EPS = 1e-5
+#: Mixers of the mamba_ssm layout, with the ``ssm_cfg.layer`` that builds each.
+MAMBA_LAYERS = {"mamba": "Mamba1", "mamba2": "Mamba2"}
 
 
 def mamba_config_from_reference(values: Mapping[str, Any], **overrides: Any) -> ModelConfig:
@@ -111,6 +118,75 @@ def mamba_config_from_reference(values: Mapping[str, Any], **overrides: Any) -> 
             mamba2_chunk_size=int(ssm.get("chunk_size", 256)),
         )
     return ModelConfig(**{**fields, **overrides})
+
+
+def mamba_layout_problems(config: ModelConfig) -> list[str]:
+    """Why ``config`` cannot be written in mamba_ssm's layout (empty when it can): the layers
+    must all be ``mamba`` or all ``mamba2`` (``ssm_cfg.layer`` is model-wide), the blocks
+    mixer-only and the norm epsilon mamba_ssm's fixed 1e-5."""
+    problems = []
+    kinds = set(config.layer_pattern)
+    if not kinds <= set(MAMBA_LAYERS) or len(kinds) != 1:
+        problems.append(
+            f"layer_pattern uses {sorted(kinds)} (mamba_ssm's layout needs every layer 'mamba' "
+            "or every layer 'mamba2')"
+        )
+    if config.use_mlp:
+        problems.append("use_mlp=True (mamba_ssm's blocks are mixer-only)")
+    if config.norm_eps != MAMBA_NORM_EPS:
+        problems.append(
+            f"norm_eps={config.norm_eps!r} (mamba_ssm's MixerModel uses {MAMBA_NORM_EPS})"
+        )
+    return problems
+
+
+def mamba_config_to_reference(config: ModelConfig) -> dict[str, Any]:
+    """A ``MambaConfig`` ``config.json`` dict that :func:`mamba_config_from_reference` reads
+    back as ``config`` (up to fields that do not change the weights or the math: ``dtype``,
+    ``implementation``, scan algorithms and chunks of Mamba-1, init ranges).
+
+    Mamba-1 models get the fields that both the reference's ``MambaConfig`` and mamba_ssm's
+    accept; Mamba-2 models also ``d_intermediate``, ``attn_layer_idx``, ``attn_cfg`` and
+    ``tie_embeddings``, as state-spaces' ``mamba2-*`` files have them (mamba_ssm >= 2 reads
+    them). Raises :class:`UnsupportedCheckpointError` naming every reason the layout cannot
+    express ``config`` (see :func:`mamba_layout_problems`).
+    """
+    problems = mamba_layout_problems(config)
+    if problems:
+        raise UnsupportedCheckpointError(
+            "cannot export to mamba_ssm's layout: " + "; ".join(problems)
+        )
+    layer = MAMBA_LAYERS[config.layer_pattern[0]]
+    ssm: dict[str, Any] = {
+        "d_state": config.mamba_state_dim,
+        "d_conv": config.ssm_conv_kernel_size,
+        "expand": config.ssm_expand,
+    }
+    if layer == "Mamba1":
+        ssm["dt_rank"] = "auto" if config.mamba_dt_rank is None else config.mamba_dt_rank
+    else:
+        ssm = {
+            "layer": "Mamba2",
+            "d_state": config.mamba2_state_dim,
+            "d_conv": config.ssm_conv_kernel_size,
+            "expand": config.ssm_expand,
+            "headdim": config.mamba2_head_dim,
+            "ngroups": config.mamba2_groups,
+            "chunk_size": config.mamba2_chunk_size,
+        }
+    values: dict[str, Any] = {
+        "d_model": config.d_model,
+        "n_layer": config.num_layers,
+        "vocab_size": config.vocab_size,
+        "ssm_cfg": ssm,
+        "rms_norm": config.norm == "rmsnorm",
+        "residual_in_fp32": True,
+        "fused_add_norm": True,
+        "pad_vocab_size_multiple": config.pad_vocab_size_multiple,
+    }
+    if layer == "Mamba2":
+        values.update(d_intermediate=0, attn_layer_idx=[], attn_cfg={}, tie_embeddings=True)
+    return values
 
 
 def _norm_rules(config: ModelConfig, key_prefix: str, path: tuple[str, ...]) -> list[_Rule]:
