@@ -275,8 +275,6 @@ def get_config():
     config.train.eval_batch_size = 32
     config.models = ml_collections.ConfigDict(dict(
         based=model_group("based", dict(d_model=(16,)), dict(feature_dim=4)),
-        sliding_window=model_group(
-            "sliding_window", dict(d_model=(16,), window=(4,)), learning_rates=(1e-2,)),
     ))
     return config
 """
@@ -308,35 +306,28 @@ def test_sweep_cli_writes_runs_summary_and_figure_and_resumes(tmp_path):
     first = _run_cli(config_path, output)
     assert first.returncode == 0, first.stderr[-3000:]
     runs = sorted(path.name for path in (output / "runs").iterdir())
-    assert runs == [
-        "based-d_model16-lr1.0e-03.json",
-        "based-d_model16-lr3.0e-03.json",
-        "sliding_window-d_model16-window4-lr1.0e-02.json",
-    ]
-    record = json.loads((output / "runs" / runs[0]).read_text())
-    assert record["state_size"]["mixer"] == _based_formula(16, 4)
-    assert set(record["accuracy_by_segment"]) == {"T16_P2", "T32_P4"}
-    assert record["steps"] == 4 and 0.0 <= record["accuracy"] <= 1.0
+    assert runs == ["based-d_model16-lr1.0e-03.json", "based-d_model16-lr3.0e-03.json"]
+    records = [json.loads((output / "runs" / name).read_text()) for name in runs]
+    for record in records:
+        assert record["state_size"]["mixer"] == _based_formula(16, 4)
+        assert set(record["accuracy_by_segment"]) == {"T16_P2", "T32_P4"}
+        assert record["steps"] == 4 and 0.0 <= record["accuracy"] <= 1.0
     summary = json.loads((output / "summary.json").read_text())
-    assert summary["runs"] == 3
-    points = {point["model_key"]: point for point in summary["points"]}
-    assert set(points) == {"based-d_model16", "sliding_window-d_model16-window4"}
-    based_runs = [json.loads((output / "runs" / name).read_text()) for name in runs[:2]]
-    best = max(based_runs, key=lambda run: run["accuracy"])
-    assert points["based-d_model16"]["best_learning_rate"] == best["learning_rate"]
-    assert points["based-d_model16"]["learning_rates"] == [1e-3, 3e-3]
-    assert points["sliding_window-d_model16-window4"]["state_size"] == 2 * 4 * 16
+    assert summary["runs"] == 2
+    [point] = summary["points"]
+    assert point["model_key"] == "based-d_model16" and point["learning_rates"] == [1e-3, 3e-3]
+    best = max(records, key=lambda record: record["accuracy"])  # the first of equals, as summary
+    assert point["best_learning_rate"] == best["learning_rate"]
+    assert point["accuracy"] == best["accuracy"]
     assert (output / "mqar.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(output.rglob(".*tmp*"))  # atomic writes leave no temporary files
 
-    # A killed sweep resumes: finished runs are skipped, a missing one is redone.
-    finished_at = {
-        name: json.loads((output / "runs" / name).read_text())["finished"] for name in runs
-    }
-    (output / "runs" / runs[2]).unlink()
+    # A killed sweep resumes: the finished run is skipped, the missing one is redone.
+    kept, lost = runs
+    finished_at = records[0]["finished"]
+    (output / "runs" / lost).unlink()
     second = _run_cli(config_path, output, "--figure", str(tmp_path / "again.png"))
     assert second.returncode == 0, second.stderr[-3000:]
-    assert "trained 1 runs, 2 were finished before" in second.stderr
-    for name in runs[:2]:
-        assert json.loads((output / "runs" / name).read_text())["finished"] == finished_at[name]
-    assert (output / "runs" / runs[2]).is_file() and (tmp_path / "again.png").is_file()
+    assert "trained 1 runs, 1 were finished before" in second.stderr
+    assert json.loads((output / "runs" / kept).read_text())["finished"] == finished_at
+    assert (output / "runs" / lost).is_file() and (tmp_path / "again.png").is_file()
