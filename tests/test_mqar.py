@@ -331,3 +331,47 @@ def test_sweep_cli_writes_runs_summary_and_figure_and_resumes(tmp_path):
     assert "trained 1 runs, 1 were finished before" in second.stderr
     assert json.loads((output / "runs" / kept).read_text())["finished"] == finished_at
     assert (output / "runs" / lost).is_file() and (tmp_path / "again.png").is_file()
+
+
+def _load_config(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name[:-3], REPO / "configs" / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def test_paper_config_is_the_spec_protocol_and_the_cpu_config_expands():
+    from jaxbased.mqar import expand_runs
+
+    paper = _load_config("mqar_paper.py")
+    assert paper.vocab_size == 8192 and paper.power_a == 0.01
+    assert [tuple(segment) for segment in paper.train_mix] == [
+        (64, 4, 100_000),
+        (128, 8, 20_000),
+        (256, 16, 20_000),
+        (256, 32, 20_000),
+        (256, 64, 20_000),
+    ]
+    assert [tuple(segment[:2]) for segment in paper.test_mix] == [
+        (64, 4),
+        (64, 8),
+        (64, 16),
+        (128, 32),
+        (256, 64),
+        (512, 128),
+        (1024, 256),
+    ]
+    assert all(segment[2] == 1000 for segment in paper.test_mix)
+    assert tuple(paper.learning_rates) == (1e-3, 3.2e-3, 1e-2, 3.2e-2)
+    assert paper.train.weight_decay == 0.1 and paper.train.early_stop_accuracy == 0.99
+    runs = expand_runs(paper)
+    models = {run.model_key for run in runs}
+    assert len(models) == 2 + 9 + 8 and len(runs) == 4 * len(models)
+    windows = sorted(dict(run.grid)["window"] for run in runs if run.mixer == "sliding_window")
+    assert windows[0] == 9 and windows[-1] == 1025  # Zoology's w sees w + 1 keys
+    cpu_runs = expand_runs(_load_config("mqar_cpu.py"))
+    assert {run.mixer for run in cpu_runs} == {"attention", "based", "sliding_window", "base_conv"}
+    with pytest.raises(ValueError, match="not in the config"):
+        expand_runs(paper, groups=["hyena"])
