@@ -5,10 +5,12 @@ early stopping at 0.99, four learning rates per model.
     jaxbased-mqar --config=configs/mqar_paper.py --output_dir=results/mqar_paper
 
 Sliding windows: Zoology's ``block_size`` w lets query i see keys i-w ... i, i.e. w + 1 keys;
-our ``window`` counts the keys seen, so w = 8 ... 1024 is ``window`` = 9 ... 1025. Further mixers
-join with a ``models`` entry (``model_group(mixer, grid, fixed)``), e.g. once ``mamba`` exists:
-``config.models.mamba = model_group("mamba", dict(d_model=(64, 128, 256), <d_state field>=(8,
-16, 24)))``.
+our ``window`` counts the keys seen, so w = 8 ... 1024 is ``window`` = 9 ... 1025.
+
+Mamba and Mamba-2 (d_model 64 / 128 / 256 x state 8 / 16 / 24, as the paper's sweep): Zoology
+builds those as two Mamba blocks without BaseConv; here every MQAR model is BaseConv then the
+mixer (``jaxbased.mqar.models``), so their numbers carry one extra short conv layer. Further
+mixers join with one more ``models`` entry (``model_group(mixer, grid, fixed)``).
 """
 
 import ml_collections
@@ -31,6 +33,10 @@ def get_config() -> ml_collections.ConfigDict:
                     d_model=(128,),
                     window=tuple(w + 1 for w in (8, 16, 32, 64, 128, 256, 512, 1024)),
                 ),
+            ),
+            mamba=model_group("mamba", dict(d_model=(64, 128, 256), mamba_state_dim=(8, 16, 24))),
+            mamba2=model_group(
+                "mamba2", dict(d_model=(64, 128, 256), mamba2_state_dim=(8, 16, 24))
             ),
         )
     )

@@ -368,7 +368,7 @@ def test_paper_config_is_the_spec_protocol_and_the_cpu_config_expands():
     assert paper.train.weight_decay == 0.1 and paper.train.early_stop_accuracy == 0.99
     runs = expand_runs(paper)
     models = {run.model_key for run in runs}
-    assert len(models) == 2 + 9 + 8 and len(runs) == 4 * len(models)
+    assert len(models) == 2 + 9 + 8 + 9 + 9 and len(runs) == 4 * len(models)
     windows = sorted(dict(run.grid)["window"] for run in runs if run.mixer == "sliding_window")
     assert windows[0] == 9 and windows[-1] == 1025  # Zoology's w sees w + 1 keys
     cpu_runs = expand_runs(_load_config("mqar_cpu.py"))
