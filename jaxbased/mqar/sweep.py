@@ -169,6 +169,10 @@ def expand_runs(
     runs = []
     for group in selected:
         entry = config.models[group]
+        if not entry.get("mixer"):
+            raise ValueError(
+                f"model group {group!r} names no mixer; give mixer=<a MIXER_NAMES name>"
+            )
         grid = {key: tuple(values) for key, values in _plain(entry.get("grid", {})).items()}
         if "d_model" not in grid and "d_model" not in entry.get("fixed", {}):
             raise ValueError(f"model group {group!r} sets no d_model (in grid or fixed)")
