@@ -109,16 +109,51 @@ def _check_train_small_lm(notebook: nbformat.NotebookNode, tmp_path: pathlib.Pat
     assert sample.startswith("def ") and len(sample.strip()) > len("def"), sample
 
 
+def _check_recall_tradeoff(notebook: nbformat.NotebookNode, tmp_path: pathlib.Path) -> None:
+    text = _all_stdout(notebook)
+    # The printed example: every answer is the value paired with the queried key.
+    tokens = [int(t) for t in _find(r"input: +([\d ]+)\n", text)[1].split()]
+    targets = _find(r"target: +([\d. ]+)\n", text)[1].split()
+    pairs = dict(zip(tokens[0:6:2], tokens[1:6:2], strict=True))
+    answered = [(i, int(t)) for i, t in enumerate(targets) if t != "."]
+    assert len(answered) == 3 and all(pairs[tokens[i]] == value for i, value in answered), text
+
+    # Fast mode: d_model 16, one head, state counted at T = 32 (SPEC.md §6 formulas).
+    assert int(_find(r"(\d+) runs trained", text)[1]) == 3
+    rows = dict(
+        (key, (int(state.replace(",", "")), float(accuracy)))
+        for key, state, accuracy in re.findall(
+            r"^((?:attention|based|sliding_window)-\S+) +([\d,]+) +([\d.]+) ", text, re.M
+        )
+    )
+    expanded = 4 * 5 // 2 + 4 + 1  # symmetric Taylor features of F = 4
+    expected_state = {
+        "attention-d_model16": 2 * 32 * 16,
+        "based-d_model16-feature_dim4": 16 * expanded + expanded,
+        "sliding_window-d_model16-window16": 2 * 16 * 16,
+    }
+    assert {key: state for key, (state, _) in rows.items()} == expected_state, text
+    assert all(0.0 <= accuracy <= 1.0 for _, accuracy in rows.values())
+    images = [
+        output
+        for cell in _code_cells(notebook)
+        for output in cell.outputs
+        if output.output_type == "display_data" and "image/png" in output.data
+    ]
+    assert len(images) == 2, "expected the frontier figure and the training curves"
+
+
 #: Output checks per notebook file name; notebooks without one are only executed.
 OUTPUT_CHECKS: dict[str, Callable[[nbformat.NotebookNode, pathlib.Path], None]] = {
     "quickstart.ipynb": _check_quickstart,
     "train_small_lm.ipynb": _check_train_small_lm,
+    "recall_tradeoff.ipynb": _check_recall_tradeoff,
 }
 
 
 def test_the_notebooks_exist():
     names = {path.name for path in NOTEBOOKS}
-    assert {"quickstart.ipynb", "train_small_lm.ipynb"} <= names, names
+    assert {"quickstart.ipynb", "train_small_lm.ipynb", "recall_tradeoff.ipynb"} <= names, names
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.name)
