@@ -373,5 +373,12 @@ def test_paper_config_is_the_spec_protocol_and_the_cpu_config_expands():
     assert windows[0] == 9 and windows[-1] == 1025  # Zoology's w sees w + 1 keys
     cpu_runs = expand_runs(_load_config("mqar_cpu.py"))
     assert {run.mixer for run in cpu_runs} == {"attention", "based", "sliding_window", "base_conv"}
+    # The recorded sweep: the default's runs (same names, so they are shared) plus the SSMs.
+    all_runs = expand_runs(_load_config("mqar_cpu_all.py"))
+    assert {run.name for run in cpu_runs} < {run.name for run in all_runs}
+    extra = [run for run in all_runs if run.name not in {r.name for r in cpu_runs}]
+    assert (
+        sorted(run.mixer for run in extra) == ["decay_attention"] + ["mamba"] * 2 + ["mamba2"] * 2
+    )
     with pytest.raises(ValueError, match="not in the config"):
         expand_runs(paper, groups=["hyena"])

@@ -1,0 +1,39 @@
+"""The default CPU MQAR sweep (``configs/mqar_cpu.py``) plus the state-space and decay mixers.
+
+Same protocol, data, training budget and learning rate (3e-3) as ``mqar_cpu.py``; adds, at
+d_model 64 and state sizes matched to BASED's F = 8 / F = 16 (about 2.5k and 9k floats):
+
+- ``mamba`` (Mamba-1) with state dim 16 and 64 (``d_inner * N`` floats plus its conv inputs),
+  scanned with the sequential algorithm (on CPU, at T <= 256, several times faster per training
+  step than the chunked associative scan; the same function);
+- ``mamba2`` (SSD) with state dim 16 and 64, head dim 32 (4 heads), chunk 64;
+- ``decay_attention`` (RetNet-style fixed decay per head), one head of key dim 64.
+
+The SSM runs add roughly 25-35 CPU-minutes to the 15-minute default sweep, so they live here;
+``BENCHMARKS.md`` records this sweep and its figure.
+
+    jaxbased-mqar --config=configs/mqar_cpu_all.py --output_dir=results/mqar_cpu
+"""
+
+import ml_collections
+
+from configs.mqar_cpu import get_config as default_cpu_config
+from jaxbased.mqar.sweep import model_group
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = default_cpu_config()
+    config.models.mamba = model_group(
+        "mamba",
+        dict(d_model=(64,), mamba_state_dim=(16, 64)),
+        fixed=dict(mamba_scan_algorithm="sequential"),
+    )
+    config.models.mamba2 = model_group(
+        "mamba2",
+        dict(d_model=(64,), mamba2_state_dim=(16, 64)),
+        fixed=dict(mamba2_head_dim=32, mamba2_chunk_size=64),
+    )
+    config.models.decay_attention = model_group(
+        "decay_attention", dict(d_model=(64,)), fixed=dict(decay_attention_heads=1)
+    )
+    return config
