@@ -35,7 +35,6 @@ from jaxbased.config import ModelConfig
 from jaxbased.interop.reference_config import UnsupportedCheckpointError
 from jaxbased.interop.state_dict import (
     LM_HEAD_KEY,
-    CheckpointMismatchError,
     Params,
     _bias,
     _conv,
@@ -43,8 +42,8 @@ from jaxbased.interop.state_dict import (
     _get,
     _linear,
     _Rule,
-    _set,
-    _shape,
+    check_tied_head,
+    params_from_rules,
 )
 
 EMBEDDING_KEY = "backbone.embedding.weight"
@@ -262,37 +261,14 @@ def import_mamba_state_dict(
     """
     rules = mamba_parameter_rules(config)
     expected = {rule.key: rule.reference_shape for rule in rules}
-    found = {key: _shape(value) for key, value in state_dict.items()}
-    missing = [key for key in expected if key not in state_dict]
-    mismatched = [
-        (key, found[key], shape)
-        for key, shape in expected.items()
-        if key in state_dict and found[key] != shape
-    ]
-    unexpected, ignored, other = [], [], []
-    for key in state_dict:
-        if key in expected:
-            continue
-        if key != LM_HEAD_KEY:
-            unexpected.append(key)
-            continue
-        ignored.append(key)
-        if found[key] != expected[EMBEDDING_KEY]:
-            mismatched.append((key, found[key], expected[EMBEDDING_KEY]))
-        elif found.get(EMBEDDING_KEY) == found[key] and not np.array_equal(
-            np.asarray(state_dict[key], np.float32),
-            np.asarray(state_dict[EMBEDDING_KEY], np.float32),
-        ):
-            other.append(f"untied head: {LM_HEAD_KEY} differs from {EMBEDDING_KEY}")
-    if missing or unexpected or mismatched or other:
-        raise CheckpointMismatchError(
-            missing, sorted(unexpected), mismatched, other, expected, found
-        )
-    params: Params = {}
-    for rule in rules:
-        value = np.asarray(state_dict[rule.key], np.float32)
-        _set(params, rule.path, np.ascontiguousarray(rule.to_ours(value)))
-    return params, ignored
+
+    def extra_key(key: str, found: dict, report: Any) -> None:
+        if key == LM_HEAD_KEY:
+            check_tied_head(state_dict, found, expected, report, EMBEDDING_KEY)
+        else:
+            report.unexpected.append(key)
+
+    return params_from_rules(state_dict, rules, extra_key)
 
 
 def export_mamba_state_dict(

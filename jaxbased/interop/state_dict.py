@@ -234,59 +234,107 @@ def import_state_dict(
     """
     rules = parameter_rules(config)
     expected = {rule.key: rule.reference_shape for rule in rules}
-    found = {key: _shape(value) for key, value in state_dict.items()}
-    missing = [key for key in expected if key not in state_dict]
-    mismatched = [
-        (key, found[key], shape)
-        for key, shape in expected.items()
-        if key in state_dict and found[key] != shape
-    ]
-    unexpected, ignored, other = [], [], []
-    for key in state_dict:
-        if key in expected:
-            continue
+
+    def extra_key(key: str, found: dict, report: _MismatchReport) -> None:
         if any(pattern.match(key) for pattern in IGNORED_KEY_PATTERNS):
-            ignored.append(key)
+            report.ignored.append(key)
         elif key == LM_HEAD_KEY:
-            embedding_shape = expected[EMBEDDING_KEY]
-            both_fit = found[key] == embedding_shape == found.get(EMBEDDING_KEY)
-            if found[key] != embedding_shape:
-                mismatched.append((key, found[key], embedding_shape))
-            elif both_fit and not np.array_equal(
-                np.asarray(state_dict[key], np.float32),
-                np.asarray(state_dict[EMBEDDING_KEY], np.float32),
-            ):
-                other.append(
-                    f"untied head: {LM_HEAD_KEY} differs from {EMBEDDING_KEY} (jaxbased "
-                    "ties the head to the embedding)"
-                )
-            ignored.append(key)
+            check_tied_head(state_dict, found, expected, report)
         elif match := INV_FREQ_PATTERN.match(key):
             index = int(match.group(1))
             if index >= config.num_layers or config.layer_pattern[index] not in (
                 "sliding_window",
                 "attention",
             ):
-                unexpected.append(key)
-                continue
+                report.unexpected.append(key)
+                return
             ours = np.asarray(rotary_frequencies(config.rotary_dim, config.rotary_base))
             theirs = np.asarray(state_dict[key], np.float32)
             if theirs.shape != ours.shape:
-                mismatched.append((key, theirs.shape, ours.shape))
+                report.mismatched.append((key, theirs.shape, ours.shape))
             elif not np.allclose(theirs, ours, rtol=1e-5, atol=0):
-                other.append(f"{key} differs from rotary_base={config.rotary_base} frequencies")
-            ignored.append(key)
+                report.other.append(
+                    f"{key} differs from rotary_base={config.rotary_base} frequencies"
+                )
+            report.ignored.append(key)
         else:
-            unexpected.append(key)
-    if missing or unexpected or mismatched or other:
+            report.unexpected.append(key)
+
+    return params_from_rules(state_dict, rules, extra_key)
+
+
+@dataclasses.dataclass
+class _MismatchReport:
+    """What a state dict lacks or has in excess, collected before one error is raised."""
+
+    missing: list[str]
+    mismatched: list[tuple[str, tuple, tuple]]
+    unexpected: list[str] = dataclasses.field(default_factory=list)
+    ignored: list[str] = dataclasses.field(default_factory=list)
+    other: list[str] = dataclasses.field(default_factory=list)
+
+
+def check_tied_head(
+    state_dict: Mapping[str, Any],
+    found: Mapping[str, tuple[int, ...]],
+    expected: Mapping[str, tuple[int, ...]],
+    report: _MismatchReport,
+    embedding_key: str = EMBEDDING_KEY,
+) -> None:
+    """Accept ``lm_head.weight`` (ignored: the head is tied) only if it equals the embedding
+    (``embedding_key``)."""
+    report.ignored.append(LM_HEAD_KEY)
+    embedding_shape = expected[embedding_key]
+    if found[LM_HEAD_KEY] != embedding_shape:
+        report.mismatched.append((LM_HEAD_KEY, found[LM_HEAD_KEY], embedding_shape))
+    elif found.get(embedding_key) == embedding_shape and not np.array_equal(
+        np.asarray(state_dict[LM_HEAD_KEY], np.float32),
+        np.asarray(state_dict[embedding_key], np.float32),
+    ):
+        report.other.append(
+            f"untied head: {LM_HEAD_KEY} differs from {embedding_key} (jaxbased ties the head "
+            "to the embedding)"
+        )
+
+
+def params_from_rules(
+    state_dict: Mapping[str, Any],
+    rules: list[_Rule],
+    extra_key: Callable[[str, dict, _MismatchReport], None],
+) -> tuple[Params, list[str]]:
+    """Check ``state_dict`` against ``rules`` and build our float32 parameter tree.
+
+    Keys that no rule names go to ``extra_key(key, found_shapes, report)``, which files them as
+    ignored, unexpected, mismatched or other. Raises :class:`CheckpointMismatchError` listing
+    every problem at once; returns ``(params, ignored_keys)``.
+    """
+    expected = {rule.key: rule.reference_shape for rule in rules}
+    found = {key: _shape(value) for key, value in state_dict.items()}
+    report = _MismatchReport(
+        missing=[key for key in expected if key not in state_dict],
+        mismatched=[
+            (key, found[key], shape)
+            for key, shape in expected.items()
+            if key in state_dict and found[key] != shape
+        ],
+    )
+    for key in state_dict:
+        if key not in expected:
+            extra_key(key, found, report)
+    if report.missing or report.unexpected or report.mismatched or report.other:
         raise CheckpointMismatchError(
-            missing, sorted(unexpected), mismatched, other, expected, found
+            report.missing,
+            sorted(report.unexpected),
+            report.mismatched,
+            report.other,
+            expected,
+            found,
         )
     params: Params = {}
     for rule in rules:
         value = np.asarray(state_dict[rule.key], np.float32)
         _set(params, rule.path, np.ascontiguousarray(rule.to_ours(value)))
-    return params, ignored
+    return params, report.ignored
 
 
 def export_state_dict(
