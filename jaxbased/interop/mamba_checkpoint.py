@@ -25,7 +25,6 @@ GPT-2 fields such as ``n_embd`` and ``n_head`` that its model does not read).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -39,11 +38,11 @@ from jaxbased.interop.state_dict import (
     _bias,
     _conv,
     _copy,
-    _get,
     _linear,
     _Rule,
     check_tied_head,
     params_from_rules,
+    state_from_rules,
 )
 
 EMBEDDING_KEY = "backbone.embedding.weight"
@@ -279,29 +278,4 @@ def export_mamba_state_dict(
 
     Raises ``ValueError`` naming every parameter whose shape does not fit ``config``.
     """
-    problems, state = [], {}
-    for rule in mamba_parameter_rules(config):
-        try:
-            value = np.asarray(_get(params, rule.path), np.float32)
-        except (KeyError, TypeError):
-            problems.append(f"missing parameter {'/'.join(rule.path)}")
-            continue
-        if math.prod(value.shape) != math.prod(rule.reference_shape):
-            problems.append(
-                f"{'/'.join(rule.path)} has shape {list(value.shape)}; {rule.key} needs "
-                f"{list(rule.reference_shape)}"
-            )
-            continue
-        reference = np.ascontiguousarray(rule.to_reference(value))
-        if reference.shape != rule.reference_shape:
-            problems.append(
-                f"{'/'.join(rule.path)} has shape {list(value.shape)}; {rule.key} needs "
-                f"{list(rule.reference_shape)}"
-            )
-            continue
-        state[rule.key] = reference
-    if problems:
-        raise ValueError("parameters do not fit the config: " + "; ".join(problems))
-    if include_lm_head:
-        state[LM_HEAD_KEY] = state[EMBEDDING_KEY].copy()
-    return state
+    return state_from_rules(params, mamba_parameter_rules(config), EMBEDDING_KEY, include_lm_head)

@@ -346,8 +346,22 @@ def export_state_dict(
 
     Raises ``ValueError`` naming every parameter whose shape does not fit ``config``.
     """
+    return state_from_rules(params, parameter_rules(config), EMBEDDING_KEY, include_lm_head)
+
+
+def state_from_rules(
+    params: Mapping[str, Any],
+    rules: list[_Rule],
+    embedding_key: str,
+    include_lm_head: bool,
+) -> dict[str, np.ndarray]:
+    """The reference-layout tensors of ``params`` under ``rules`` (float32 NumPy), plus
+    ``lm_head.weight`` as a copy of ``embedding_key`` when ``include_lm_head``.
+
+    Raises ``ValueError`` naming every parameter that is missing or does not fit its rule.
+    """
     problems, state = [], {}
-    for rule in parameter_rules(config):
+    for rule in rules:
         try:
             value = np.asarray(_get(params, rule.path), np.float32)
         except (KeyError, TypeError):
@@ -367,5 +381,5 @@ def export_state_dict(
     if problems:
         raise ValueError("parameters do not fit the config: " + "; ".join(problems))
     if include_lm_head:
-        state[LM_HEAD_KEY] = state[EMBEDDING_KEY].copy()
+        state[LM_HEAD_KEY] = state[embedding_key].copy()
     return state
