@@ -18,6 +18,11 @@ import pallas_kernels.linear_attention as pallas_linear_attention_module
 from jaxbased import ModelConfig
 from jaxbased.ops import LinearAttentionState, expanded_dim, linear_attention
 from pallas_kernels.linear_attention import linear_attention as pallas_linear_attention
+from pallas_kernels.linear_attention._symmetric import (
+    antisymmetric_part,
+    full_from_symmetric,
+    symmetric_from_full,
+)
 from tests import reference_numpy as ref
 from tests.conftest import init_model, relative_error
 
@@ -238,6 +243,29 @@ def test_kernels_lower_for_the_hardware(backend, feature_map, feature_dim, value
     text = exported.mlir_module()
     marker = "tpu_custom_call" if backend == "tpu" else "__gpu$xla.gpu.triton"
     assert text.count(marker) >= 3  # forward, dq, dk/dv kernels
+
+
+@pytest.mark.parametrize("feature_dim", [3, 16])
+def test_symmetric_state_layout_converts_exactly(feature_dim, rng):
+    # The kernels run the symmetric expansion; taylor states cross the boundary through these
+    # maps. Checked against the float64 feature maps of SPEC.md (tests/reference_numpy.py).
+    x = rng.normal(size=(4, feature_dim))
+    full, symmetric = ref.phi(x, "taylor"), ref.phi(x, "taylor_symmetric")
+    # out of the kernel: the symmetric state of phi(k) v^T is the full one, re-laid out
+    np.testing.assert_allclose(full_from_symmetric(symmetric, feature_dim, axis=1), full, rtol=1e-6)
+    np.testing.assert_allclose(symmetric_from_full(full, feature_dim, axis=1), symmetric, rtol=1e-6)
+    # into it: any full state (asymmetric too) is read identically by every query
+    state = rng.normal(size=(full.shape[1], 5))
+    converted = np.asarray(symmetric_from_full(state, feature_dim, axis=0), np.float64)
+    np.testing.assert_allclose(symmetric @ converted, full @ state, rtol=1e-5, atol=1e-5)
+    # what no query reads is the antisymmetric part: the round trip restores the rest
+    round_trip = full_from_symmetric(converted, feature_dim, axis=0)
+    restored = round_trip + antisymmetric_part(state, feature_dim, axis=0)
+    np.testing.assert_allclose(restored, state, rtol=1e-5, atol=1e-6)
+    assert np.abs(full @ np.asarray(antisymmetric_part(state, feature_dim, axis=0))).max() < 1e-5
+    message = f"full state has {symmetric.shape[1]} features on axis 1; expected {full.shape[1]}"
+    with pytest.raises(ValueError, match=message):
+        symmetric_from_full(symmetric, feature_dim, axis=1)
 
 
 def test_illegal_block_sizes_name_the_dimension(rng):

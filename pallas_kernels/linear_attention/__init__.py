@@ -11,12 +11,15 @@ chunk-local cumulative log decays ``g``; the state is decayed by ``exp(g_last)``
 
 Inside a chunk of ``C`` tokens the kernel uses ``K`` from raw ``F``-dim dots; across chunks it
 carries the float32 state ``S = sum phi(k) ⊗ v`` ``[D', Dv]`` and ``z = sum phi(k)`` ``[D']`` on
-chip. The expanded features ``phi(q), phi(k)`` (``D' = 273`` for F = 16, or 153 with
-``taylor_symmetric``) are built per chunk in VMEM/registers and never written to device memory.
+chip. The expanded features ``phi(q), phi(k)`` are built per chunk in VMEM/registers and never
+written to device memory. Both feature maps run the symmetric expansion (``D' = 153`` for
+F = 16; the full ``taylor`` map's 273 features repeat every off-diagonal pair): the outputs are
+the same, and ``taylor`` states are converted exactly at the call boundary (``_symmetric.py``).
 
 - ``tpu.py``: Mosaic TPU kernels (grid over batch, heads, chunks; state in VMEM scratch).
 - ``gpu.py``: Triton kernels (grid over batch, heads, value blocks; loop over chunks).
 - ``_taylor.py``: the fused feature map and the per-chunk math both share.
+- ``_symmetric.py``: ``taylor`` <-> ``taylor_symmetric`` state layouts.
 
 :func:`linear_attention` has a ``jax.custom_vjp`` whose backward runs two more kernels per
 backend (``dq`` forward over the chunks; ``dk, dv`` and the initial state's cotangent backward
@@ -35,6 +38,11 @@ from jaxtyping import Array, Float
 
 from pallas_kernels._common import check_block, check_call, compute_dtype
 from pallas_kernels.linear_attention import gpu, tpu
+from pallas_kernels.linear_attention._symmetric import (
+    antisymmetric_part,
+    full_from_symmetric,
+    symmetric_from_full,
+)
 from pallas_kernels.linear_attention._taylor import (
     TAYLOR_FEATURE_MAPS,
     TaylorLayout,
@@ -61,8 +69,7 @@ class LinearAttentionConfig:
 
     Attributes:
       backend: ``tpu`` or ``gpu``.
-      feature_map: ``taylor`` or ``taylor_symmetric``.
-      feature_dim: ``F``.
+      feature_dim: ``F`` (the kernels always expand it symmetrically).
       chunk_size: tokens per chunk ``C``.
       eps: added to the denominator.
       normalize: divide by the normalizer (False: ``y = phi(q) S``, as SSD).
@@ -73,7 +80,6 @@ class LinearAttentionConfig:
     """
 
     backend: str
-    feature_map: str
     feature_dim: int
     chunk_size: int
     eps: float
@@ -85,7 +91,7 @@ class LinearAttentionConfig:
 
     @functools.cached_property
     def layout(self) -> TaylorLayout:
-        return make_layout(self.feature_map, self.feature_dim, self.backend)
+        return make_layout(self.feature_dim, self.backend)
 
 
 _BACKENDS = {"tpu": tpu, "gpu": gpu}
@@ -231,7 +237,6 @@ def linear_attention(
         initial_state = (kv_state.astype(jnp.float32), k_state.astype(jnp.float32))
     config = LinearAttentionConfig(
         backend=backend,
-        feature_map=feature_map,
         feature_dim=feature_dim,
         chunk_size=DEFAULT_CHUNK_SIZE[backend] if chunk_size is None else chunk_size,
         eps=float(eps),
@@ -241,12 +246,34 @@ def linear_attention(
         value_block_size=value_block_size,
         num_warps=num_warps,
     )
+    full_layout = feature_map == "taylor"
+    kernel_initial_state = initial_state
+    if full_layout and initial_state is not None:
+        kernel_initial_state = tuple(
+            symmetric_from_full(part, feature_dim, axis=2) for part in initial_state
+        )
     y, final_state = _apply_with_vjp(
         config,
         q.astype(operand_dtype),
         k.astype(operand_dtype),
         v.astype(operand_dtype),
-        initial_state,
+        kernel_initial_state,
         log_decay,
     )
+    if full_layout:
+        final_state = _full_final_state(final_state, initial_state, log_decay, feature_dim)
     return y.astype(v.dtype), final_state
+
+
+def _full_final_state(final_state, initial_state, log_decay, feature_dim: int):
+    """The kernel's symmetric final state in the full ``taylor`` layout, plus the initial
+    state's antisymmetric part (unread by any query) decayed by ``prod_t a_t``."""
+    kv_state, k_state = (full_from_symmetric(part, feature_dim, axis=2) for part in final_state)
+    if initial_state is None:
+        return kv_state, k_state
+    kept = 1.0 if log_decay is None else jnp.exp(jnp.sum(log_decay, axis=1))  # [B, H]
+    kept = jnp.asarray(kept, jnp.float32)
+    initial_kv, initial_k = initial_state
+    kv_state = kv_state + kept[..., None, None] * antisymmetric_part(initial_kv, feature_dim, 2)
+    k_state = k_state + kept[..., None] * antisymmetric_part(initial_k, feature_dim, 2)
+    return kv_state, k_state

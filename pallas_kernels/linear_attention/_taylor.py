@@ -1,14 +1,13 @@
 """The fused Taylor feature map and the per-chunk math shared by the TPU and GPU kernels.
 
-Feature layout (identical to ``jaxbased.ops.feature_maps``, so states are interchangeable):
-index 0 is the constant 1, indices ``1 .. F`` the linear features ``x_i / F**0.25``, then the
-second-order features, ``D' = 1 + F + F2`` in all:
-
-- ``taylor``: ``x_i x_j / (sqrt(2) sqrt(F))`` for every ``(i, j)``, row-major (``F2 = F**2``);
-- ``taylor_symmetric``: the upper triangle ``i <= j`` in ``numpy.triu_indices`` order, scaled
-  ``1 / (sqrt(2) sqrt(F))`` on the diagonal and ``1 / sqrt(F)`` off it (``F2 = F (F + 1) / 2``).
-
-Both give ``phi(q) . phi(k) = 1 + s + s**2 / 2`` with ``s = q . k / sqrt(F)``.
+The kernels compute with the symmetric (upper-triangle) form of the second-order features,
+``D' = 1 + F + F (F + 1) / 2`` (153 rows for F = 16 instead of 273): index 0 is the constant 1,
+indices ``1 .. F`` the linear features ``x_i / F**0.25``, then ``x_i x_j`` for ``i <= j`` in
+``numpy.triu_indices`` order, scaled ``1 / (sqrt(2) sqrt(F))`` on the diagonal and
+``1 / sqrt(F)`` off it, exactly ``jaxbased.ops.feature_maps``' ``taylor_symmetric``. It gives
+the same ``phi(q) . phi(k) = 1 + s + s**2 / 2`` (``s = q . k / sqrt(F)``) as the full
+``taylor`` map with half the state; :mod:`._symmetric` converts ``taylor`` states at the call
+boundary.
 
 Fusion: inside a kernel every feature is a product of two affine maps of ``x`` (a one-hot matmul
 and a bias) and a scale,
@@ -21,7 +20,7 @@ are exact in one bfloat16 pass; the expanded ``[C, rows]`` tile exists only on c
 
 State rows are grouped in *segments* (each a run of consecutive features padded to a size the
 hardware likes): one segment of ``round_up(D', 128)`` rows on TPU; on GPU (Triton) a few segments
-whose sizes are powers of two (e.g. 273 = 256 + 32 rows for F = 16) so that no matmul side is
+whose sizes are powers of two (e.g. 153 = 128 + 32 rows for F = 16) so that no matmul side is
 padded to the next power of two of ``D'``.
 """
 
@@ -61,24 +60,22 @@ class Segment:
 
 @dataclasses.dataclass(frozen=True)
 class TaylorLayout:
-    """Sizes of the fused Taylor expansion for one feature map, feature dim and backend.
+    """Sizes of the fused (symmetric) Taylor expansion for one feature dim and backend.
 
     Attributes:
-      feature_map: ``taylor`` or ``taylor_symmetric``.
       feature_dim: ``F``, the raw query/key dim.
       padded_feature_dim: ``F`` padded for the hardware (Triton: a power of two >= 16).
       segments: the state row groups (see the module docstring).
     """
 
-    feature_map: str
     feature_dim: int
     padded_feature_dim: int
     segments: tuple[Segment, ...]
 
     @property
     def expanded_dim(self) -> int:
-        """``D' = 1 + F + F2``."""
-        return expanded_dim(self.feature_map, self.feature_dim)
+        """``D' = 1 + F + F (F + 1) / 2``."""
+        return expanded_dim("taylor_symmetric", self.feature_dim)
 
     @property
     def rows(self) -> int:
@@ -110,15 +107,12 @@ class TaylorLayout:
         terms: list[tuple[int | None, int | None, float]] = [(None, None, 1.0)]
         terms += [(i, None, feature_dim**-0.25) for i in range(feature_dim)]
         diagonal = 1.0 / (math.sqrt(2.0) * math.sqrt(feature_dim))
-        if self.feature_map == "taylor":
-            terms += [(i, j, diagonal) for i in range(feature_dim) for j in range(feature_dim)]
-        else:
-            rows, cols = np.triu_indices(feature_dim)
-            off_diagonal = 1.0 / math.sqrt(feature_dim)
-            terms += [
-                (int(i), int(j), diagonal if i == j else off_diagonal)
-                for i, j in zip(rows, cols, strict=True)
-            ]
+        off_diagonal = 1.0 / math.sqrt(feature_dim)
+        rows, cols = np.triu_indices(feature_dim)
+        terms += [
+            (int(i), int(j), diagonal if i == j else off_diagonal)
+            for i, j in zip(rows, cols, strict=True)
+        ]
         return terms
 
     def _row_of(self, feature: int) -> int:
@@ -176,21 +170,19 @@ def _power_of_two_segments(total: int, minimum: int = 16, tail: int = 32) -> lis
     return sizes
 
 
-def make_layout(feature_map: str, feature_dim: int, backend: str) -> TaylorLayout:
-    """The :class:`TaylorLayout` of ``feature_map`` for ``backend`` (``tpu`` or ``gpu``)."""
-    total = expanded_dim(feature_map, feature_dim)
+def make_layout(feature_dim: int, backend: str) -> TaylorLayout:
+    """The symmetric :class:`TaylorLayout` of ``feature_dim`` for ``backend`` (``tpu``/``gpu``)."""
+    total = expanded_dim("taylor_symmetric", feature_dim)
     if backend == "tpu":
         segments = (Segment(0, total, 0, round_up(total, 128)),)
-        return TaylorLayout(feature_map, feature_dim, feature_dim, segments)
+        return TaylorLayout(feature_dim, feature_dim, segments)
     segments = []
     start = offset = 0
     for size in _power_of_two_segments(total):
         count = min(size, total - start)
         segments.append(Segment(start, count, offset, size))
         start, offset = start + count, offset + size
-    return TaylorLayout(
-        feature_map, feature_dim, next_power_of_two(feature_dim, 16), tuple(segments)
-    )
+    return TaylorLayout(feature_dim, next_power_of_two(feature_dim, 16), tuple(segments))
 
 
 # ---------------------------------------------------------------------------------------------
