@@ -13,7 +13,8 @@
      and ``fla`` are installed (CUDA events);
    - window attention (129 keys, head dim = Dv): the Pallas kernel, the XLA blocked reference
      and ``jax.nn.dot_product_attention(implementation="cudnn", local_window_size=(128, 0))``;
-   - at ``T = 8k, Dv = 64`` a sweep of the GPU kernel's chunk size (16, 32, 64).
+   - at ``T = 8k, Dv = 64`` a sweep of the GPU kernel's chunk size (16, 32, 64) and of 4 vs 8
+     warps at chunk 16.
    Each timing compiles outside the timed region, runs one warm-up and reports the median of
    ``--repeats`` calls; a time budget (``--time_budget``) skips what would not fit.
 3. Roofline: the peak bfloat16 matmul rate and the memory bandwidth are *measured* at start
@@ -209,7 +210,9 @@ def roofline_fields(flops, bytes_moved, milliseconds, peaks) -> dict[str, float]
 # ---------------------------------------------------------------------------------------------
 # The implementations under test
 # ---------------------------------------------------------------------------------------------
-def pallas_linear(settings: Settings, feature_map="taylor", chunk_size=None, initial_state=None):
+def pallas_linear(
+    settings: Settings, feature_map="taylor", chunk_size=None, initial_state=None, num_warps=None
+):
     def run(q, k, v):
         return pallas_linear_attention(
             q,
@@ -219,6 +222,7 @@ def pallas_linear(settings: Settings, feature_map="taylor", chunk_size=None, ini
             feature_map=feature_map,
             chunk_size=chunk_size,
             interpret=settings.interpret,
+            num_warps=num_warps,
         )[0]
 
     return run
@@ -626,7 +630,8 @@ def run_timings(settings: Settings, peaks: dict, rows: list[dict]) -> list[dict]
                     settings, rows, peaks, (batch, seq, heads, feature_dim, value_dim), cost, meta
                 )
             if on_gpu and seq == 8192 and value_dim == 64:
-                for chunk in (32, 64):
+                # chunk sizes; 8 warps at chunk 16 (4 spill: benchmarks/compile_kernels.py)
+                for chunk, warps in ((32, None), (64, None), (16, 8)):
                     cost = linear_attention_cost(
                         batch, heads, seq, feature_dim, value_dim, chunk, itemsize
                     )
@@ -635,11 +640,11 @@ def run_timings(settings: Settings, peaks: dict, rows: list[dict]) -> list[dict]
                         rows,
                         peaks,
                         "linear",
-                        f"pallas taylor C={chunk}",
-                        pallas_linear(settings, "taylor", chunk),
+                        f"pallas C={chunk}" + (f" warps={warps}" if warps else ""),
+                        pallas_linear(settings, "taylor", chunk, num_warps=warps),
                         (q, k, v),
                         cost,
-                        {**meta, "chunk": chunk},
+                        {**meta, "chunk": chunk, "num_warps": warps},
                     )
             del q, k, v
             # Window attention: head dim = Dv, 129 keys.

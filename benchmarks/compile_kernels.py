@@ -1,21 +1,27 @@
-"""Compile the GPU (Triton) kernels for Hopper on a CPU host and report what each one uses.
+"""Compile every Pallas kernel for the real hardware on a CPU host, GPU and TPU, and report.
 
-``jax.export`` for CUDA runs Pallas' lowering to Triton IR on any host, but the rest (Triton's
-passes, PTX, ``ptxas``) happens inside XLA on a GPU machine, so a kernel that needs more shared
-memory than a block may have, or that Triton cannot compile, would only fail there. This script
-takes each kernel's Triton IR out of the exported module (the ``__gpu$xla.gpu.triton`` custom
-calls, with the kernel's ``num_warps`` and ``num_stages``) and compiles it with the ``triton``
-package for ``sm_90`` (H100/H200), then reports per kernel: shared memory per block, registers per
-thread and stack bytes per thread (spills and local arrays; ``cuobjdump``'s ``STACK``).
+``jax.export`` only runs Pallas' own lowering (to Triton IR for CUDA, to Mosaic for TPU); the
+hardware compilers run later, on the accelerator machine, so a kernel that needs more on-chip
+memory than the chip has, or that they cannot compile, would only fail there. This module runs
+those compilers here:
 
-The ``triton`` wheel pins its own Triton, not the one inside jaxlib's XLA, so the numbers are
-close to, not exactly, what XLA builds; timings need the GPU (``benchmarks/gpu_check.sh``).
-``tests/test_pallas_gpu_compile.py`` asserts every case below compiles within the limits.
+- GPU: takes each kernel's Triton IR out of a ``jax.export`` for CUDA (the
+  ``__gpu$xla.gpu.triton`` custom calls, with their ``num_warps``/``num_stages``) and compiles it
+  with the ``triton`` package for ``sm_90`` (H100/H200), reporting per kernel the shared memory
+  per block, registers per thread and stack bytes per thread (spills and local arrays,
+  ``cuobjdump``'s ``STACK``). The wheel pins its own Triton, not the one inside jaxlib's XLA, so
+  the numbers are close to, not exactly, what XLA builds.
+- TPU: compiles the whole differentiated call ahead of time for a TPU topology with ``libtpu``
+  and no TPU attached (``jax.experimental.topologies``), for v4, v5e, v5p and v6e; this runs
+  Mosaic's layout passes and the VMEM allocation that ``jax.export`` skips.
 
-Usage (repository root; needs ``pip install triton``, Linux x86_64)::
+Timings still need the hardware (``benchmarks/gpu_check.sh``). ``tests/test_pallas_compile.py``
+asserts every case below compiles within the limits.
 
-    .venv/bin/python benchmarks/triton_compile.py
-    # prints a table, writes benchmarks/results/triton_compile_sm90.json
+Usage (repository root; needs the test extra's ``triton`` and ``jax[tpu]``, Linux x86_64)::
+
+    .venv/bin/python benchmarks/compile_kernels.py
+    # prints tables, writes benchmarks/results/compile_kernels.json
 """
 
 from __future__ import annotations
@@ -30,7 +36,11 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
+
+# libtpu takes a lock file when it loads (once per machine); several compiling processes may run.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import jax
 import jax.numpy as jnp
@@ -164,16 +174,24 @@ def compile_for_cuda(kernel: TritonKernel, arch: int = 90) -> CompileReport:
 # The cases: forward + backward of each op at the shapes the models and gpu_check use. ----------
 @dataclasses.dataclass(frozen=True)
 class Case:
-    """A differentiated op call whose kernels (forward and backward) are compiled."""
+    """A differentiated op call whose kernels (forward and backward) are compiled: ``function``
+    of arrays shaped as ``args``."""
 
     name: str
     function: Callable
     args: tuple[jax.ShapeDtypeStruct, ...]
 
 
-def _linear_case(
-    feature_map="taylor", feature_dim=16, value_dim=64, dtype=jnp.bfloat16, decay=False, chunk=None
+def linear_case(
+    backend: str,
+    feature_map: str = "taylor",
+    feature_dim: int = 16,
+    value_dim: int = 64,
+    dtype=jnp.bfloat16,
+    decay: bool = False,
+    chunk: int | None = None,
 ) -> Case:
+    """Gradients of Taylor linear attention (output and final state) through the kernels."""
     shape = (1, 300, 2)
     q = jax.ShapeDtypeStruct((*shape, feature_dim), dtype)
     v = jax.ShapeDtypeStruct((*shape, value_dim), dtype)
@@ -188,7 +206,7 @@ def _linear_case(
                 log_decay=log_decay if decay else None,
                 feature_map=feature_map,
                 chunk_size=chunk,
-                backend="gpu",
+                backend=backend,
             )
             return jnp.sum(y.astype(jnp.float32)) + jnp.sum(kv_state)
 
@@ -202,13 +220,20 @@ def _linear_case(
     return Case(name, gradients, (q, q, v, log_decay))
 
 
-def _window_case(head_dim=64, window=129, dtype=jnp.bfloat16, block_size=None) -> Case:
+def window_case(
+    backend: str,
+    head_dim: int = 64,
+    window: int | None = 129,
+    dtype=jnp.bfloat16,
+    block_size: int | None = None,
+) -> Case:
+    """Gradients of windowed softmax attention through the kernels."""
     q = jax.ShapeDtypeStruct((1, 300, 2, head_dim), dtype)
 
     def gradients(q, k, v):
         def loss(q, k, v):
             out = pallas_window_attention(
-                q, k, v, window=window, block_size=block_size, backend="gpu"
+                q, k, v, window=window, block_size=block_size, backend=backend
             )
             return jnp.sum(out.astype(jnp.float32))
 
@@ -220,19 +245,50 @@ def _window_case(head_dim=64, window=129, dtype=jnp.bfloat16, block_size=None) -
     return Case(name, gradients, (q, q, q))
 
 
-CASES: tuple[Case, ...] = (
-    *(_linear_case(feature_dim=feature_dim) for feature_dim in (8, 16, 24, 32)),
-    _linear_case(value_dim=112),
-    _linear_case(feature_map="taylor_symmetric"),
-    _linear_case(dtype=jnp.float32),
-    _linear_case(feature_dim=32, value_dim=112, dtype=jnp.float32),
-    _linear_case(decay=True),
-    *(_linear_case(chunk=chunk) for chunk in (32, 64)),
-    *(_window_case(head_dim=head_dim) for head_dim in (64, 112, 128)),
-    _window_case(window=None),
-    _window_case(dtype=jnp.float32),
-    _window_case(head_dim=128, block_size=128),
-)
+def cases(backend: str) -> tuple[Case, ...]:
+    """Feature dims 8-32, value dims 64/112, both dtypes, decay, the chunk/block sweeps of
+    gpu_check, windows and full causal attention, head dims 64-128."""
+    chunks, blocks = {"gpu": ((32, 64), 128), "tpu": ((128,), 256)}[backend]
+    return (
+        *(linear_case(backend, feature_dim=feature_dim) for feature_dim in (8, 16, 24, 32)),
+        linear_case(backend, value_dim=112),
+        linear_case(backend, feature_map="taylor_symmetric"),
+        linear_case(backend, dtype=jnp.float32),
+        linear_case(backend, feature_dim=32, value_dim=112, dtype=jnp.float32),
+        linear_case(backend, decay=True),
+        *(linear_case(backend, chunk=chunk) for chunk in chunks),
+        *(window_case(backend, head_dim=head_dim) for head_dim in (64, 112, 128)),
+        window_case(backend, window=None),
+        window_case(backend, dtype=jnp.float32),
+        window_case(backend, head_dim=128, block_size=blocks),
+    )
+
+
+GPU_CASES = cases("gpu")
+TPU_CASES = cases("tpu")
+
+#: A small topology per TPU generation (deviceless compilation needs a whole host's chips).
+TPU_TOPOLOGIES = {"v4": "v4:2x2x1", "v5e": "v5e:2x2", "v5p": "v5p:2x2x1", "v6e": "v6e:2x2"}
+
+
+def compile_for_tpu(case: Case, generation: str) -> float:
+    """Compile ``case`` for one chip of ``generation`` with libtpu (no TPU needed); seconds.
+
+    Raises what the TPU compiler raises (e.g. ``RESOURCE_EXHAUSTED`` when a kernel's blocks do
+    not fit in VMEM).
+    """
+    import numpy as np
+    from jax.experimental import topologies
+
+    topology = topologies.get_topology_desc(
+        topology_name=TPU_TOPOLOGIES[generation], platform="tpu"
+    )
+    mesh = jax.sharding.Mesh(np.array(topology.devices[:1]), ("chip",))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    args = [jax.ShapeDtypeStruct(arg.shape, arg.dtype, sharding=sharding) for arg in case.args]
+    start = time.perf_counter()
+    jax.jit(case.function).lower(*args).compile()
+    return time.perf_counter() - start
 
 
 def check(report: CompileReport, arch: int = 90) -> list[str]:
@@ -248,46 +304,89 @@ def check(report: CompileReport, arch: int = 90) -> list[str]:
     return problems
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", type=int, default=90, choices=sorted(SHARED_MEMORY_PER_BLOCK))
-    parser.add_argument(
-        "--output",
-        default=os.path.join(os.path.dirname(__file__), "results", "triton_compile_sm90.json"),
-    )
-    arguments = parser.parse_args()
-    import triton
-
+def _gpu_report(arch: int) -> tuple[list[dict], list[str]]:
     rows, problems = [], []
+    print(f"## GPU kernels compiled for sm_{arch} (triton)\n")
     print("| case | kernel | warps | stages | shared KiB | registers | stack B |")
     print("|---|---|---|---|---|---|---|")
-    for case in CASES:
+    for case in GPU_CASES:
         for kernel in triton_kernels(case.function, *case.args):
-            report = compile_for_cuda(kernel, arch=arguments.arch)
-            problems += check(report, arguments.arch)
+            report = compile_for_cuda(kernel, arch=arch)
+            problems += check(report, arch)
             rows.append({"case": case.name, **dataclasses.asdict(report)})
             print(
                 f"| {case.name} | {report.name} | {report.num_warps} | {report.num_stages} | "
                 f"{report.shared_bytes / 1024:.1f} | {report.registers} | {report.stack_bytes} |",
                 flush=True,
             )
-    result = {
+    return rows, problems
+
+
+def _tpu_report() -> tuple[list[dict], list[str]]:
+    rows, problems = [], []
+    generations = list(TPU_TOPOLOGIES)
+    print("\n## TPU kernels compiled by libtpu (seconds, or the error)\n")
+    print(f"| case | {' | '.join(generations)} |")
+    print(f"|---|{'---|' * len(generations)}")
+    for case in TPU_CASES:
+        cells = []
+        for generation in generations:
+            try:
+                seconds = compile_for_tpu(case, generation)
+            except Exception as error:  # reported, and the exit status is 1
+                problems.append(f"{case.name} on {generation}: {type(error).__name__}: {error}")
+                rows.append({"case": case.name, "generation": generation, "error": str(error)})
+                cells.append("FAILED")
+            else:
+                rows.append({"case": case.name, "generation": generation, "seconds": seconds})
+                cells.append(f"ok ({seconds:.1f} s)")
+        print(f"| {case.name} | {' | '.join(cells)} |", flush=True)
+    return rows, problems
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, default=90, choices=sorted(SHARED_MEMORY_PER_BLOCK))
+    parser.add_argument("--backends", default="gpu,tpu", help="comma-separated: gpu, tpu")
+    parser.add_argument(
+        "--output",
+        default=os.path.join(os.path.dirname(__file__), "results", "compile_kernels.json"),
+    )
+    arguments = parser.parse_args()
+    backends = arguments.backends.split(",")
+    if not set(backends) <= {"gpu", "tpu"}:
+        parser.error(f"--backends={arguments.backends!r}: allowed gpu, tpu")
+    result: dict = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "host": platform.node(),
-        "arch": f"sm_{arguments.arch}",
         "jax": jax.__version__,
-        "triton": triton.__version__,
-        "shared_memory_per_block": SHARED_MEMORY_PER_BLOCK[arguments.arch],
-        "kernels": rows,
-        "problems": problems,
     }
+    problems: list[str] = []
+    if "gpu" in backends:
+        import triton
+
+        rows, gpu_problems = _gpu_report(arguments.arch)
+        problems += gpu_problems
+        result["gpu"] = {
+            "arch": f"sm_{arguments.arch}",
+            "triton": triton.__version__,
+            "shared_memory_per_block": SHARED_MEMORY_PER_BLOCK[arguments.arch],
+            "kernels": rows,
+        }
+    if "tpu" in backends:
+        from importlib.metadata import version
+
+        rows, tpu_problems = _tpu_report()
+        problems += tpu_problems
+        result["tpu"] = {"libtpu": version("libtpu"), "topologies": TPU_TOPOLOGIES, "cases": rows}
+    result["problems"] = problems
     os.makedirs(os.path.dirname(os.path.abspath(arguments.output)), exist_ok=True)
     temporary = f"{arguments.output}.tmp"
     with open(temporary, "w") as file:
         json.dump(result, file, indent=1)
     os.replace(temporary, arguments.output)
     for problem in problems:
-        print(f"OVER THE LIMIT: {problem}")
+        print(f"FAILED: {problem}")
     print(f"wrote {arguments.output}")
     return 1 if problems else 0
 
