@@ -4,7 +4,8 @@ Kernels run in Pallas' interpreter (``interpret=True``; the TPU kernels also in 
 interpreter with race detection). Lowering is checked from the CPU host with ``jax.export``:
 for TPU this runs Pallas -> Mosaic (block-shape rules, supported ops) but not Mosaic's own
 layout passes, which only libtpu has; for CUDA it runs Pallas -> Triton IR but not Triton's
-PTX compiler. Neither replaces a run on the hardware (``benchmarks/gpu_check.sh``).
+PTX compiler. tests/test_pallas_compile.py runs those compilers too (libtpu, the triton
+wheel); none of this replaces a run on the hardware (``benchmarks/gpu_check.sh``).
 """
 
 import jax
