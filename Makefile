@@ -11,6 +11,9 @@ $(VENV)/.installed-test: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip
 	$(PIP) install -e '.[test]'
+	# libtpu, for compiling the TPU kernels on this host (tests/test_pallas_compile.py), kept out
+	# of site-packages so that JAX never starts it as a backend
+	$(PY) benchmarks/compile_kernels.py --install_libtpu
 	touch $@
 
 install: $(VENV)/.installed-test

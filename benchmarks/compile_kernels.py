@@ -18,10 +18,15 @@ those compilers here:
 Timings still need the hardware (``benchmarks/gpu_check.sh``). ``tests/test_pallas_compile.py``
 asserts every case below compiles within the limits.
 
-Usage (repository root; needs the test extra's ``triton`` and ``jax[tpu]``, Linux x86_64)::
+Usage (repository root; needs the test extra's ``triton`` and libtpu, Linux x86_64)::
 
+    .venv/bin/python benchmarks/compile_kernels.py --install_libtpu   # once (make install does)
     .venv/bin/python benchmarks/compile_kernels.py
     # prints tables, writes benchmarks/results/compile_kernels.json
+
+libtpu goes beside the environment's packages (``<venv>/libtpu``), not among them: with it
+importable, JAX would try to start a TPU backend in every process, which on a host without a
+TPU prints errors at start-up. Here it is loaded only by :func:`compile_for_tpu`.
 """
 
 from __future__ import annotations
@@ -271,6 +276,65 @@ TPU_CASES = cases("tpu")
 TPU_TOPOLOGIES = {"v4": "v4:2x2x1", "v5e": "v5e:2x2", "v5p": "v5p:2x2x1", "v6e": "v6e:2x2"}
 
 
+#: Where ``--install_libtpu`` puts libtpu: beside the environment's packages, not among them, so
+#: that JAX never loads it as a backend (on a host without a TPU that prints errors at start-up).
+LIBTPU_DIR = os.path.join(sys.prefix, "libtpu")
+LIBTPU_PATH_VARIABLE = "JAXBASED_LIBTPU"
+
+
+def libtpu_requirement() -> str:
+    """The libtpu version the installed jax asks for with its ``tpu`` extra."""
+    from importlib.metadata import requires
+
+    for requirement in requires("jax") or ():
+        if requirement.startswith("libtpu"):
+            return requirement.split(";")[0].strip()
+    raise ValueError(f"jax {jax.__version__} names no libtpu requirement")
+
+
+def install_libtpu() -> str:
+    """``pip install --target`` :data:`LIBTPU_DIR` the libtpu matching jax; the library's path."""
+    command = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--upgrade"]
+    subprocess.run([*command, "--target", LIBTPU_DIR, libtpu_requirement()], check=True)
+    return libtpu_path()
+
+
+def libtpu_path() -> str:
+    """libtpu.so: ``$JAXBASED_LIBTPU``, else :data:`LIBTPU_DIR`'s, else an installed ``libtpu``
+    package's. Raises ``FileNotFoundError`` saying how to install it."""
+    candidates = [
+        os.environ.get(LIBTPU_PATH_VARIABLE),
+        os.path.join(LIBTPU_DIR, "libtpu", "libtpu.so"),
+    ]
+    try:
+        import libtpu
+
+        candidates.append(libtpu.get_library_path())
+    except ImportError:
+        pass
+    for candidate in candidates:
+        if candidate and os.path.isfile(candidate):
+            return candidate
+    raise FileNotFoundError(
+        f"no libtpu.so (looked at ${LIBTPU_PATH_VARIABLE}, {LIBTPU_DIR}, the libtpu package); "
+        "run `python benchmarks/compile_kernels.py --install_libtpu` (make install does)"
+    )
+
+
+def _tpu_topology(generation: str):
+    """The topology of ``generation``, loading libtpu as a PJRT plugin on first use (after the
+    CPU backend is up, so that JAX's own backends stay as they were)."""
+    from jax._src import xla_bridge
+    from jax.experimental import topologies
+
+    if generation not in TPU_TOPOLOGIES:
+        raise ValueError(f"generation={generation!r}; allowed: {', '.join(TPU_TOPOLOGIES)}")
+    jax.devices()  # initialise JAX's backends first: the plugin must not become one of them
+    if not xla_bridge.xla_client.pjrt_plugin_loaded("tpu"):
+        xla_bridge.xla_client.load_pjrt_plugin_dynamically("tpu", libtpu_path())
+    return topologies.get_topology_desc(topology_name=TPU_TOPOLOGIES[generation], platform="tpu")
+
+
 def compile_for_tpu(case: Case, generation: str) -> float:
     """Compile ``case`` for one chip of ``generation`` with libtpu (no TPU needed); seconds.
 
@@ -278,11 +342,8 @@ def compile_for_tpu(case: Case, generation: str) -> float:
     not fit in VMEM).
     """
     import numpy as np
-    from jax.experimental import topologies
 
-    topology = topologies.get_topology_desc(
-        topology_name=TPU_TOPOLOGIES[generation], platform="tpu"
-    )
+    topology = _tpu_topology(generation)
     mesh = jax.sharding.Mesh(np.array(topology.devices[:1]), ("chip",))
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     args = [jax.ShapeDtypeStruct(arg.shape, arg.dtype, sharding=sharding) for arg in case.args]
@@ -349,10 +410,21 @@ def main() -> int:
     parser.add_argument("--arch", type=int, default=90, choices=sorted(SHARED_MEMORY_PER_BLOCK))
     parser.add_argument("--backends", default="gpu,tpu", help="comma-separated: gpu, tpu")
     parser.add_argument(
+        "--install_libtpu",
+        action="store_true",
+        help=f"only install the libtpu matching jax into {LIBTPU_DIR} (Linux x86_64), then exit",
+    )
+    parser.add_argument(
         "--output",
         default=os.path.join(os.path.dirname(__file__), "results", "compile_kernels.json"),
     )
     arguments = parser.parse_args()
+    if arguments.install_libtpu:
+        if (platform.system(), platform.machine()) != ("Linux", "x86_64"):
+            print(f"libtpu has wheels for Linux x86_64 only; not installed on {platform.system()}")
+            return 0
+        print(f"libtpu installed: {install_libtpu()}")
+        return 0
     backends = arguments.backends.split(",")
     if not set(backends) <= {"gpu", "tpu"}:
         parser.error(f"--backends={arguments.backends!r}: allowed gpu, tpu")
@@ -374,11 +446,14 @@ def main() -> int:
             "kernels": rows,
         }
     if "tpu" in backends:
-        from importlib.metadata import version
-
         rows, tpu_problems = _tpu_report()
         problems += tpu_problems
-        result["tpu"] = {"libtpu": version("libtpu"), "topologies": TPU_TOPOLOGIES, "cases": rows}
+        result["tpu"] = {
+            "libtpu": libtpu_path(),
+            "requirement": libtpu_requirement(),
+            "topologies": TPU_TOPOLOGIES,
+            "cases": rows,
+        }
     result["problems"] = problems
     os.makedirs(os.path.dirname(os.path.abspath(arguments.output)), exist_ok=True)
     temporary = f"{arguments.output}.tmp"

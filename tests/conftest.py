@@ -2,12 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
-# libtpu (test extra, for tests/test_pallas_compile.py) takes a lock file when it loads; let every
-# xdist worker and subprocess load it. Must be set before JAX initialises its backends.
-os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
