@@ -11,8 +11,9 @@ Algorithms (never a ``T x T`` matrix unless ``T`` is small):
 - windowed: queries in blocks of ``block_size``; a block sees its own key block and the
   ``ceil((window - 1) / block_size)`` blocks before it. O(T * window) time and memory.
 - full causal, ``T <= block_size``: one masked ``T x T`` softmax.
-- full causal, longer: flash-style; ``lax.scan`` over key blocks with an online softmax.
-  O(T^2) time, O(T * block_size) memory.
+- full causal, longer: flash-style; ``lax.scan`` over (query block, key block) pairs at or below
+  the diagonal with an online softmax (future blocks are skipped, not masked). O(T^2 / 2) time,
+  O(T * block_size) memory.
 
 ``implementation="pallas"`` (or ``"auto"`` on TPU/GPU) runs the flash-style Pallas kernel of
 ``pallas_kernels.window_attention`` instead: the same blocks, key blocks outside the window
@@ -105,46 +106,81 @@ def _full_direct(q, k, v, window):
     return _masked_softmax_attention(q, k, v, mask)
 
 
-def _full_flash(q, k, v, window, block_size):
-    batch, heads, seq, head_dim = q.shape
+def _full_flash(q, k, v, block_size):
+    """Full causal attention, flash-style, visiting only the key blocks at or before each query
+    block: ``n (n + 1) / 2`` block products for ``n`` blocks, not ``n**2``.
+
+    Static shapes for ``lax.scan`` come from pairing query block ``p`` with block ``n - 1 - p``:
+    together they need ``(p + 1) + (n - p) = n + 1`` key blocks, so ``n + 1`` steps serve all
+    ``n / 2`` pairs at once. At step ``s`` pair ``p`` works on its low block ``p`` with key block
+    ``s`` while ``s <= p``, then on its high block ``n - 1 - p`` with key block ``s - p - 1``.
+    Each block keeps its online-softmax state (running max, sum, weighted values).
+    """
+    batch, heads, seq, _ = q.shape
     value_dim = v.shape[-1]
     num_blocks = -(-seq // block_size)
-    padded = num_blocks * block_size
-    pad = ((0, 0), (0, 0), (0, padded - seq), (0, 0))
-    k_blocks = jnp.moveaxis(
-        jnp.pad(k, pad).reshape(batch, heads, num_blocks, block_size, head_dim), 2, 0
-    )
-    v_blocks = jnp.moveaxis(
-        jnp.pad(v, pad).reshape(batch, heads, num_blocks, block_size, value_dim), 2, 0
-    )
-    query_pos = jnp.arange(seq)[:, None]
+    num_blocks += num_blocks % 2  # an even number of blocks: whole pairs
+    pairs = num_blocks // 2
+    pad = ((0, 0), (0, 0), (0, num_blocks * block_size - seq), (0, 0))
 
-    def step(carry, block):
-        running_max, running_sum, accumulator = carry
-        k_b, v_b, index = block
-        key_pos = index * block_size + jnp.arange(block_size)[None, :]
-        mask = (key_pos <= query_pos) & (key_pos < seq)
-        if window is not None:
-            mask &= query_pos - key_pos < window
-        scores = jnp.where(mask, jnp.einsum("bhqd,bhkd->bhqk", q, k_b), -jnp.inf)
+    def blocks(x):  # [B, H, T, X] -> [n, B, H, block, X]
+        x = jnp.pad(x, pad).reshape(batch, heads, num_blocks, block_size, x.shape[-1])
+        return jnp.moveaxis(x, 2, 0)
+
+    q_blocks, k_blocks, v_blocks = blocks(q), blocks(k), blocks(v)
+    pair = jnp.arange(pairs)
+    offsets = jnp.arange(block_size)
+
+    def step(states, s):
+        low_state, high_state = states
+        on_low = s <= pair  # [pairs]
+        query_block = jnp.where(on_low, pair, num_blocks - 1 - pair)
+        key_block = jnp.where(on_low, s, s - pair - 1)
+        query_pos = (query_block[:, None] * block_size + offsets)[:, None, None, :, None]
+        key_pos = (key_block[:, None] * block_size + offsets)[:, None, None, None, :]
+        mask = (key_pos <= query_pos) & (key_pos < seq)  # [pairs, 1, 1, block, block]
+        select = on_low[:, None, None, None]
+        running_max, running_sum, accumulator = (
+            jnp.where(select if low.ndim == 4 else select[..., None], low, high)
+            for low, high in zip(low_state, high_state, strict=True)
+        )
+        scores = jnp.einsum("pbhqd,pbhkd->pbhqk", q_blocks[query_block], k_blocks[key_block])
+        scores = jnp.where(mask, scores, -jnp.inf)
         new_max = jax.lax.stop_gradient(jnp.maximum(running_max, scores.max(-1)))
         probs = jnp.where(mask, jnp.exp(scores - new_max[..., None]), 0.0)
         correction = jnp.exp(running_max - new_max)
         running_sum = running_sum * correction + probs.sum(-1)
         accumulator = accumulator * correction[..., None] + jnp.einsum(
-            "bhqk,bhkd->bhqd", probs, v_b
+            "pbhqk,pbhkd->pbhqd", probs, v_blocks[key_block]
         )
-        return (new_max, running_sum, accumulator), None
+        updated = (new_max, running_sum, accumulator)
+        low_state = tuple(
+            jnp.where(select if new.ndim == 4 else select[..., None], new, old)
+            for new, old in zip(updated, low_state, strict=True)
+        )
+        high_state = tuple(
+            jnp.where(select if new.ndim == 4 else select[..., None], old, new)
+            for new, old in zip(updated, high_state, strict=True)
+        )
+        return (low_state, high_state), None
 
-    init = (
-        jnp.full((batch, heads, seq), -1e30, q.dtype),
-        jnp.zeros((batch, heads, seq), q.dtype),
-        jnp.zeros((batch, heads, seq, value_dim), q.dtype),
+    def init():
+        shape = (pairs, batch, heads, block_size)
+        return (
+            jnp.full(shape, -1e30, q.dtype),
+            jnp.zeros(shape, q.dtype),
+            jnp.zeros((*shape, value_dim), q.dtype),
+        )
+
+    (low_state, high_state), _ = jax.lax.scan(step, (init(), init()), jnp.arange(num_blocks + 1))
+    # low blocks are 0 .. pairs-1; high block of pair p is n-1-p, so reversed they follow on
+    _, running_sum, accumulator = (
+        jnp.concatenate([low, jnp.flip(high, axis=0)], axis=0)
+        for low, high in zip(low_state, high_state, strict=True)
     )
-    (_, running_sum, accumulator), _ = jax.lax.scan(
-        step, init, (k_blocks, v_blocks, jnp.arange(num_blocks))
-    )
-    return accumulator / running_sum[..., None]
+    out = accumulator / running_sum[..., None]  # [n, B, H, block, Dv]
+    out = jnp.moveaxis(out, 0, 2).reshape(batch, heads, num_blocks * block_size, value_dim)
+    return out[:, :, :seq]
 
 
 def _windowed_blocks(q, k, v, window, block_size):
@@ -219,9 +255,7 @@ def sliding_window_attention(
         out = _windowed_blocks(qh, kh, vh, window, block)
     else:
         block = block_size if block_size is not None else FULL_ATTENTION_BLOCK_SIZE
-        out = (
-            _full_direct(qh, kh, vh, None) if seq <= block else _full_flash(qh, kh, vh, None, block)
-        )
+        out = _full_direct(qh, kh, vh, None) if seq <= block else _full_flash(qh, kh, vh, block)
     return jnp.swapaxes(out, 1, 2).astype(v.dtype)
 
 
