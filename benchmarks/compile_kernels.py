@@ -448,8 +448,12 @@ def main() -> int:
     if "tpu" in backends:
         rows, tpu_problems = _tpu_report()
         problems += tpu_problems
+        from importlib.metadata import distributions
+
+        versions = [d.version for d in distributions(path=[LIBTPU_DIR]) if d.name == "libtpu"]
         result["tpu"] = {
             "libtpu": libtpu_path(),
+            "libtpu_version": versions[0] if versions else None,
             "requirement": libtpu_requirement(),
             "topologies": TPU_TOPOLOGIES,
             "cases": rows,
