@@ -107,14 +107,35 @@ class LanguageModel(nn.Module):
     def _logits(self, x: Array) -> Array:
         return jnp.einsum("...d,vd->...v", self.final_norm(x), self.embedding)
 
-    def __call__(self, tokens: Int[Array, "B T"]) -> Float[Array, "B T V"]:
-        """Logits for every position of ``tokens [B, T]``."""
+    def _hidden(self, tokens: Array) -> Array:
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be [batch, seq]; got shape {tokens.shape}")
         x = constrain_batch(self._embed(tokens))
         for block in self.layers:
             x = constrain_batch(block(x))
-        return self._logits(x)
+        return x
+
+    def __call__(self, tokens: Int[Array, "B T"]) -> Float[Array, "B T V"]:
+        """Logits for every position of ``tokens [B, T]``."""
+        return self._logits(self._hidden(tokens))
+
+    def logits_at(
+        self, tokens: Int[Array, "B T"], positions: Int[Array, "B P"]
+    ) -> Float[Array, "B P V"]:
+        """Logits at ``positions [B, P]`` of each row only, ``self(tokens)[b, positions[b, p]]``,
+        without the head's ``[B, T, V]`` work elsewhere (MQAR's answers, a last token).
+
+        Call it as ``model.apply(variables, tokens, positions, method="logits_at")``.
+        """
+        if positions.ndim != 2 or positions.shape[0] != tokens.shape[0]:
+            raise ValueError(
+                f"positions must be [batch, count] with batch {tokens.shape[0]}; got shape "
+                f"{positions.shape}"
+            )
+        if not jnp.issubdtype(positions.dtype, jnp.integer):
+            raise TypeError(f"positions must be integers; got dtype {positions.dtype}")
+        x = self._hidden(tokens)
+        return self._logits(jnp.take_along_axis(x, positions[:, :, None], axis=1))
 
     def prefill(
         self,

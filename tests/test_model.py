@@ -72,6 +72,25 @@ def test_model_matches_float64_numpy_forward(preset, rng):
     assert relative_error(logits, ref.model_forward(params, tokens, config)) <= 1e-5
 
 
+def test_logits_at_positions_match_the_float64_forward_there(rng):
+    config = ModelConfig.from_preset("based_tiny", init_std=0.2, window=5)
+    model, params = init_model(config)
+    tokens = rng.integers(0, config.vocab_size, size=(2, 13))
+    positions = np.array([[0, 12, 5], [7, 7, 3]])
+    got = model.apply(
+        {"params": params}, jnp.asarray(tokens), jnp.asarray(positions), method="logits_at"
+    )
+    want = ref.model_forward(params, tokens, config)[np.arange(2)[:, None], positions]
+    assert got.shape == (2, 3, config.padded_vocab_size)
+    assert relative_error(got, want) <= 1e-5
+    with pytest.raises(ValueError, match=r"positions must be \[batch, count\] with batch 2"):
+        model.apply(
+            {"params": params}, jnp.asarray(tokens), jnp.zeros((3,), int), method="logits_at"
+        )
+    with pytest.raises(TypeError, match="positions must be integers"):
+        model.apply({"params": params}, jnp.asarray(tokens), jnp.zeros((2, 1)), method="logits_at")
+
+
 @pytest.mark.parametrize("pattern", [("base_conv", "based"), ("base_conv", "sliding_window")])
 def test_mixer_only_layernorm_model_matches_float64_numpy_forward(pattern, rng):
     # The Zoology MQAR shape: no MLP, LayerNorm (with bias) instead of RMSNorm.

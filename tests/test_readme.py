@@ -15,5 +15,6 @@ def test_readme_python_examples_run():
         exec(compile(block, str(README), "exec"), namespace)
         names.update(namespace)
     assert names["y"].shape == (1, 128, 4, 64)
+    assert names["some"].shape == (1, 2, names["logits"].shape[-1])
     assert names["next_token"].shape == (1,)
     assert len(names["result"].tokens) == 2  # "Generate": two prompts

@@ -116,19 +116,6 @@ def state_size(config: ModelConfig, seq_len: int) -> StateSize:
     return StateSize(mixer=per_layer[-1], total=sum(per_layer))
 
 
-def _answer_logits(
-    module: LanguageModel, tokens: Int[Array, "B T"], positions: Int[Array, "B P"]
-) -> Float[Array, "B P V"]:
-    # The model's forward up to the final norm, then the tied head at the answer positions
-    # only: the [B, T, V] logits of the full forward would be mostly thrown away (T / P times
-    # the work). tests/test_mqar.py checks these equal the full forward's logits there.
-    x = module._embed(tokens)
-    for block in module.layers:
-        x = block(x)
-    x = jnp.take_along_axis(x, positions[:, :, None], axis=1)
-    return module._logits(x)
-
-
 def answer_logits(
     model: LanguageModel,
     params: Any,
@@ -136,8 +123,9 @@ def answer_logits(
     positions: Int[Array, "B P"],
 ) -> Float[Array, "B P V"]:
     """Logits of ``model`` (float32, padded vocabulary) at ``positions`` of each row:
-    ``model.apply(params, tokens)[b, positions[b, j]]`` without the rest of the head."""
-    return model.apply({"params": params}, tokens, positions, method=_answer_logits)
+    ``model.apply(params, tokens)[b, positions[b, j]]`` without the rest of the head (the
+    ``[B, T, V]`` logits would be mostly thrown away, ``T / P`` times the work)."""
+    return model.apply({"params": params}, tokens, positions, method="logits_at")
 
 
 def init_params(config: ModelConfig, seed: int, seq_len: int = 8) -> Any:
