@@ -26,3 +26,23 @@ def init_model(config: ModelConfig, seed: int = 0, seq: int = 4):
 def relative_error(actual, expected) -> float:
     actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
     return float(np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), 1e-30))
+
+
+def fine_tune_two_steps(run_config, workdir):
+    """Train ``run_config`` for two small steps in ``workdir`` (sequences of 16, batch 2; no
+    evaluation, TensorBoard or asynchronous checkpoint): a converted checkpoint's resume check."""
+    from jaxbased.training.loop import train
+
+    run_config.data.update(seq_len=16, batch_size=2, prefetch_threads=1)
+    run_config.train.update(
+        num_steps=2,
+        warmup_steps=1,
+        log_every=1,
+        eval_every=100,
+        eval_batches=1,
+        checkpoint_every=100,
+        async_checkpoints=False,
+        tensorboard=False,
+        peak_flops=1e12,
+    )
+    return train(run_config, workdir)

@@ -27,6 +27,7 @@ from jaxbased.interop import (  # noqa: E402
     read_state_dict,
     save_checkpoint,
 )
+from tests.conftest import fine_tune_two_steps  # noqa: E402
 from tests.torch_reference import ReferenceLM, randomize  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -396,7 +397,6 @@ def test_convert_cli_writes_a_workdir_that_generates_and_fine_tunes(based_checkp
 
     # train.py resumes from the converted step 0 and fine-tunes.
     from jaxbased.training.configs import preset_config
-    from jaxbased.training.loop import train
 
     data = write_token_dataset(
         [Document(f"doc{i}", f"hello world, this is text number {i}. " * 8) for i in range(8)],
@@ -407,19 +407,8 @@ def test_convert_cli_writes_a_workdir_that_generates_and_fine_tunes(based_checkp
     )
     run_config = preset_config("based_tiny", **config.to_dict())
     run_config.unlock()
-    run_config.data.update(path=str(data), seq_len=16, batch_size=2, prefetch_threads=1)
-    run_config.train.update(
-        num_steps=2,
-        warmup_steps=1,
-        log_every=1,
-        eval_every=100,
-        eval_batches=1,
-        checkpoint_every=100,
-        async_checkpoints=False,
-        tensorboard=False,
-        peak_flops=1e12,
-    )
-    result = train(run_config, workdir)
+    run_config.data.update(path=str(data))
+    result = fine_tune_two_steps(run_config, workdir)
     assert result.initial_eval is None  # resumed from the converted checkpoint
     assert result.final_step == 2
     _, tuned, _ = load_for_inference(workdir)

@@ -29,7 +29,7 @@ from jaxbased.interop.mamba_checkpoint import (
     mamba_config_from_reference,
     mamba_config_to_reference,
 )
-from tests.conftest import relative_error
+from tests.conftest import fine_tune_two_steps, relative_error
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -342,7 +342,6 @@ def test_convert_imports_a_lightning_mamba_checkpoint_that_fine_tunes_and_export
     from jaxbased.data.tokenizers import TiktokenTokenizer
     from jaxbased.evaluation import load_model
     from jaxbased.training.checkpointing import load_for_inference
-    from jaxbased.training.loop import train
 
     # A checkpoint as the reference's Lightning trainer saves it: "model." keys, metric counters.
     folder = tmp_path / "mamba-tiny"
@@ -407,19 +406,7 @@ def test_convert_imports_a_lightning_mamba_checkpoint_that_fine_tunes_and_export
     )
     run_config = printed_train_config(command, data)
     assert ModelConfig.from_dict(run_config.model) == config
-    run_config.data.update(seq_len=16, batch_size=2, prefetch_threads=1)
-    run_config.train.update(
-        num_steps=2,
-        warmup_steps=1,
-        log_every=1,
-        eval_every=100,
-        eval_batches=1,
-        checkpoint_every=100,
-        async_checkpoints=False,
-        tensorboard=False,
-        peak_flops=1e12,
-    )
-    trained = train(run_config, workdir)
+    trained = fine_tune_two_steps(run_config, workdir)
     assert trained.initial_eval is None  # resumed from the converted checkpoint
     assert trained.final_step == 2
     _, tuned, _ = load_for_inference(workdir)
