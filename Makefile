@@ -5,12 +5,12 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 PYTEST_ARGS ?= -n 2 --durations=25
 
-.PHONY: install demo test lint format benchmark-scaling clean
+.PHONY: install demo test docs lint format benchmark-scaling clean
 
 $(VENV)/.installed-test: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip
-	$(PIP) install -e '.[test]'
+	$(PIP) install -e '.[test,docs]'
 	# libtpu, for compiling the TPU kernels on this host (tests/test_pallas_compile.py), kept out
 	# of site-packages so that JAX never starts it as a backend
 	$(PY) benchmarks/compile_kernels.py --install_libtpu
@@ -27,7 +27,14 @@ demo: install
 test: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(MAKE) docs
 	$(PY) -m pytest $(PYTEST_ARGS) tests
+
+# The documentation site (docs/, mkdocs.yml); warnings are errors. Serve it with
+# `$(VENV)/bin/mkdocs serve`.
+DOCS_SITE_DIR ?= site
+docs: install
+	$(VENV)/bin/mkdocs build --strict --site-dir $(DOCS_SITE_DIR)
 
 lint: install
 	$(VENV)/bin/ruff check .
@@ -41,4 +48,4 @@ benchmark-scaling: install
 	$(PY) benchmarks/scaling.py
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache site

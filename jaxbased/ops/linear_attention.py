@@ -312,7 +312,8 @@ def linear_attention(
     ``y_t = phi(q_t)^T S_t / (phi(q_t)^T z_t + eps)``; the initial state decays too.
 
     Args:
-      q, k: ``[B, T, H, F]`` queries and keys before the feature map.
+      q: ``[B, T, H, F]`` queries before the feature map.
+      k: ``[B, T, H, F]`` keys before the feature map.
       v: ``[B, T, H, Dv]`` values.
       feature_map: one of ``taylor``, ``taylor_symmetric``, ``elu``, ``relu``, ``identity``.
       algorithm: ``chunked`` (O(T), default), ``quadratic`` or ``recurrent``; all agree.

@@ -134,7 +134,8 @@ def selective_scan(
       u: ``[B, T, D]`` inputs.
       delta: ``[B, T, D]`` step sizes, >= 0 (after softplus).
       a: ``[D, N]`` rates, <= 0 (``-exp(A_log)``).
-      b, c: ``[B, T, N]`` input and output projections (shared by all channels).
+      b: ``[B, T, N]`` input projection (shared by all channels).
+      c: ``[B, T, N]`` output projection (shared by all channels).
       algorithm: ``chunked`` (default), ``sequential`` or ``associative``; all agree.
       chunk_size: tokens per chunk of ``chunked``; any length works (the tail is masked).
       initial_state: ``[B, D, N]`` state to continue from.

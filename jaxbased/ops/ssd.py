@@ -97,7 +97,8 @@ def ssd(
       x: ``[B, T, H, P]`` inputs (heads of ``P`` channels).
       dt: ``[B, T, H]`` step sizes, >= 0 (after softplus).
       a: ``[H]`` per-head rates, <= 0 (``-exp(A_log)``).
-      b, c: ``[B, T, G, N]`` input and output projections; ``G`` divides ``H``.
+      b: ``[B, T, G, N]`` input projection; ``G`` divides ``H``.
+      c: ``[B, T, G, N]`` output projection.
       chunk_size: tokens per chunk of the ``chunked`` algorithm.
       algorithm: ``chunked`` (default; the decayed linear-attention scan) or ``recurrent``.
       initial_state: ``[B, H, P, N]`` state to continue from.

@@ -225,7 +225,9 @@ def sliding_window_attention(
     """Causal softmax attention of each query over its last ``window`` keys (itself included).
 
     Args:
-      q, k: ``[B, T, H, D]`` (rotary already applied); v: ``[B, T, H, Dv]``.
+      q: ``[B, T, H, D]`` (rotary already applied).
+      k: ``[B, T, H, D]`` (rotary already applied).
+      v: ``[B, T, H, Dv]``.
       window: keys seen per query including itself; ``None`` for full causal attention.
       scale: score scale, default ``D ** -0.5``.
       block_size: query/key block length (default ``min(128, window)`` for a window, 512 for
@@ -354,7 +356,9 @@ def sliding_window_attention_step(
     """One decoding step: write ``k, v`` at slot ``position % capacity``, then attend.
 
     Args:
-      q, k: ``[B, H, D]`` (rotary already applied at ``position``); v: ``[B, H, Dv]``.
+      q: ``[B, H, D]`` (rotary already applied at ``position``).
+      k: ``[B, H, D]`` (rotary already applied at ``position``).
+      v: ``[B, H, Dv]``.
       cache: the ring buffer; its capacity must be ``>= window`` (or the maximum length).
       position: ``[B]`` absolute position of the new token in each row.
 

@@ -173,8 +173,9 @@ def linear_attention(
     """Causal Taylor linear attention by a fused chunked Pallas kernel (differentiable).
 
     Args:
-      q, k: ``[B, T, H, F]`` queries and keys before the feature map (any ``T``; the tail chunk
-        is masked).
+      q: ``[B, T, H, F]`` queries before the feature map (any ``T``; the tail chunk is
+        masked).
+      k: ``[B, T, H, F]`` keys, like ``q``.
       v: ``[B, T, H, Dv]`` values (any ``Dv``; padded internally to 128 lanes on TPU, to a power
         of two on GPU).
       initial_state: None or ``(kv_state [B, H, D', Dv], k_state [B, H, D'])`` to continue from,
@@ -190,7 +191,8 @@ def linear_attention(
       backend: ``tpu``, ``gpu`` or None (the default JAX platform's; CPU: ``tpu``).
       interpret: run in Pallas' interpreter (required on CPU); for ``tpu`` a
         ``pltpu.InterpretParams`` selects the TPU interpreter.
-      value_block_size, num_warps: GPU tuning (see :class:`LinearAttentionConfig`).
+      value_block_size: GPU tuning (see :class:`LinearAttentionConfig`).
+      num_warps: GPU tuning (see :class:`LinearAttentionConfig`).
 
     Returns:
       ``y [B, T, H, Dv]`` in ``v.dtype`` and the final state ``(kv_state, k_state)`` float32.

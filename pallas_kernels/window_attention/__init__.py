@@ -136,7 +136,9 @@ def window_attention(
     """Causal softmax attention of each query over its last ``window`` keys, by Pallas kernels.
 
     Args:
-      q, k: ``[B, T, H, D]`` (rotary already applied); v: ``[B, T, H, Dv]``; any ``T``.
+      q: ``[B, T, H, D]`` (rotary already applied); any ``T``.
+      k: ``[B, T, H, D]`` (rotary already applied).
+      v: ``[B, T, H, Dv]``.
       window: keys seen per query, itself included; None for full causal attention.
       scale: score scale (default ``D ** -0.5``).
       block_size: query/key block; TPU: a multiple of 8, GPU: a power of two >= 16 (None:
