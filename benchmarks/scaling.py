@@ -2,7 +2,7 @@
 
 Two language models of (nearly) the same parameter count, sized for a small CPU machine:
 
-- BASED: d_model 256, 12 layers in the released pattern (SPEC.md §1: linear attention at
+- BASED: d_model 256, 12 layers in the released pattern (docs/model.md: linear attention at
   layers 1, 6, 11, sliding window at 2, 7, BaseConv elsewhere), Taylor features (F = 16),
   4 linear-attention heads of value dim 64, 4 window heads of dim 64 seeing 129 keys,
   gated MLP 512.

@@ -5,7 +5,7 @@ compiles the real train step of ``train.py`` (AdamW, clipping, donated state; ba
 ``--batch_size`` x 2048), runs it once untimed, then times ``--steps`` steps and reports the median:
 tokens/s, and model FLOP utilisation = analytical training FLOPs per token
 (``jaxbased.training.flops``) x tokens/s / peak, where the peak is a float32 2048 x 2048 matmul
-measured in the same run (SPEC.md §8). XLA's own FLOP count of the compiled step is printed
+measured in the same run (docs/performance.md). XLA's own FLOP count of the compiled step is printed
 beside the analytical one as a cross-check.
 
     python benchmarks/train_throughput.py                    # table + benchmarks/results/...json

@@ -1,4 +1,4 @@
-"""Config of the ``based_1b`` model (SPEC.md §1: 36 layers, d 1792; hazyresearch/based-1b)."""
+"""Config of the ``based_1b`` model (docs/model.md: 36 layers, d 1792; hazyresearch/based-1b)."""
 
 import ml_collections
 

@@ -1,4 +1,4 @@
-"""Config of the ``based_360m`` model (SPEC.md §1: 27 layers, d 1024; hazyresearch/based-360m)."""
+"""Config of the ``based_360m`` model (docs/model.md: 27 layers, d 1024; based-360m)."""
 
 import ml_collections
 

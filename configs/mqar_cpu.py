@@ -1,6 +1,6 @@
 """The default MQAR sweep (``jaxbased-mqar``), sized for about 15 minutes on 2 idle CPU cores.
 
-The paper's protocol (SPEC.md §6: vocabulary 8192, keys [1, 4096), values [4096, 8192),
+The paper's protocol (docs/mqar.md: vocabulary 8192, keys [1, 4096), values [4096, 8192),
 power-law queries, AdamW with weight decay 0.1, cosine, early stop at 0.99, best learning rate
 per model) on a smaller budget:
 

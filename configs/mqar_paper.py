@@ -1,4 +1,4 @@
-"""The BASED paper's MQAR sweep (SPEC.md §6; Zoology's ``arxiv24_based_figure2``), for
+"""The BASED paper's MQAR sweep (docs/mqar.md; Zoology's ``arxiv24_based_figure2``), for
 accelerators: vocabulary 8192, the full train and test mixes, batch 256, up to 32 epochs with
 early stopping at 0.99, four learning rates per model.
 

@@ -1,4 +1,5 @@
-"""Hardware kernels (DESIGN.md layer 1): pure functions on arrays, no Flax, no jaxbased imports.
+"""Hardware kernels (docs/architecture.md, layer 1): pure functions on arrays, no Flax, no
+jaxbased imports.
 
 One folder per op, each with a Mosaic TPU kernel (``tpu.py``), a GPU kernel (``gpu.py``, Pallas'
 Triton lowering; see ``_common.py`` for why not Mosaic GPU), the math both share, and an

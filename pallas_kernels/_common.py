@@ -1,6 +1,6 @@
 """Helpers shared by the kernels: backend choice, interpret mode, block-size checks, matmuls.
 
-Nothing here imports Flax or ``jaxbased`` (DESIGN.md: kernels are the bottom layer).
+Nothing here imports Flax or ``jaxbased`` (docs/architecture.md: kernels are the bottom layer).
 
 Backends:
 

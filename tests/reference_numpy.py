@@ -1,7 +1,7 @@
-"""Float64 NumPy references written from SPEC.md, independent of the library's code.
+"""Float64 NumPy references written from docs/, independent of the library's code.
 
 Everything here uses plain loops or explicit masks so that it is easy to check by eye against
-SPEC.md §1–§2; speed does not matter.
+docs/model.md and docs/mixers/; speed does not matter.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import math
 import numpy as np
 
 
-# Feature maps (SPEC.md §2) -------------------------------------------------------------------
+# Feature maps (docs/mixers/based.md) -------------------------------------------------------------
 def phi(x: np.ndarray, name: str) -> np.ndarray:
     x = np.asarray(x, np.float64)
     feature_dim = x.shape[-1]
@@ -120,7 +120,7 @@ def short_conv(x, weight):
     return y
 
 
-# The whole language model (SPEC.md §1-§2), from a parameter dict -------------------------------
+# The whole language model (docs/model.md), from a parameter dict -------------------------------
 def silu(x):
     return x / (1.0 + np.exp(-x))
 

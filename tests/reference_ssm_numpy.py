@@ -1,4 +1,4 @@
-"""Float64 NumPy forwards of the state-space and decay mixers, written from SPEC.md §2 and the
+"""Float64 NumPy forwards of the state-space and decay mixers, written from docs/mixers/ and the
 module docstrings (token-by-token recurrences, no shared code with jaxbased)."""
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def depthwise_causal_conv(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -
 
 
 def mamba_forward(params, x, config) -> np.ndarray:
-    """Mamba-1 block (SPEC.md §2) on ``x [B, T, d]``, float64."""
+    """Mamba-1 block (docs/mixers/mamba.md) on ``x [B, T, d]``, float64."""
     x = _array(x)
     inner, rank, state = config.ssm_inner_dim, config.mamba_time_step_rank, config.mamba_state_dim
     in_kernel = _array(params["in_proj"]["kernel"]).reshape(x.shape[-1], 2 * inner)
@@ -62,7 +62,7 @@ def mamba_forward(params, x, config) -> np.ndarray:
 
 
 def mamba2_forward(params, x, config) -> np.ndarray:
-    """Mamba-2 block (SPEC.md §2) on ``x [B, T, d]``, float64."""
+    """Mamba-2 block (docs/mixers/mamba2.md) on ``x [B, T, d]``, float64."""
     x = _array(x)
     inner, heads, head_dim = config.ssm_inner_dim, config.mamba2_heads, config.mamba2_head_dim
     groups, state = config.mamba2_groups, config.mamba2_state_dim
@@ -129,7 +129,7 @@ def decay_attention_forward(params, x, config) -> np.ndarray:
 
 
 def mlp_forward(params, x, config) -> np.ndarray:
-    """The gated MLP (SPEC.md §1) as a layer's mixer."""
+    """The gated MLP (docs/mixers/mlp.md) as a layer's mixer."""
     x = _array(x)
     fc1 = _array(params["fc1"]["kernel"])
     both = x @ fc1.reshape(fc1.shape[0], -1)

@@ -224,10 +224,11 @@ def test_sampling_filters_keep_the_right_tokens():
 
 @pytest.mark.parametrize("batch", [1, 2])
 def test_decode_loop_does_not_copy_the_caches(model_and_params, batch):
-    # SPEC.md §8: caches must be updated in place. Every cache-sized buffer the compiled loop
-    # copies is read and written once more per step. Seen and fixed: a [B, S, H, D] KV layout
-    # made XLA transpose-copy every attention cache on every step; with B = 1 XLA duplicated
-    # the slot update (dynamic_update_slice) and copied the cache 4 times per step.
+    # docs/performance.md: caches must be updated in place. Every cache-sized buffer the
+    # compiled loop copies is read and written once more per step. Seen and fixed: a
+    # [B, S, H, D] KV layout made XLA transpose-copy every attention cache on every step; with
+    # B = 1 XLA duplicated the slot update (dynamic_update_slice) and copied the cache 4 times
+    # per step.
     model, params = model_and_params
     programs = _programs_for(model)
     logits, cache = programs.prefill(

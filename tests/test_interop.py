@@ -220,7 +220,7 @@ def test_imported_model_matches_the_pytorch_forward(kind, based_checkpoint, attn
 
 
 def test_released_config_files_give_the_presets():
-    # SPEC.md §1/§4: based-360m / based-1b with window_size 256 -> 129 keys; attn baselines.
+    # docs/checkpoints.md: based-360m / based-1b with window_size 256 -> 129 keys; attn baselines.
     # based-360m's linear attention ran fla's kernel, whose normalizer adds 1e-6 (based-1b's
     # config names none: the quadratic default, 1e-12).
     assert config_from_reference(

@@ -28,7 +28,7 @@ def test_transformer_presets_are_in_their_size_class():
 
 
 def test_parameter_shapes_map_onto_the_reference_tensors():
-    # SPEC.md §4 shapes of based-360m, reached from ours by transpose + reshape.
+    # docs/checkpoints.md shapes of based-360m, reached from ours by transpose + reshape.
     model = LanguageModel(ModelConfig.from_preset("based_360m"))
     shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
     params = jax.tree.map(

@@ -1,5 +1,5 @@
-"""MQAR: the generator against its definition (SPEC.md §6, Zoology's ``multiquery_ar``), the
-2-layer models, state sizes against SPEC.md §6's formulas, training, and the sweep CLI."""
+"""MQAR: the generator against its definition (docs/mqar.md, Zoology's ``multiquery_ar``), the
+2-layer models, state sizes against docs/mqar.md's formulas, training, and the sweep CLI."""
 
 import json
 import os
@@ -194,7 +194,7 @@ def test_mqar_model_config_rejects_bad_arguments():
         mqar_model_config("based", d_model=32, feature_dims=8)
 
 
-# State sizes: SPEC.md §6 formulas, written out independently of the caches.
+# State sizes: docs/mqar.md formulas, written out independently of the caches.
 def _based_formula(d_model: int, feature_dim: int, heads: int = 1) -> int:
     expanded = feature_dim * (feature_dim + 1) // 2 + feature_dim + 1
     value_dim = d_model // heads
@@ -223,7 +223,7 @@ def test_softmax_attention_state_sizes_are_the_spec_formulas():
 def test_mamba_state_size_is_the_spec_formula_plus_its_conv():
     config = mqar_model_config("mamba", d_model=64, mamba_state_dim=16)
     inner = config.ssm_expand * 64
-    ssm = inner * 16  # SPEC.md §6: d_inner * d_state
+    ssm = inner * 16  # docs/mqar.md: d_inner * d_state
     conv = (config.ssm_conv_kernel_size - 1) * inner  # its short conv's last K-1 inputs
     assert state_size(config, 256).mixer == ssm + conv
 

@@ -118,7 +118,7 @@ def _check_recall_tradeoff(notebook: nbformat.NotebookNode, tmp_path: pathlib.Pa
     answered = [(i, int(t)) for i, t in enumerate(targets) if t != "."]
     assert len(answered) == 3 and all(pairs[tokens[i]] == value for i, value in answered), text
 
-    # Fast mode: d_model 16, one head, state counted at T = 32 (SPEC.md §6 formulas).
+    # Fast mode: d_model 16, one head, state counted at T = 32 (docs/mqar.md formulas).
     assert int(_find(r"(\d+) runs trained", text)[1]) == 3
     rows = dict(
         (key, (int(state.replace(",", "")), float(accuracy)))

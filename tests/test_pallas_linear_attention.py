@@ -249,7 +249,8 @@ def test_kernels_lower_for_the_hardware(backend, feature_map, feature_dim, value
 @pytest.mark.parametrize("feature_dim", [3, 16])
 def test_symmetric_state_layout_converts_exactly(feature_dim, rng):
     # The kernels run the symmetric expansion; taylor states cross the boundary through these
-    # maps. Checked against the float64 feature maps of SPEC.md (tests/reference_numpy.py).
+    # maps. Checked against the float64 feature maps of docs/mixers/based.md
+    # (tests/reference_numpy.py).
     x = rng.normal(size=(4, feature_dim))
     full, symmetric = ref.phi(x, "taylor"), ref.phi(x, "taylor_symmetric")
     # out of the kernel: the symmetric state of phi(k) v^T is the full one, re-laid out

@@ -1,7 +1,7 @@
 """An independent PyTorch forward of the BASED / Transformer++ language models, written from
-SPEC.md §1, §2 and §4 (not from jaxbased's code), whose ``state_dict()`` has the released key
-layout. Tests save its random weights as a released checkpoint, import them into jaxbased and
-compare logits.
+docs/model.md, docs/mixers/ and docs/checkpoints.md (not from jaxbased's code), whose
+``state_dict()`` has the released key layout. Tests save its random weights as a released
+checkpoint, import them into jaxbased and compare logits.
 
 The model is built from a ``config.json`` dict the way the released code reads one: a layer is
 sliding-window attention if listed in ``alt_mixer_2_layers``, else linear attention if listed in

@@ -1,4 +1,4 @@
-"""``jaxbased-mqar``: the MQAR recall sweep (SPEC.md §6) and its recall-vs-state figure.
+"""``jaxbased-mqar``: the MQAR recall sweep (docs/mqar.md) and its recall-vs-state figure.
 
     jaxbased-mqar --output_dir=mqar_cpu                       # configs/mqar_cpu.py, ~15 min CPU
     jaxbased-mqar --config=configs/mqar_paper.py --output_dir=/results/mqar   # accelerators

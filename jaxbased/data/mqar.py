@@ -1,4 +1,4 @@
-"""Multi-query associative recall (MQAR), the synthetic recall task of Zoology (SPEC.md §6).
+"""Multi-query associative recall (MQAR), the synthetic recall task of Zoology (docs/mqar.md).
 
 An example of length ``T`` with ``P`` key-value pairs::
 

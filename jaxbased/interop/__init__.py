@@ -1,4 +1,4 @@
-"""Import and export of the released PyTorch checkpoints (SPEC.md §4).
+"""Import and export of the released PyTorch checkpoints (docs/checkpoints.md).
 
     from jaxbased.interop import load_checkpoint
     imported = load_checkpoint("based-360m/")     # config.json + model.safetensors / .bin

@@ -1,7 +1,7 @@
 """``config.json`` of the released PyTorch checkpoints <-> :class:`~jaxbased.ModelConfig`.
 
-The released checkpoints (SPEC.md §4) carry a ``config.json`` holding ``GPT2Config`` fields plus
-three mixer dicts whose ``_target_`` names a class of the reference code:
+The released checkpoints (docs/checkpoints.md) carry a ``config.json`` holding ``GPT2Config``
+fields plus three mixer dicts whose ``_target_`` names a class of the reference code:
 
 - ``mixer``: ``BaseConv`` (``expand_proj``, ``kernel_size``, ``use_bias``); layers in neither
   list below use it, or full softmax attention (``MHA``) when there is no ``mixer`` dict

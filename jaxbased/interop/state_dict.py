@@ -1,4 +1,4 @@
-"""Released PyTorch state dicts <-> jaxbased parameter trees (SPEC.md §4).
+"""Released PyTorch state dicts <-> jaxbased parameter trees (docs/checkpoints.md).
 
 A PyTorch ``Linear`` weight ``W [out, in]`` computes ``y = x Wᵀ``; our :class:`Projection`
 kernel ``K`` has shape ``in_shape + out_shape`` and computes ``y = x · K``, so

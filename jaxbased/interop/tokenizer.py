@@ -1,4 +1,4 @@
-"""The GPT-2 BPE tokenizer of the released checkpoints (SPEC.md §1: 50257 ids, padded to 50264
+"""The GPT-2 BPE tokenizer of the released checkpoints (docs/model.md: 50257 ids, padded to 50264
 embedding rows), found without being asked for.
 
 :func:`checkpoint_tokenizer` takes, in order: an explicit file (``gpt2.tiktoken`` or

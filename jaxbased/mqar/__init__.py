@@ -1,4 +1,4 @@
-"""MQAR, the recall benchmark of the BASED paper (SPEC.md §6): 2-layer models built from the
+"""MQAR, the recall benchmark of the BASED paper (docs/mqar.md): 2-layer models built from the
 language model's code, their training, the sweep over mixers, sizes and learning rates, and the
 recall-vs-state figure. The data generator is :mod:`jaxbased.data.mqar`."""
 

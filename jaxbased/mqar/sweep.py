@@ -1,5 +1,5 @@
 """An MQAR sweep: mixers x model sizes x learning rates, one JSON per run, a summary with the
-best learning rate per model, and the recall-vs-state figure (SPEC.md §6).
+best learning rate per model, and the recall-vs-state figure (docs/mqar.md).
 
 The sweep config (an ml_collections ``ConfigDict``; see :func:`base_sweep_config` and
 ``configs/mqar_*.py``) names the data, the training settings and the model groups. A group is::
@@ -44,7 +44,7 @@ FIGURE_FILE = "mqar.png"
 
 def base_sweep_config() -> ml_collections.ConfigDict:
     """Every field of a sweep config, with the paper's data and training protocol
-    (SPEC.md §6) and no model groups; ``configs/mqar_*.py`` start from this."""
+    (docs/mqar.md) and no model groups; ``configs/mqar_*.py`` start from this."""
     config = ml_collections.ConfigDict()
     config.vocab_size = 8192
     config.power_a = 0.01

@@ -1,4 +1,4 @@
-"""Framework-free math of the mixers (DESIGN.md layer 2): pure functions on arrays.
+"""Framework-free math of the mixers (docs/architecture.md, layer 2): pure functions on arrays.
 
 Each op has an XLA reference (the source of truth) and its one-token decode step beside it.
 """

@@ -24,7 +24,7 @@ from jax.sharding import PartitionSpec
 
 IMPLEMENTATIONS: tuple[str, ...] = ("auto", "xla", "pallas")
 _GPU_PLATFORMS = frozenset({"gpu", "cuda", "rocm"})
-#: Mesh axes that split the batch, and the one that splits heads (DESIGN.md, sharding).
+#: Mesh axes that split the batch, and the one that splits heads (docs/architecture.md#sharding).
 BATCH_AXES: tuple[str, ...] = ("data", "fsdp")
 HEAD_AXIS = "tensor"
 

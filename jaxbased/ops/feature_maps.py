@@ -3,7 +3,7 @@
 Every map takes ``x [..., feature_dim]`` and returns ``[..., expanded_dim]`` in the input dtype
 (computed in float32 or wider).
 
-- ``taylor``: the second-order Taylor expansion of exp used by BASED (SPEC.md §2),
+- ``taylor``: the second-order Taylor expansion of exp used by BASED (docs/mixers/based.md),
   ``phi(x) = [1, x / F**0.25, vec(x ⊗ x) / (sqrt(2) * sqrt(F))]``, so that
   ``phi(q) . phi(k) = 1 + s + s**2 / 2`` with ``s = q . k / sqrt(F)``; ``1 + F + F**2`` features.
 - ``taylor_symmetric``: the same kernel from the upper triangle of ``x ⊗ x`` only

@@ -1,4 +1,4 @@
-"""Causal linear attention with a feature map and the BASED normalizer (SPEC.md §2).
+"""Causal linear attention with a feature map and the BASED normalizer (docs/mixers/based.md).
 
     y_i = sum_{j<=i} K(q_i, k_j) v_j / (sum_{j<=i} K(q_i, k_j) + eps),   K(q, k) = phi(q) . phi(k)
 

@@ -1,4 +1,4 @@
-"""Depthwise causal convolution over time (BaseConv's short conv, SPEC.md §2).
+"""Depthwise causal convolution over time (BaseConv's short conv, docs/mixers/base_conv.md).
 
     y[t, c] = sum_{j=0}^{K-1} weight[j, c] * x[t - K + 1 + j, c]      (x[<0] = 0, or the state)
 

@@ -1,4 +1,4 @@
-"""SSD, the state-space scan of Mamba-2 (SPEC.md §2): a scalar decay per head and step.
+"""SSD, the state-space scan of Mamba-2 (docs/mixers/mamba2.md): a scalar decay per head and step.
 
 Per batch and head, with a state ``h [P, N]``:
 

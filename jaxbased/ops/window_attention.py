@@ -1,7 +1,8 @@
 """Causal softmax attention over a sliding window of keys, and full causal attention.
 
 Query ``i`` attends keys ``j`` with ``i - window < j <= i``: ``window`` counts the keys seen,
-including the query's own (the reference's ``window_size: 256`` sees 129 keys, SPEC.md §2).
+including the query's own (the reference's ``window_size: 256`` sees 129 keys;
+docs/mixers/attention.md).
 ``window=None`` is full causal attention.
 
     y_i = sum_j softmax_j(scale * q_i . k_j) v_j      (softmax in float32, scale = head_dim**-0.5)

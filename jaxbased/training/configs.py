@@ -31,7 +31,7 @@ def data_defaults(**overrides: Any) -> ml_collections.ConfigDict:
 
 
 def train_defaults(**overrides: Any) -> ml_collections.ConfigDict:
-    """Train section with the released recipe (SPEC.md §3)."""
+    """Train section with the released recipe (docs/training.md)."""
     values = dict(
         num_steps=20_000,
         learning_rate=8e-4,

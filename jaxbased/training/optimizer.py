@@ -1,4 +1,4 @@
-"""AdamW with linear warmup and cosine decay (SPEC.md §3), global-norm clipping, and a weight
+"""AdamW with linear warmup and cosine decay (docs/training.md), global-norm clipping, and a weight
 decay mask that spares biases, norms, embeddings and the state-space parameters ``A_log``/``D``."""
 
 from __future__ import annotations
