@@ -31,11 +31,9 @@ def model_config(name: str):
             layer_pattern=based_layer_pattern(
                 BASED_LAYERS, range(1, BASED_LAYERS, 5), range(2, BASED_LAYERS, 5)
             ),
-            mlp_inner_dim=2 * D_MODEL,
-            linear_attention_heads=4,
-            feature_dim=16,
-            attention_heads=4,
-            window=129,
+            mlp={"inner_dim": 2 * D_MODEL},
+            based={"heads": 4, "feature_dim": 16},
+            sliding_window={"heads": 4, "window": 129},
         )
     if name == "transformer":
         return ModelConfig(
@@ -44,9 +42,8 @@ def model_config(name: str):
             d_model=D_MODEL,
             num_layers=TRANSFORMER_LAYERS,
             layer_pattern=("attention",) * TRANSFORMER_LAYERS,
-            mlp_inner_dim=None,
-            attention_heads=4,
-            rotary_fraction=0.5,
+            mlp={"inner_dim": None},
+            attention={"heads": 4, "rotary_fraction": 0.5},
         )
     raise ValueError(f"model={name!r} is not known; allowed: {sorted(MODEL_TITLES)}")
 

@@ -15,13 +15,9 @@ def get_config() -> ml_collections.ConfigDict:
         d_model=128,
         num_layers=6,
         layer_pattern=based_layer_pattern(6, (1, 4), (2, 5)),
-        mlp_inner_dim=256,
-        mlp_multiple_of=64,
-        linear_attention_heads=4,
-        feature_dim=16,
-        chunk_size=64,
-        attention_heads=4,
-        window=64,
+        mlp={"inner_dim": 256, "multiple_of": 64},
+        based={"heads": 4, "feature_dim": 16, "chunk_size": 64},
+        sliding_window={"heads": 4, "window": 64},
     )
     config.model = ml_collections.ConfigDict(model.to_dict())
     config.data = data_defaults(seq_len=256, batch_size=16, builtin_max_bytes=2_000_000)

@@ -25,15 +25,15 @@ def get_config() -> ml_collections.ConfigDict:
     config = default_cpu_config()
     config.models.mamba = model_group(
         "mamba",
-        dict(d_model=(64,), mamba_state_dim=(16, 64)),
-        fixed=dict(mamba_scan_algorithm="sequential"),
+        dict(d_model=(64,), state_dim=(16, 64)),
+        fixed=dict(scan_algorithm="sequential"),
     )
     config.models.mamba2 = model_group(
         "mamba2",
-        dict(d_model=(64,), mamba2_state_dim=(16, 64)),
-        fixed=dict(mamba2_head_dim=32, mamba2_chunk_size=64),
+        dict(d_model=(64,), state_dim=(16, 64)),
+        fixed=dict(head_dim=32, chunk_size=64),
     )
     config.models.decay_attention = model_group(
-        "decay_attention", dict(d_model=(64,)), fixed=dict(decay_attention_heads=1)
+        "decay_attention", dict(d_model=(64,)), fixed=dict(heads=1)
     )
     return config

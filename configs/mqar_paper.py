@@ -34,10 +34,8 @@ def get_config() -> ml_collections.ConfigDict:
                     window=tuple(w + 1 for w in (8, 16, 32, 64, 128, 256, 512, 1024)),
                 ),
             ),
-            mamba=model_group("mamba", dict(d_model=(64, 128, 256), mamba_state_dim=(8, 16, 24))),
-            mamba2=model_group(
-                "mamba2", dict(d_model=(64, 128, 256), mamba2_state_dim=(8, 16, 24))
-            ),
+            mamba=model_group("mamba", dict(d_model=(64, 128, 256), state_dim=(8, 16, 24))),
+            mamba2=model_group("mamba2", dict(d_model=(64, 128, 256), state_dim=(8, 16, 24))),
         )
     )
     return config

@@ -8,13 +8,13 @@ model = jaxbased.LanguageModel(config)
 from jaxbased import ops
 from jaxbased.config import (
     MIXER_NAMES,
-    PRESETS,
     ModelConfig,
     based_layer_pattern,
     hybrid_layer_pattern,
 )
 from jaxbased.generation import GenerationResult, generate
 from jaxbased.model import LanguageModel, ModelCache, count_parameters
+from jaxbased.presets import PRESETS
 
 __version__ = "0.1.0"
 

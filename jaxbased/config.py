@@ -1,48 +1,60 @@
-"""Model configuration: a frozen, validated dataclass and the presets of SPEC.md §1–§2.
+"""Model configuration: a frozen, validated dataclass with one section per mixer.
 
-``ModelConfig`` is built from keyword arguments, from a preset (``ModelConfig.from_preset``) or
-from a mapping such as an ml_collections ``ConfigDict`` (``ModelConfig.from_dict``). Every invalid
-value raises ``ValueError`` naming the field, the value and what is allowed.
+``ModelConfig`` holds the model-level fields (vocabulary, width, depth, the layer pattern, norms,
+dtype, init, implementation) and one nested config per registered mixer, named after it:
+``config.based.feature_dim``, ``config.sliding_window.window``, ``config.mamba2.chunk_size``,
+``config.mlp.inner_dim`` (the blocks' gated MLP and ``mlp`` layers). The sections' classes live
+with their mixers in ``jaxbased.layers``; the list of sections is the mixer registry
+(``jaxbased.layers.registry.MIXERS``). See docs/configuration.md.
+
+Build one from keyword arguments (``ModelConfig(d_model=512, based={"feature_dim": 8})``), from a
+preset (``ModelConfig.from_preset``, presets in ``jaxbased.presets``) or from a mapping such as an
+ml_collections ``ConfigDict`` or a checkpoint's stored config (``ModelConfig.from_dict``, which
+also reads the flat configs written before the sections existed: ``jaxbased.config_legacy``).
+Every invalid value raises ``ValueError`` naming the field (``based.feature_dim``), the value and
+what is allowed.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax.numpy as jnp
 
+from jaxbased.config_legacy import LEGACY_FIELDS, is_legacy_flat, upgrade_flat_config
+from jaxbased.layers.common import NORMS
+from jaxbased.layers.mixer import DTYPES, MixerConfig, MixerContext
+from jaxbased.layers.registry import MIXER_NAMES, MIXERS
 from jaxbased.ops.dispatch import IMPLEMENTATIONS
-from jaxbased.ops.feature_maps import FEATURE_MAP_NAMES, expanded_dim
-from jaxbased.ops.linear_attention import ALGORITHMS
-from jaxbased.ops.selective_scan import ALGORITHMS as SELECTIVE_SCAN_ALGORITHMS
 
-#: Mixer names a layer pattern may use. ``jaxbased.layers.registry`` maps each to its module.
-#: ``mlp`` is a layer whose mixer is a gated MLP (the ``-`` layers of NVIDIA's Mamba-2-Hybrid
-#: pattern; use it with ``use_mlp=False``).
-MIXER_NAMES: tuple[str, ...] = (
-    "base_conv",
-    "based",
-    "sliding_window",
-    "attention",
-    "mamba",
-    "mamba2",
-    "decay_attention",
-    "mlp",
-)
+if TYPE_CHECKING:  # the sections, for type checkers (ModelConfig gets them from the registry)
+    from jaxbased.layers.attention import AttentionConfig, SlidingWindowConfig
+    from jaxbased.layers.base_conv import BaseConvConfig
+    from jaxbased.layers.based import BasedConfig
+    from jaxbased.layers.decay_attention import DecayAttentionConfig
+    from jaxbased.layers.mamba import MambaConfig
+    from jaxbased.layers.mamba2 import Mamba2Config
+    from jaxbased.layers.mlp import MLPConfig
+
+__all__ = [
+    "DTYPES",
+    "HYBRID_PATTERN_CHARACTERS",
+    "MIXER_NAMES",
+    "NORMS",
+    "ModelConfig",
+    "based_layer_pattern",
+    "hybrid_layer_pattern",
+]
+
 #: Characters of a hybrid pattern string (Megatron-LM's ``hybrid_override_pattern``): ``M`` a
 #: Mamba-2 layer, ``*`` a (full) attention layer, ``-`` an MLP layer.
 HYBRID_PATTERN_CHARACTERS: MappingProxyType[str, str] = MappingProxyType(
     {"M": "mamba2", "*": "attention", "-": "mlp"}
 )
-#: Activation dtypes; ``float64`` (with ``jax_enable_x64``) is for numerical checks.
-DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float64")
-#: Normalisation layers: ``rmsnorm`` (no bias, the released models) or ``layernorm`` (with bias,
-#: the Zoology MQAR models).
-NORMS: tuple[str, ...] = ("rmsnorm", "layernorm")
 
 
 def based_layer_pattern(
@@ -52,7 +64,7 @@ def based_layer_pattern(
 ) -> tuple[str, ...]:
     """The released BASED pattern: a layer is ``sliding_window`` if listed there, else ``based``
     if listed as linear attention, else ``base_conv`` (the reference's alt_mixer_2 / alt_mixer /
-    mixer rule, SPEC.md §4)."""
+    mixer rule, docs/checkpoints.md)."""
     linear, sliding = set(linear_attention_layers), set(sliding_window_layers)
     for name, layers in (("linear_attention_layers", linear), ("sliding_window_layers", sliding)):
         outside = sorted(i for i in layers if not 0 <= i < num_layers)
@@ -77,13 +89,12 @@ def hybrid_layer_pattern(pattern: str) -> tuple[str, ...]:
     return tuple(HYBRID_PATTERN_CHARACTERS[character] for character in pattern)
 
 
-def _round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
+_DEFAULT_PATTERN = based_layer_pattern(27, (1, 6, 11, 16, 21), (2, 7, 12, 17, 22))
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    """Hyper-parameters of a language model (one flat record; names follow SPEC.md).
+class ModelFields:
+    """The model-level fields of :class:`ModelConfig` (its sections come from the registry).
 
     Attributes:
       vocab_size: tokenizer vocabulary; the embedding has ``padded_vocab_size`` rows.
@@ -91,87 +102,40 @@ class ModelConfig:
       d_model: width of the residual stream.
       num_layers: number of blocks; ``layer_pattern`` names one mixer per block.
       layer_pattern: mixer names from ``MIXER_NAMES``, one per layer.
-      mlp_inner_dim: gated-MLP hidden width before rounding (None: ``int(8 * d_model / 3)``),
-        rounded up to ``mlp_multiple_of``; ``fc1`` maps to twice that.
-      use_mlp: whether each block has a gated MLP after its mixer (False: mixer-only blocks, as
-        in Mamba and the Zoology MQAR models).
+      use_mlp: whether each block has a gated MLP (section ``mlp``) after its mixer (False:
+        mixer-only blocks, as in Mamba and the Zoology MQAR models).
       norm: ``rmsnorm`` or ``layernorm`` (pre-norms and the final norm).
-      norm_eps: epsilon of the norms.
-      linear_attention_heads, feature_dim, feature_map, linear_attention_eps, chunk_size,
-      linear_attention_algorithm: the ``based`` mixer (value head dim
-        ``d_model / linear_attention_heads``).
-      attention_heads, window, rotary_fraction, rotary_base: ``sliding_window`` and
-        ``attention`` mixers; ``window`` counts the keys a query sees, itself included;
-        ``rotary_dim = int(rotary_fraction * head_dim)``.
-      conv_kernel_size, conv_expand: the ``base_conv`` mixer (``in_proj: d -> conv_expand * d``).
-      ssm_expand, ssm_conv_kernel_size: ``mamba`` and ``mamba2``: inner width
-        ``ssm_expand * d_model`` and the depthwise causal conv's taps (with bias).
-      ssm_dt_min, ssm_dt_max, ssm_dt_init_floor: the time-step init of ``mamba`` and ``mamba2``:
-        ``softplus(dt_bias)`` log-uniform in ``[ssm_dt_min, ssm_dt_max]``, at least the floor.
-      mamba_state_dim, mamba_dt_rank, mamba_scan_algorithm, mamba_chunk_size: the ``mamba``
-        (Mamba-1) mixer: state size N per channel, rank of the time-step projection (None:
-        ``ceil(d_model / 16)``), the selective-scan algorithm and its chunk.
-      mamba2_state_dim, mamba2_head_dim, mamba2_groups, mamba2_chunk_size, mamba2_a_init_min,
-        mamba2_a_init_max: the ``mamba2`` (SSD) mixer: state size N, head dim P (heads =
-        inner / P), groups of B and C, SSD chunk, and the range of ``-A`` at init.
-      decay_attention_heads, decay_key_dim, decay_feature_map, decay_output_gate: the
-        ``decay_attention`` mixer (RetNet-style retention): heads, query/key dim per head (None:
-        ``d_model / heads``, also the value dim), feature map of q and k, and a SiLU output gate.
-        It shares ``chunk_size``, ``linear_attention_algorithm`` and ``implementation`` with
-        ``based``.
+      norm_eps: epsilon of the norms (also of the mixers' inner norms).
       dtype: activation dtype (``float32`` or ``bfloat16``); parameters, residual stream,
         states and softmax stay float32.
       init_std: standard deviation of linear and embedding weights; output projections use
         ``init_std / sqrt(2 * num_layers)``.
       implementation: who computes linear and sliding-window attention: ``auto`` (Pallas
-        kernels on TPU/GPU, XLA on CPU), ``xla`` or ``pallas`` (interpreted on CPU);
-        see ``jaxbased.ops.dispatch``.
+        kernels on TPU/GPU, XLA on CPU), ``xla`` or ``pallas`` (interpreted on CPU); see
+        ``jaxbased.ops.dispatch``.
     """
 
     vocab_size: int = 50257
     pad_vocab_size_multiple: int = 8
     d_model: int = 1024
     num_layers: int = 27
-    layer_pattern: tuple[str, ...] = based_layer_pattern(27, (1, 6, 11, 16, 21), (2, 7, 12, 17, 22))
-    mlp_inner_dim: int | None = 2048
-    mlp_multiple_of: int = 256
+    layer_pattern: tuple[str, ...] = _DEFAULT_PATTERN
     use_mlp: bool = True
     norm: str = "rmsnorm"
     norm_eps: float = 1e-5
-    linear_attention_heads: int = 16
-    feature_dim: int = 16
-    feature_map: str = "taylor"
-    linear_attention_eps: float = 1e-12
-    linear_attention_algorithm: str = "chunked"
-    chunk_size: int = 64
-    attention_heads: int = 16
-    window: int = 129
-    rotary_fraction: float = 1.0
-    rotary_base: float = 10000.0
-    conv_kernel_size: int = 3
-    conv_expand: int = 4
-    ssm_expand: int = 2
-    ssm_conv_kernel_size: int = 4
-    ssm_dt_min: float = 1e-3
-    ssm_dt_max: float = 1e-1
-    ssm_dt_init_floor: float = 1e-4
-    mamba_state_dim: int = 16
-    mamba_dt_rank: int | None = None
-    mamba_scan_algorithm: str = "chunked"
-    mamba_chunk_size: int = 64
-    mamba2_state_dim: int = 128
-    mamba2_head_dim: int = 64
-    mamba2_groups: int = 1
-    mamba2_chunk_size: int = 256
-    mamba2_a_init_min: float = 1.0
-    mamba2_a_init_max: float = 16.0
-    decay_attention_heads: int = 16
-    decay_key_dim: int | None = None
-    decay_feature_map: str = "identity"
-    decay_output_gate: bool = True
     dtype: str = "float32"
     init_std: float = 0.02
     implementation: str = "auto"
+
+    if TYPE_CHECKING:
+        base_conv: BaseConvConfig
+        based: BasedConfig
+        sliding_window: SlidingWindowConfig
+        attention: AttentionConfig
+        mamba: MambaConfig
+        mamba2: Mamba2Config
+        decay_attention: DecayAttentionConfig
+        mlp: MLPConfig
 
     def __post_init__(self) -> None:
         pattern = self.layer_pattern
@@ -180,204 +144,89 @@ class ModelConfig:
                 f"layer_pattern={pattern!r} must be a sequence of mixer names from {MIXER_NAMES}"
             )
         object.__setattr__(self, "layer_pattern", tuple(pattern))
+        for name, spec in MIXERS.items():
+            section = getattr(self, name)
+            if isinstance(section, Mapping):
+                section = _section_from_dict(name, section)
+                object.__setattr__(self, name, section)
+            elif not isinstance(section, spec.config_type):
+                raise TypeError(
+                    f"{name} must be a {spec.config_type.__name__} or a dict of its fields; got "
+                    f"{type(section).__name__}"
+                )
         self._validate()
 
     def _validate(self) -> None:
-        def positive_int(name: str) -> None:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} must be an integer >= 1")
-
         for name in (
             "vocab_size",
             "pad_vocab_size_multiple",
             "d_model",
             "num_layers",
-            "mlp_multiple_of",
-            "linear_attention_heads",
-            "feature_dim",
-            "chunk_size",
-            "attention_heads",
-            "window",
-            "conv_kernel_size",
-            "conv_expand",
-            "ssm_expand",
-            "ssm_conv_kernel_size",
-            "mamba_state_dim",
-            "mamba_chunk_size",
-            "mamba2_state_dim",
-            "mamba2_head_dim",
-            "mamba2_groups",
-            "mamba2_chunk_size",
-            "decay_attention_heads",
         ):
-            positive_int(name)
-        for name in ("mlp_inner_dim", "mamba_dt_rank", "decay_key_dim"):
-            if getattr(self, name) is not None:
-                positive_int(name)
-        for name in (
-            "norm_eps",
-            "init_std",
-            "rotary_base",
-            "ssm_dt_min",
-            "ssm_dt_init_floor",
-            "mamba2_a_init_min",
-        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be an integer >= 1")
+        for name in ("norm_eps", "init_std"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be > 0")
-        if not self.linear_attention_eps >= 0:
-            raise ValueError(f"linear_attention_eps={self.linear_attention_eps!r} must be >= 0")
-        if not 0.0 <= self.rotary_fraction <= 1.0:
-            raise ValueError(f"rotary_fraction={self.rotary_fraction!r} must be in [0, 1]")
-        if self.conv_expand % 2:
-            raise ValueError(f"conv_expand={self.conv_expand} must be even (split into two halves)")
-        if self.feature_map not in FEATURE_MAP_NAMES:
-            raise ValueError(
-                f"feature_map={self.feature_map!r} is not known; allowed: {FEATURE_MAP_NAMES}"
-            )
-        if self.linear_attention_algorithm not in ALGORITHMS:
-            raise ValueError(
-                f"linear_attention_algorithm={self.linear_attention_algorithm!r} is not known; "
-                f"allowed: {ALGORITHMS}"
-            )
-        if self.implementation not in IMPLEMENTATIONS:
-            raise ValueError(
-                f"implementation={self.implementation!r} is not known; allowed: {IMPLEMENTATIONS}"
-            )
-        for name in ("use_mlp", "decay_output_gate"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")
-        if not self.ssm_dt_max >= self.ssm_dt_min:
-            raise ValueError(
-                f"ssm_dt_max={self.ssm_dt_max!r} must be >= ssm_dt_min={self.ssm_dt_min!r}"
-            )
-        if not self.mamba2_a_init_max >= self.mamba2_a_init_min:
-            raise ValueError(
-                f"mamba2_a_init_max={self.mamba2_a_init_max!r} must be >= mamba2_a_init_min="
-                f"{self.mamba2_a_init_min!r}"
-            )
-        if self.mamba_scan_algorithm not in SELECTIVE_SCAN_ALGORITHMS:
-            raise ValueError(
-                f"mamba_scan_algorithm={self.mamba_scan_algorithm!r} is not known; allowed: "
-                f"{SELECTIVE_SCAN_ALGORITHMS}"
-            )
-        if self.decay_feature_map not in FEATURE_MAP_NAMES:
-            raise ValueError(
-                f"decay_feature_map={self.decay_feature_map!r} is not known; allowed: "
-                f"{FEATURE_MAP_NAMES}"
-            )
-        if self.norm not in NORMS:
-            raise ValueError(f"norm={self.norm!r} is not known; allowed: {NORMS}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype={self.dtype!r} is not known; allowed: {DTYPES}")
+        if not isinstance(self.use_mlp, bool):
+            raise ValueError(f"use_mlp={self.use_mlp!r} must be True or False")
+        for name, allowed in (
+            ("norm", NORMS),
+            ("dtype", DTYPES),
+            ("implementation", IMPLEMENTATIONS),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not known; allowed: {allowed}")
         if len(self.layer_pattern) != self.num_layers:
             raise ValueError(
                 f"layer_pattern has {len(self.layer_pattern)} entries but num_layers="
                 f"{self.num_layers}; give one mixer name per layer"
             )
-        unknown = sorted({name for name in self.layer_pattern if name not in MIXER_NAMES})
+        unknown = sorted({name for name in self.layer_pattern if name not in MIXERS})
         if unknown:
             raise ValueError(
                 f"layer_pattern has unknown mixer names {unknown}; allowed: {MIXER_NAMES}"
             )
-        used = set(self.layer_pattern)
-        if "based" in used and self.d_model % self.linear_attention_heads:
-            raise ValueError(
-                f"d_model={self.d_model} must be divisible by linear_attention_heads="
-                f"{self.linear_attention_heads}"
-            )
-        if used & {"sliding_window", "attention"} and self.d_model % self.attention_heads:
-            raise ValueError(
-                f"d_model={self.d_model} must be divisible by attention_heads="
-                f"{self.attention_heads}"
-            )
-        if "mamba2" in used:
-            if self.ssm_inner_dim % self.mamba2_head_dim:
-                raise ValueError(
-                    f"mamba2_head_dim={self.mamba2_head_dim} must divide the inner width "
-                    f"ssm_expand * d_model = {self.ssm_inner_dim}"
-                )
-            if self.mamba2_heads % self.mamba2_groups:
-                raise ValueError(
-                    f"mamba2_groups={self.mamba2_groups} must divide the number of heads "
-                    f"{self.mamba2_heads} (ssm_expand * d_model / mamba2_head_dim)"
-                )
-        if "decay_attention" in used and self.d_model % self.decay_attention_heads:
-            raise ValueError(
-                f"d_model={self.d_model} must be divisible by decay_attention_heads="
-                f"{self.decay_attention_heads}"
-            )
+        context = self.mixer_context
+        for name in self.used_sections:
+            try:
+                getattr(self, name).validate(context)
+            except ValueError as error:
+                raise ValueError(f"{name}.{error}") from None
 
-    # Derived sizes -------------------------------------------------------------------------
+    # Derived -------------------------------------------------------------------------------
+    @property
+    def used_sections(self) -> tuple[str, ...]:
+        """The sections this model reads: its pattern's mixers, and ``mlp`` when ``use_mlp``."""
+        used = set(self.layer_pattern) | ({"mlp"} if self.use_mlp else set())
+        return tuple(name for name in MIXERS if name in used)
+
+    @property
+    def mixer_context(self) -> MixerContext:
+        """What every mixer reads of the model (width, depth, dtype, init, implementation)."""
+        return MixerContext(
+            d_model=self.d_model,
+            num_layers=self.num_layers,
+            dtype=self.dtype,
+            init_std=self.init_std,
+            norm_eps=self.norm_eps,
+            implementation=self.implementation,
+        )
+
     @property
     def padded_vocab_size(self) -> int:
         """Embedding rows: ``vocab_size`` rounded up to ``pad_vocab_size_multiple``."""
-        return _round_up(self.vocab_size, self.pad_vocab_size_multiple)
+        return -(-self.vocab_size // self.pad_vocab_size_multiple) * self.pad_vocab_size_multiple
 
     @property
     def mlp_hidden_dim(self) -> int:
         """Gated-MLP hidden width (``fc2`` input); ``fc1`` outputs twice this."""
-        inner = self.mlp_inner_dim if self.mlp_inner_dim is not None else int(8 * self.d_model / 3)
-        return _round_up(inner, self.mlp_multiple_of)
-
-    @property
-    def linear_attention_value_dim(self) -> int:
-        """Value head dim of the ``based`` mixer, ``d_model / linear_attention_heads``."""
-        return self.d_model // self.linear_attention_heads
-
-    @property
-    def expanded_feature_dim(self) -> int:
-        """Features after the feature map (273 for Taylor with F = 16)."""
-        return expanded_dim(self.feature_map, self.feature_dim)
-
-    @property
-    def attention_head_dim(self) -> int:
-        return self.d_model // self.attention_heads
-
-    @property
-    def rotary_dim(self) -> int:
-        """Channels of each attention head that rotary rotates (0: none)."""
-        return int(self.rotary_fraction * self.attention_head_dim)
-
-    @property
-    def conv_channels(self) -> int:
-        """Channels of the short conv (and of each ``in_proj`` half): ``conv_expand * d / 2``."""
-        return self.conv_expand * self.d_model // 2
-
-    @property
-    def ssm_inner_dim(self) -> int:
-        """Inner width of ``mamba`` and ``mamba2``: ``ssm_expand * d_model``."""
-        return self.ssm_expand * self.d_model
-
-    @property
-    def mamba_time_step_rank(self) -> int:
-        """Rank of Mamba's time-step projection: ``mamba_dt_rank`` or ``ceil(d_model / 16)``."""
-        if self.mamba_dt_rank is not None:
-            return self.mamba_dt_rank
-        return math.ceil(self.d_model / 16)
-
-    @property
-    def mamba2_heads(self) -> int:
-        """SSD heads of ``mamba2``: ``ssm_inner_dim / mamba2_head_dim``."""
-        return self.ssm_inner_dim // self.mamba2_head_dim
-
-    @property
-    def mamba2_conv_channels(self) -> int:
-        """Channels of Mamba-2's conv (x, B and C): ``inner + 2 * groups * state_dim``."""
-        return self.ssm_inner_dim + 2 * self.mamba2_groups * self.mamba2_state_dim
-
-    @property
-    def decay_value_dim(self) -> int:
-        """Value head dim of ``decay_attention``: ``d_model / decay_attention_heads``."""
-        return self.d_model // self.decay_attention_heads
-
-    @property
-    def decay_head_key_dim(self) -> int:
-        """Query/key dim per head of ``decay_attention`` (``decay_key_dim`` or the value dim)."""
-        return self.decay_key_dim if self.decay_key_dim is not None else self.decay_value_dim
+        return self.mlp.hidden_dim(self.d_model)
 
     @property
     def compute_dtype(self) -> jnp.dtype:
+        """The activation dtype as a NumPy dtype."""
         return jnp.dtype(self.dtype)
 
     @property
@@ -387,216 +236,100 @@ class ModelConfig:
 
     # Construction ---------------------------------------------------------------------------
     def replace(self, **overrides: Any) -> ModelConfig:
-        """A copy with some fields changed (validated)."""
-        return ModelConfig.from_dict({**self.to_dict(), **overrides})
+        """A copy with some fields changed (validated). A section is changed by a dict of its
+        fields, merged onto the current ones (``replace(based={"feature_dim": 8})``), or by a
+        whole section config."""
+        _reject_flat_names(overrides)
+        values = self.to_dict()
+        for name, value in overrides.items():
+            if name in MIXERS and isinstance(value, Mapping):
+                values[name] = {**values[name], **value}
+            elif isinstance(value, MixerConfig):
+                values[name] = value.to_dict()
+            else:
+                values[name] = value
+        return ModelConfig.from_dict(values)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every field as plain values, each section a nested dict (JSON-ready)."""
+        values = dataclasses.asdict(self)
+        values["layer_pattern"] = tuple(self.layer_pattern)
+        return values
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> ModelConfig:
-        """Build from a mapping (a dict or an ml_collections ``ConfigDict``)."""
-        values = dict(values)
-        allowed = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - allowed)
+        """Build from a mapping (a dict, an ml_collections ``ConfigDict``, a stored config).
+
+        Sections are nested mappings; a missing field or section takes its default. A flat
+        config written before the sections existed (``feature_dim``, ``attention_heads``, ...)
+        is converted by ``jaxbased.config_legacy.upgrade_flat_config``.
+        """
+        values = {key: _plain_mapping(value) for key, value in _plain_mapping(values).items()}
+        if is_legacy_flat(values):
+            pattern = values.get("layer_pattern", _DEFAULT_PATTERN)
+            uses_mlp = values.get("use_mlp", True)
+            used = set(pattern) | ({"mlp"} if uses_mlp else set())
+            values = upgrade_flat_config(values, used)
+        allowed = [field.name for field in dataclasses.fields(cls)]
+        unknown = sorted(set(values) - set(allowed))
         if unknown:
-            raise ValueError(f"unknown ModelConfig fields {unknown}; allowed: {sorted(allowed)}")
+            raise ValueError(f"unknown ModelConfig fields {unknown}; allowed: {allowed}")
         if "layer_pattern" in values and not isinstance(values["layer_pattern"], str):
             values["layer_pattern"] = tuple(values["layer_pattern"])
         return cls(**values)
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> ModelConfig:
-        """A preset from ``PRESETS`` with fields overridden by keyword.
+        """A preset of ``jaxbased.presets.PRESETS`` with fields overridden as in :meth:`replace`.
 
         Changing ``num_layers`` of a preset also needs a matching ``layer_pattern``.
         """
+        from jaxbased.presets import PRESETS
+
         if name not in PRESETS:
             raise ValueError(f"preset={name!r} is not known; allowed: {sorted(PRESETS)}")
-        return cls.from_dict({**PRESETS[name]().to_dict(), **overrides})
+        return PRESETS[name]().replace(**overrides)
 
 
-def _based_360m() -> ModelConfig:
-    # The released based-360m ran fla's parallel kernel, whose normalizer adds 1e-6 (based-1b's
-    # config names no implementation: the reference's default, 1e-12).
-    return ModelConfig(linear_attention_eps=1e-6)
+def _plain_mapping(value: Any) -> Any:
+    """A ``Mapping`` or an ml_collections ``ConfigDict`` as a plain dict; anything else as is."""
+    if hasattr(value, "to_dict") and callable(value.to_dict) and not isinstance(value, MixerConfig):
+        return dict(value.to_dict())
+    return dict(value) if isinstance(value, Mapping) else value
 
 
-def _based_1b() -> ModelConfig:
-    return ModelConfig(
-        d_model=1792,
-        num_layers=36,
-        layer_pattern=based_layer_pattern(
-            36, (1, 6, 11, 16, 21, 27, 33), (2, 7, 12, 17, 22, 28, 34)
-        ),
-        mlp_inner_dim=3584,
-    )
+def _section_from_dict(name: str, values: Mapping[str, Any]) -> MixerConfig:
+    try:
+        return MIXERS[name].config_type.from_dict(values)
+    except ValueError as error:
+        raise ValueError(f"{name}.{error}") from None
+    except TypeError as error:  # a comparison with a value of the wrong type
+        raise ValueError(f"{name}: {error}") from None
 
 
-def _transformer(d_model: int, num_layers: int, heads: int) -> ModelConfig:
-    # Transformer++ of the reference: rotary on half of each head, SwiGLU with hidden
-    # int(8 d / 3) rounded up to 256, vocabulary padded to a multiple of 16.
-    return ModelConfig(
-        d_model=d_model,
-        num_layers=num_layers,
-        layer_pattern=("attention",) * num_layers,
-        mlp_inner_dim=None,
-        attention_heads=heads,
-        rotary_fraction=0.5,
-        pad_vocab_size_multiple=16,
-    )
+def _reject_flat_names(overrides: Mapping[str, Any]) -> None:
+    for name in overrides:
+        if name in LEGACY_FIELDS:
+            targets = " and ".join(f"{section}.{field}" for section, field in LEGACY_FIELDS[name])
+            raise ValueError(
+                f"{name} is no longer a ModelConfig field; it is {targets} "
+                f"(e.g. {LEGACY_FIELDS[name][0][0]}={{{LEGACY_FIELDS[name][0][1]!r}: ...}})"
+            )
 
 
-def _based_tiny() -> ModelConfig:
-    return ModelConfig(
-        vocab_size=256,
-        d_model=64,
-        num_layers=6,
-        layer_pattern=based_layer_pattern(6, (1, 4), (2, 5)),
-        mlp_inner_dim=128,
-        mlp_multiple_of=64,
-        linear_attention_heads=4,
-        feature_dim=8,
-        chunk_size=16,
-        attention_heads=4,
-        window=16,
-    )
-
-
-def _attn_tiny() -> ModelConfig:
-    return ModelConfig(
-        vocab_size=256,
-        d_model=64,
-        num_layers=4,
-        layer_pattern=("attention",) * 4,
-        mlp_inner_dim=None,
-        mlp_multiple_of=64,
-        attention_heads=4,
-        rotary_fraction=0.5,
-        pad_vocab_size_multiple=16,
-    )
-
-
-def _mamba(d_model: int, num_layers: int) -> ModelConfig:
-    # The reference's Mamba LMs (HazyResearch/based train/configs/experiment/reference/
-    # mamba-360m.yaml, mamba-1b.yaml): mixer-only blocks with RMSNorm, MambaConfig's
-    # vocab_size 50277 padded to a multiple of 16 (50288), d_state 16, expand 2, d_conv 4.
-    return ModelConfig(
-        vocab_size=50277,
-        pad_vocab_size_multiple=16,
-        d_model=d_model,
-        num_layers=num_layers,
-        layer_pattern=("mamba",) * num_layers,
-        use_mlp=False,
-    )
-
-
-def _mamba2_360m() -> ModelConfig:
-    # state-spaces/mamba2-370m: 48 Mamba-2 layers of d 1024 (d_state 128, head dim 64, one
-    # group, chunk 256), mixer-only blocks, the GPT-NeoX vocabulary padded to 16.
-    return ModelConfig(
-        vocab_size=50277,
-        pad_vocab_size_multiple=16,
-        d_model=1024,
-        num_layers=48,
-        layer_pattern=("mamba2",) * 48,
-        use_mlp=False,
-    )
-
-
-#: The 360M-class Mamba-2-Hybrid (Waleffe et al. 2024, "An Empirical Study of Mamba-based
-#: Language Models": 43% Mamba-2, 7% attention and 50% MLP layers, attention spread evenly,
-#: no position embeddings): 48 layers, 20 Mamba-2 + 4 attention (8%) + 24 MLP layers.
-MAMBA2_HYBRID_360M_PATTERN = "M-M-M*-M-M--" * 4
-
-
-def _mamba2_hybrid_360m() -> ModelConfig:
-    pattern = hybrid_layer_pattern(MAMBA2_HYBRID_360M_PATTERN)
-    return ModelConfig(
-        vocab_size=50277,
-        pad_vocab_size_multiple=16,
-        d_model=1024,
-        num_layers=len(pattern),
-        layer_pattern=pattern,
-        use_mlp=False,
-        mlp_inner_dim=2048,
-        attention_heads=16,
-        rotary_fraction=0.0,
-    )
-
-
-def _mamba_tiny() -> ModelConfig:
-    return ModelConfig(
-        vocab_size=256,
-        d_model=64,
-        num_layers=4,
-        layer_pattern=("mamba",) * 4,
-        use_mlp=False,
-        mamba_state_dim=8,
-        mamba_chunk_size=16,
-    )
-
-
-def _mamba2_tiny() -> ModelConfig:
-    return ModelConfig(
-        vocab_size=256,
-        d_model=64,
-        num_layers=4,
-        layer_pattern=("mamba2",) * 4,
-        use_mlp=False,
-        mamba2_state_dim=16,
-        mamba2_head_dim=16,
-        mamba2_chunk_size=16,
-    )
-
-
-def _mamba2_hybrid_tiny() -> ModelConfig:
-    pattern = hybrid_layer_pattern("M*-M-")
-    return ModelConfig(
-        vocab_size=256,
-        d_model=64,
-        num_layers=len(pattern),
-        layer_pattern=pattern,
-        use_mlp=False,
-        mlp_inner_dim=128,
-        mlp_multiple_of=64,
-        attention_heads=4,
-        rotary_fraction=0.0,
-        mamba2_state_dim=16,
-        mamba2_head_dim=16,
-        mamba2_chunk_size=16,
-    )
-
-
-def _decay_tiny() -> ModelConfig:
-    # A RetNet / TransNormerLLM-style LM: decay linear attention and a gated MLP in every block.
-    return ModelConfig(
-        vocab_size=256,
-        d_model=64,
-        num_layers=4,
-        layer_pattern=("decay_attention",) * 4,
-        mlp_inner_dim=128,
-        mlp_multiple_of=64,
-        decay_attention_heads=4,
-        chunk_size=16,
-    )
-
-
-PRESETS: MappingProxyType[str, Callable[[], ModelConfig]] = MappingProxyType(
-    {
-        "based_360m": _based_360m,
-        "based_1b": _based_1b,
-        "attn_360m": lambda: _transformer(1024, 24, 16),
-        "attn_1b": lambda: _transformer(1680, 36, 24),
-        "based_tiny": _based_tiny,
-        "attn_tiny": _attn_tiny,
-        "mamba_360m": lambda: _mamba(1024, 46),
-        "mamba_1b": lambda: _mamba(2048, 46),
-        "mamba2_360m": _mamba2_360m,
-        "mamba2_hybrid_360m": _mamba2_hybrid_360m,
-        "mamba_tiny": _mamba_tiny,
-        "mamba2_tiny": _mamba2_tiny,
-        "mamba2_hybrid_tiny": _mamba2_hybrid_tiny,
-        "decay_tiny": _decay_tiny,
-    }
+#: The model configuration: :class:`ModelFields` plus one section per registered mixer, each a
+#: field named after the mixer whose default is that mixer's default config.
+ModelConfig = dataclasses.make_dataclass(
+    "ModelConfig",
+    [
+        (name, spec.config_type, dataclasses.field(default_factory=spec.config_type))
+        for name, spec in MIXERS.items()
+    ],
+    bases=(ModelFields,),
+    frozen=True,
+)
+ModelConfig.__module__ = __name__
+ModelConfig.__doc__ = (
+    "Hyper-parameters of a language model: the fields of :class:`ModelFields` and one section "
+    "per registered mixer (``config.<mixer name>``, a ``MixerConfig``); see the module docstring."
 )

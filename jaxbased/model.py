@@ -1,4 +1,4 @@
-"""The language model (SPEC.md §1): embedding, pre-norm blocks following a layer pattern,
+"""The language model (docs/model.md): embedding, pre-norm blocks following a layer pattern,
 final RMSNorm, head tied to the embedding.
 
     h = mixer(norm1(x)); x = x + h; h = mlp(norm2(x)); x = x + h;  logits = final_norm(x) · Eᵀ
@@ -23,21 +23,32 @@ from jaxtyping import Array, Float, Int
 
 from jaxbased.config import ModelConfig
 from jaxbased.layers.common import make_norm, normal_init
+from jaxbased.layers.mixer import Mixer
 from jaxbased.layers.mlp import GatedMLP
-from jaxbased.layers.registry import build_mixer
+from jaxbased.layers.registry import MIXERS, build_mixer
 from jaxbased.ops.dispatch import constrain_batch
+
+#: A layer's decode cache: an instance of its mixer's registered ``cache_type``.
+LayerCache = Any
 
 
 @flax.struct.dataclass
 class ModelCache:
     """Decoding state of the whole model.
 
-    layers: one cache per layer (the mixer's cache pytree).
+    layers: one cache per layer, of its mixer's registered cache type
+      (``jaxbased.layers.registry.MIXERS[name].cache_type``).
     positions: ``[B]`` int32, the position the next token of each row takes.
     """
 
-    layers: tuple[Any, ...]
+    layers: tuple[LayerCache, ...]
     positions: Int[Array, " B"]
+
+
+def layer_mixer(config: ModelConfig, name: str, **kwargs: Any) -> Mixer:
+    """The mixer module of a layer named ``name`` in ``config.layer_pattern`` (``kwargs`` go to
+    the module, e.g. ``parent=None`` for an unbound one that only counts or builds caches)."""
+    return build_mixer(name, getattr(config, name), config.mixer_context, **kwargs)
 
 
 class Block(nn.Module):
@@ -50,12 +61,12 @@ class Block(nn.Module):
     def setup(self) -> None:
         config = self.config
         self.norm1 = make_norm(config.norm, config.d_model, config.norm_eps, config.compute_dtype)
-        self.mixer = build_mixer(self.mixer_name, config)
+        self.mixer = layer_mixer(config, self.mixer_name)
         if config.use_mlp:
             self.norm2 = make_norm(
                 config.norm, config.d_model, config.norm_eps, config.compute_dtype
             )
-            self.mlp = GatedMLP(config)
+            self.mlp = GatedMLP(config.mlp, config.mixer_context)
 
     def _mlp(self, x: Array) -> Array:
         if not self.config.use_mlp:
@@ -67,17 +78,14 @@ class Block(nn.Module):
 
     def prefill(
         self, x: Float[Array, "B T D"], max_len: int, lengths: Int[Array, " B"] | None = None
-    ) -> tuple[Array, Any]:
-        if lengths is None:  # mixers without ragged support keep working
-            h, cache = self.mixer.prefill(self.norm1(x), max_len)
-        else:
-            h, cache = self.mixer.prefill(self.norm1(x), max_len, lengths)
+    ) -> tuple[Array, LayerCache]:
+        h, cache = self.mixer.prefill(self.norm1(x), max_len, lengths)
         return self._mlp(x + h.astype(x.dtype)), cache
 
-    def decode(
-        self, x: Float[Array, "B D"], cache: Any, position: Int[Array, " B"]
-    ) -> tuple[Array, Any]:
-        h, cache = self.mixer.decode(self.norm1(x), cache, position)
+    def decode_step(
+        self, x: Float[Array, "B D"], cache: LayerCache, position: Int[Array, " B"]
+    ) -> tuple[Array, LayerCache]:
+        h, cache = self.mixer.decode_step(self.norm1(x), cache, position)
         return self._mlp(x + h.astype(x.dtype)), cache
 
 
@@ -185,7 +193,7 @@ class LanguageModel(nn.Module):
         x = self._embed(tokens)
         new_caches = []
         for block, layer_cache in zip(self.layers, cache.layers, strict=True):
-            x, layer_cache = block.decode(x, layer_cache, cache.positions)
+            x, layer_cache = block.decode_step(x, layer_cache, cache.positions)
             new_caches.append(layer_cache)
         return self._logits(x), ModelCache(tuple(new_caches), cache.positions + 1)
 
@@ -198,9 +206,15 @@ class LanguageModel(nn.Module):
             raise ValueError(f"batch_size={batch_size} must be >= 1")
         config = self.config
         layers = tuple(
-            build_mixer(name, config, parent=None).init_cache(batch_size, max_len)
+            layer_mixer(config, name, parent=None).init_cache(batch_size, max_len)
             for name in config.layer_pattern
         )
+        for name, layer in zip(config.layer_pattern, layers, strict=True):
+            if not isinstance(layer, MIXERS[name].cache_type):  # a mixer that broke its contract
+                raise TypeError(
+                    f"mixer {name!r} built a {type(layer).__name__} cache; its registry entry "
+                    f"names {MIXERS[name].cache_type.__name__}"
+                )
         return ModelCache(layers=layers, positions=jnp.zeros((batch_size,), jnp.int32))
 
 

@@ -46,3 +46,15 @@ def fine_tune_two_steps(run_config, workdir):
         peak_flops=1e12,
     )
     return train(run_config, workdir)
+
+
+def model_flags(values: dict, prefix: str = "--config.model.") -> list[str]:
+    """``--config.model.FIELD=VALUE`` flags for model overrides, a section's fields as
+    ``--config.model.SECTION.FIELD=VALUE`` (``layer_pattern`` is left to the caller)."""
+    flags = []
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flags += model_flags(value, f"{prefix}{key}.")
+        elif key != "layer_pattern":
+            flags.append(f"{prefix}{key}={value}")
+    return flags

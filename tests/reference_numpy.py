@@ -160,7 +160,8 @@ def mixer_forward(name, params, x, config):
         conv = short_conv(u1, np.asarray(params["conv_weight"], np.float64))
         return _linear(silu(conv) * u2, params["out_proj"]["kernel"], params["out_proj"]["bias"])
     if name == "based":
-        heads, feature_dim = config.linear_attention_heads, config.feature_dim
+        section = config.based
+        heads, feature_dim = section.heads, section.feature_dim
         q = _linear(x, _flat_out(params["proj_q"]["kernel"])).reshape(
             batch, seq, heads, feature_dim
         )
@@ -168,17 +169,18 @@ def mixer_forward(name, params, x, config):
             batch, seq, heads, feature_dim
         )
         v = _linear(x, _flat_out(params["proj_v"]["kernel"])).reshape(batch, seq, heads, -1)
-        y, _ = linear_attention(q, k, v, config.feature_map, config.linear_attention_eps)
+        y, _ = linear_attention(q, k, v, section.feature_map, section.eps)
         out_kernel = np.asarray(params["out_proj"]["kernel"], np.float64).reshape(-1, d_model)
         return _linear(y.reshape(batch, seq, -1), out_kernel)
     if name in ("sliding_window", "attention"):
-        heads = config.attention_heads
+        section = getattr(config, name)
+        heads, rotary_dim = section.heads, section.rotary_dim(d_model)
         qkv = _linear(x, _flat_out(params["qkv_proj"]["kernel"]))  # columns [Q | K | V]
         q, k, v = (part.reshape(batch, seq, heads, -1) for part in np.split(qkv, 3, axis=-1))
-        if config.rotary_dim:
-            q = rotary(q, range(seq), config.rotary_dim, config.rotary_base)
-            k = rotary(k, range(seq), config.rotary_dim, config.rotary_base)
-        window = config.window if name == "sliding_window" else None
+        if rotary_dim:
+            q = rotary(q, range(seq), rotary_dim, section.rotary_base)
+            k = rotary(k, range(seq), rotary_dim, section.rotary_base)
+        window = section.window
         y = window_attention(q, k, v, window)
         out_kernel = np.asarray(params["out_proj"]["kernel"], np.float64).reshape(-1, d_model)
         return _linear(y.reshape(batch, seq, -1), out_kernel)

@@ -31,7 +31,8 @@ def depthwise_causal_conv(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -
 def mamba_forward(params, x, config) -> np.ndarray:
     """Mamba-1 block (docs/mixers/mamba.md) on ``x [B, T, d]``, float64."""
     x = _array(x)
-    inner, rank, state = config.ssm_inner_dim, config.mamba_time_step_rank, config.mamba_state_dim
+    section, d = config.mamba, config.d_model
+    inner, rank, state = section.inner_dim(d), section.time_step_rank(d), section.state_dim
     in_kernel = _array(params["in_proj"]["kernel"]).reshape(x.shape[-1], 2 * inner)
     projected = x @ in_kernel
     conv_input, gate = projected[..., :inner], projected[..., inner:]
@@ -64,8 +65,9 @@ def mamba_forward(params, x, config) -> np.ndarray:
 def mamba2_forward(params, x, config) -> np.ndarray:
     """Mamba-2 block (docs/mixers/mamba2.md) on ``x [B, T, d]``, float64."""
     x = _array(x)
-    inner, heads, head_dim = config.ssm_inner_dim, config.mamba2_heads, config.mamba2_head_dim
-    groups, state = config.mamba2_groups, config.mamba2_state_dim
+    section, d = config.mamba2, config.d_model
+    inner, heads, head_dim = section.inner_dim(d), section.heads(d), section.head_dim
+    groups, state = section.groups, section.state_dim
     channels = inner + 2 * groups * state
     projected = x @ _array(params["in_proj"]["kernel"])
     gate = projected[..., :inner]
@@ -106,14 +108,15 @@ def decay_attention_forward(params, x, config) -> np.ndarray:
     """Retention with fixed per-head decays, no normalizer, per-head RMSNorm, SiLU gate."""
     x = _array(x)
     batch, seq = x.shape[:2]
-    heads, key_dim = config.decay_attention_heads, config.decay_head_key_dim
+    section = config.decay_attention
+    heads, key_dim = section.heads, section.head_key_dim(config.d_model)
 
     def project(name):
         kernel = _array(params[name]["kernel"])
         return np.einsum("btd,dhf->bthf", x, kernel)
 
-    q = ref.phi(project("proj_q"), config.decay_feature_map)
-    k = ref.phi(project("proj_k") / np.sqrt(key_dim), config.decay_feature_map)
+    q = ref.phi(project("proj_q"), section.feature_map)
+    k = ref.phi(project("proj_k") / np.sqrt(key_dim), section.feature_map)
     v = project("proj_v")
     gamma = retnet_decays(heads)
     state = np.zeros((batch, heads, q.shape[-1], v.shape[-1]))
@@ -123,7 +126,7 @@ def decay_attention_forward(params, x, config) -> np.ndarray:
         out[:, t] = np.einsum("bhf,bhfd->bhd", q[:, t], state)
     normed = out / np.sqrt(np.mean(out**2, axis=-1, keepdims=True) + config.norm_eps)
     normed = normed * _array(params["norm_weight"])
-    if config.decay_output_gate:
+    if section.output_gate:
         normed = normed * ref.silu(project("proj_gate"))
     return np.einsum("bthd,hde->bte", normed, _array(params["out_proj"]["kernel"]))
 

@@ -22,7 +22,10 @@ from tests.test_training import tiny_config
 
 # Every dimension the rules split is divisible by 8, so each mesh really splits the arrays.
 SHARDABLE_MODEL = dict(
-    d_model=64, mlp_inner_dim=128, linear_attention_heads=8, attention_heads=8, feature_dim=4
+    d_model=64,
+    mlp=dict(inner_dim=128),
+    based=dict(heads=8, feature_dim=4),
+    sliding_window=dict(heads=8),
 )
 
 

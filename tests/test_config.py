@@ -1,8 +1,10 @@
+import dataclasses
 import importlib
 
 import pytest
 
 from jaxbased import PRESETS, ModelConfig, based_layer_pattern
+from jaxbased.layers import MIXERS, BasedConfig, MixerConfig
 
 
 def test_released_layer_patterns():
@@ -13,10 +15,21 @@ def test_released_layer_patterns():
     assert config.layer_pattern.count("base_conv") == 17
     big = ModelConfig.from_preset("based_1b")
     assert big.layer_pattern.count("base_conv") == 22 and big.num_layers == 36
-    assert config.padded_vocab_size == 50264 and config.window == 129
-    assert config.expanded_feature_dim == 273 and config.linear_attention_value_dim == 64
+    assert config.padded_vocab_size == 50264 and config.sliding_window.window == 129
+    assert config.based.expanded_dim == 273 and config.based.value_dim(config.d_model) == 64
     assert ModelConfig.from_preset("attn_360m").mlp_hidden_dim == 2816
-    assert ModelConfig.from_preset("attn_1b").rotary_dim == 35
+    attn_1b = ModelConfig.from_preset("attn_1b")
+    assert attn_1b.attention.rotary_dim(attn_1b.d_model) == 35
+
+
+def test_every_registered_mixer_has_a_section_of_its_config_type():
+    config = ModelConfig()
+    for name, spec in MIXERS.items():
+        section = getattr(config, name)
+        assert type(section) is spec.config_type and isinstance(section, MixerConfig)
+        assert section == spec.config_type()
+    section_names = [field.name for field in dataclasses.fields(ModelConfig)][-len(MIXERS) :]
+    assert section_names == list(MIXERS)
 
 
 def test_sliding_window_wins_over_linear_attention_when_listed_twice():
@@ -28,20 +41,22 @@ def test_sliding_window_wins_over_linear_attention_when_listed_twice():
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"d_model": 100}, "d_model=100 must be divisible by linear_attention_heads=16"),
-        ({"attention_heads": 7}, "d_model=1024 must be divisible by attention_heads=7"),
+        ({"d_model": 100}, "based.heads=16 must divide d_model=100"),
+        ({"sliding_window": {"heads": 7}}, "sliding_window.heads=7 must divide d_model=1024"),
         ({"layer_pattern": ("based", "mamba9") + ("base_conv",) * 25}, "unknown mixer names"),
-        ({"window": 0}, "window=0 must be an integer >= 1"),
-        ({"feature_dim": 0}, "feature_dim=0 must be an integer >= 1"),
+        ({"sliding_window": {"window": 0}}, "sliding_window.window=0 must be an integer >= 1"),
+        ({"based": {"feature_dim": 0}}, "based.feature_dim=0 must be an integer >= 1"),
         ({"num_layers": 26}, "layer_pattern has 27 entries but num_layers=26"),
-        ({"feature_map": "cos"}, "feature_map='cos'"),
+        ({"based": {"feature_map": "cos"}}, "based.feature_map='cos' is not known"),
         ({"dtype": "float16"}, "dtype='float16'"),
-        ({"conv_expand": 3}, "conv_expand=3 must be even"),
-        ({"rotary_fraction": 1.5}, "rotary_fraction=1.5"),
+        ({"base_conv": {"expand": 3}}, "base_conv.expand=3 must be even"),
+        ({"sliding_window": {"rotary_fraction": 1.5}}, "sliding_window.rotary_fraction=1.5"),
         ({"d_model": 64.0}, "d_model=64.0 must be an integer"),
         ({"layer_pattern": "based"}, "layer_pattern='based' must be a sequence"),
         ({"norm": "batchnorm"}, "norm='batchnorm' is not known; allowed:"),
         ({"use_mlp": 0}, "use_mlp=0 must be True or False"),
+        ({"mlp": {"inner_dim": 0}}, "mlp.inner_dim=0 must be an integer >= 1 or None"),
+        ({"based": {"heads": 3, "bogus": 1}}, "based.unknown fields ['bogus']; allowed:"),
     ],
 )
 def test_invalid_configs_name_the_field(overrides, message):
@@ -49,20 +64,42 @@ def test_invalid_configs_name_the_field(overrides, message):
         ModelConfig.from_preset("based_360m", **overrides)
 
 
+def test_a_section_checks_only_what_its_model_uses():
+    # d_model 100 fits no 16-head attention, but a BaseConv-only model has no attention layer
+    config = ModelConfig(d_model=100, num_layers=1, layer_pattern=("base_conv",))
+    assert config.used_sections == ("base_conv", "mlp")
+    with pytest.raises(ValueError, match=r"attention\.heads=16 must divide d_model=100"):
+        config.replace(num_layers=2, layer_pattern=("base_conv", "attention"))
+
+
+def test_old_flat_names_are_rejected_with_their_new_place():
+    config = ModelConfig.from_preset("based_tiny")
+    with pytest.raises(ValueError, match=r"chunk_size is no longer .* based\.chunk_size and "):
+        config.replace(chunk_size=8)
+    with pytest.raises(ValueError, match=r"window is no longer .* sliding_window\.window"):
+        ModelConfig.from_preset("based_tiny", window=8)
+
+
 def test_unknown_fields_and_presets_are_rejected():
     with pytest.raises(ValueError, match=r"unknown ModelConfig fields \['heads'\]"):
         ModelConfig.from_dict({"heads": 3})
     with pytest.raises(ValueError, match="preset='based_7b'"):
         ModelConfig.from_preset("based_7b")
+    with pytest.raises(TypeError, match="based must be a BasedConfig or a dict"):
+        ModelConfig(based=3)
 
 
-def test_config_is_frozen_and_replace_validates():
+def test_config_is_frozen_and_replace_merges_and_validates():
     config = ModelConfig.from_preset("based_tiny")
     with pytest.raises(AttributeError):
         config.d_model = 3  # type: ignore[misc]
-    assert config.replace(window=8).window == 8
-    with pytest.raises(ValueError, match="window=-1"):
-        config.replace(window=-1)
+    changed = config.replace(sliding_window={"window": 8})
+    assert changed.sliding_window.window == 8 and changed.sliding_window.heads == 4
+    assert config.replace(based=BasedConfig(heads=2)).based == BasedConfig(heads=2)
+    assert ModelConfig.from_dict(changed.to_dict()) == changed
+    assert hash(changed) == hash(ModelConfig.from_dict(changed.to_dict()))
+    with pytest.raises(ValueError, match=r"sliding_window\.window=-1"):
+        config.replace(sliding_window={"window": -1})
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
@@ -70,5 +107,5 @@ def test_config_files_match_the_presets(preset):
     module = importlib.import_module(f"configs.{preset}")
     config = module.get_config()
     assert ModelConfig.from_dict(config.model) == ModelConfig.from_preset(preset)
-    config.model.window = 64  # as --config.model.window=64 would
-    assert ModelConfig.from_dict(config.model).window == 64
+    config.model.sliding_window.window = 64  # as --config.model.sliding_window.window=64 would
+    assert ModelConfig.from_dict(config.model).sliding_window.window == 64

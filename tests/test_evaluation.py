@@ -39,7 +39,9 @@ class ByteModel:
     float64 ``[len(tokens), V]``."""
 
     def __init__(self) -> None:
-        self.config = ModelConfig.from_preset("based_tiny", vocab_size=257, chunk_size=16)
+        self.config = ModelConfig.from_preset(
+            "based_tiny", vocab_size=257, based={"chunk_size": 16}
+        )
         self.model = LanguageModel(self.config)
         shapes = jax.eval_shape(self.model.init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))[
             "params"

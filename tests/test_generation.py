@@ -253,7 +253,8 @@ def test_decode_loop_does_not_copy_the_caches(model_and_params, batch):
     # The short conv's [B, K-1, C] state is a shift (read before write): a copy of 2 rows is
     # the cheapest way to do it, and is allowed.
     conv_states = {leaf.shape for leaf in jax.tree.leaves(cache.layers) if leaf.ndim == 3}
-    conv_states &= {(batch, model.config.conv_kernel_size - 1, model.config.conv_channels)}
+    base_conv = model.config.base_conv
+    conv_states &= {(batch, base_conv.kernel_size - 1, base_conv.channels(model.config.d_model))}
     copied = []
     for shape in re.findall(r"= [a-z0-9]+\[([0-9,]*)\]\{[0-9,]*\} copy\(", hlo):
         dims = tuple(int(d) for d in shape.split(",") if d)

@@ -199,18 +199,21 @@ def reference_logits(reference, tokens: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("kind", ["based", "attn"])
 def test_imported_model_matches_the_pytorch_forward(kind, based_checkpoint, attn_checkpoint, rng):
     folder, reference = based_checkpoint if kind == "based" else attn_checkpoint
-    imported = load_checkpoint(folder, chunk_size=16)  # several chunks of linear attention
+    # several chunks of linear attention
+    imported = load_checkpoint(folder, based={"chunk_size": 16})
     config = imported.config
     assert imported.family == "based"
     if kind == "based":
         assert config.layer_pattern == ("base_conv", "based", "sliding_window", "base_conv")
-        assert config.window == 5  # window_size 8 -> 8 // 2 earlier keys + the query itself
+        # window_size 8 -> 8 // 2 earlier keys + the query itself
+        assert config.sliding_window.window == 5
         assert imported.weights_file.name == "pytorch_model.bin"
         assert imported.dropped_keys == ("train_metrics.num-tokens.count",)
         assert set(imported.ignored_keys) == {"lm_head.weight", "transformer.decay.decay"}
     else:
         assert config.layer_pattern == ("attention", "attention")
-        assert config.rotary_dim == 7 and config.padded_vocab_size == 112
+        assert config.attention.rotary_dim(config.d_model) == 7
+        assert config.padded_vocab_size == 112
         assert imported.weights_file.name == "model.safetensors"
     tokens = rng.integers(0, config.vocab_size, size=(2, 40))  # 40 tokens >> window of 5
     expected = reference_logits(reference, tokens)
@@ -238,8 +241,11 @@ def test_released_config_files_give_the_presets():
     # jaxbased-convert tells how to fine-tune the imported based-360m with train.py.
     from jaxbased.cli.convert import closest_preset
 
-    imported = ModelConfig.from_preset("based_360m", window=65)
-    assert closest_preset(imported) == ("based_360m", ["--config.model.window=65"])
+    imported = ModelConfig.from_preset("based_360m", sliding_window={"window": 65})
+    assert closest_preset(imported) == (
+        "based_360m",
+        ["--config.model.sliding_window.window=65"],
+    )
     assert config_from_reference(attn_config_json(1024, 24, 16)) == ModelConfig.from_preset(
         "attn_360m"
     )
@@ -311,11 +317,11 @@ def test_state_dict_import_then_export_gives_back_the_released_tensors(based_che
 @pytest.mark.parametrize("fmt", ["safetensors", "bin"])
 def test_export_then_import_is_exact(fmt, tmp_path):
     config = ModelConfig.from_preset(
-        "based_tiny", mlp_multiple_of=256, chunk_size=16, vocab_size=100
+        "based_tiny", mlp={"multiple_of": 256}, based={"chunk_size": 16}, vocab_size=100
     )
     params = random_params(config, seed=3)
     save_checkpoint(tmp_path, config, params, format=fmt)
-    imported = load_checkpoint(tmp_path, chunk_size=16)
+    imported = load_checkpoint(tmp_path, based={"chunk_size": 16})
     assert imported.config == config
     flat_ours = jax.tree_util.tree_leaves_with_path(params)
     flat_back = dict(jax.tree_util.tree_leaves_with_path(imported.params))

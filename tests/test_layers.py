@@ -6,7 +6,8 @@ import pytest
 from jax.test_util import check_grads
 
 from jaxbased import MIXER_NAMES, ModelConfig
-from jaxbased.layers import MIXERS, GatedMLP, RMSNorm, build_mixer
+from jaxbased.layers import MIXERS, GatedMLP, Mixer, RMSNorm, build_mixer
+from jaxbased.model import layer_mixer
 from tests import reference_numpy as ref
 from tests import reference_ssm_numpy
 from tests.conftest import relative_error
@@ -18,19 +19,13 @@ def mixer_config(name: str, **overrides) -> ModelConfig:
         d_model=8,
         num_layers=1,
         layer_pattern=(name,),
-        mlp_inner_dim=16,
-        mlp_multiple_of=8,
-        linear_attention_heads=2,
-        feature_dim=4,
-        chunk_size=4,
-        attention_heads=2,
-        window=3,
-        mamba_state_dim=4,
-        mamba_chunk_size=4,
-        mamba2_state_dim=4,
-        mamba2_head_dim=4,
-        mamba2_chunk_size=4,
-        decay_attention_heads=2,
+        mlp=dict(inner_dim=16, multiple_of=8),
+        based=dict(heads=2, feature_dim=4, chunk_size=4),
+        sliding_window=dict(heads=2, window=3),
+        attention=dict(heads=2),
+        mamba=dict(state_dim=4, chunk_size=4),
+        mamba2=dict(state_dim=4, head_dim=4, chunk_size=4),
+        decay_attention=dict(heads=2, chunk_size=4),
         init_std=0.3,  # larger than the LM's 0.02 so that outputs are O(1)
     )
     values.update(overrides)
@@ -38,15 +33,34 @@ def mixer_config(name: str, **overrides) -> ModelConfig:
 
 
 def init_mixer(name: str, config: ModelConfig, seq: int = 5):
-    mixer = build_mixer(name, config, parent=None)
+    mixer = layer_mixer(config, name, parent=None)
     x = jnp.zeros((1, seq, config.d_model), config.compute_dtype)
     return mixer, nn.meta.unbox(jax.jit(mixer.init)(jax.random.key(3), x)["params"])
 
 
 def test_registry_covers_every_mixer_name():
     assert set(MIXERS) == set(MIXER_NAMES)
+    config = mixer_config("based")
     with pytest.raises(ValueError, match="mixer 'mamba9'"):
-        build_mixer("mamba9", mixer_config("based"))
+        build_mixer("mamba9", config.based, config.mixer_context)
+    with pytest.raises(TypeError, match="mixer 'based' takes a BasedConfig; got MambaConfig"):
+        build_mixer("based", config.mamba, config.mixer_context)
+
+
+@pytest.mark.parametrize("name", MIXER_NAMES)
+def test_mixer_keeps_the_contract(name):
+    """Every registered mixer is a ``Mixer``; its cache is of its registered type; its state size
+    counts its cache's floats and does not grow with the sequence unless it is a KV cache."""
+    config = mixer_config(name)
+    mixer = layer_mixer(config, name, parent=None)
+    assert isinstance(mixer, Mixer)
+    cache = mixer.init_cache(2, 16)
+    assert isinstance(cache, MIXERS[name].cache_type)
+    floats = sum(leaf.size for leaf in jax.tree.leaves(cache) if leaf.dtype.kind == "f") // 2
+    assert mixer.state_size(16) == floats
+    grows = mixer.state_size(32) - mixer.state_size(16)
+    assert grows == (16 * 2 * config.d_model if name == "attention" else 0)
+    assert mixer.flops(16) > 0
 
 
 @pytest.mark.parametrize("name", MIXER_NAMES)
@@ -105,7 +119,7 @@ def test_mixer_prefill_then_decode_equals_forward(name, prompt, rng):
     assert jax.tree.structure(empty) == jax.tree.structure(cache)
     for t in range(prompt, seq):
         position = jnp.full((2,), t, jnp.int32)
-        y, cache = mixer.apply({"params": params}, x[:, t], cache, position, method="decode")
+        y, cache = mixer.apply({"params": params}, x[:, t], cache, position, method="decode_step")
         assert relative_error(y, forward[:, t]) <= 1e-5, t
 
 
@@ -117,7 +131,7 @@ def test_rms_norm_and_gated_mlp_match_numpy(rng):
     got = norm.apply({"params": norm_params}, x)
     assert relative_error(got, ref.rms_norm(x, norm_params["weight"], 1e-5)) <= 1e-6
 
-    mlp = GatedMLP(config)
+    mlp = GatedMLP(config.mlp, config.mixer_context)
     params = nn.meta.unbox(mlp.init(jax.random.key(0), x)["params"])
     assert params["fc1"]["kernel"].shape == (8, 2, 16)
     both = x.astype(np.float64) @ np.asarray(params["fc1"]["kernel"], np.float64).reshape(8, 32)
@@ -127,7 +141,7 @@ def test_rms_norm_and_gated_mlp_match_numpy(rng):
 
 def test_parameters_carry_logical_axis_names():
     config = mixer_config("sliding_window")
-    mixer = build_mixer("sliding_window", config, parent=None)
+    mixer = layer_mixer(config, "sliding_window", parent=None)
     boxed = mixer.init(jax.random.key(0), jnp.zeros((1, 3, 8)))["params"]
     assert boxed["qkv_proj"]["kernel"].names == ("embed", None, "heads", "head_dim")
     assert boxed["out_proj"]["kernel"].names == ("heads", "head_dim", "embed")

@@ -98,9 +98,9 @@ def test_reference_configs_give_the_presets():
 def synthetic_mamba_state_dict(config: ModelConfig, rng) -> dict[str, np.ndarray]:
     """Random tensors in mamba_ssm's layout and shapes (PyTorch [out, in]) for a Mamba-1
     ``config``: written from the layout, not from our rules."""
-    d, inner = config.d_model, config.ssm_inner_dim
-    rank, state, taps = config.mamba_time_step_rank, config.mamba_state_dim, 4
-    assert config.ssm_conv_kernel_size == taps
+    d, inner = config.d_model, config.mamba.inner_dim(config.d_model)
+    rank, state, taps = config.mamba.time_step_rank(d), config.mamba.state_dim, 4
+    assert config.mamba.conv_kernel_size == taps
 
     def normal(*shape, scale=0.3):
         return (scale * rng.normal(size=shape)).astype(np.float32)
@@ -170,7 +170,7 @@ def torch_layout_forward(sd, tokens, eps=1e-5):
 
 
 def test_imported_mamba_gives_the_reference_forward_and_exports_back_exactly(rng):
-    config = mamba_config_from_reference(TINY_JSON, mamba_chunk_size=4)
+    config = mamba_config_from_reference(TINY_JSON, mamba={"chunk_size": 4})
     sd = synthetic_mamba_state_dict(config, rng)
     params, ignored = import_mamba_state_dict(sd, config)
     assert ignored == ["lm_head.weight"]
@@ -202,8 +202,7 @@ def test_mismatched_state_dicts_name_every_problem(rng):
 def test_mamba2_state_dict_round_trip_keeps_the_reference_column_order(rng):
     config = mamba_config_from_reference(
         {**MAMBA2_370M_JSON, "d_model": 16, "n_layer": 1, "vocab_size": 40},
-        mamba2_state_dim=4,
-        mamba2_head_dim=8,
+        mamba2={"state_dim": 4, "head_dim": 8},
     )
     model = LanguageModel(config)
     params = jax.jit(model.init)(jax.random.key(0), np.zeros((1, 3), np.int32))["params"]
@@ -228,7 +227,7 @@ def test_config_json_round_trip_and_export_layout():
         config = ModelConfig.from_preset(preset)
         values = mamba_config_to_reference(config)
         assert checkpoint_family(values) == "mamba" and export_family(config) == "mamba"
-        expected = config.replace(mamba_chunk_size=ModelConfig().mamba_chunk_size)
+        expected = config.replace(mamba={"chunk_size": ModelConfig().mamba.chunk_size})
         assert mamba_config_from_reference(values) == expected, preset
     assert mamba_config_to_reference(ModelConfig.from_preset("mamba_360m")) == {
         **MAMBA_360M_JSON,

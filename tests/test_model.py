@@ -64,7 +64,7 @@ def test_initialisation_follows_the_spec():
 
 @pytest.mark.parametrize("preset", ["based_tiny", "attn_tiny"])
 def test_model_matches_float64_numpy_forward(preset, rng):
-    config = ModelConfig.from_preset(preset, init_std=0.2, window=5)
+    config = ModelConfig.from_preset(preset, init_std=0.2, sliding_window={"window": 5})
     model, params = init_model(config)
     tokens = rng.integers(0, config.vocab_size, size=(2, 13))
     logits = model.apply({"params": params}, jnp.asarray(tokens))
@@ -73,7 +73,7 @@ def test_model_matches_float64_numpy_forward(preset, rng):
 
 
 def test_logits_at_positions_match_the_float64_forward_there(rng):
-    config = ModelConfig.from_preset("based_tiny", init_std=0.2, window=5)
+    config = ModelConfig.from_preset("based_tiny", init_std=0.2, sliding_window={"window": 5})
     model, params = init_model(config)
     tokens = rng.integers(0, config.vocab_size, size=(2, 13))
     positions = np.array([[0, 12, 5], [7, 7, 3]])
@@ -101,7 +101,7 @@ def test_mixer_only_layernorm_model_matches_float64_numpy_forward(pattern, rng):
         use_mlp=False,
         norm="layernorm",
         init_std=0.2,
-        window=5,
+        sliding_window={"window": 5},
     )
     model, params = init_model(config)
     params = jax.tree_util.tree_map(  # non-trivial norm weights and biases

@@ -160,7 +160,8 @@ def test_batches_come_segment_by_segment():
 # Models ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("mixer", MIXER_NAMES)
 def test_every_mixer_builds_an_mqar_model(mixer):
-    config = mqar_model_config(mixer, d_model=32, vocab_size=96, feature_dim=4, window=8)
+    sizes = {"based.feature_dim": 4, "sliding_window.window": 8}
+    config = mqar_model_config(mixer, d_model=32, vocab_size=96, **sizes)
     assert config.layer_pattern == ("base_conv", mixer)
     assert config.num_layers == 2 and not config.use_mlp and config.norm == "layernorm"
     params = init_params(config, seed=0)
@@ -221,10 +222,10 @@ def test_softmax_attention_state_sizes_are_the_spec_formulas():
 
 
 def test_mamba_state_size_is_the_spec_formula_plus_its_conv():
-    config = mqar_model_config("mamba", d_model=64, mamba_state_dim=16)
-    inner = config.ssm_expand * 64
+    config = mqar_model_config("mamba", d_model=64, state_dim=16)
+    inner = config.mamba.expand * 64
     ssm = inner * 16  # docs/mqar.md: d_inner * d_state
-    conv = (config.ssm_conv_kernel_size - 1) * inner  # its short conv's last K-1 inputs
+    conv = (config.mamba.conv_kernel_size - 1) * inner  # its short conv's last K-1 inputs
     assert state_size(config, 256).mixer == ssm + conv
 
 

@@ -67,8 +67,8 @@ def _check_quickstart(notebook: nbformat.NotebookNode, tmp_path: pathlib.Path) -
     attention_mib = [float(row[2]) for row in rows]
     assert len(set(based_mib)) == 1
     attention = ModelConfig.from_preset("attn_360m")
-    key_value_bytes = 2 * attention.num_layers * attention.attention_heads * 4
-    key_value_bytes *= attention.attention_head_dim
+    key_value_bytes = 2 * attention.num_layers * attention.attention.heads * 4
+    key_value_bytes *= attention.attention.head_dim(attention.d_model)
     per_token_mib = (attention_mib[-1] - attention_mib[0]) / (lengths[-1] - lengths[0])
     assert key_value_bytes / 2**20 * 0.999 <= per_token_mib
     assert per_token_mib <= (key_value_bytes + 8 * attention.num_layers) / 2**20 * 1.001

@@ -17,6 +17,7 @@ import pytest
 from jaxbased.sharding import fit_to_shape, make_mesh, resolve_mesh_shape
 from jaxbased.training.checkpointing import load_for_inference
 from jaxbased.training.loop import train
+from tests.conftest import model_flags
 from tests.sharding_worker import SHARDABLE_MODEL
 from tests.test_training import command_line, corpus, tiny_config  # noqa: F401 (fixture)
 
@@ -81,7 +82,7 @@ def free_port() -> int:
 
 
 def test_two_processes_train_like_one(corpus, tmp_path):  # noqa: F811
-    overrides = [f"--config.model.{k}={v}" for k, v in SHARDABLE_MODEL.items()]
+    overrides = model_flags(SHARDABLE_MODEL)
     overrides += ["--config.data.batch_size=8", "--config.mesh.data=-1"]
     port = free_port()
     workdir = tmp_path / "two"

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 from jaxbased import LanguageModel, ModelConfig, count_parameters
-from jaxbased.config import MAMBA2_HYBRID_360M_PATTERN, hybrid_layer_pattern
+from jaxbased.config import hybrid_layer_pattern
 from jaxbased.generation import generate
-from jaxbased.layers import build_mixer
+from jaxbased.model import layer_mixer
+from jaxbased.presets import MAMBA2_HYBRID_360M_PATTERN
 from jaxbased.training.flops import flops_per_token, mixer_forward_flops
 from tests import reference_ssm_numpy
 from tests.conftest import relative_error
@@ -62,13 +63,10 @@ def test_mamba2_with_two_groups_matches_float64_numpy(rng):
         d_model=8,
         num_layers=1,
         layer_pattern=("mamba2",),
-        mamba2_state_dim=3,
-        mamba2_head_dim=4,
-        mamba2_groups=2,
-        mamba2_chunk_size=4,
+        mamba2=dict(state_dim=3, head_dim=4, groups=2, chunk_size=4),
         init_std=0.3,
     )
-    mixer = build_mixer("mamba2", config, parent=None)
+    mixer = layer_mixer(config, "mamba2", parent=None)
     x = rng.normal(size=(2, 11, 8)).astype(np.float32)
     params = nn.meta.unbox(jax.jit(mixer.init)(jax.random.key(1), x)["params"])
     assert params["in_proj"]["kernel"].shape == (8, 16 + 16 + 2 * 2 * 3 + 4)
@@ -187,16 +185,16 @@ def test_mamba2_and_hybrid_presets_are_in_the_360m_class():
 
 def test_mamba_initialisation_follows_the_reference():
     config = ModelConfig.from_preset("mamba_tiny")
-    mixer = build_mixer("mamba", config, parent=None)
+    mixer = layer_mixer(config, "mamba", parent=None)
     params = nn.meta.unbox(jax.jit(mixer.init)(jax.random.key(0), jnp.zeros((1, 3, 64)))["params"])
     np.testing.assert_allclose(params["A_log"], np.log(np.tile(np.arange(1, 9), (128, 1))))
     np.testing.assert_array_equal(params["D"], 1.0)
     dt = np.log1p(np.exp(np.asarray(params["dt_bias"], np.float64)))  # softplus
     assert dt.min() >= 1e-3 * (1 - 1e-5) and dt.max() <= 0.1 * (1 + 1e-5)
-    bound = config.mamba_time_step_rank**-0.5
+    bound = config.mamba.time_step_rank(config.d_model) ** -0.5
     assert np.abs(params["dt_proj_kernel"]).max() <= bound
     assert np.abs(params["dt_proj_kernel"]).max() > 0.5 * bound  # uniform, not tiny normal
-    mixer2 = build_mixer("mamba2", ModelConfig.from_preset("mamba2_tiny"), parent=None)
+    mixer2 = layer_mixer(ModelConfig.from_preset("mamba2_tiny"), "mamba2", parent=None)
     params2 = jax.jit(mixer2.init)(jax.random.key(0), jnp.zeros((1, 3, 64)))["params"]
     params2 = nn.meta.unbox(params2)
     decay = np.exp(params2["A_log"])
@@ -206,18 +204,18 @@ def test_mamba_initialisation_follows_the_reference():
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"ssm_expand": 0}, "ssm_expand=0 must be an integer >= 1"),
-        ({"mamba_state_dim": 2.5}, "mamba_state_dim=2.5 must be an integer"),
-        ({"mamba_dt_rank": 0}, "mamba_dt_rank=0 must be an integer >= 1"),
-        ({"mamba_scan_algorithm": "fft"}, "mamba_scan_algorithm='fft' is not known"),
-        ({"ssm_dt_min": 0.0}, "ssm_dt_min=0.0 must be > 0"),
-        ({"ssm_dt_max": 1e-4}, "ssm_dt_max=0.0001 must be >= ssm_dt_min=0.001"),
-        ({"mamba2_a_init_max": 0.5}, "mamba2_a_init_max=0.5 must be >= mamba2_a_init_min"),
-        ({"mamba2_head_dim": 48}, "mamba2_head_dim=48 must divide the inner width"),
-        ({"mamba2_groups": 3}, "mamba2_groups=3 must divide the number of heads 8"),
-        ({"decay_attention_heads": 5}, "d_model=64 must be divisible by decay_attention_heads=5"),
-        ({"decay_feature_map": "cos"}, "decay_feature_map='cos' is not known"),
-        ({"decay_output_gate": 1}, "decay_output_gate=1 must be True or False"),
+        ({"mamba": {"expand": 0}}, "mamba.expand=0 must be an integer >= 1"),
+        ({"mamba": {"state_dim": 2.5}}, "mamba.state_dim=2.5 must be an integer"),
+        ({"mamba": {"dt_rank": 0}}, "mamba.dt_rank=0 must be an integer >= 1"),
+        ({"mamba": {"scan_algorithm": "fft"}}, "mamba.scan_algorithm='fft' is not known"),
+        ({"mamba2": {"dt_min": 0.0}}, "mamba2.dt_min=0.0 must be a number > 0"),
+        ({"mamba": {"dt_max": 1e-4}}, "mamba.dt_max=0.0001 must be >= dt_min=0.001"),
+        ({"mamba2": {"a_init_max": 0.5}}, "mamba2.a_init_max=0.5 must be >= a_init_min"),
+        ({"mamba2": {"head_dim": 48}}, "mamba2.head_dim=48 must divide the inner width"),
+        ({"mamba2": {"groups": 3}}, "mamba2.groups=3 must divide the number of heads=8"),
+        ({"decay_attention": {"heads": 5}}, "decay_attention.heads=5 must divide d_model=64"),
+        ({"decay_attention": {"feature_map": "cos"}}, "decay_attention.feature_map='cos' is not"),
+        ({"decay_attention": {"output_gate": 1}}, "decay_attention.output_gate=1 must be True"),
     ],
 )
 def test_invalid_ssm_configs_name_the_field(overrides, message):
@@ -231,7 +229,7 @@ def test_invalid_ssm_configs_name_the_field(overrides, message):
 @pytest.mark.parametrize("name", ["mamba", "mamba2", "decay_attention", "mlp"])
 def test_every_parameter_carries_logical_axis_names(name):
     config = ModelConfig.from_preset("mamba2_tiny", layer_pattern=(name,) * 4)
-    mixer = build_mixer(name, config, parent=None)
+    mixer = layer_mixer(config, name, parent=None)
     boxed = jax.eval_shape(mixer.init, jax.random.key(0), jnp.zeros((1, 3, 64)))["params"]
     leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
     assert leaves and all(

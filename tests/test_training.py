@@ -25,7 +25,7 @@ from jaxbased.training.loop import NonFiniteLossError, train
 from jaxbased.training.optimizer import learning_rate_schedule, make_optimizer, weight_decay_mask
 from jaxbased.training.state import TrainState
 from jaxbased.training.steps import make_train_step
-from tests.conftest import init_model
+from tests.conftest import init_model, model_flags
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY_MODEL = dict(
@@ -33,13 +33,9 @@ TINY_MODEL = dict(
     d_model=32,
     num_layers=3,
     layer_pattern=("base_conv", "based", "sliding_window"),
-    mlp_inner_dim=64,
-    mlp_multiple_of=32,
-    linear_attention_heads=2,
-    feature_dim=4,
-    chunk_size=8,
-    attention_heads=2,
-    window=8,
+    mlp=dict(inner_dim=64, multiple_of=32),
+    based=dict(heads=2, feature_dim=4, chunk_size=8),
+    sliding_window=dict(heads=2, window=8),
 )
 
 
@@ -76,7 +72,7 @@ def tiny_config(data_path: pathlib.Path, **train_overrides):
 
 def command_line(data_path: pathlib.Path, workdir: pathlib.Path, **train_overrides) -> list[str]:
     config = tiny_config(data_path, **train_overrides)
-    flags = [f"--config.model.{k}={v}" for k, v in TINY_MODEL.items() if k != "layer_pattern"]
+    flags = model_flags(TINY_MODEL)
     flags.append(f"--config.model.layer_pattern={TINY_MODEL['layer_pattern']!r}".replace(" ", ""))
     flags += [f"--config.data.{k}={config.data[k]}" for k in ("path", "seq_len", "batch_size")]
     flags += [f"--config.data.prefetch_threads={config.data.prefetch_threads}"]
@@ -166,7 +162,9 @@ def test_tiny_model_overfits_repeated_text(tmp_path):
         log_every=50,
         weight_decay=0.0,
     )
-    config.model.update(d_model=64, mlp_inner_dim=128, linear_attention_heads=4)
+    config.model.update(d_model=64)
+    config.model.mlp.inner_dim = 128
+    config.model.based.heads = 4
     result = train(config, tmp_path / "run")
     assert result.final_step == 150 and not result.preempted
     assert result.initial_eval["loss"] > 4.0
@@ -210,7 +208,7 @@ def test_sigkill_during_an_async_save_restarts_from_a_complete_checkpoint(corpus
     # A wider model so that each save takes long enough to be caught in the middle.
     workdir = tmp_path / "killed"
     command = command_line(corpus, workdir, checkpoint_every=2, num_steps=10)
-    command += ["--config.model.d_model=256", "--config.model.mlp_inner_dim=1024"]
+    command += ["--config.model.d_model=256", "--config.model.mlp.inner_dim=1024"]
     process = subprocess.Popen(
         command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )

@@ -80,20 +80,28 @@ def download(name: str) -> pathlib.Path:
 
 def closest_preset(config) -> tuple[str, list[str]] | None:
     """The preset (train.py's ``configs/<name>.py``) with ``config``'s layer pattern that needs
-    the fewest ``--config.model.FIELD=VALUE`` overrides to equal ``config``, and those flags."""
-    import dataclasses
+    the fewest ``--config.model.FIELD=VALUE`` overrides (``--config.model.based.chunk_size=16``
+    for a section's field) to equal ``config``, and those flags."""
+    from jaxbased.presets import PRESETS
 
-    from jaxbased.config import PRESETS
+    def flat(values: dict, prefix: str = "") -> dict:
+        items: dict = {}
+        for key, value in values.items():
+            if isinstance(value, dict):
+                items.update(flat(value, f"{prefix}{key}."))
+            else:
+                items[f"{prefix}{key}"] = value
+        return items
 
     best = None
+    wanted = flat(config.to_dict())
     for name, make in PRESETS.items():
         preset = make()
         if preset.layer_pattern != config.layer_pattern:
             continue
+        have = flat(preset.to_dict())
         flags_needed = [
-            f"--config.model.{field.name}={getattr(config, field.name)}"
-            for field in dataclasses.fields(config)
-            if getattr(config, field.name) != getattr(preset, field.name)
+            f"--config.model.{key}={value}" for key, value in wanted.items() if have[key] != value
         ]
         if best is None or len(flags_needed) < len(best[1]):
             best = (name, flags_needed)

@@ -58,7 +58,8 @@ MAMBA_LAYERS = {"mamba": "Mamba1", "mamba2": "Mamba2"}
 
 def mamba_config_from_reference(values: Mapping[str, Any], **overrides: Any) -> ModelConfig:
     """The :class:`ModelConfig` of a ``MambaConfig`` ``config.json`` (Mamba-1 or Mamba-2 layers,
-    mixer-only blocks); ``overrides`` replace fields of the result.
+    mixer-only blocks); ``overrides`` replace fields of the result as in ``ModelConfig.replace``
+    (``dtype``, ``mamba={"chunk_size": 16}``, ...).
 
     Raises :class:`UnsupportedCheckpointError` for what jaxbased cannot map: attention layers
     (``attn_layer_idx``), MLPs (``d_intermediate``), untied heads, biases in the projections,
@@ -99,23 +100,24 @@ def mamba_config_from_reference(values: Mapping[str, Any], **overrides: Any) -> 
         use_mlp=False,
         norm="rmsnorm" if values.get("rms_norm", True) else "layernorm",
         norm_eps=float(values.get("norm_epsilon", 1e-5)),
-        ssm_expand=int(ssm["expand"]),
-        ssm_conv_kernel_size=int(ssm["d_conv"]),
     )
+    shared = {"expand": int(ssm["expand"]), "conv_kernel_size": int(ssm["d_conv"])}
     if layer == "Mamba1":
         dt_rank = ssm.get("dt_rank", "auto")
-        fields.update(
-            mamba_state_dim=int(ssm["d_state"]),
-            mamba_dt_rank=None if dt_rank == "auto" else int(dt_rank),
-        )
+        fields["mamba"] = {
+            **shared,
+            "state_dim": int(ssm["d_state"]),
+            "dt_rank": None if dt_rank == "auto" else int(dt_rank),
+        }
     else:
-        fields.update(
-            mamba2_state_dim=int(ssm["d_state"]),
-            mamba2_head_dim=int(ssm["headdim"]),
-            mamba2_groups=int(ssm["ngroups"]),
-            mamba2_chunk_size=int(ssm.get("chunk_size", 256)),
-        )
-    return ModelConfig(**{**fields, **overrides})
+        fields["mamba2"] = {
+            **shared,
+            "state_dim": int(ssm["d_state"]),
+            "head_dim": int(ssm["headdim"]),
+            "groups": int(ssm["ngroups"]),
+            "chunk_size": int(ssm.get("chunk_size", 256)),
+        }
+    return ModelConfig(**fields).replace(**overrides)
 
 
 def mamba_layout_problems(config: ModelConfig) -> list[str]:
@@ -155,22 +157,24 @@ def mamba_config_to_reference(config: ModelConfig) -> dict[str, Any]:
             "cannot export to mamba_ssm's layout: " + "; ".join(problems)
         )
     layer = MAMBA_LAYERS[config.layer_pattern[0]]
-    ssm: dict[str, Any] = {
-        "d_state": config.mamba_state_dim,
-        "d_conv": config.ssm_conv_kernel_size,
-        "expand": config.ssm_expand,
-    }
     if layer == "Mamba1":
-        ssm["dt_rank"] = "auto" if config.mamba_dt_rank is None else config.mamba_dt_rank
+        section = config.mamba
+        ssm: dict[str, Any] = {
+            "d_state": section.state_dim,
+            "d_conv": section.conv_kernel_size,
+            "expand": section.expand,
+            "dt_rank": "auto" if section.dt_rank is None else section.dt_rank,
+        }
     else:
+        section = config.mamba2
         ssm = {
             "layer": "Mamba2",
-            "d_state": config.mamba2_state_dim,
-            "d_conv": config.ssm_conv_kernel_size,
-            "expand": config.ssm_expand,
-            "headdim": config.mamba2_head_dim,
-            "ngroups": config.mamba2_groups,
-            "chunk_size": config.mamba2_chunk_size,
+            "d_state": section.state_dim,
+            "d_conv": section.conv_kernel_size,
+            "expand": section.expand,
+            "headdim": section.head_dim,
+            "ngroups": section.groups,
+            "chunk_size": section.chunk_size,
         }
     values: dict[str, Any] = {
         "d_model": config.d_model,
@@ -196,9 +200,11 @@ def _norm_rules(config: ModelConfig, key_prefix: str, path: tuple[str, ...]) -> 
 
 def _mixer_rules(config: ModelConfig, index: int, mixer: str) -> list[_Rule]:
     prefix, ours = f"backbone.layers.{index}.mixer", (f"layers_{index}", "mixer")
-    d, inner, kernel_size = config.d_model, config.ssm_inner_dim, config.ssm_conv_kernel_size
+    d = config.d_model
     if mixer == "mamba":
-        rank, state = config.mamba_time_step_rank, config.mamba_state_dim
+        section = config.mamba
+        inner, kernel_size = section.inner_dim(d), section.conv_kernel_size
+        rank, state = section.time_step_rank(d), section.state_dim
         return [
             _linear(f"{prefix}.in_proj.weight", (*ours, "in_proj", "kernel"), (d,), (2, inner)),
             _conv(f"{prefix}.conv1d.weight", (*ours, "conv_weight"), kernel_size, inner),
@@ -216,7 +222,9 @@ def _mixer_rules(config: ModelConfig, index: int, mixer: str) -> list[_Rule]:
             _linear(f"{prefix}.out_proj.weight", (*ours, "out_proj", "kernel"), (inner,), (d,)),
         ]
     if mixer == "mamba2":
-        heads, channels = config.mamba2_heads, config.mamba2_conv_channels
+        section = config.mamba2
+        inner, kernel_size = section.inner_dim(d), section.conv_kernel_size
+        heads, channels = section.heads(d), section.conv_channels(d)
         return [
             _linear(
                 f"{prefix}.in_proj.weight",

@@ -123,7 +123,7 @@ def _check_supported(values: Mapping[str, Any]) -> None:
 
 
 def _mixer_fields(values: Mapping[str, Any], d_model: int) -> dict[str, Any]:
-    """ModelConfig fields from the three mixer dicts (the ones that are present)."""
+    """ModelConfig sections from the three mixer dicts (the ones that are present)."""
     fields: dict[str, Any] = {}
     problems = []
     mixer = values.get("mixer")
@@ -131,8 +131,10 @@ def _mixer_fields(values: Mapping[str, Any], d_model: int) -> dict[str, Any]:
         if _class_name(mixer.get("_target_")) != "BaseConv":
             problems.append(f"mixer._target_={mixer.get('_target_')!r} (supported: BaseConv)")
         else:
-            fields["conv_expand"] = int(mixer.get("expand_proj", 2))
-            fields["conv_kernel_size"] = int(mixer.get("kernel_size", 3))
+            fields["base_conv"] = {
+                "expand": int(mixer.get("expand_proj", 2)),
+                "kernel_size": int(mixer.get("kernel_size", 3)),
+            }
             if mixer.get("use_cuda"):
                 problems.append("mixer.use_cuda=True (its conv has a bias and a fused SiLU)")
     linear = values.get("alt_mixer")
@@ -149,12 +151,14 @@ def _mixer_fields(values: Mapping[str, Any], d_model: int) -> dict[str, Any]:
                     "(supported: TaylorExp)"
                 )
             heads = int(linear.get("num_heads", 16))
-            fields["linear_attention_heads"] = heads
-            fields["feature_dim"] = int(linear.get("feature_dim", 16))
-            fields["feature_map"] = "taylor"
-            fields["linear_attention_eps"] = float(
-                linear.get("eps", linear_attention_eps(linear.get("parallel_implementation")))
-            )
+            fields["based"] = {
+                "heads": heads,
+                "feature_dim": int(linear.get("feature_dim", 16)),
+                "feature_map": "taylor",
+                "eps": float(
+                    linear.get("eps", linear_attention_eps(linear.get("parallel_implementation")))
+                ),
+            }
             head_dim = linear.get("head_dim")
             if head_dim is not None and head_dim != d_model // heads:
                 problems.append(f"alt_mixer.head_dim={head_dim!r} (must be n_embd / num_heads)")
@@ -173,7 +177,7 @@ def _mixer_fields(values: Mapping[str, Any], d_model: int) -> dict[str, Any]:
             if window_size is None:
                 problems.append("alt_mixer_2.window_size=None (the reference asserts a window)")
             else:
-                fields["window"] = int(window_size) // 2 + 1
+                fields["sliding_window"] = {"window": int(window_size) // 2 + 1}
     if problems:
         raise UnsupportedCheckpointError(
             "config.json describes a model jaxbased cannot represent: " + "; ".join(problems)
@@ -184,8 +188,9 @@ def _mixer_fields(values: Mapping[str, Any], d_model: int) -> dict[str, Any]:
 def config_from_reference(values: Mapping[str, Any], **overrides: Any) -> ModelConfig:
     """The :class:`ModelConfig` of a released checkpoint's ``config.json`` (a parsed dict).
 
-    ``overrides`` set fields that ``config.json`` does not decide (``dtype``, ``implementation``,
-    ``chunk_size``, ``linear_attention_algorithm``, ``feature_map="taylor_symmetric"``, ...).
+    ``overrides`` set fields that ``config.json`` does not decide, as in ``ModelConfig.replace``
+    (``dtype``, ``implementation``, ``based={"chunk_size": 16, "algorithm": "recurrent",
+    "feature_map": "taylor_symmetric"}``, ...).
     Raises :class:`UnsupportedCheckpointError` naming every unsupported option.
     """
     _check_supported(values)
@@ -214,17 +219,27 @@ def config_from_reference(values: Mapping[str, Any], **overrides: Any) -> ModelC
         d_model=d_model,
         num_layers=num_layers,
         layer_pattern=tuple(pattern),
-        mlp_inner_dim=None if n_inner is None else int(n_inner),
-        mlp_multiple_of=REFERENCE_MLP_MULTIPLE,
+        mlp={
+            "inner_dim": None if n_inner is None else int(n_inner),
+            "multiple_of": REFERENCE_MLP_MULTIPLE,
+        },
         norm_eps=float(values.get("layer_norm_epsilon", 1e-5)),
-        attention_heads=n_head,
-        rotary_fraction=float(values.get("rotary_emb_fraction", 0.0)),
-        rotary_base=float(values.get("rotary_emb_base", 10000.0)),
         init_std=float(values.get("initializer_range", 0.02)),
     )
-    fields.update(_mixer_fields(values, d_model))
-    fields.update(overrides)
-    return ModelConfig.from_dict({**ModelConfig().to_dict(), **fields})
+    # The reference's attention settings are model-wide: both attention mixers read them.
+    attention = {
+        "heads": n_head,
+        "rotary_fraction": float(values.get("rotary_emb_fraction", 0.0)),
+        "rotary_base": float(values.get("rotary_emb_base", 10000.0)),
+    }
+    sections = _mixer_fields(values, d_model)
+    used = set(pattern)
+    if "attention" in used:
+        fields["attention"] = attention
+    if "sliding_window" in used:
+        fields["sliding_window"] = {**attention, **sections.pop("sliding_window", {})}
+    fields.update({name: section for name, section in sections.items() if name in used})
+    return ModelConfig(**fields).replace(**overrides)
 
 
 def config_to_reference(config: ModelConfig, *, l_max: int = DEFAULT_L_MAX) -> dict[str, Any]:
@@ -242,8 +257,25 @@ def config_to_reference(config: ModelConfig, *, l_max: int = DEFAULT_L_MAX) -> d
             "layer_pattern mixes base_conv and attention (the reference builds its default "
             "layers from one class: BaseConv when config.json has a mixer dict, else MHA)"
         )
-    if "based" in used and config.feature_map not in ("taylor", "taylor_symmetric"):
-        problems.append(f"feature_map={config.feature_map!r} (the reference has TaylorExp)")
+    if "based" in used and config.based.feature_map not in ("taylor", "taylor_symmetric"):
+        problems.append(
+            f"based.feature_map={config.based.feature_map!r} (the reference has TaylorExp)"
+        )
+    attention_sections = [getattr(config, name) for name in ("sliding_window", "attention")]
+    attention_sections = [
+        section
+        for section, name in zip(attention_sections, ("sliding_window", "attention"), strict=True)
+        if name in used
+    ]
+    shared = {
+        (section.heads, section.rotary_fraction, section.rotary_base)
+        for section in attention_sections
+    }
+    if len(shared) > 1:
+        problems.append(
+            "sliding_window and attention differ in heads or rotary (the reference's n_head "
+            "and rotary settings are model-wide)"
+        )
     if not config.use_mlp or config.norm != "rmsnorm":
         problems.append(
             f"use_mlp={config.use_mlp}, norm={config.norm!r} (the reference's blocks have a "
@@ -251,13 +283,15 @@ def config_to_reference(config: ModelConfig, *, l_max: int = DEFAULT_L_MAX) -> d
         )
     if config.mlp_hidden_dim != reference_mlp_hidden_dim(config):
         problems.append(
-            f"mlp_multiple_of={config.mlp_multiple_of} gives an MLP width the reference's "
+            f"mlp.multiple_of={config.mlp.multiple_of} gives an MLP width the reference's "
             "GatedMlp (multiple of 256) cannot build"
         )
     if problems:
         raise UnsupportedCheckpointError(
             "cannot export to the reference layout: " + "; ".join(problems)
         )
+    # n_head and rotary: from the attention mixer the model uses (both agree, checked above)
+    attention = config.attention if "attention" in used else config.sliding_window
     values: dict[str, Any] = {
         "_target_": "based.models.gpt.GPT2MixerConfig"
         if used - {"attention"}
@@ -267,8 +301,8 @@ def config_to_reference(config: ModelConfig, *, l_max: int = DEFAULT_L_MAX) -> d
         "pad_vocab_size_multiple": config.pad_vocab_size_multiple,
         "n_embd": config.d_model,
         "n_layer": config.num_layers,
-        "n_head": config.attention_heads,
-        "n_inner": config.mlp_inner_dim,
+        "n_head": attention.heads,
+        "n_inner": config.mlp.inner_dim,
         "n_positions": 0,
         "layer_norm_epsilon": config.norm_eps,
         "initializer_range": config.init_std,
@@ -277,8 +311,8 @@ def config_to_reference(config: ModelConfig, *, l_max: int = DEFAULT_L_MAX) -> d
         "residual_in_fp32": True,
         "prenorm": True,
         "tie_word_embeddings": True,
-        "rotary_emb_fraction": config.rotary_fraction,
-        "rotary_emb_base": config.rotary_base,
+        "rotary_emb_fraction": attention.rotary_fraction,
+        "rotary_emb_base": attention.rotary_base,
         "rotary_emb_interleaved": False,
         "qkv_proj_bias": False,
         "out_proj_bias": False,
@@ -298,23 +332,23 @@ def config_to_reference(config: ModelConfig, *, l_max: int = DEFAULT_L_MAX) -> d
             "_target_": BASE_CONV_TARGET,
             "l_max": l_max,
             "use_bias": True,
-            "expand_proj": config.conv_expand,
-            "kernel_size": config.conv_kernel_size,
+            "expand_proj": config.base_conv.expand,
+            "kernel_size": config.base_conv.kernel_size,
         }
     if "based" in used:
         values["alt_mixer"] = {
             "_target_": LINEAR_ATTENTION_TARGET,
             "l_max": l_max,
-            "feature_map": {"_target_": TAYLOR_TARGET, "input_dim": config.feature_dim},
-            "feature_dim": config.feature_dim,
-            "num_heads": config.linear_attention_heads,
-            "eps": config.linear_attention_eps,
+            "feature_map": {"_target_": TAYLOR_TARGET, "input_dim": config.based.feature_dim},
+            "feature_dim": config.based.feature_dim,
+            "num_heads": config.based.heads,
+            "eps": config.based.eps,
         }
     if "sliding_window" in used:
         values["alt_mixer_2"] = {
             "_target_": SLIDING_TARGET,
-            "window_size": 2 * (config.window - 1),
-            "num_heads": config.attention_heads,
+            "window_size": 2 * (config.sliding_window.window - 1),
+            "num_heads": config.sliding_window.heads,
             "causal": True,
         }
     return values
@@ -324,6 +358,6 @@ def reference_mlp_hidden_dim(config: ModelConfig) -> int:
     """The hidden width the reference's ``GatedMlp`` builds for ``config``: ``n_inner`` (default
     ``int(8 * d / 3)``) rounded up to a multiple of 256."""
     inner = (
-        config.mlp_inner_dim if config.mlp_inner_dim is not None else int(8 * config.d_model / 3)
+        config.mlp.inner_dim if config.mlp.inner_dim is not None else int(8 * config.d_model / 3)
     )
     return -(-inner // REFERENCE_MLP_MULTIPLE) * REFERENCE_MLP_MULTIPLE

@@ -146,19 +146,22 @@ def _layer_rules(config: ModelConfig, index: int, mixer: str) -> list[_Rule]:
     ]
     m, mine = f"{prefix}.mixer", (ours, "mixer")
     if mixer == "base_conv":
-        channels = config.conv_channels
+        channels = config.base_conv.channels(d)
         rules += [
             _linear(f"{m}.in_proj.weight", (*mine, "in_proj", "kernel"), (d,), (2, channels)),
             _bias(f"{m}.in_proj.bias", (*mine, "in_proj", "bias"), (2, channels)),
             _conv(
-                f"{m}.conv.conv.weight", (*mine, "conv_weight"), config.conv_kernel_size, channels
+                f"{m}.conv.conv.weight",
+                (*mine, "conv_weight"),
+                config.base_conv.kernel_size,
+                channels,
             ),
             _linear(f"{m}.out_proj.weight", (*mine, "out_proj", "kernel"), (channels,), (d,)),
             _bias(f"{m}.out_proj.bias", (*mine, "out_proj", "bias"), (d,)),
         ]
     elif mixer == "based":
-        heads, features = config.linear_attention_heads, config.feature_dim
-        value_dim = config.linear_attention_value_dim
+        heads, features = config.based.heads, config.based.feature_dim
+        value_dim = config.based.value_dim(d)
         rules += [
             _linear(f"{m}.proj_q.weight", (*mine, "proj_q", "kernel"), (d,), (heads, features)),
             _linear(f"{m}.proj_k.weight", (*mine, "proj_k", "kernel"), (d,), (heads, features)),
@@ -168,7 +171,8 @@ def _layer_rules(config: ModelConfig, index: int, mixer: str) -> list[_Rule]:
             ),
         ]
     elif mixer in ("sliding_window", "attention"):
-        heads, head_dim = config.attention_heads, config.attention_head_dim
+        section = getattr(config, mixer)
+        heads, head_dim = section.heads, section.head_dim(d)
         rules += [
             _linear(f"{m}.Wqkv.weight", (*mine, "qkv_proj", "kernel"), (d,), (3, heads, head_dim)),
             _linear(f"{m}.out_proj.weight", (*mine, "out_proj", "kernel"), (heads, head_dim), (d,)),
@@ -248,13 +252,16 @@ def import_state_dict(
             ):
                 report.unexpected.append(key)
                 return
-            ours = np.asarray(rotary_frequencies(config.rotary_dim, config.rotary_base))
+            section = getattr(config, config.layer_pattern[index])
+            ours = np.asarray(
+                rotary_frequencies(section.rotary_dim(config.d_model), section.rotary_base)
+            )
             theirs = np.asarray(state_dict[key], np.float32)
             if theirs.shape != ours.shape:
                 report.mismatched.append((key, theirs.shape, ours.shape))
             elif not np.allclose(theirs, ours, rtol=1e-5, atol=0):
                 report.other.append(
-                    f"{key} differs from rotary_base={config.rotary_base} frequencies"
+                    f"{key} differs from rotary_base={section.rotary_base} frequencies"
                 )
             report.ignored.append(key)
         else:

@@ -1,4 +1,5 @@
-"""Softmax attention mixer: sliding window (BASED) or full causal (Transformer++), SPEC.md §2.
+"""Softmax attention mixer: sliding window (BASED) or full causal (Transformer++);
+see docs/mixers/attention.md.
 
 ``q, k, v = qkv_proj(x)`` (one kernel ``[d, 3, H, D]``, rows [Q | K | V] of the reference's
 ``Wqkv``), rotary on the leading ``rotary_dim`` channels of q and k, causal softmax over the
@@ -8,12 +9,21 @@ last ``window`` keys (all keys when ``window`` is None), ``out_proj``; no biases
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from jaxbased.config import ModelConfig
 from jaxbased.layers.common import Projection
+from jaxbased.layers.mixer import (
+    MixerConfig,
+    MixerContext,
+    StateSizeFromCache,
+    require_divides,
+    require_positive,
+    require_positive_int,
+)
 from jaxbased.ops.rotary import apply_rotary
 from jaxbased.ops.window_attention import (
     KVCache,
@@ -24,44 +34,102 @@ from jaxbased.ops.window_attention import (
 )
 
 
-class SlidingWindowAttention(nn.Module):
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig(MixerConfig):
+    """The ``attention`` mixer (full causal softmax attention, Transformer++).
+
+    Attributes:
+      heads: attention heads ``H``; the head dim is ``d_model / H``.
+      rotary_fraction: rotary rotates the leading ``int(rotary_fraction * head_dim)`` channels
+        of each query and key head (0: no rotary).
+      rotary_base: the rotary frequency base.
+    """
+
+    heads: int = 16
+    rotary_fraction: float = 1.0
+    rotary_base: float = 10000.0
+
+    @property
+    def window(self) -> int | None:
+        """Keys a query sees, itself included; ``None``: all earlier keys."""
+        return None
+
+    def check(self) -> None:
+        require_positive_int(self, "heads")
+        require_positive(self, "rotary_base")
+        if not 0.0 <= self.rotary_fraction <= 1.0:
+            raise ValueError(f"rotary_fraction={self.rotary_fraction!r} must be in [0, 1]")
+
+    def validate(self, context: MixerContext) -> None:
+        require_divides("heads", self.heads, "d_model", context.d_model)
+
+    def head_dim(self, d_model: int) -> int:
+        """Channels per head: ``d_model / heads``."""
+        return d_model // self.heads
+
+    def rotary_dim(self, d_model: int) -> int:
+        """Channels of each head that rotary rotates (0: none)."""
+        return int(self.rotary_fraction * self.head_dim(d_model))
+
+
+@dataclasses.dataclass(frozen=True)
+class SlidingWindowConfig(AttentionConfig):
+    """The ``sliding_window`` mixer: ``attention``'s fields plus the window.
+
+    Attributes:
+      window: keys a query sees, itself included (docs/mixers/attention.md#window-counting).
+    """
+
+    window: int = 129  # type: ignore[assignment]  # a field here, a property in the base
+
+    def check(self) -> None:
+        super().check()
+        require_positive_int(self, "window")
+
+
+class SlidingWindowAttention(StateSizeFromCache, nn.Module):
     """Causal softmax attention over a window of keys: ``[B, T, d] -> [B, T, d]``.
 
     Attributes:
-      config: model config (heads, rotary, dtype).
-      window: keys seen per query, itself included; ``None`` for full causal attention.
+      config: heads, rotary and ``window`` (``None`` for full causal attention).
+      context: model width, dtype, init, implementation.
     """
 
-    config: ModelConfig
-    window: int | None
+    config: AttentionConfig
+    context: MixerContext
+
+    @property
+    def window(self) -> int | None:
+        return self.config.window
 
     def setup(self) -> None:
-        config = self.config
-        heads, head_dim = config.attention_heads, config.attention_head_dim
+        config, context = self.config, self.context
+        heads, head_dim = config.heads, config.head_dim(context.d_model)
         self.qkv_proj = Projection(
-            (config.d_model,),
+            (context.d_model,),
             (3, heads, head_dim),
             ("embed", None, "heads", "head_dim"),
-            config.init_std,
-            config.compute_dtype,
+            context.init_std,
+            context.compute_dtype,
         )
         self.out_proj = Projection(
             (heads, head_dim),
-            (config.d_model,),
+            (context.d_model,),
             ("heads", "head_dim", "embed"),
-            config.output_init_std,
-            config.compute_dtype,
+            context.output_init_std,
+            context.compute_dtype,
         )
 
     def _rotate(self, x: Array, positions: Array) -> Array:
         config = self.config
-        if config.rotary_dim == 0:
+        rotary_dim = config.rotary_dim(self.context.d_model)
+        if rotary_dim == 0:
             return x
-        return apply_rotary(x, positions, rotary_dim=config.rotary_dim, base=config.rotary_base)
+        return apply_rotary(x, positions, rotary_dim=rotary_dim, base=config.rotary_base)
 
     def _attention(self, q: Array, k: Array, v: Array) -> Array:
         return sliding_window_attention(
-            q, k, v, window=self.window, implementation=self.config.implementation
+            q, k, v, window=self.window, implementation=self.context.implementation
         )
 
     def _project(self, x: Array) -> tuple[Array, Array, Array]:
@@ -88,7 +156,7 @@ class SlidingWindowAttention(nn.Module):
         y = self.out_proj(self._attention(q, k, v))
         return y, fill_kv_cache(k, v, self._capacity(max_len), lengths)
 
-    def decode(
+    def decode_step(
         self, x: Float[Array, "B D"], cache: KVCache, position: Int[Array, " B"]
     ) -> tuple[Float[Array, "B D"], KVCache]:
         """One token per row at absolute ``position [B]``."""
@@ -109,11 +177,20 @@ class SlidingWindowAttention(nn.Module):
         return max_len
 
     def init_cache(self, batch_size: int, max_len: int) -> KVCache:
-        config = self.config
+        config, context = self.config, self.context
         return init_kv_cache(
             batch_size,
             self._capacity(max_len),
-            config.attention_heads,
-            config.attention_head_dim,
-            config.compute_dtype,
+            config.heads,
+            config.head_dim(context.d_model),
+            context.compute_dtype,
         )
+
+    def flops(self, seq_len: int) -> float:
+        """Projections plus ``q·k`` and ``p·v`` over the average number of keys a causal query
+        sees: ``(T + 1) / 2``, at most ``window`` (roughly; exact for ``T >> window``)."""
+        d = self.context.d_model
+        average_keys = (seq_len + 1) / 2
+        if self.window is not None:
+            average_keys = min(self.window, average_keys)
+        return 2 * d * 3 * d + 2 * d * d + 4 * average_keys * d

@@ -1,4 +1,4 @@
-"""BASED linear attention mixer (SPEC.md §2): Taylor-feature causal linear attention.
+"""BASED linear attention mixer (docs/mixers/based.md): Taylor-feature causal linear attention.
 
 ``q = proj_q(x) [B, T, H, F]``, ``k = proj_k(x)``, ``v = proj_v(x) [B, T, H, Dv]``,
 ``y = out_proj(linear_attention(q, k, v))``; no biases. Decode cache: a
@@ -8,79 +8,123 @@ float32), whose size does not depend on the sequence length.
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from jaxbased.config import ModelConfig
-from jaxbased.layers.common import Projection
-from jaxbased.ops.feature_maps import get_feature_map
+from jaxbased.layers.common import Projection, valid_mask
+from jaxbased.layers.mixer import (
+    MixerConfig,
+    MixerContext,
+    StateSizeFromCache,
+    require_choice,
+    require_divides,
+    require_positive_int,
+)
+from jaxbased.ops.feature_maps import FEATURE_MAP_NAMES, expanded_dim
 from jaxbased.ops.linear_attention import (
+    ALGORITHMS,
     LinearAttentionState,
+    discount_padding,
     init_linear_attention_state,
     linear_attention,
     linear_attention_step,
 )
 
 
-class BasedLinearAttention(nn.Module):
+@dataclasses.dataclass(frozen=True)
+class BasedConfig(MixerConfig):
+    """The ``based`` mixer.
+
+    Attributes:
+      heads: linear-attention heads ``H``; the value head dim is ``d_model / H``.
+      feature_dim: query/key dim ``F`` per head before the feature map.
+      feature_map: one of ``jaxbased.ops.FEATURE_MAP_NAMES`` (``taylor``: 1 + F + F^2 features).
+      eps: added to the normalizer (the reference's 1e-12; based-360m ran with 1e-6).
+      algorithm: ``quadratic``, ``chunked`` or ``recurrent`` (see ``jaxbased.ops``).
+      chunk_size: chunk of the chunked algorithm and of the kernels.
+    """
+
+    heads: int = 16
+    feature_dim: int = 16
+    feature_map: str = "taylor"
+    eps: float = 1e-12
+    algorithm: str = "chunked"
+    chunk_size: int = 64
+
+    def check(self) -> None:
+        require_positive_int(self, "heads", "feature_dim", "chunk_size")
+        require_choice(self, "feature_map", FEATURE_MAP_NAMES)
+        require_choice(self, "algorithm", ALGORITHMS)
+        if isinstance(self.eps, bool) or not self.eps >= 0:
+            raise ValueError(f"eps={self.eps!r} must be >= 0")
+
+    def validate(self, context: MixerContext) -> None:
+        require_divides("heads", self.heads, "d_model", context.d_model)
+
+    def value_dim(self, d_model: int) -> int:
+        """Value head dim ``d_model / heads``."""
+        return d_model // self.heads
+
+    @property
+    def expanded_dim(self) -> int:
+        """Features per head after the feature map (273 for Taylor with F = 16)."""
+        return expanded_dim(self.feature_map, self.feature_dim)
+
+
+class BasedLinearAttention(StateSizeFromCache, nn.Module):
     """Linear attention mixer: ``[B, T, d] -> [B, T, d]``.
 
     Parameters: ``proj_q``, ``proj_k`` kernels ``[d, H, F]``; ``proj_v`` ``[d, H, Dv]``;
-    ``out_proj`` ``[H, Dv, d]``; ``H = linear_attention_heads``, ``Dv = d / H``.
+    ``out_proj`` ``[H, Dv, d]``; ``H = config.heads``, ``Dv = d / H``.
     """
 
-    config: ModelConfig
+    config: BasedConfig
+    context: MixerContext
 
     def setup(self) -> None:
-        config = self.config
-        heads, dtype = config.linear_attention_heads, config.compute_dtype
-        value_dim = config.linear_attention_value_dim
-        self.proj_q = Projection(
-            (config.d_model,),
-            (heads, config.feature_dim),
-            ("embed", "heads", "feature"),
-            config.init_std,
-            dtype,
-        )
-        self.proj_k = Projection(
-            (config.d_model,),
-            (heads, config.feature_dim),
-            ("embed", "heads", "feature"),
-            config.init_std,
-            dtype,
-        )
-        self.proj_v = Projection(
-            (config.d_model,),
-            (heads, value_dim),
-            ("embed", "heads", "head_dim"),
-            config.init_std,
-            dtype,
-        )
+        config, context = self.config, self.context
+        heads, dtype = config.heads, context.compute_dtype
+        value_dim = config.value_dim(context.d_model)
+
+        def projection(width: int, last_axis: str) -> Projection:
+            return Projection(
+                (context.d_model,),
+                (heads, width),
+                ("embed", "heads", last_axis),
+                context.init_std,
+                dtype,
+            )
+
+        self.proj_q = projection(config.feature_dim, "feature")
+        self.proj_k = projection(config.feature_dim, "feature")
+        self.proj_v = projection(value_dim, "head_dim")
         self.out_proj = Projection(
             (heads, value_dim),
-            (config.d_model,),
+            (context.d_model,),
             ("heads", "head_dim", "embed"),
-            config.output_init_std,
+            context.output_init_std,
             dtype,
         )
 
     def _attend(self, x: Array, return_state: bool, lengths: Array | None = None):
         config = self.config
         k, v = self.proj_k(x), self.proj_v(x)
-        if lengths is not None:
-            valid = (jnp.arange(x.shape[1]) < lengths[:, None])[:, :, None, None]
-            k, v = jnp.where(valid, k, 0), jnp.where(valid, v, 0)
+        mask = valid_mask(lengths, x.shape[1])
+        if mask is not None:
+            k, v = (jnp.where(mask[..., None, None], part, 0) for part in (k, v))
         return linear_attention(
             self.proj_q(x),
             k,
             v,
             feature_map=config.feature_map,
-            algorithm=config.linear_attention_algorithm,
+            algorithm=config.algorithm,
             chunk_size=config.chunk_size,
-            eps=config.linear_attention_eps,
+            eps=config.eps,
             return_state=return_state,
-            implementation=config.implementation,
+            implementation=self.context.implementation,
         )
 
     def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
@@ -103,15 +147,10 @@ class BasedLinearAttention(nn.Module):
             return self.out_proj(y), state
         lengths = jnp.asarray(lengths, jnp.int32)
         y, state = self._attend(x, return_state=True, lengths=lengths)
-        config = self.config
-        phi_zero = get_feature_map(config.feature_map)(
-            jnp.zeros((config.feature_dim,), state.k_state.dtype)
-        )
-        pads = (x.shape[1] - lengths).astype(state.k_state.dtype)
-        k_state = state.k_state - pads[:, None, None] * phi_zero
-        return self.out_proj(y), LinearAttentionState(state.kv_state, k_state)
+        state = discount_padding(state, x.shape[1] - lengths, self.config.feature_map)
+        return self.out_proj(y), state
 
-    def decode(
+    def decode_step(
         self, x: Float[Array, "B D"], cache: LinearAttentionState, position: Int[Array, " B"]
     ) -> tuple[Float[Array, "B D"], LinearAttentionState]:
         """One token per row; ``position`` is unused (no positional information)."""
@@ -123,7 +162,7 @@ class BasedLinearAttention(nn.Module):
             self.proj_v(x),
             cache,
             feature_map=config.feature_map,
-            eps=config.linear_attention_eps,
+            eps=config.eps,
         )
         return self.out_proj(y), cache
 
@@ -131,8 +170,15 @@ class BasedLinearAttention(nn.Module):
         del max_len
         config = self.config
         return init_linear_attention_state(
-            batch_size,
-            config.linear_attention_heads,
-            config.expanded_feature_dim,
-            config.linear_attention_value_dim,
+            batch_size, config.heads, config.expanded_dim, config.value_dim(self.context.d_model)
         )
+
+    def flops(self, seq_len: int) -> float:
+        """Projections, the intra-chunk ``C x C`` work and the state read/update per head."""
+        config, d = self.config, self.context.d_model
+        heads, features = config.heads, config.feature_dim
+        value, expanded = config.value_dim(d), config.expanded_dim
+        chunk = min(config.chunk_size, seq_len)
+        projections = 2 * d * heads * (2 * features + value) + 2 * heads * value * d
+        per_head = 2 * chunk * features + 2 * chunk * value + 4 * expanded * value
+        return projections + heads * per_head

@@ -1,14 +1,20 @@
 """Building blocks shared by the layers: a projection with logical axis names, RMSNorm,
-LayerNorm."""
+LayerNorm, the RMS normalisation they and the mixers' inner norms share, the padding mask."""
 
 from __future__ import annotations
+
+import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float
+from jaxtyping import Array, Bool, Float, Int
 
 LogicalAxes = tuple[str | None, ...]
+
+#: Normalisation layers: ``rmsnorm`` (no bias, the released models) or ``layernorm`` (with bias,
+#: the Zoology MQAR models).
+NORMS: tuple[str, ...] = ("rmsnorm", "layernorm")
 
 
 def normal_init(std: float, axes: LogicalAxes) -> nn.initializers.Initializer:
@@ -55,6 +61,35 @@ class Projection(nn.Module):
         return y
 
 
+def conv_init(key: Array, shape: tuple[int, ...], dtype: jnp.dtype = jnp.float32) -> Array:
+    """PyTorch's default for a depthwise ``Conv1d`` weight ``[K, C]`` (fan_in = K):
+    ``U(-1/sqrt(K), 1/sqrt(K))``."""
+    bound = 1.0 / math.sqrt(shape[0])
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def rms_normalize(x: Float[Array, "... D"], eps: float) -> Float[Array, "... D"]:
+    """``x / sqrt(mean(x^2) + eps)`` over the last axis, in float32 or wider (the result keeps
+    that wide dtype; callers scale it and cast back)."""
+    wide = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    return wide * jax.lax.rsqrt(jnp.mean(wide * wide, axis=-1, keepdims=True) + eps)
+
+
+def valid_mask(lengths: Int[Array, " B"] | None, seq: int) -> Bool[Array, "B T"] | None:
+    """``[B, T]`` bool, True at the valid positions ``t < lengths[b]`` of right-padded rows
+    (None when ``lengths`` is None: every position is valid)."""
+    if lengths is None:
+        return None
+    return jnp.arange(seq) < jnp.asarray(lengths, jnp.int32)[:, None]
+
+
+def _norm_param(
+    module: nn.Module, name: str, init: nn.initializers.Initializer, dim: int
+) -> Float[Array, " D"]:
+    """A float32 ``[dim]`` norm parameter with the logical axis ``norm``."""
+    return module.param(name, nn.with_logical_partitioning(init, ("norm",)), (dim,), jnp.float32)
+
+
 class RMSNorm(nn.Module):
     """``x / sqrt(mean(x^2) + eps) * weight`` over the last axis in float32 or wider; no bias."""
 
@@ -64,15 +99,8 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: Float[Array, "... D"]) -> Float[Array, "... D"]:
-        weight = self.param(
-            "weight",
-            nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
-            (self.dim,),
-            jnp.float32,
-        )
-        xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-        normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-        return (normed * weight).astype(self.dtype)
+        weight = _norm_param(self, "weight", nn.initializers.ones_init(), self.dim)
+        return (rms_normalize(x, self.eps) * weight).astype(self.dtype)
 
 
 class LayerNorm(nn.Module):
@@ -84,28 +112,15 @@ class LayerNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: Float[Array, "... D"]) -> Float[Array, "... D"]:
-        weight = self.param(
-            "weight",
-            nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
-            (self.dim,),
-            jnp.float32,
-        )
-        bias = self.param(
-            "bias",
-            nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
-            (self.dim,),
-            jnp.float32,
-        )
+        weight = _norm_param(self, "weight", nn.initializers.ones_init(), self.dim)
+        bias = _norm_param(self, "bias", nn.initializers.zeros_init(), self.dim)
         xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-        centered = xf - jnp.mean(xf, axis=-1, keepdims=True)
-        normed = centered * jax.lax.rsqrt(
-            jnp.mean(centered * centered, axis=-1, keepdims=True) + self.eps
-        )
+        normed = rms_normalize(xf - jnp.mean(xf, axis=-1, keepdims=True), self.eps)
         return (normed * weight + bias).astype(self.dtype)
 
 
 def make_norm(kind: str, dim: int, eps: float, dtype: jnp.dtype) -> nn.Module:
-    """The norm named ``kind`` (``rmsnorm`` or ``layernorm``, see ``ModelConfig.norm``)."""
+    """The norm named ``kind`` (one of ``NORMS``, see ``ModelConfig.norm``)."""
     if kind == "rmsnorm":
         return RMSNorm(dim, eps, dtype)
     if kind == "layernorm":

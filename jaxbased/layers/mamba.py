@@ -1,4 +1,4 @@
-"""Mamba (Mamba-1) mixer (SPEC.md §2, Gu & Dao 2023): a selective state-space block.
+"""Mamba (Mamba-1) mixer (docs/mixers/mamba.md, Gu & Dao 2023): a selective state-space block.
 
     x, z = split(in_proj(u))                                 (d -> 2 * inner, no bias)
     x = silu(conv1d(x) + conv_bias)                          (depthwise, causal, K taps)
@@ -10,7 +10,7 @@
 ``h`` is a diagonal state of ``N`` entries per inner channel. Initialisation as the reference
 (mamba_ssm's ``Mamba``): ``A_log = log(1..N)`` per channel (S4D-real), ``D = 1``, ``dt_proj``
 weight uniform in ``±R^-0.5``, ``dt_bias`` the inverse softplus of a log-uniform time step in
-``[ssm_dt_min, ssm_dt_max]`` (floored at ``ssm_dt_init_floor``), the conv as PyTorch's default;
+``[dt_min, dt_max]`` (floored at ``dt_init_floor``), the conv as PyTorch's default;
 ``in_proj``/``x_proj`` are normal(``init_std``) and ``out_proj`` normal(``output_init_std``), as
 every projection of this library.
 
@@ -20,6 +20,7 @@ Decode cache: :class:`MambaCache`, the last ``K - 1`` raw conv inputs and the fl
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import NamedTuple
 
@@ -28,10 +29,74 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from jaxbased.config import ModelConfig
-from jaxbased.layers.common import Projection
+from jaxbased.layers.common import Projection, conv_init, valid_mask
+from jaxbased.layers.mixer import (
+    MixerConfig,
+    MixerContext,
+    StateSizeFromCache,
+    require_choice,
+    require_positive,
+    require_positive_int,
+)
+from jaxbased.ops.selective_scan import ALGORITHMS as SELECTIVE_SCAN_ALGORITHMS
 from jaxbased.ops.selective_scan import selective_scan, selective_scan_step
 from jaxbased.ops.short_conv import init_short_conv_state, short_conv, short_conv_step
+
+
+@dataclasses.dataclass(frozen=True)
+class StateSpaceConfig(MixerConfig):
+    """Fields that Mamba and Mamba-2 share.
+
+    Attributes:
+      expand: inner width ``expand * d_model``.
+      conv_kernel_size: taps of the depthwise causal conv (with bias).
+      dt_min, dt_max, dt_init_floor: the time-step init, ``softplus(dt_bias)`` log-uniform in
+        ``[dt_min, dt_max]``, at least the floor.
+    """
+
+    expand: int = 2
+    conv_kernel_size: int = 4
+    dt_min: float = 1e-3
+    dt_max: float = 1e-1
+    dt_init_floor: float = 1e-4
+
+    def check(self) -> None:
+        require_positive_int(self, "expand", "conv_kernel_size")
+        require_positive(self, "dt_min", "dt_init_floor")
+        if not self.dt_max >= self.dt_min:
+            raise ValueError(f"dt_max={self.dt_max!r} must be >= dt_min={self.dt_min!r}")
+
+    def inner_dim(self, d_model: int) -> int:
+        """Inner width: ``expand * d_model``."""
+        return self.expand * d_model
+
+
+@dataclasses.dataclass(frozen=True)
+class MambaConfig(StateSpaceConfig):
+    """The ``mamba`` (Mamba-1) mixer: :class:`StateSpaceConfig`'s fields and
+
+    Attributes:
+      state_dim: state size ``N`` per inner channel.
+      dt_rank: rank ``R`` of the time-step projection (None: ``ceil(d_model / 16)``).
+      scan_algorithm: the selective-scan algorithm (``chunked``, ``associative``,
+        ``sequential``).
+      chunk_size: chunk of the chunked scan.
+    """
+
+    state_dim: int = 16
+    dt_rank: int | None = None
+    scan_algorithm: str = "chunked"
+    chunk_size: int = 64
+
+    def check(self) -> None:
+        super().check()
+        require_positive_int(self, "state_dim", "chunk_size")
+        require_positive_int(self, "dt_rank", optional=True)
+        require_choice(self, "scan_algorithm", SELECTIVE_SCAN_ALGORITHMS)
+
+    def time_step_rank(self, d_model: int) -> int:
+        """Rank of the time-step projection: ``dt_rank`` or ``ceil(d_model / 16)``."""
+        return self.dt_rank if self.dt_rank is not None else math.ceil(d_model / 16)
 
 
 class MambaCache(NamedTuple):
@@ -43,13 +108,6 @@ class MambaCache(NamedTuple):
 
     conv_state: Float[Array, "B K1 C"]
     ssm_state: Float[Array, "B C N"]
-
-
-def conv_init(key: Array, shape: tuple[int, ...], dtype=jnp.float32) -> Array:
-    """PyTorch's default for a depthwise ``Conv1d`` weight ``[K, C]`` (fan_in = K):
-    ``U(-1/sqrt(K), 1/sqrt(K))``."""
-    bound = 1.0 / math.sqrt(shape[0])
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
 def conv_bias_init(kernel_size: int) -> nn.initializers.Initializer:
@@ -91,18 +149,11 @@ def s4d_real_log_init(key: Array, shape: tuple[int, ...], dtype=jnp.float32) -> 
     return jnp.broadcast_to(jnp.log(jnp.arange(1, state + 1, dtype=dtype)), (channels, state))
 
 
-def valid_mask(lengths: Int[Array, " B"] | None, seq: int) -> Array | None:
-    """``[B, T]`` bool, True at the valid positions ``t < lengths[b]`` (None: all valid)."""
-    if lengths is None:
-        return None
-    return jnp.arange(seq) < jnp.asarray(lengths, jnp.int32)[:, None]
-
-
-class Mamba(nn.Module):
+class Mamba(StateSizeFromCache, nn.Module):
     """Mamba-1 mixer: ``[B, T, d] -> [B, T, d]``.
 
-    Parameters (``inner = ssm_expand * d``, ``R = mamba_time_step_rank``, ``N =
-    mamba_state_dim``; PyTorch's ``[out, in]`` weights transposed):
+    Parameters (``inner = expand * d``, ``R = time_step_rank``, ``N = state_dim``; PyTorch's
+    ``[out, in]`` weights transposed):
     ``in_proj`` kernel ``[d, 2, inner]`` (x half, then z), ``conv_weight [K, inner]``,
     ``conv_bias [inner]``, ``x_proj`` kernel ``[inner, R + 2N]`` (dt, B, C),
     ``dt_proj_kernel [R, inner]`` and ``dt_bias [inner]`` (the reference's ``dt_proj``),
@@ -110,39 +161,37 @@ class Mamba(nn.Module):
     channels carry the logical axis ``conv_channels`` (split over ``tensor``).
     """
 
-    config: ModelConfig
+    config: MambaConfig
+    context: MixerContext
 
     def setup(self) -> None:
-        config = self.config
+        config, context = self.config, self.context
+        d_model = context.d_model
         inner, rank, state = (
-            config.ssm_inner_dim,
-            config.mamba_time_step_rank,
-            config.mamba_state_dim,
+            config.inner_dim(d_model),
+            config.time_step_rank(d_model),
+            config.state_dim,
         )
-        dtype = config.compute_dtype
+        dtype = context.compute_dtype
         self.in_proj = Projection(
-            (config.d_model,),
-            (2, inner),
-            ("embed", None, "conv_channels"),
-            config.init_std,
-            dtype,
+            (d_model,), (2, inner), ("embed", None, "conv_channels"), context.init_std, dtype
         )
         self.conv_weight = self.param(
             "conv_weight",
             nn.with_logical_partitioning(conv_init, ("conv_kernel", "conv_channels")),
-            (config.ssm_conv_kernel_size, inner),
+            (config.conv_kernel_size, inner),
             jnp.float32,
         )
         self.conv_bias = self.param(
             "conv_bias",
             nn.with_logical_partitioning(
-                conv_bias_init(config.ssm_conv_kernel_size), ("conv_channels",)
+                conv_bias_init(config.conv_kernel_size), ("conv_channels",)
             ),
             (inner,),
             jnp.float32,
         )
         self.x_proj = Projection(
-            (inner,), (rank + 2 * state,), ("conv_channels", "feature"), config.init_std, dtype
+            (inner,), (rank + 2 * state,), ("conv_channels", "feature"), context.init_std, dtype
         )
         self.dt_proj_kernel = self.param(
             "dt_proj_kernel",
@@ -156,7 +205,7 @@ class Mamba(nn.Module):
         self.dt_bias = self.param(
             "dt_bias",
             nn.with_logical_partitioning(
-                time_step_bias_init(config.ssm_dt_min, config.ssm_dt_max, config.ssm_dt_init_floor),
+                time_step_bias_init(config.dt_min, config.dt_max, config.dt_init_floor),
                 ("conv_channels",),
             ),
             (inner,),
@@ -175,7 +224,7 @@ class Mamba(nn.Module):
             jnp.float32,
         )
         self.out_proj = Projection(
-            (inner,), (config.d_model,), ("conv_channels", "embed"), config.output_init_std, dtype
+            (inner,), (d_model,), ("conv_channels", "embed"), context.output_init_std, dtype
         )
 
     def _inputs(self, x: Array) -> tuple[Array, Array]:
@@ -185,7 +234,7 @@ class Mamba(nn.Module):
     def _selection(self, conv_out: Array) -> tuple[Array, Array, Array, Array]:
         """Conv output -> (scan input ``silu(conv + bias)``, delta in float32 or wider, b, c)."""
         config = self.config
-        rank, state = config.mamba_time_step_rank, config.mamba_state_dim
+        rank, state = config.time_step_rank(self.context.d_model), config.state_dim
         scan_input = jax.nn.silu(conv_out + self.conv_bias.astype(conv_out.dtype))
         projected = self.x_proj(scan_input)
         dt_low = projected[..., :rank].astype(jnp.promote_types(projected.dtype, jnp.float32))
@@ -221,8 +270,8 @@ class Mamba(nn.Module):
             self._a(),
             b,
             c,
-            algorithm=config.mamba_scan_algorithm,
-            chunk_size=config.mamba_chunk_size,
+            algorithm=config.scan_algorithm,
+            chunk_size=config.chunk_size,
             return_state=return_state,
         )
         y, ssm_state = result if return_state else (result, None)
@@ -245,7 +294,7 @@ class Mamba(nn.Module):
         out, conv_state, ssm_state = self._forward(x, lengths, return_state=True)
         return out, MambaCache(conv_state, ssm_state)
 
-    def decode(
+    def decode_step(
         self, x: Float[Array, "B D"], cache: MambaCache, position: Int[Array, " B"]
     ) -> tuple[Float[Array, "B D"], MambaCache]:
         """One token per row; ``position`` is unused (no positional information)."""
@@ -262,13 +311,21 @@ class Mamba(nn.Module):
 
     def init_cache(self, batch_size: int, max_len: int) -> MambaCache:
         del max_len
-        config = self.config
+        config, context = self.config, self.context
+        inner = config.inner_dim(context.d_model)
         return MambaCache(
             init_short_conv_state(
-                batch_size,
-                config.ssm_conv_kernel_size,
-                config.ssm_inner_dim,
-                config.compute_dtype,
+                batch_size, config.conv_kernel_size, inner, context.compute_dtype
             ),
-            jnp.zeros((batch_size, config.ssm_inner_dim, config.mamba_state_dim), jnp.float32),
+            jnp.zeros((batch_size, inner, config.state_dim), jnp.float32),
         )
+
+    def flops(self, seq_len: int) -> float:
+        """Projections and conv, plus the selective scan's state update and read: one
+        multiply-add each per state entry (``4 * inner * N``)."""
+        del seq_len
+        config, d = self.config, self.context.d_model
+        inner, rank, state = config.inner_dim(d), config.time_step_rank(d), config.state_dim
+        projections = 2 * d * 2 * inner + 2 * inner * (rank + 2 * state) + 2 * rank * inner
+        projections += 2 * inner * d
+        return projections + 2 * config.conv_kernel_size * inner + 4 * inner * state

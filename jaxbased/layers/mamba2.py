@@ -1,4 +1,4 @@
-"""Mamba-2 mixer (SPEC.md §2, Dao & Gu 2024): the SSD block.
+"""Mamba-2 mixer (docs/mixers/mamba2.md, Dao & Gu 2024): the SSD block.
 
     z, xbc, dt = split(in_proj(u))          (d -> inner + (inner + 2 G N) + H, no bias)
     x, b, c = split(silu(conv1d(xbc) + conv_bias))      (depthwise, causal, K taps)
@@ -6,14 +6,14 @@
     h_t = exp(dt_t a) h_{t-1} + dt_t x_t ⊗ b_t,  y_t = h_t c_t + D x_t    (per head, SSD)
     out = out_proj(rmsnorm(y * silu(z)))                 (gated RMSNorm, norm after the gate)
 
-``x`` has ``H = inner / P`` heads of ``P = mamba2_head_dim`` channels; ``b`` and ``c`` have
-``G = mamba2_groups`` groups of ``N = mamba2_state_dim``, head ``h`` reading group
+``x`` has ``H = inner / P`` heads of ``P = head_dim`` channels; ``b`` and ``c`` have
+``G = groups`` groups of ``N = state_dim``, head ``h`` reading group
 ``h // (H / G)``. The gated RMSNorm normalises each of the ``G`` groups of ``inner / G``
 channels separately (mamba_ssm's ``RMSNormGated(group_size=inner / G)``), eps ``norm_eps``.
 
 Initialisation as mamba_ssm's ``Mamba2``: ``A_log = log(U(a_init_min, a_init_max))`` per head,
 ``D = 1`` per head, ``dt_bias`` the inverse softplus of a log-uniform time step in
-``[ssm_dt_min, ssm_dt_max]`` (floored), conv as PyTorch's default, norm weight 1; projections
+``[dt_min, dt_max]`` (floored), conv as PyTorch's default, norm weight 1; projections
 normal(``init_std``), ``out_proj`` normal(``output_init_std``).
 
 Decode cache: :class:`Mamba2Cache`, the last ``K - 1`` raw conv inputs (x, B, C) and the float32
@@ -22,6 +22,7 @@ SSD state ``[B, H, P, N]``.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -29,11 +30,59 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from jaxbased.config import ModelConfig
-from jaxbased.layers.common import Projection
-from jaxbased.layers.mamba import conv_bias_init, conv_init, time_step_bias_init, valid_mask
+from jaxbased.layers.common import Projection, conv_init, rms_normalize, valid_mask
+from jaxbased.layers.mamba import StateSpaceConfig, conv_bias_init, time_step_bias_init
+from jaxbased.layers.mixer import (
+    MixerContext,
+    StateSizeFromCache,
+    require_divides,
+    require_positive,
+    require_positive_int,
+)
 from jaxbased.ops.short_conv import init_short_conv_state, short_conv, short_conv_step
 from jaxbased.ops.ssd import ssd, ssd_step
+
+
+@dataclasses.dataclass(frozen=True)
+class Mamba2Config(StateSpaceConfig):
+    """The ``mamba2`` (SSD) mixer: :class:`~jaxbased.layers.mamba.StateSpaceConfig`'s fields and
+
+    Attributes:
+      state_dim: state size ``N``.
+      head_dim: head dim ``P``; heads ``H = inner / P``.
+      groups: groups ``G`` of B and C (each shared by ``H / G`` heads).
+      chunk_size: the SSD chunk.
+      a_init_min, a_init_max: the range of ``-A`` at init.
+    """
+
+    state_dim: int = 128
+    head_dim: int = 64
+    groups: int = 1
+    chunk_size: int = 256
+    a_init_min: float = 1.0
+    a_init_max: float = 16.0
+
+    def check(self) -> None:
+        super().check()
+        require_positive_int(self, "state_dim", "head_dim", "groups", "chunk_size")
+        require_positive(self, "a_init_min")
+        if not self.a_init_max >= self.a_init_min:
+            raise ValueError(
+                f"a_init_max={self.a_init_max!r} must be >= a_init_min={self.a_init_min!r}"
+            )
+
+    def validate(self, context: MixerContext) -> None:
+        inner = self.inner_dim(context.d_model)
+        require_divides("head_dim", self.head_dim, "the inner width expand * d_model", inner)
+        require_divides("groups", self.groups, "the number of heads", inner // self.head_dim)
+
+    def heads(self, d_model: int) -> int:
+        """SSD heads: ``inner / head_dim``."""
+        return self.inner_dim(d_model) // self.head_dim
+
+    def conv_channels(self, d_model: int) -> int:
+        """Channels of the conv (x, B and C): ``inner + 2 * groups * state_dim``."""
+        return self.inner_dim(d_model) + 2 * self.groups * self.state_dim
 
 
 class Mamba2Cache(NamedTuple):
@@ -56,10 +105,10 @@ def head_decay_log_init(low: float, high: float) -> nn.initializers.Initializer:
     return init
 
 
-class Mamba2(nn.Module):
+class Mamba2(StateSizeFromCache, nn.Module):
     """Mamba-2 (SSD) mixer: ``[B, T, d] -> [B, T, d]``.
 
-    Parameters (``inner = ssm_expand * d``, ``C = inner + 2 G N`` conv channels; PyTorch's
+    Parameters (``inner = expand * d``, ``C = inner + 2 G N`` conv channels; PyTorch's
     ``[out, in]`` weights transposed): ``in_proj`` kernel ``[d, inner + C + H]`` (columns z, x,
     B, C, dt as the reference's ``in_proj``), ``conv_weight [K, C]``, ``conv_bias [C]``,
     ``dt_bias [H]``, ``A_log [H]``, ``D [H]``, ``norm`` weight ``[inner]``, ``out_proj``
@@ -67,19 +116,17 @@ class Mamba2(nn.Module):
     split over ``fsdp`` only (``embed``); heads and ``out_proj`` split over ``tensor``.
     """
 
-    config: ModelConfig
+    config: Mamba2Config
+    context: MixerContext
 
     def setup(self) -> None:
-        config = self.config
-        inner, heads = config.ssm_inner_dim, config.mamba2_heads
-        channels, kernel_size = config.mamba2_conv_channels, config.ssm_conv_kernel_size
-        dtype = config.compute_dtype
+        config, context = self.config, self.context
+        d_model = context.d_model
+        inner, heads = config.inner_dim(d_model), config.heads(d_model)
+        channels, kernel_size = config.conv_channels(d_model), config.conv_kernel_size
+        dtype = context.compute_dtype
         self.in_proj = Projection(
-            (config.d_model,),
-            (inner + channels + heads,),
-            ("embed", None),
-            config.init_std,
-            dtype,
+            (d_model,), (inner + channels + heads,), ("embed", None), context.init_std, dtype
         )
         self.conv_weight = self.param(
             "conv_weight",
@@ -96,7 +143,7 @@ class Mamba2(nn.Module):
         self.dt_bias = self.param(
             "dt_bias",
             nn.with_logical_partitioning(
-                time_step_bias_init(config.ssm_dt_min, config.ssm_dt_max, config.ssm_dt_init_floor),
+                time_step_bias_init(config.dt_min, config.dt_max, config.dt_init_floor),
                 ("heads",),
             ),
             (heads,),
@@ -105,7 +152,7 @@ class Mamba2(nn.Module):
         self.A_log = self.param(
             "A_log",
             nn.with_logical_partitioning(
-                head_decay_log_init(config.mamba2_a_init_min, config.mamba2_a_init_max),
+                head_decay_log_init(config.a_init_min, config.a_init_max),
                 ("heads",),
             ),
             (heads,),
@@ -124,13 +171,13 @@ class Mamba2(nn.Module):
             jnp.float32,
         )
         self.out_proj = Projection(
-            (inner,), (config.d_model,), ("conv_channels", "embed"), config.output_init_std, dtype
+            (inner,), (d_model,), ("conv_channels", "embed"), context.output_init_std, dtype
         )
 
     def _split_projection(self, projected: Array) -> tuple[Array, Array, Array]:
         """``in_proj`` output -> (z, conv input x|B|C, dt)."""
-        config = self.config
-        inner, channels = config.ssm_inner_dim, config.mamba2_conv_channels
+        config, d_model = self.config, self.context.d_model
+        inner, channels = config.inner_dim(d_model), config.conv_channels(d_model)
         return (
             projected[..., :inner],
             projected[..., inner : inner + channels],
@@ -140,11 +187,11 @@ class Mamba2(nn.Module):
     def _heads(self, conv_out: Array, dt: Array) -> tuple[Array, Array, Array, Array]:
         """``silu(conv)`` and raw dt -> x ``[..., H, P]``, dt float32 ``[..., H]``, b, c
         ``[..., G, N]``."""
-        config = self.config
-        inner, groups, state = config.ssm_inner_dim, config.mamba2_groups, config.mamba2_state_dim
+        config, d_model = self.config, self.context.d_model
+        inner, groups, state = config.inner_dim(d_model), config.groups, config.state_dim
         activated = jax.nn.silu(conv_out + self.conv_bias.astype(conv_out.dtype))
         lead = activated.shape[:-1]
-        x = activated[..., :inner].reshape(*lead, config.mamba2_heads, config.mamba2_head_dim)
+        x = activated[..., :inner].reshape(*lead, config.heads(d_model), config.head_dim)
         b = activated[..., inner : inner + groups * state].reshape(*lead, groups, state)
         c = activated[..., inner + groups * state :].reshape(*lead, groups, state)
         dt = jax.nn.softplus(dt.astype(jnp.promote_types(dt.dtype, jnp.float32)) + self.dt_bias)
@@ -154,13 +201,10 @@ class Mamba2(nn.Module):
         """``y, x [..., H, P]`` -> ``out_proj(rmsnorm_groups((y + D x) * silu(z)))``."""
         config = self.config
         y = y + self.D[:, None].astype(y.dtype) * x
-        gated = y.reshape(*y.shape[:-2], config.ssm_inner_dim) * jax.nn.silu(gate)
-        wide = gated.astype(jnp.promote_types(gated.dtype, jnp.float32))
-        groups = wide.reshape(*wide.shape[:-1], config.mamba2_groups, -1)
-        normed = groups * jax.lax.rsqrt(
-            jnp.mean(groups * groups, axis=-1, keepdims=True) + config.norm_eps
-        )
-        normed = normed.reshape(wide.shape) * self.norm_weight
+        gated = y.reshape(*y.shape[:-2], config.inner_dim(self.context.d_model)) * jax.nn.silu(gate)
+        groups = gated.reshape(*gated.shape[:-1], config.groups, -1)
+        normed = rms_normalize(groups, self.context.norm_eps).reshape(gated.shape)
+        normed = normed * self.norm_weight
         return self.out_proj(normed.astype(gated.dtype))
 
     def _a(self) -> Array:
@@ -181,7 +225,7 @@ class Mamba2(nn.Module):
         if mask is not None:  # dt = 0 leaves the state untouched: padding never enters it
             dt = jnp.where(mask[..., None], dt, 0.0)
         result = ssd(
-            x, dt, self._a(), b, c, chunk_size=config.mamba2_chunk_size, return_state=return_state
+            x, dt, self._a(), b, c, chunk_size=config.chunk_size, return_state=return_state
         )
         y, ssm_state = result if return_state else (result, None)
         return self._output(y.astype(x.dtype), x, gate), conv_state, ssm_state
@@ -202,7 +246,7 @@ class Mamba2(nn.Module):
         out, conv_state, ssm_state = self._forward(x, lengths, return_state=True)
         return out, Mamba2Cache(conv_state, ssm_state)
 
-    def decode(
+    def decode_step(
         self, x: Float[Array, "B D"], cache: Mamba2Cache, position: Int[Array, " B"]
     ) -> tuple[Float[Array, "B D"], Mamba2Cache]:
         """One token per row; ``position`` is unused (no positional information)."""
@@ -218,16 +262,28 @@ class Mamba2(nn.Module):
 
     def init_cache(self, batch_size: int, max_len: int) -> Mamba2Cache:
         del max_len
-        config = self.config
+        config, context = self.config, self.context
+        d_model = context.d_model
         return Mamba2Cache(
             init_short_conv_state(
                 batch_size,
-                config.ssm_conv_kernel_size,
-                config.mamba2_conv_channels,
-                config.compute_dtype,
+                config.conv_kernel_size,
+                config.conv_channels(d_model),
+                context.compute_dtype,
             ),
             jnp.zeros(
-                (batch_size, config.mamba2_heads, config.mamba2_head_dim, config.mamba2_state_dim),
+                (batch_size, config.heads(d_model), config.head_dim, config.state_dim),
                 jnp.float32,
             ),
         )
+
+    def flops(self, seq_len: int) -> float:
+        """Projections and conv, plus SSD as the chunked scan: intra-chunk ``C·B`` dots and
+        weighted sums, the state read and update per head."""
+        config, d = self.config, self.context.d_model
+        inner, heads, channels = config.inner_dim(d), config.heads(d), config.conv_channels(d)
+        state, head_dim = config.state_dim, config.head_dim
+        chunk = min(config.chunk_size, seq_len)
+        projections = 2 * d * (inner + channels + heads) + 2 * inner * d
+        per_head = 2 * chunk * state + 2 * chunk * head_dim + 4 * state * head_dim
+        return projections + 2 * config.conv_kernel_size * channels + heads * per_head

@@ -1,38 +1,70 @@
-"""Gated MLP (SwiGLU), SPEC.md §1: ``y, gate = split(fc1(x))``; ``out = fc2(y * silu(gate))``."""
+"""Gated MLP (SwiGLU), docs/mixers/mlp.md: ``y, gate = split(fc1(x))``;
+``out = fc2(y * silu(gate))``."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import flax.linen as nn
 import jax
 from jaxtyping import Array, Float
 
-from jaxbased.config import ModelConfig
 from jaxbased.layers.common import Projection
+from jaxbased.layers.mixer import MixerConfig, MixerContext, require_positive_int
+
+
+@dataclasses.dataclass(frozen=True)
+class MLPConfig(MixerConfig):
+    """The gated MLP of every block (when ``ModelConfig.use_mlp``) and of ``mlp`` layers.
+
+    Attributes:
+      inner_dim: hidden width before rounding (None: ``int(8 * d_model / 3)``).
+      multiple_of: the hidden width is rounded up to a multiple of this.
+    """
+
+    inner_dim: int | None = 2048
+    multiple_of: int = 256
+
+    def check(self) -> None:
+        require_positive_int(self, "multiple_of")
+        require_positive_int(self, "inner_dim", optional=True)
+
+    def hidden_dim(self, d_model: int) -> int:
+        """Hidden width (``fc2``'s input; ``fc1`` outputs twice this)."""
+        inner = self.inner_dim if self.inner_dim is not None else int(8 * d_model / 3)
+        return -(-inner // self.multiple_of) * self.multiple_of
 
 
 class GatedMLP(nn.Module):
     """Gated MLP without biases; ``fc1`` kernel ``[d, 2, n]`` (value half first, then gate)."""
 
-    config: ModelConfig
+    config: MLPConfig
+    context: MixerContext
 
     @nn.compact
     def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
-        config = self.config
-        hidden = config.mlp_hidden_dim
+        context = self.context
+        hidden = self.config.hidden_dim(context.d_model)
         both = Projection(
-            (config.d_model,),
+            (context.d_model,),
             (2, hidden),
             ("embed", None, "mlp"),
-            config.init_std,
-            config.compute_dtype,
+            context.init_std,
+            context.compute_dtype,
             name="fc1",
         )(x)
         value, gate = both[..., 0, :], both[..., 1, :]
         return Projection(
             (hidden,),
-            (config.d_model,),
+            (context.d_model,),
             ("mlp", "embed"),
-            config.output_init_std,
-            config.compute_dtype,
+            context.output_init_std,
+            context.compute_dtype,
             name="fc2",
         )(value * jax.nn.silu(gate))
+
+    def flops(self, seq_len: int) -> float:
+        """``fc1`` and ``fc2`` per token: ``6 * d * hidden`` (independent of ``seq_len``)."""
+        del seq_len
+        d = self.context.d_model
+        return 6 * d * self.config.hidden_dim(d)

@@ -10,22 +10,20 @@ embedding, one head. Here that is ``LanguageModel`` with ``layer_pattern=("base_
   positional encoding at all (the short conv of layer 0 carries the order); keep it off for
   fidelity, or turn it on with an override;
 - BASED with the symmetric Taylor map (``taylor_symmetric``): the same kernel as Zoology's
-  ``taylor_exp`` with ``1 + F + F (F + 1) / 2`` features, the ``E`` of SPEC.md §6's state size.
+  ``taylor_exp`` with ``1 + F + F (F + 1) / 2`` features, the ``E`` of docs/mqar.md#state-size.
 
 Known differences from Zoology that the task does not depend on: our BaseConv is BASED's gated
-short conv (SPEC.md §2; Zoology's MQAR BaseConv is ``conv(u) * linear(u) + u``), our attention
-projections have no biases, and Zoology's identity state mixer adds ``norm2(x)`` to the residual
-where ``use_mlp=False`` adds nothing.
+short conv (docs/mixers/base_conv.md; Zoology's MQAR BaseConv is ``conv(u) * linear(u) + u``),
+our attention projections have no biases, and Zoology's identity state mixer adds ``norm2(x)`` to
+the residual where ``use_mlp=False`` adds nothing.
 
-State size (the x axis of the paper's figure) is counted from the model's own decode caches,
-``LanguageModel(config).init_cache(1, seq_len)``: the floating-point numbers a model carries
-from token to token, per sequence.
+State size (the x axis of the paper's figure) is each mixer's own count, ``Mixer.state_size``: the
+floating-point numbers of its decode cache, carried from token to token, per sequence.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import flax.linen as nn
@@ -33,24 +31,24 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from jaxbased.config import MIXER_NAMES, ModelConfig
-from jaxbased.model import LanguageModel
+from jaxbased.config import MIXER_NAMES, ModelConfig, ModelFields
+from jaxbased.layers.registry import MIXERS
+from jaxbased.model import LanguageModel, layer_mixer
 
-#: Fields every MQAR model sets (the Zoology setup); overrides may change any of them except
-#: ``num_layers`` and ``layer_pattern``.
+#: Fields every MQAR model sets (the Zoology setup), by section; overrides may change any of them
+#: except ``num_layers`` and ``layer_pattern``.
 MQAR_DEFAULTS: dict[str, Any] = dict(
     num_layers=2,
     use_mlp=False,
     norm="layernorm",
     pad_vocab_size_multiple=1,
-    linear_attention_heads=1,
-    attention_heads=1,
-    feature_dim=16,
-    feature_map="taylor_symmetric",
-    rotary_fraction=0.0,
-    conv_kernel_size=3,
-    chunk_size=64,
+    base_conv=dict(kernel_size=3),
+    based=dict(heads=1, feature_dim=16, feature_map="taylor_symmetric", chunk_size=64),
+    sliding_window=dict(heads=1, rotary_fraction=0.0),
+    attention=dict(heads=1, rotary_fraction=0.0),
+    decay_attention=dict(chunk_size=64),
 )
+_MODEL_FIELDS = frozenset(field.name for field in dataclasses.fields(ModelFields))
 
 
 def mqar_model_config(
@@ -58,9 +56,11 @@ def mqar_model_config(
 ) -> ModelConfig:
     """The 2-layer MQAR model: BaseConv, then ``mixer`` (any name in ``MIXER_NAMES``).
 
-    ``overrides`` are ``ModelConfig`` fields (``feature_dim``, ``window``, ``d_state``, ...);
-    ``mixer="base_conv"`` gives two BaseConv layers. Raises ``ValueError`` for an unknown mixer
-    or field, or an invalid value.
+    ``overrides`` name model-level fields (``use_mlp``), fields of the mixer under test's
+    section (``feature_dim`` for ``based``, ``window`` for ``sliding_window``, ``state_dim`` for
+    ``mamba``, ...) or any section's field as ``"section.field"``; ``mixer="base_conv"`` gives
+    two BaseConv layers. Raises ``ValueError`` for an unknown mixer or field, or an invalid
+    value.
     """
     if mixer not in MIXER_NAMES:
         raise ValueError(f"mixer={mixer!r} is not known; allowed: {MIXER_NAMES}")
@@ -70,13 +70,24 @@ def mqar_model_config(
                 f"{fixed}={overrides[fixed]!r} cannot be overridden: an MQAR model is "
                 f"('base_conv', mixer)"
             )
-    values = {
-        **MQAR_DEFAULTS,
-        **overrides,
-        "vocab_size": vocab_size,
-        "d_model": d_model,
-        "layer_pattern": ("base_conv", mixer),
+    values: dict[str, Any] = {
+        key: dict(value) if isinstance(value, dict) else value
+        for key, value in MQAR_DEFAULTS.items()
     }
+    mixer_fields = {field.name for field in dataclasses.fields(MIXERS[mixer].config_type)}
+    for key, value in overrides.items():
+        section, _, field = key.rpartition(".")
+        if not section and key in _MODEL_FIELDS:
+            values[key] = value
+            continue
+        section = section or mixer
+        if section not in MIXERS or (section == mixer and field not in mixer_fields):
+            raise ValueError(
+                f"{key}={value!r} is neither a model field ({sorted(_MODEL_FIELDS)}), a field of "
+                f"the {mixer!r} section ({sorted(mixer_fields)}) nor 'section.field'"
+            )
+        values.setdefault(section, {})[field] = value
+    values.update(vocab_size=vocab_size, d_model=d_model, layer_pattern=("base_conv", mixer))
     return ModelConfig.from_dict(values)
 
 
@@ -85,20 +96,12 @@ def mixer_of(config: ModelConfig) -> str:
     return config.layer_pattern[-1]
 
 
-def _float_count(tree: Any) -> int:
-    return sum(
-        math.prod(leaf.shape)
-        for leaf in jax.tree_util.tree_leaves(tree)
-        if jnp.issubdtype(leaf.dtype, jnp.floating)
-    )
-
-
 @dataclasses.dataclass(frozen=True)
 class StateSize:
-    """Floats of recurrent state per sequence, from the decode caches.
+    """Floats of recurrent state per sequence, from the mixers' decode caches.
 
-    mixer: the mixer layer's cache (what SPEC.md §6's formulas count and the figure plots).
-    total: every layer's cache, BaseConv's ``(K - 1) * conv_channels`` included.
+    mixer: the mixer layer's cache (what docs/mqar.md#state-size counts and the figure plots).
+    total: every layer's cache, BaseConv's ``(K - 1) * channels`` included.
     """
 
     mixer: int
@@ -106,13 +109,15 @@ class StateSize:
 
 
 def state_size(config: ModelConfig, seq_len: int) -> StateSize:
-    """State of ``config``'s model at batch 1 after ``seq_len`` tokens (full attention's KV cache
-    grows with ``seq_len``; every other cache does not). Integer bookkeeping such as the KV
-    cache's slot positions is not state and is not counted."""
+    """State of ``config``'s model at batch 1 after ``seq_len`` tokens, as each layer's mixer
+    counts it (``Mixer.state_size``: full attention's KV cache grows with ``seq_len``; every
+    other cache does not). Integer bookkeeping such as the KV cache's slot positions is not
+    state and is not counted."""
     if seq_len < 1:
         raise ValueError(f"seq_len={seq_len} must be >= 1")
-    cache = jax.eval_shape(lambda: LanguageModel(config).init_cache(1, seq_len))
-    per_layer = [_float_count(layer) for layer in cache.layers]
+    per_layer = [
+        layer_mixer(config, name, parent=None).state_size(seq_len) for name in config.layer_pattern
+    ]
     return StateSize(mixer=per_layer[-1], total=sum(per_layer))
 
 

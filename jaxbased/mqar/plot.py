@@ -9,17 +9,34 @@ import pathlib
 from collections.abc import Mapping
 from typing import Any
 
-#: Marker and colour of well-known groups; other groups get the next free style.
-_STYLES = {
-    "attention": ("o", "tab:red"),
-    "based": ("s", "tab:blue"),
-    "sliding_window": ("^", "tab:green"),
-    "base_conv": ("x", "tab:gray"),
-    "mamba": ("D", "tab:purple"),
-    "mamba2": ("P", "tab:orange"),
-    "decay_attention": ("v", "tab:brown"),
-}
-_SPARE_STYLES = [("*", "tab:pink"), ("h", "tab:olive"), ("<", "tab:cyan"), (">", "black")]
+from jaxbased.layers.registry import MIXERS
+
+#: Markers and colours, given to mixers in registry order (a group is drawn in its mixer's style).
+_STYLES = [
+    ("o", "tab:red"),
+    ("s", "tab:blue"),
+    ("^", "tab:green"),
+    ("x", "tab:gray"),
+    ("D", "tab:purple"),
+    ("P", "tab:orange"),
+    ("v", "tab:brown"),
+    ("*", "tab:pink"),
+    ("h", "tab:olive"),
+    ("<", "tab:cyan"),
+    (">", "black"),
+]
+
+
+def _style(mixer: str) -> tuple[str, str]:
+    names = list(MIXERS)
+    index = names.index(mixer) if mixer in names else len(names)
+    return _STYLES[index % len(_STYLES)]
+
+
+def _legend(group: str, mixer: str) -> str:
+    """The group's name, with its mixer's label from the registry when they differ."""
+    label = MIXERS[mixer].label if mixer in MIXERS else mixer
+    return label if group == mixer else f"{group} ({label})"
 
 
 def _label(grid: Mapping[str, Any]) -> str:
@@ -48,16 +65,24 @@ def plot_summary(
     groups: dict[str, list[Mapping[str, Any]]] = {}
     for point in points:
         groups.setdefault(point["group"], []).append(point)
-    spare = iter(_SPARE_STYLES)
     figure = Figure(figsize=(7.5, 4.8), dpi=120)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     for group, group_points in groups.items():
-        marker, colour = _STYLES.get(group) or next(spare, ("o", None))
+        mixer = group_points[0].get("mixer", group)
+        marker, colour = _style(mixer)
         group_points = sorted(group_points, key=lambda point: point["state_size"])
         xs = [point["state_size"] for point in group_points]
         ys = [point["accuracy"] for point in group_points]
-        axes.plot(xs, ys, marker=marker, color=colour, linestyle="-", linewidth=1, label=group)
+        axes.plot(
+            xs,
+            ys,
+            marker=marker,
+            color=colour,
+            linestyle="-",
+            linewidth=1,
+            label=_legend(group, mixer),
+        )
         if annotate:
             for point in group_points:
                 axes.annotate(

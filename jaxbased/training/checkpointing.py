@@ -82,31 +82,43 @@ class Checkpointer:
 
 
 def check_compatible(saved_model: dict, config: ModelConfig, workdir: pathlib.Path) -> None:
-    """Raise ``IncompatibleCheckpointError`` naming every model field that differs.
+    """Raise ``IncompatibleCheckpointError`` naming every model field that differs
+    (``based.feature_dim`` for a section's field).
 
-    A field missing from the saved record (a checkpoint written before the field existed) counts
-    as its default value.
+    The saved record is read as ``ModelConfig.from_dict`` reads it: a field missing from it (a
+    checkpoint written before the field existed) counts as its default, and an old flat record
+    is converted to sections first.
     """
-    current = config.to_dict()
-    defaults = {
-        field.name: field.default
-        for field in dataclasses.fields(ModelConfig)
-        if field.default is not dataclasses.MISSING
-    }
-    differences = []
-    for name in sorted(set(saved_model) | set(current)):
-        saved_value = saved_model.get(name, defaults.get(name))
-        current_value = current.get(name)
-        if isinstance(saved_value, list):
-            saved_value = tuple(saved_value)
-        if saved_value != current_value:
-            differences.append(f"{name}: checkpoint {saved_value!r} vs config {current_value!r}")
+    try:
+        saved = _flat_fields(ModelConfig.from_dict(saved_model).to_dict())
+    except ValueError as error:
+        raise IncompatibleCheckpointError(
+            f"workdir {str(workdir)!r} holds a checkpoint whose model config cannot be read "
+            f"({error}); use a new --workdir"
+        ) from None
+    current = _flat_fields(config.to_dict())
+    differences = [
+        f"{name}: checkpoint {saved[name]!r} vs config {current[name]!r}"
+        for name in sorted(current)
+        if saved[name] != current[name]
+    ]
     if differences:
         raise IncompatibleCheckpointError(
             f"workdir {str(workdir)!r} holds a checkpoint of an incompatible model ("
             + "; ".join(differences)
             + "); use a new --workdir or the same model config"
         )
+
+
+def _flat_fields(values: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"based": {"chunk_size": 16}}`` -> ``{"based.chunk_size": 16}``."""
+    flat: dict[str, Any] = {}
+    for name, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flat_fields(value, f"{prefix}{name}."))
+        else:
+            flat[f"{prefix}{name}"] = tuple(value) if isinstance(value, list) else value
+    return flat
 
 
 def _single_device_state(config: ModelConfig) -> Any:
