@@ -1,7 +1,10 @@
 import numpy as np
 import pytest
 
+import pallas_kernels.feature_map_layout as layout
+import pallas_kernels.linear_attention as pallas_linear_attention
 from jaxbased.ops import FEATURE_MAP_NAMES, expanded_dim, get_feature_map
+from jaxbased.ops import feature_maps as ops_feature_maps
 from tests import reference_numpy as ref
 
 
@@ -38,3 +41,32 @@ def test_unknown_feature_map_is_rejected():
         get_feature_map("cosine")
     with pytest.raises(ValueError, match="feature_dim=0"):
         expanded_dim("taylor", 0)
+
+
+def test_ops_and_kernels_share_one_copy_of_the_metadata():
+    for name in ("FEATURE_MAP_NAMES", "TAYLOR_FEATURE_MAPS", "expanded_dim", "check_feature_map"):
+        assert getattr(ops_feature_maps, name) is getattr(layout, name)
+    assert pallas_linear_attention.expanded_dim is layout.expanded_dim
+    assert pallas_linear_attention.TAYLOR_FEATURE_MAPS is layout.TAYLOR_FEATURE_MAPS
+    assert tuple(ops_feature_maps.FEATURE_MAPS) == FEATURE_MAP_NAMES
+
+
+@pytest.mark.parametrize("name", FEATURE_MAP_NAMES)
+def test_feature_dim_of_inverts_expanded_dim(name):
+    for feature_dim in range(1, 40):
+        assert layout.feature_dim_of(name, expanded_dim(name, feature_dim)) == feature_dim
+    with pytest.raises(ValueError, match="no feature_dim gives 0"):
+        layout.feature_dim_of(name, 0)
+
+
+@pytest.mark.parametrize("feature_dim", [1, 4, 16])
+def test_zero_vector_features(feature_dim):
+    # phi(0): what each right-pad token adds to the normalizer state (see discount_padding).
+    for name in FEATURE_MAP_NAMES:
+        features = np.asarray(get_feature_map(name)(np.zeros((feature_dim,), np.float32)))
+        want = np.zeros(expanded_dim(name, feature_dim), np.float32)
+        if name in layout.TAYLOR_FEATURE_MAPS:
+            want[0] = 1.0
+        elif name == "elu":
+            want[:] = 1.0
+        np.testing.assert_array_equal(features, want)

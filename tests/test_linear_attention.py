@@ -6,6 +6,7 @@ import pytest
 from jaxbased.ops import (
     FEATURE_MAP_NAMES,
     LinearAttentionState,
+    discount_padding,
     expanded_dim,
     init_linear_attention_state,
     linear_attention,
@@ -123,3 +124,36 @@ def test_invalid_arguments_are_named(rng):
         linear_attention(q, k[..., :2], v)
     with pytest.raises(ValueError, match="initial_state"):
         linear_attention(q, k, v, initial_state=init_linear_attention_state(2, 3, 7, 5))
+
+
+@pytest.mark.parametrize("feature_map", FEATURE_MAP_NAMES)
+@pytest.mark.parametrize("decay", [False, True])
+def test_discount_padding_leaves_the_state_of_the_valid_tokens(feature_map, decay, rng):
+    seq, lengths = 11, np.array([11, 6, 1])
+    q, k, v = make_inputs(rng, feature_map, seq, batch=3)
+    valid = np.arange(seq)[None, :] < lengths[:, None]  # [B, T]
+    # Right padding as the layers feed it: k = v = 0 and no decay on pad tokens.
+    k, v = (np.where(valid[..., None, None], x, 0.0).astype(np.float32) for x in (k, v))
+    log_decay = None
+    if decay:
+        log_decay = -rng.uniform(0.05, 0.5, size=(3, seq, 3))
+        log_decay = np.where(valid[..., None], log_decay, 0.0).astype(np.float32)
+    _, state = linear_attention(
+        q, k, v, feature_map=feature_map, chunk_size=CHUNK, return_state=True, log_decay=log_decay
+    )
+    got = discount_padding(state, jnp.asarray(seq - lengths, jnp.int32), feature_map)
+    assert got.k_state.dtype == state.k_state.dtype and got.kv_state is state.kv_state
+    for row, length in enumerate(lengths):
+        part = slice(row, row + 1), slice(0, length)
+        row_decay = None if log_decay is None else log_decay[part]
+        _, (want_kv, want_z) = ref.decayed_linear_attention(
+            q[part], k[part], v[part], row_decay, feature_map
+        )
+        assert relative_error(got.kv_state[row], want_kv[0]) <= 1e-5
+        assert relative_error(got.k_state[row], want_z[0]) <= 1e-5
+
+
+def test_discount_padding_rejects_a_state_no_feature_dim_gives(rng):
+    state = init_linear_attention_state(1, 1, 8, 2)  # 1 + F + F**2 is never 8
+    with pytest.raises(ValueError, match="no feature_dim gives 8"):
+        discount_padding(state, jnp.zeros((1,), jnp.int32), "taylor")

@@ -6,6 +6,7 @@ Each op has an XLA reference (the source of truth) and its one-token decode step
 from jaxbased.ops.feature_maps import FEATURE_MAP_NAMES, expanded_dim, get_feature_map
 from jaxbased.ops.linear_attention import (
     LinearAttentionState,
+    discount_padding,
     init_linear_attention_state,
     linear_attention,
     linear_attention_step,
@@ -27,6 +28,7 @@ __all__ = [
     "KVCache",
     "LinearAttentionState",
     "apply_rotary",
+    "discount_padding",
     "expanded_dim",
     "fill_kv_cache",
     "get_feature_map",

@@ -10,6 +10,9 @@ Every map takes ``x [..., feature_dim]`` and returns ``[..., expanded_dim]`` in 
   (diagonal scaled ``1 / (sqrt(2) sqrt(F))``, off-diagonal pairs ``1 / sqrt(F)``);
   ``1 + F + F (F + 1) / 2`` features, about 45% less second-order state at F = 16.
 - ``elu``: ``elu(x) + 1``; ``relu``: ``max(x, 0)``; ``identity``: ``x``.
+
+The names, sizes and Taylor expansion order are shared with the Pallas kernels through
+:mod:`pallas_kernels.feature_map_layout` and re-exported here.
 """
 
 from __future__ import annotations
@@ -19,22 +22,41 @@ from collections.abc import Callable
 from types import MappingProxyType
 
 import jax.numpy as jnp
-import numpy as np
 from jax import nn as jnn
 from jaxtyping import Array, Float
 
-FEATURE_MAP_NAMES: tuple[str, ...] = ("taylor", "taylor_symmetric", "elu", "relu", "identity")
-TAYLOR_FEATURE_MAPS: frozenset[str] = frozenset({"taylor", "taylor_symmetric"})
+from jaxbased.ops._common import compute_dtype
+from pallas_kernels.feature_map_layout import (
+    FEATURE_MAP_NAMES,
+    TAYLOR_FEATURE_MAPS,
+    check_feature_map,
+    expanded_dim,
+    feature_dim_of,
+    symmetric_pairs,
+    taylor_kernel_from_scores,
+)
 
-
-def _compute_dtype(x: Array) -> jnp.dtype:
-    return jnp.promote_types(x.dtype, jnp.float32)
+__all__ = [
+    "FEATURE_MAPS",
+    "FEATURE_MAP_NAMES",
+    "TAYLOR_FEATURE_MAPS",
+    "check_feature_map",
+    "elu",
+    "expanded_dim",
+    "feature_dim_of",
+    "get_feature_map",
+    "identity",
+    "relu",
+    "taylor",
+    "taylor_kernel_from_dots",
+    "taylor_symmetric",
+]
 
 
 def taylor(x: Float[Array, "... F"]) -> Float[Array, "... D"]:
     """Exact second-order Taylor features, ``D = 1 + F + F**2``."""
     feature_dim = x.shape[-1]
-    xf = x.astype(_compute_dtype(x))
+    xf = x.astype(compute_dtype(x))
     outer = (xf[..., :, None] * xf[..., None, :]).reshape(*x.shape[:-1], feature_dim * feature_dim)
     features = jnp.concatenate(
         [
@@ -47,17 +69,11 @@ def taylor(x: Float[Array, "... F"]) -> Float[Array, "... D"]:
     return features.astype(x.dtype)
 
 
-def _upper_triangle(feature_dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    rows, cols = np.triu_indices(feature_dim)
-    scale = np.where(rows == cols, 1.0 / math.sqrt(2.0), 1.0) / math.sqrt(feature_dim)
-    return rows, cols, scale
-
-
 def taylor_symmetric(x: Float[Array, "... F"]) -> Float[Array, "... D"]:
     """Taylor features from the upper triangle of ``x ⊗ x``, ``D = 1 + F + F (F + 1) / 2``."""
     feature_dim = x.shape[-1]
-    rows, cols, scale = _upper_triangle(feature_dim)
-    xf = x.astype(_compute_dtype(x))
+    rows, cols, scale = symmetric_pairs(feature_dim)
+    xf = x.astype(compute_dtype(x))
     second = xf[..., rows] * xf[..., cols] * jnp.asarray(scale, xf.dtype)
     features = jnp.concatenate(
         [jnp.ones_like(xf[..., :1]), xf / feature_dim**0.25, second], axis=-1
@@ -67,7 +83,7 @@ def taylor_symmetric(x: Float[Array, "... F"]) -> Float[Array, "... D"]:
 
 def elu(x: Float[Array, "... F"]) -> Float[Array, "... F"]:
     """``elu(x) + 1`` (positive features)."""
-    return (jnn.elu(x.astype(_compute_dtype(x))) + 1.0).astype(x.dtype)
+    return (jnn.elu(x.astype(compute_dtype(x))) + 1.0).astype(x.dtype)
 
 
 def relu(x: Float[Array, "... F"]) -> Float[Array, "... F"]:
@@ -91,33 +107,12 @@ FEATURE_MAPS: MappingProxyType[str, Callable[[Array], Array]] = MappingProxyType
 )
 
 
-def check_feature_map(name: str) -> None:
-    """Raise ``ValueError`` unless ``name`` is a known feature map."""
-    if name not in FEATURE_MAPS:
-        raise ValueError(
-            f"feature_map={name!r} is not known; allowed: {', '.join(FEATURE_MAP_NAMES)}"
-        )
-
-
 def get_feature_map(name: str) -> Callable[[Array], Array]:
     """The feature map function registered under ``name``."""
     check_feature_map(name)
     return FEATURE_MAPS[name]
 
 
-def expanded_dim(name: str, feature_dim: int) -> int:
-    """Number of features ``phi`` produces from ``feature_dim`` inputs."""
-    check_feature_map(name)
-    if feature_dim < 1:
-        raise ValueError(f"feature_dim={feature_dim} must be >= 1")
-    if name == "taylor":
-        return 1 + feature_dim + feature_dim * feature_dim
-    if name == "taylor_symmetric":
-        return 1 + feature_dim + feature_dim * (feature_dim + 1) // 2
-    return feature_dim
-
-
 def taylor_kernel_from_dots(dots: Array, feature_dim: int) -> Array:
     """``1 + s + s**2 / 2`` with ``s = dots / sqrt(F)``: the Taylor kernel from raw ``q . k``."""
-    scaled = dots / math.sqrt(feature_dim)
-    return 1.0 + scaled + 0.5 * scaled * scaled
+    return taylor_kernel_from_scores(dots / math.sqrt(feature_dim))

@@ -37,8 +37,14 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
-from jaxtyping import Array, Float
+from jaxtyping import Array, Float, Int
 
+from jaxbased.ops._common import (
+    check_algorithm,
+    check_chunk_size,
+    check_not_positive,
+    compute_dtype,
+)
 from jaxbased.ops.dispatch import (
     check_implementation,
     head_spec,
@@ -51,6 +57,8 @@ from jaxbased.ops.dispatch import (
 from jaxbased.ops.feature_maps import (
     TAYLOR_FEATURE_MAPS,
     check_feature_map,
+    expanded_dim,
+    feature_dim_of,
     get_feature_map,
     taylor_kernel_from_dots,
 )
@@ -80,10 +88,6 @@ def init_linear_attention_state(
     )
 
 
-def _compute_dtype(*arrays: Array) -> jnp.dtype:
-    return jnp.result_type(jnp.float32, *[a.dtype for a in arrays])
-
-
 def _check_inputs(q: Array, k: Array, v: Array) -> None:
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(
@@ -94,6 +98,37 @@ def _check_inputs(q: Array, k: Array, v: Array) -> None:
         raise ValueError(f"q and k must have the same shape; got q={q.shape}, k={k.shape}")
     if v.shape[:3] != q.shape[:3]:
         raise ValueError(f"v must share batch, seq and heads with q; got q={q.shape}, v={v.shape}")
+
+
+def discount_padding(
+    state: LinearAttentionState, pad_counts: Int[Array, " B"], feature_map: str
+) -> LinearAttentionState:
+    """The state of right-padded prompts with the padding's share of the normalizer removed.
+
+    Right padding enters the scan with ``k = v = 0`` (and no decay): each pad token adds
+    ``phi(0) ⊗ 0 = 0`` to ``kv_state`` but ``phi(0)`` to ``k_state`` (``[1, 0, …, 0]`` for the
+    Taylor maps, ones for ``elu``, zeros for ``relu`` and ``identity``). This returns
+
+        kv_state,  k_state - pad_counts[:, None, None] * phi(0)
+
+    with ``phi(0)`` the feature map of a zero vector of the state's input size ``F`` (inferred
+    from its ``D'`` features), in the state's dtype: the state of the valid tokens alone.
+
+    Args:
+      state: ``kv_state [B, H, D', Dv]``, ``k_state [B, H, D']`` after the padded prompts.
+      pad_counts: ``[B]`` pad tokens per row (any numeric dtype; cast to the state's).
+      feature_map: the map that built the state (one of ``FEATURE_MAP_NAMES``).
+
+    Returns:
+      The :class:`LinearAttentionState` with the same shapes and dtypes; ``kv_state`` is
+      returned as is.
+    """
+    check_feature_map(feature_map)
+    dtype = state.k_state.dtype
+    feature_dim = feature_dim_of(feature_map, state.k_state.shape[-1])
+    phi_zero = get_feature_map(feature_map)(jnp.zeros((feature_dim,), dtype))
+    pads = jnp.asarray(pad_counts).astype(dtype)
+    return LinearAttentionState(state.kv_state, state.k_state - pads[:, None, None] * phi_zero)
 
 
 def _state_or_zeros(
@@ -133,28 +168,28 @@ def _decay_weights(log_decay: Array) -> tuple[Array, Array, Array, Array]:
     return pairwise, jnp.exp(cumulative), jnp.exp(total[..., None] - cumulative), jnp.exp(total)
 
 
-def _advance(
-    state: LinearAttentionState, phi_k: Array, v: Array, decay: Array | None
+def _decay_and_add(
+    state: LinearAttentionState, decay: Array | None, kv_added: Array, k_added: Array
 ) -> LinearAttentionState:
-    # The state after a block: decayed by the block's total decay [B, H] (if any), plus the
-    # block's keys [B, H, C, D'] (already weighted by their decay to the block's end) and values.
+    """``S' = a S + kv_added``, ``z' = a z + k_added``: the state decayed by ``a = decay``
+    ``[B, H]`` (skipped when None), then the new keys and values added
+    (``kv_added [B, H, D', Dv]``, ``k_added [B, H, D']``)."""
     kv_state, k_state = state
     if decay is not None:
         kv_state = decay[..., None, None] * kv_state
         k_state = decay[..., None] * k_state
-    return LinearAttentionState(
-        kv_state + jnp.einsum("bhjf,bhjd->bhfd", phi_k, v), k_state + phi_k.sum(2)
-    )
+    return LinearAttentionState(kv_state + kv_added, k_state + k_added)
 
 
-def _quadratic(q, k, v, feature_map, eps, state, log_decay=None, normalize=True):
-    # q, k: [B, H, T, F]; v: [B, H, T, Dv]; log_decay: None or [B, H, T]; all in the compute
-    # dtype.
-    phi = get_feature_map(feature_map)
-    phi_q, phi_k = phi(q), phi(k)
-    seq = q.shape[2]
-    kernel = jnp.einsum("bhif,bhjf->bhij", phi_q, phi_k)
-    kernel = jnp.where(jnp.tril(jnp.ones((seq, seq), bool)), kernel, 0.0)
+def _attend_block(kernel, phi_q, phi_k, v, state, eps, log_decay, normalize):
+    """Outputs of one block of tokens and the state after it, from its causal kernel matrix.
+
+    ``kernel [B, H, C, C]`` (``phi(q_i) . phi(k_j)``, zero above the diagonal and on masked
+    keys), ``phi_q, phi_k [B, H, C, D']``, ``v [B, H, C, Dv]``, ``state`` the state before the
+    block, ``log_decay`` None or ``[B, H, C]``. With a decay the kernel is weighted by
+    ``exp(G_i - G_j)``, the state read by query ``i`` by ``exp(G_i)`` and key ``j`` enters the
+    new state weighted by ``exp(G_C - G_j)``. Returns ``y [B, H, C, Dv]`` and the new state.
+    """
     read_q, state_decay = phi_q, None
     if log_decay is not None:
         pairwise, query_decay, key_decay, state_decay = _decay_weights(log_decay)
@@ -168,7 +203,21 @@ def _quadratic(q, k, v, feature_map, eps, state, log_decay=None, normalize=True)
         out = numerator / (denominator + eps)[..., None]
     else:
         out = numerator
-    return out, _advance(state, phi_k, v, state_decay)
+    new_state = _decay_and_add(
+        state, state_decay, jnp.einsum("bhjf,bhjd->bhfd", phi_k, v), phi_k.sum(2)
+    )
+    return out, new_state
+
+
+def _quadratic(q, k, v, feature_map, eps, state, log_decay=None, normalize=True):
+    # q, k: [B, H, T, F]; v: [B, H, T, Dv]; log_decay: None or [B, H, T]; all in the compute
+    # dtype.
+    phi = get_feature_map(feature_map)
+    phi_q, phi_k = phi(q), phi(k)
+    seq = q.shape[2]
+    kernel = jnp.einsum("bhif,bhjf->bhij", phi_q, phi_k)
+    kernel = jnp.where(jnp.tril(jnp.ones((seq, seq), bool)), kernel, 0.0)
+    return _attend_block(kernel, phi_q, phi_k, v, state, eps, log_decay, normalize)
 
 
 def _chunked(q, k, v, feature_map, eps, state, chunk_size, log_decay=None, normalize=True):
@@ -203,20 +252,11 @@ def _chunked(q, k, v, feature_map, eps, state, chunk_size, log_decay=None, norma
         else:
             kernel = jnp.einsum("bhif,bhjf->bhij", phi_q, phi_k)
         kernel = jnp.where(causal & valid_c[None, :], kernel, 0.0)
-        read_q, chunk_decay = phi_q, None
-        if log_decay_c:
-            pairwise, query_decay, key_decay, chunk_decay = _decay_weights(log_decay_c[0])
-            kernel = kernel * pairwise
-            read_q = phi_q * query_decay[..., None]
-            phi_k = phi_k * key_decay[..., None]
-        numerator = jnp.einsum("bhij,bhjd->bhid", kernel, v_c)
-        numerator = numerator + jnp.einsum("bhif,bhfd->bhid", read_q, carry.kv_state)
-        if normalize:
-            denominator = kernel.sum(-1) + jnp.einsum("bhif,bhf->bhi", read_q, carry.k_state)
-            out = numerator / (denominator + eps)[..., None]
-        else:
-            out = numerator
-        return _advance(carry, phi_k, v_c, chunk_decay), out
+        chunk_log_decay = log_decay_c[0] if log_decay_c else None
+        out, new_carry = _attend_block(
+            kernel, phi_q, phi_k, v_c, carry, eps, chunk_log_decay, normalize
+        )
+        return new_carry, out
 
     chunks = (to_chunks(q), to_chunks(k), to_chunks(v), valid, *chunked_decay)
     final, out = jax.lax.scan(step, state, chunks)
@@ -243,40 +283,12 @@ def _step(q_t, k_t, v_t, state, feature_map, eps, decay=None, normalize=True):
     # token, then read it.
     phi = get_feature_map(feature_map)
     phi_q, phi_k = phi(q_t), phi(k_t)
-    kv_state, k_state = state
-    if decay is not None:
-        kv_state = decay[..., None, None] * kv_state
-        k_state = decay[..., None] * k_state
-    kv_state = kv_state + phi_k[..., :, None] * v_t[..., None, :]
-    k_state = k_state + phi_k
+    kv_state, k_state = _decay_and_add(state, decay, phi_k[..., :, None] * v_t[..., None, :], phi_k)
     numerator = jnp.einsum("bhf,bhfd->bhd", phi_q, kv_state)
     if not normalize:
         return numerator, LinearAttentionState(kv_state, k_state)
     denominator = jnp.einsum("bhf,bhf->bh", phi_q, k_state)
     return numerator / (denominator + eps)[..., None], LinearAttentionState(kv_state, k_state)
-
-
-def check_not_positive(name: str, values: Array) -> None:
-    """Raise ``ValueError`` naming ``name`` if any of ``values`` is > 0 (or NaN).
-
-    Only concrete values are checked; inside ``jit`` the values are not known and nothing is
-    checked.
-    """
-    if isinstance(values, jax.core.Tracer):
-        return
-    largest = float(jnp.max(values)) if jnp.size(values) else 0.0
-    if not largest <= 0:
-        raise ValueError(f"{name} must be <= 0 everywhere; its largest value is {largest}")
-
-
-def check_not_negative(name: str, values: Array) -> None:
-    """Raise ``ValueError`` naming ``name`` if any of ``values`` is < 0 (or NaN); concrete
-    values only, like :func:`check_not_positive`."""
-    if isinstance(values, jax.core.Tracer):
-        return
-    smallest = float(jnp.min(values)) if jnp.size(values) else 0.0
-    if not smallest >= 0:
-        raise ValueError(f"{name} must be >= 0 everywhere; its smallest value is {smallest}")
 
 
 def _check_log_decay(log_decay: Array, allowed: dict[str, tuple[int, ...]]) -> Array:
@@ -337,10 +349,8 @@ def linear_attention(
     """
     _check_inputs(q, k, v)
     check_feature_map(feature_map)
-    if algorithm not in ALGORITHMS:
-        raise ValueError(f"algorithm={algorithm!r} is not known; allowed: {', '.join(ALGORITHMS)}")
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size!r} must be a positive integer")
+    check_algorithm(algorithm, ALGORITHMS)
+    check_chunk_size(chunk_size)
     if eps < 0:
         raise ValueError(f"eps={eps} must be >= 0")
     check_implementation(implementation)
@@ -356,10 +366,9 @@ def linear_attention(
         )
         return (out, final) if return_state else out
 
-    dtype = _compute_dtype(q, k, v)
-    value_dim = v.shape[-1]
-    expanded = get_feature_map(feature_map)(jnp.zeros((feature_dim,), dtype)).shape[-1]
-    state = _state_or_zeros(initial_state, batch, heads, expanded, value_dim, dtype)
+    dtype = compute_dtype(q, k, v)
+    expanded = expanded_dim(feature_map, feature_dim)
+    state = _state_or_zeros(initial_state, batch, heads, expanded, v.shape[-1], dtype)
     # [B, T, H, X] -> [B, H, T, X] in the compute dtype.
     qh, kh, vh = (jnp.swapaxes(x, 1, 2).astype(dtype) for x in (q, k, v))
     decay = None  # [B, H, T]
@@ -408,7 +417,7 @@ def _pallas(q, k, v, feature_map, chunk_size, eps, initial_state, log_decay, nor
     batch, seq, heads, feature_dim = q.shape
     if initial_state is not None:
         # Same shape check (and message) as the XLA path.
-        expanded = get_feature_map(feature_map)(jnp.zeros((feature_dim,), jnp.float32)).shape[-1]
+        expanded = expanded_dim(feature_map, feature_dim)
         initial_state = _state_or_zeros(
             initial_state, batch, heads, expanded, v.shape[-1], jnp.float32
         )
@@ -478,7 +487,7 @@ def linear_attention_step(
             f"q, k must be [batch, heads, F] and v [batch, heads, Dv]; got q={q.shape}, "
             f"k={k.shape}, v={v.shape}"
         )
-    dtype = _compute_dtype(q, k, v, state.kv_state)
+    dtype = compute_dtype(q, k, v, state.kv_state)
     decay = None
     if log_decay is not None:
         batch, heads = q.shape[:2]

@@ -29,13 +29,17 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from jaxbased.ops.linear_attention import check_not_negative, check_not_positive
+from jaxbased.ops._common import (
+    check_algorithm,
+    check_chunk_size,
+    check_not_negative,
+    check_not_positive,
+    check_shape,
+    compute_dtype,
+    initial_state_or_zeros,
+)
 
 ALGORITHMS: tuple[str, ...] = ("chunked", "sequential", "associative")
-
-
-def _compute_dtype(*arrays: Array) -> jnp.dtype:
-    return jnp.result_type(jnp.float32, *[a.dtype for a in arrays])
 
 
 def _check_shapes(u, delta, a, b, c, token_axes: int) -> tuple[int, int]:
@@ -145,22 +149,13 @@ def selective_scan(
       ``y [B, T, D]`` in ``u.dtype``, and the final state ``[B, D, N]`` (float32) when
       ``return_state`` is set. Values of ``a`` and ``delta`` are checked when concrete.
     """
-    if algorithm not in ALGORITHMS:
-        raise ValueError(f"algorithm={algorithm!r} is not known; allowed: {', '.join(ALGORITHMS)}")
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size!r} must be a positive integer")
+    check_algorithm(algorithm, ALGORITHMS)
+    check_chunk_size(chunk_size)
     channels, state_dim = _check_shapes(u, delta, a, b, c, token_axes=2)
-    batch = u.shape[0]
-    dtype = _compute_dtype(u, delta, a, b, c)
-    if initial_state is None:
-        state = jnp.zeros((batch, channels, state_dim), dtype)
-    elif initial_state.shape != (batch, channels, state_dim):
-        raise ValueError(
-            f"initial_state has shape {initial_state.shape}; expected [B, D, N] = "
-            f"{(batch, channels, state_dim)}"
-        )
-    else:
-        state = jnp.asarray(initial_state, dtype)
+    dtype = compute_dtype(u, delta, a, b, c)
+    state = initial_state_or_zeros(
+        initial_state, "[B, D, N]", (u.shape[0], channels, state_dim), dtype
+    )
     arguments = (state, *(jnp.asarray(arr, dtype) for arr in (u, delta, a, b, c)))
 
     if algorithm == "sequential":
@@ -187,9 +182,7 @@ def selective_scan_step(
     Returns ``y [B, D]`` (dtype of ``u``) and the new state (dtype of ``state``).
     """
     channels, state_dim = _check_shapes(u, delta, a, b, c, token_axes=1)
-    expected = (u.shape[0], channels, state_dim)
-    if state.shape != expected:
-        raise ValueError(f"state has shape {state.shape}; expected [B, D, N] = {expected}")
-    dtype = _compute_dtype(u, delta, a, b, c, state)
+    check_shape("state", state, "[B, D, N]", (u.shape[0], channels, state_dim))
+    dtype = compute_dtype(u, delta, a, b, c, state)
     y, new_state = _step(*(jnp.asarray(arr, dtype) for arr in (u, delta, a, b, c, state)))
     return y.astype(u.dtype), new_state.astype(state.dtype)

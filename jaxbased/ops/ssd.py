@@ -26,18 +26,18 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from jaxbased.ops.linear_attention import (
-    LinearAttentionState,
+from jaxbased.ops._common import (
+    check_algorithm,
+    check_chunk_size,
     check_not_negative,
     check_not_positive,
-    linear_attention,
+    check_shape,
+    compute_dtype,
+    initial_state_or_zeros,
 )
+from jaxbased.ops.linear_attention import LinearAttentionState, linear_attention
 
 ALGORITHMS: tuple[str, ...] = ("chunked", "recurrent")
-
-
-def _compute_dtype(*arrays: Array) -> jnp.dtype:
-    return jnp.result_type(jnp.float32, *[a.dtype for a in arrays])
 
 
 def _check_shapes(x, dt, a, b, c, token_axes: int) -> tuple[int, int, int, int]:
@@ -108,22 +108,14 @@ def ssd(
       ``y [B, T, H, P]`` in ``x.dtype``, and the final state ``[B, H, P, N]`` (float32) when
       ``return_state`` is set. Values of ``a`` and ``dt`` are checked when concrete.
     """
-    if algorithm not in ALGORITHMS:
-        raise ValueError(f"algorithm={algorithm!r} is not known; allowed: {', '.join(ALGORITHMS)}")
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size!r} must be a positive integer")
+    check_algorithm(algorithm, ALGORITHMS)
+    check_chunk_size(chunk_size)
     heads, head_dim, _, state_dim = _check_shapes(x, dt, a, b, c, token_axes=2)
     batch = x.shape[0]
-    dtype = _compute_dtype(x, dt, a, b, c)
-    if initial_state is None:
-        state = jnp.zeros((batch, heads, head_dim, state_dim), dtype)
-    elif initial_state.shape != (batch, heads, head_dim, state_dim):
-        raise ValueError(
-            f"initial_state has shape {initial_state.shape}; expected [B, H, P, N] = "
-            f"{(batch, heads, head_dim, state_dim)}"
-        )
-    else:
-        state = jnp.asarray(initial_state, dtype)
+    dtype = compute_dtype(x, dt, a, b, c)
+    state = initial_state_or_zeros(
+        initial_state, "[B, H, P, N]", (batch, heads, head_dim, state_dim), dtype
+    )
     x_, dt_, a_ = (jnp.asarray(arr, dtype) for arr in (x, dt, a))
     b_heads = _heads_from_groups(jnp.asarray(b, dtype), heads)
     c_heads = _heads_from_groups(jnp.asarray(c, dtype), heads)
@@ -171,10 +163,8 @@ def ssd_step(
     Returns ``y [B, H, P]`` (dtype of ``x``) and the new state (dtype of ``state``).
     """
     heads, head_dim, _, state_dim = _check_shapes(x, dt, a, b, c, token_axes=1)
-    expected = (x.shape[0], heads, head_dim, state_dim)
-    if state.shape != expected:
-        raise ValueError(f"state has shape {state.shape}; expected [B, H, P, N] = {expected}")
-    dtype = _compute_dtype(x, dt, a, b, c, state)
+    check_shape("state", state, "[B, H, P, N]", (x.shape[0], heads, head_dim, state_dim))
+    dtype = compute_dtype(x, dt, a, b, c, state)
     y, new_state = _step(
         x.astype(dtype),
         dt.astype(dtype),

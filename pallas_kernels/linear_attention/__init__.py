@@ -18,8 +18,13 @@ the same, and ``taylor`` states are converted exactly at the call boundary (``_s
 
 - ``tpu.py``: Mosaic TPU kernels (grid over batch, heads, chunks; state in VMEM scratch).
 - ``gpu.py``: Triton kernels (grid over batch, heads, value blocks; loop over chunks).
-- ``_taylor.py``: the fused feature map and the per-chunk math both share.
+- ``_layout.py``: the fused feature map's feature order and padded state rows.
+- ``_call.py``: one kernel call's static parameters, input order, residuals and decay parts.
+- ``_chunk.py``: the per-chunk math both share (expansion, intra-chunk kernel, state update).
 - ``_symmetric.py``: ``taylor`` <-> ``taylor_symmetric`` state layouts.
+
+Feature-map names and sizes come from :mod:`pallas_kernels.feature_map_layout`, shared with
+``jaxbased.ops.feature_maps``.
 
 :func:`linear_attention` has a ``jax.custom_vjp`` whose backward runs two more kernels per
 backend (``dq`` forward over the chunks; ``dk, dv`` and the initial state's cotangent backward
@@ -37,17 +42,13 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from pallas_kernels._common import check_block, check_call, compute_dtype
+from pallas_kernels.feature_map_layout import TAYLOR_FEATURE_MAPS, expanded_dim
 from pallas_kernels.linear_attention import gpu, tpu
+from pallas_kernels.linear_attention._layout import TaylorLayout, make_layout
 from pallas_kernels.linear_attention._symmetric import (
     antisymmetric_part,
     full_from_symmetric,
     symmetric_from_full,
-)
-from pallas_kernels.linear_attention._taylor import (
-    TAYLOR_FEATURE_MAPS,
-    TaylorLayout,
-    expanded_dim,
-    make_layout,
 )
 
 __all__ = [

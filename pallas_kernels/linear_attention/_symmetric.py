@@ -2,7 +2,8 @@
 
 The full map has a second-order feature ``x_i x_j / (sqrt(2) sqrt(F))`` for every ordered pair
 (row-major, index ``1 + F + i F + j``); the symmetric one keeps ``i <= j`` (``numpy.triu_indices``
-order), scaled ``1 / (sqrt(2) sqrt(F))`` on the diagonal and ``1 / sqrt(F)`` off it. The kernels
+order, :func:`pallas_kernels.feature_map_layout.symmetric_pairs`), scaled
+``1 / (sqrt(2) sqrt(F))`` on the diagonal and ``1 / sqrt(F)`` off it. The kernels
 compute in the symmetric layout (half the state, same outputs); these maps carry a ``taylor``
 state across that boundary without changing what any query reads:
 
@@ -27,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.feature_map_layout import symmetric_pairs
+
 
 @functools.cache
 def _pair_indices(feature_dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -34,7 +37,7 @@ def _pair_indices(feature_dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray,
     the full indices of ``(i, j)`` and ``(j, i)``; for each full index the symmetric index it
     reads and the factor (1 on the constant, linear and diagonal features, ``1/sqrt(2)`` off)."""
     head = 1 + feature_dim
-    rows, cols = np.triu_indices(feature_dim)
+    rows, cols, _ = symmetric_pairs(feature_dim)
     upper = head + rows * feature_dim + cols
     lower = head + cols * feature_dim + rows
     pair_of = np.zeros((feature_dim, feature_dim), np.int64)

@@ -34,20 +34,22 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels._common import next_power_of_two, pad_axis
-from pallas_kernels.linear_attention._taylor import (
+from pallas_kernels.linear_attention._call import (
     ChunkedCall,
-    Factors,
     Residuals,
+    chunk_cumulative_log_decay,
+    kernel_inputs,
+    log_decay_cotangent,
+    split_kernel_refs,
+)
+from pallas_kernels.linear_attention._chunk import (
+    Factors,
     SegmentState,
     chunk_backward_key_value,
     chunk_backward_query,
-    chunk_cumulative_log_decay,
     chunk_decay,
     chunk_forward,
-    kernel_inputs,
-    log_decay_cotangent,
     output_cotangents,
-    split_kernel_refs,
 )
 
 
