@@ -1,32 +1,15 @@
 """Compile every Pallas kernel for the real hardware on a CPU host, GPU and TPU, and report.
 
-``jax.export`` only runs Pallas' own lowering (to Triton IR for CUDA, to Mosaic for TPU); the
-hardware compilers run later, on the accelerator machine, so a kernel that needs more on-chip
-memory than the chip has, or that they cannot compile, would only fail there. This module runs
-those compilers here:
-
-- GPU: takes each kernel's Triton IR out of a ``jax.export`` for CUDA (the
-  ``__gpu$xla.gpu.triton`` custom calls, with their ``num_warps``/``num_stages``) and compiles it
-  with the ``triton`` package for ``sm_90`` (H100/H200), reporting per kernel the shared memory
-  per block, registers per thread and stack bytes per thread (spills and local arrays,
-  ``cuobjdump``'s ``STACK``). The wheel pins its own Triton, not the one inside jaxlib's XLA, so
-  the numbers are close to, not exactly, what XLA builds.
-- TPU: compiles the whole differentiated call ahead of time for a TPU topology with ``libtpu``
-  and no TPU attached (``jax.experimental.topologies``), for v4, v5e, v5p and v6e; this runs
-  Mosaic's layout passes and the VMEM allocation that ``jax.export`` skips.
-
-Timings still need the hardware (``benchmarks/gpu_check.sh``). ``tests/test_pallas_compile.py``
-asserts every case below compiles within the limits.
+The cases and the compilers are :mod:`pallas_kernels.compile_check` (which its docstring
+explains); this is the command line that compiles them all, prints tables and writes a JSON
+report. Timings still need the hardware (``benchmarks/gpu_check.sh``).
+``tests/test_pallas_compile.py`` asserts every case compiles within the limits.
 
 Usage (repository root; needs the test extra's ``triton`` and libtpu, Linux x86_64)::
 
     .venv/bin/python benchmarks/compile_kernels.py --install_libtpu   # once (make install does)
     .venv/bin/python benchmarks/compile_kernels.py
     # prints tables, writes benchmarks/results/compile_kernels.json
-
-libtpu goes beside the environment's packages (``<venv>/libtpu``), not among them: with it
-importable, JAX would try to start a TPU backend in every process, which on a host without a
-TPU prints errors at start-up. Here it is loaded only by :func:`compile_for_tpu`.
 """
 
 from __future__ import annotations
@@ -37,332 +20,26 @@ import datetime
 import json
 import os
 import platform
-import re
-import subprocess
 import sys
-import tempfile
-import time
-from collections.abc import Callable
-
-# libtpu takes a lock file when it loads (once per machine); several compiling processes may run.
-os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-
-import jax
-import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pallas_kernels.linear_attention import linear_attention as pallas_linear_attention
-from pallas_kernels.window_attention import window_attention as pallas_window_attention
+import jax
 
-TRITON_CALL_TARGET = "__gpu$xla.gpu.triton"
-#: Dynamic shared memory one block may use on sm_90 (H100/H200): 227 KiB.
-SHARED_MEMORY_PER_BLOCK = {90: 227 * 1024}
-#: Registers one thread may use on every CUDA GPU since Kepler.
-REGISTERS_PER_THREAD = 255
-
-
-@dataclasses.dataclass(frozen=True)
-class TritonKernel:
-    """One Pallas GPU kernel as XLA receives it: its name, Triton IR (MLIR text) and launch
-    parameters."""
-
-    name: str
-    ir: str
-    num_warps: int
-    num_stages: int
-
-
-@dataclasses.dataclass(frozen=True)
-class CompileReport:
-    """What a kernel compiled for ``arch`` uses (bytes per block, registers and bytes per
-    thread)."""
-
-    name: str
-    num_warps: int
-    num_stages: int
-    shared_bytes: int
-    registers: int
-    stack_bytes: int
-
-
-def triton_kernels(function: Callable, *args: jax.ShapeDtypeStruct) -> list[TritonKernel]:
-    """Export ``jax.jit(function)(*args)`` for CUDA and return its Pallas kernels, in order.
-
-    Uses jaxlib's MLIR bindings and Triton dialect (``jax._src``; a changed internal raises here
-    rather than skipping a check).
-    """
-    from jax._src.interpreters import mlir
-    from jax._src.lib.mlir import ir
-    from jax._src.lib.triton import dialect as triton_dialect
-
-    exported = jax.export.export(
-        jax.jit(function),
-        platforms=["cuda"],
-        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON_CALL_TARGET)],
-    )(*args)
-    context = mlir.make_ir_context()
-    triton_dialect.register_dialect(context)
-    kernels: list[TritonKernel] = []
-    with context:
-        module = ir.Module.parse(exported.mlir_module())
-        for operation in _walk(module.operation):
-            if operation.name != "stablehlo.custom_call":
-                continue
-            target = ir.StringAttr(operation.attributes["call_target_name"]).value
-            if target != TRITON_CALL_TARGET:
-                continue
-            config = ir.DictAttr(operation.attributes["mhlo.backend_config"])
-            kernel_module = ir.Module.parse(ir.StringAttr(config["ir"]).value_bytes)
-            kernels.append(
-                TritonKernel(
-                    name=ir.StringAttr(config["name"]).value,
-                    ir=kernel_module.operation.get_asm(enable_debug_info=False),
-                    num_warps=ir.IntegerAttr(config["num_warps"]).value,
-                    num_stages=ir.IntegerAttr(config["num_stages"]).value,
-                )
-            )
-    if not kernels:
-        raise ValueError(f"no {TRITON_CALL_TARGET} custom call in the exported module")
-    return kernels
-
-
-def _walk(operation):
-    yield operation
-    for region in operation.regions:
-        for block in region:
-            for inner in block:
-                yield from _walk(inner.operation)
-
-
-def compile_for_cuda(kernel: TritonKernel, arch: int = 90) -> CompileReport:
-    """Compile ``kernel`` with the ``triton`` package for ``sm_<arch>`` and read its resources.
-
-    Raises whatever Triton raises when the IR does not compile.
-    """
-    import triton
-    from triton.backends.compiler import GPUTarget
-
-    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # XLA's Triton fuses multiply-adds
-    with tempfile.TemporaryDirectory() as directory:
-        source = os.path.join(directory, f"{kernel.name}.ttir")
-        with open(source, "w") as file:
-            file.write(kernel.ir)
-        compiled = triton.compile(
-            source,
-            target=GPUTarget("cuda", arch, 32),
-            options={"num_warps": kernel.num_warps, "num_stages": kernel.num_stages},
-        )
-        cubin = os.path.join(directory, "kernel.cubin")
-        with open(cubin, "wb") as file:
-            file.write(compiled.asm["cubin"])
-        tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-        usage = subprocess.run(
-            [os.path.join(tools, "cuobjdump"), "--dump-resource-usage", cubin],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-    match = re.search(r"REG:(\d+) STACK:(\d+)", usage)
-    if match is None:
-        raise ValueError(f"cuobjdump printed no resource usage for {kernel.name}: {usage!r}")
-    return CompileReport(
-        name=kernel.name,
-        num_warps=kernel.num_warps,
-        num_stages=kernel.num_stages,
-        shared_bytes=int(compiled.metadata.shared),
-        registers=int(match.group(1)),
-        stack_bytes=int(match.group(2)),
-    )
-
-
-# The cases: forward + backward of each op at the shapes the models and gpu_check use. ----------
-@dataclasses.dataclass(frozen=True)
-class Case:
-    """A differentiated op call whose kernels (forward and backward) are compiled: ``function``
-    of arrays shaped as ``args``."""
-
-    name: str
-    function: Callable
-    args: tuple[jax.ShapeDtypeStruct, ...]
-
-
-def linear_case(
-    backend: str,
-    feature_map: str = "taylor",
-    feature_dim: int = 16,
-    value_dim: int = 64,
-    dtype=jnp.bfloat16,
-    decay: bool = False,
-    chunk: int | None = None,
-) -> Case:
-    """Gradients of Taylor linear attention (output and final state) through the kernels."""
-    shape = (1, 300, 2)
-    q = jax.ShapeDtypeStruct((*shape, feature_dim), dtype)
-    v = jax.ShapeDtypeStruct((*shape, value_dim), dtype)
-    log_decay = jax.ShapeDtypeStruct(shape, jnp.float32)
-
-    def gradients(q, k, v, log_decay):
-        def loss(q, k, v, log_decay):
-            y, (kv_state, _) = pallas_linear_attention(
-                q,
-                k,
-                v,
-                log_decay=log_decay if decay else None,
-                feature_map=feature_map,
-                chunk_size=chunk,
-                backend=backend,
-            )
-            return jnp.sum(y.astype(jnp.float32)) + jnp.sum(kv_state)
-
-        return jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, log_decay)
-
-    name = (
-        f"linear {feature_map} F={feature_dim} Dv={value_dim} {jnp.dtype(dtype).name}"
-        + (" decay" if decay else "")
-        + (f" chunk={chunk}" if chunk else "")
-    )
-    return Case(name, gradients, (q, q, v, log_decay))
-
-
-def window_case(
-    backend: str,
-    head_dim: int = 64,
-    window: int | None = 129,
-    dtype=jnp.bfloat16,
-    block_size: int | None = None,
-) -> Case:
-    """Gradients of windowed softmax attention through the kernels."""
-    q = jax.ShapeDtypeStruct((1, 300, 2, head_dim), dtype)
-
-    def gradients(q, k, v):
-        def loss(q, k, v):
-            out = pallas_window_attention(
-                q, k, v, window=window, block_size=block_size, backend=backend
-            )
-            return jnp.sum(out.astype(jnp.float32))
-
-        return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
-
-    name = f"window {window} D={head_dim} {jnp.dtype(dtype).name}" + (
-        f" block={block_size}" if block_size else ""
-    )
-    return Case(name, gradients, (q, q, q))
-
-
-def cases(backend: str) -> tuple[Case, ...]:
-    """Feature dims 8-32, value dims 64/112, both dtypes, decay, the chunk/block sweeps of
-    gpu_check, windows and full causal attention, head dims 64-128."""
-    chunks, blocks = {"gpu": ((32, 64), 128), "tpu": ((128,), 256)}[backend]
-    return (
-        *(linear_case(backend, feature_dim=feature_dim) for feature_dim in (8, 16, 24, 32)),
-        linear_case(backend, value_dim=112),
-        linear_case(backend, feature_map="taylor_symmetric"),
-        linear_case(backend, dtype=jnp.float32),
-        linear_case(backend, feature_dim=32, value_dim=112, dtype=jnp.float32),
-        linear_case(backend, decay=True),
-        *(linear_case(backend, chunk=chunk) for chunk in chunks),
-        *(window_case(backend, head_dim=head_dim) for head_dim in (64, 112, 128)),
-        window_case(backend, window=None),
-        window_case(backend, dtype=jnp.float32),
-        window_case(backend, head_dim=128, block_size=blocks),
-    )
-
-
-GPU_CASES = cases("gpu")
-TPU_CASES = cases("tpu")
-
-#: A small topology per TPU generation (deviceless compilation needs a whole host's chips).
-TPU_TOPOLOGIES = {"v4": "v4:2x2x1", "v5e": "v5e:2x2", "v5p": "v5p:2x2x1", "v6e": "v6e:2x2"}
-
-
-#: Where ``--install_libtpu`` puts libtpu: beside the environment's packages, not among them, so
-#: that JAX never loads it as a backend (on a host without a TPU that prints errors at start-up).
-LIBTPU_DIR = os.path.join(sys.prefix, "libtpu")
-LIBTPU_PATH_VARIABLE = "JAXBASED_LIBTPU"
-
-
-def libtpu_requirement() -> str:
-    """The libtpu version the installed jax asks for with its ``tpu`` extra."""
-    from importlib.metadata import requires
-
-    for requirement in requires("jax") or ():
-        if requirement.startswith("libtpu"):
-            return requirement.split(";")[0].strip()
-    raise ValueError(f"jax {jax.__version__} names no libtpu requirement")
-
-
-def install_libtpu() -> str:
-    """``pip install --target`` :data:`LIBTPU_DIR` the libtpu matching jax; the library's path."""
-    command = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--upgrade"]
-    subprocess.run([*command, "--target", LIBTPU_DIR, libtpu_requirement()], check=True)
-    return libtpu_path()
-
-
-def libtpu_path() -> str:
-    """libtpu.so: ``$JAXBASED_LIBTPU``, else :data:`LIBTPU_DIR`'s, else an installed ``libtpu``
-    package's. Raises ``FileNotFoundError`` saying how to install it."""
-    candidates = [
-        os.environ.get(LIBTPU_PATH_VARIABLE),
-        os.path.join(LIBTPU_DIR, "libtpu", "libtpu.so"),
-    ]
-    try:
-        import libtpu
-
-        candidates.append(libtpu.get_library_path())
-    except ImportError:
-        pass
-    for candidate in candidates:
-        if candidate and os.path.isfile(candidate):
-            return candidate
-    raise FileNotFoundError(
-        f"no libtpu.so (looked at ${LIBTPU_PATH_VARIABLE}, {LIBTPU_DIR}, the libtpu package); "
-        "run `python benchmarks/compile_kernels.py --install_libtpu` (make install does)"
-    )
-
-
-def _tpu_topology(generation: str):
-    """The topology of ``generation``, loading libtpu as a PJRT plugin on first use (after the
-    CPU backend is up, so that JAX's own backends stay as they were)."""
-    from jax._src import xla_bridge
-    from jax.experimental import topologies
-
-    if generation not in TPU_TOPOLOGIES:
-        raise ValueError(f"generation={generation!r}; allowed: {', '.join(TPU_TOPOLOGIES)}")
-    jax.devices()  # initialise JAX's backends first: the plugin must not become one of them
-    if not xla_bridge.xla_client.pjrt_plugin_loaded("tpu"):
-        xla_bridge.xla_client.load_pjrt_plugin_dynamically("tpu", libtpu_path())
-    return topologies.get_topology_desc(topology_name=TPU_TOPOLOGIES[generation], platform="tpu")
-
-
-def compile_for_tpu(case: Case, generation: str) -> float:
-    """Compile ``case`` for one chip of ``generation`` with libtpu (no TPU needed); seconds.
-
-    Raises what the TPU compiler raises (e.g. ``RESOURCE_EXHAUSTED`` when a kernel's blocks do
-    not fit in VMEM).
-    """
-    import numpy as np
-
-    topology = _tpu_topology(generation)
-    mesh = jax.sharding.Mesh(np.array(topology.devices[:1]), ("chip",))
-    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    args = [jax.ShapeDtypeStruct(arg.shape, arg.dtype, sharding=sharding) for arg in case.args]
-    start = time.perf_counter()
-    jax.jit(case.function).lower(*args).compile()
-    return time.perf_counter() - start
-
-
-def check(report: CompileReport, arch: int = 90) -> list[str]:
-    """The limits ``report`` breaks on ``sm_<arch>`` (empty when it fits)."""
-    problems = []
-    if report.shared_bytes > SHARED_MEMORY_PER_BLOCK[arch]:
-        problems.append(
-            f"{report.name}: {report.shared_bytes} bytes of shared memory > "
-            f"{SHARED_MEMORY_PER_BLOCK[arch]} per block on sm_{arch}"
-        )
-    if report.registers > REGISTERS_PER_THREAD:
-        problems.append(f"{report.name}: {report.registers} registers > {REGISTERS_PER_THREAD}")
-    return problems
+from pallas_kernels.compile_check import (
+    GPU_CASES,
+    LIBTPU_DIR,
+    SHARED_MEMORY_PER_BLOCK,
+    TPU_CASES,
+    TPU_TOPOLOGIES,
+    check,
+    compile_for_cuda,
+    compile_for_tpu,
+    install_libtpu,
+    libtpu_path,
+    libtpu_requirement,
+    triton_kernels,
+)
 
 
 def _gpu_report(arch: int) -> tuple[list[dict], list[str]]:

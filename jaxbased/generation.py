@@ -16,11 +16,12 @@
    ``tests/test_generation.py::test_decode_loop_does_not_copy_the_caches``).
 
 Sampling at step ``t`` for row ``b`` draws from ``softmax(filter(logits / temperature))`` with the
-key ``fold_in(fold_in(key(seed), t), b)``, where ``filter`` keeps the ``top_k`` largest logits,
-then the smallest set of largest-probability tokens whose probability sums to ``>= top_p``.
-``temperature = 0`` is greedy (argmax). Token ids ``>= vocab_size`` (the padded embedding rows)
-are never produced. Log-probabilities are those of the model itself,
-``log_softmax(logits)[token]`` over the real vocabulary, before temperature and filtering.
+key ``fold_in(fold_in(key(seed), t), b)`` (:mod:`jaxbased.sampling`: ``filter`` keeps the
+``top_k`` largest logits, then the smallest set of largest-probability tokens whose probability
+sums to ``>= top_p``). ``temperature = 0`` is greedy (argmax). Token ids ``>= vocab_size``
+(the padded embedding rows) are never produced. Log-probabilities are those of the model
+itself, ``log_softmax(logits)[token]`` over the real vocabulary, before temperature and
+filtering.
 
 Compilation: one prefill per (batch, bucketed prompt length, ``max_new_tokens``) and one decode
 loop per (batch, ``max_new_tokens``, sampling mode: greedy / top-k / top-p on or off, callback
@@ -38,10 +39,8 @@ recompile.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import itertools
-import math
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -52,17 +51,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import io_callback
-from jaxtyping import Array, Float, Int, PRNGKeyArray
+from jaxtyping import Array, Int
 
 from jaxbased.model import LanguageModel, ModelCache
+from jaxbased.sampling import check_sampling_arguments, sample
 
 #: Prompt lengths are padded up to powers of two from this one ...
 MIN_BUCKET = 16
 #: ... up to this one, then to multiples of it.
 LARGE_BUCKET = 1024
-
-#: How many times each compiled function was traced (for tests of the compile cache).
-TRACE_COUNTS: collections.Counter[str] = collections.Counter()
 
 Callback = Callable[[int, np.ndarray], None]
 
@@ -101,79 +98,6 @@ class GenerationResult:
 
 
 # ----------------------------------------------------------------------------------------------
-# Sampling
-
-
-def _filter_logits(
-    logits: Array, top_p: Array, *, top_k: int, use_top_p: bool
-) -> Float[Array, "B V"]:
-    # logits [B, V] (already divided by the temperature); removed entries become -inf.
-    if top_k:
-        kth_largest = jax.lax.top_k(logits, top_k)[0][:, -1:]
-        logits = jnp.where(logits >= kth_largest, logits, -jnp.inf)
-    if use_top_p:
-        descending = -jnp.sort(-logits, axis=-1)
-        probs = jax.nn.softmax(descending, axis=-1)
-        mass_before = jnp.cumsum(probs, axis=-1) - probs
-        # Keep a token while the mass of the tokens ranked above it is below top_p (the most
-        # likely token is always kept).
-        kept = mass_before < top_p
-        threshold = jnp.min(jnp.where(kept, descending, jnp.inf), axis=-1, keepdims=True)
-        logits = jnp.where(logits >= threshold, logits, -jnp.inf)
-    return logits
-
-
-def _sample(
-    logits: Array,
-    key: Array,
-    temperature: Array,
-    top_p: Array,
-    *,
-    greedy: bool,
-    top_k: int,
-    use_top_p: bool,
-) -> Array:
-    if greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    scaled = logits / temperature
-    filtered = _filter_logits(scaled, top_p, top_k=top_k, use_top_p=use_top_p)
-    row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(logits.shape[0]))
-    return jax.vmap(jax.random.categorical)(row_keys, filtered).astype(jnp.int32)
-
-
-def sample_tokens(
-    logits: Float[Array, "B V"],
-    key: PRNGKeyArray,
-    *,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-) -> Int[Array, " B"]:
-    """Draw one token per row from ``softmax(filter(logits / temperature))``.
-
-    Args:
-      logits: ``[B, V]`` float; entries of ``-inf`` are never drawn.
-      key: a PRNG key; row ``b`` uses ``fold_in(key, b)``.
-      temperature: ``0`` is greedy (argmax); otherwise > 0.
-      top_k: keep only the ``top_k`` largest logits per row (0: all).
-      top_p: keep the smallest set of most likely tokens with probability ``>= top_p`` (1: all).
-
-    Returns ``[B]`` int32 token ids.
-    """
-    _check_sampling(temperature, top_k, top_p)
-    top_k = min(top_k, logits.shape[-1])
-    return _sample(
-        logits,
-        key,
-        jnp.asarray(temperature if temperature > 0 else 1.0, jnp.float32),
-        jnp.asarray(top_p, jnp.float32),
-        greedy=temperature == 0,
-        top_k=top_k,
-        use_top_p=top_p < 1.0,
-    )
-
-
-# ----------------------------------------------------------------------------------------------
 # Compiled programs
 
 
@@ -208,7 +132,6 @@ class _Programs:
     def _prefill(
         self, params: Any, tokens: Array, lengths: Array, *, max_len: int
     ) -> tuple[Array, ModelCache]:
-        TRACE_COUNTS["prefill"] += 1
         return self.model.apply(
             {"params": params}, tokens, max_len, lengths, True, method=LanguageModel.prefill
         )
@@ -226,7 +149,6 @@ class _Programs:
         *,
         mode: _DecodeMode,
     ) -> tuple[Array, Array, Array, ModelCache]:
-        TRACE_COUNTS["decode"] += 1
         model, config = self.model, self.model.config
         batch, padded_vocab = first_logits.shape
         real_vocab = jnp.arange(padded_vocab) < config.vocab_size
@@ -234,7 +156,7 @@ class _Programs:
 
         def choose(step: Array, logits: Array, done: Array) -> tuple[Array, Array, Array, Array]:
             logits = jnp.where(real_vocab, logits.astype(jnp.float32), -jnp.inf)
-            token = _sample(
+            token = sample(
                 logits,
                 jax.random.fold_in(key, step),
                 temperature,
@@ -303,17 +225,6 @@ def bucket_length(length: int) -> int:
     if length <= LARGE_BUCKET:
         return max(MIN_BUCKET, 1 << max(0, length - 1).bit_length())
     return -(-length // LARGE_BUCKET) * LARGE_BUCKET
-
-
-def _check_sampling(temperature: float, top_k: int, top_p: float) -> None:
-    if not (isinstance(temperature, int | float) and math.isfinite(temperature)) or (
-        temperature < 0
-    ):
-        raise ValueError(f"temperature={temperature!r} must be a finite number >= 0 (0 = greedy)")
-    if isinstance(top_k, bool) or not isinstance(top_k, int | np.integer) or top_k < 0:
-        raise ValueError(f"top_k={top_k!r} must be an integer >= 0 (0 = no top-k filter)")
-    if not isinstance(top_p, int | float) or not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p={top_p!r} must be in (0, 1] (1 = no nucleus filter)")
 
 
 def _prepare_prompts(
@@ -407,7 +318,7 @@ def generate(
     Returns a :class:`GenerationResult`. Raises ``ValueError`` on invalid arguments.
     """
     config = model.config
-    _check_sampling(temperature, top_k, top_p)
+    check_sampling_arguments(temperature, top_k, top_p)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int | np.integer):
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0")
     if max_new_tokens < 0:
@@ -514,5 +425,4 @@ __all__ = [
     "bucket_length",
     "decode_cache_bytes",
     "generate",
-    "sample_tokens",
 ]

@@ -11,14 +11,13 @@ import pytest
 import jaxbased
 from jaxbased import LanguageModel, ModelConfig
 from jaxbased.generation import (
-    TRACE_COUNTS,
     _DecodeMode,
     _programs_for,
     bucket_length,
     decode_cache_bytes,
     generate,
-    sample_tokens,
 )
+from jaxbased.sampling import sample_tokens
 from tests.conftest import init_model
 
 PRESETS = ["based_tiny", "attn_tiny"]
@@ -176,18 +175,24 @@ def test_callback_streams_every_step_in_order(based):
     assert without.tokens == result.tokens
 
 
+def _compiled_programs(model) -> dict[str, int]:
+    """How many programs the prefill and decode jits of ``model`` hold (one per compilation)."""
+    programs = _programs_for(model)
+    return {"prefill": programs.prefill._cache_size(), "decode": programs.decode._cache_size()}
+
+
 def test_compiled_once_per_shape_not_per_call(based):
     model, params = based
     generate(model, params, random_prompts([5, 9]), max_new_tokens=8, temperature=0.5)
-    traces = dict(TRACE_COUNTS)
-    # Same batch, same bucket (16), same max_new_tokens and sampling mode: no new trace, even
+    compiled = _compiled_programs(model)
+    assert compiled["prefill"] >= 1 and compiled["decode"] >= 1
+    # Same batch, same bucket (16), same max_new_tokens and sampling mode: no new program, even
     # with other prompts, lengths, seed, temperature, top_p value or stop tokens.
     generate(model, params, random_prompts([12, 2], seed=9), max_new_tokens=8, temperature=0.9)
     generate(model, params, random_prompts([16, 1]), max_new_tokens=8, seed=4, stop_tokens=[3])
-    assert dict(TRACE_COUNTS) == traces
+    assert _compiled_programs(model) == compiled
     generate(model, params, random_prompts([17, 1]), max_new_tokens=8)  # bucket 32: new prefill
-    assert TRACE_COUNTS["prefill"] == traces["prefill"] + 1
-    assert TRACE_COUNTS["decode"] == traces["decode"]
+    assert _compiled_programs(model) == dict(compiled, prefill=compiled["prefill"] + 1)
 
 
 def test_bucket_lengths():

@@ -29,7 +29,7 @@ from jaxbased.mqar import (
     init_params,
     mqar_model_config,
     state_size,
-    train,
+    train_mqar,
 )
 
 REPO = pathlib.Path(__file__).absolute().parents[1]
@@ -242,14 +242,14 @@ def test_attention_learns_a_small_mqar_task_and_a_short_window_cannot():
     settings = TrainSettings(
         learning_rate=1e-2, batch_size=32, max_epochs=3, eval_every=64, eval_batch_size=256
     )
-    attention = train(
+    attention = train_mqar(
         mqar_model_config("attention", d_model=32, vocab_size=vocab), train_mix, test_mix, settings
     )
     assert attention.final.accuracy >= 0.9  # chance is 1 / 128
     assert attention.history[0]["step"] == 64 and attention.steps <= 3 * 128
     # A window of 2 keys (the query and its predecessor) cannot see the pairs at all: chance.
     settings = TrainSettings(learning_rate=1e-2, batch_size=32, max_steps=128, eval_every=0)
-    window = train(
+    window = train_mqar(
         mqar_model_config("sliding_window", d_model=32, vocab_size=vocab, window=2),
         train_mix,
         test_mix,

@@ -1,7 +1,7 @@
 """Every Pallas kernel compiles for the real hardware, on a CPU host, within its on-chip limits.
 
 ``jax.export`` stops at Pallas' own lowering (tests/test_pallas_linear_attention.py); here the
-hardware compilers run too (benchmarks/compile_kernels.py):
+hardware compilers run too (pallas_kernels/compile_check.py):
 
 - GPU: each kernel's Triton IR is compiled to a cubin for sm_90 (H100/H200) by the ``triton``
   package, and its shared memory and registers are held to the chip's per-block limits. This
@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import pytest
 from jax.experimental import pallas as pl
 
-from benchmarks.compile_kernels import (
+from pallas_kernels.compile_check import (
     GPU_CASES,
     REGISTERS_PER_THREAD,
     SHARED_MEMORY_PER_BLOCK,

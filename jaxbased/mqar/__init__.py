@@ -21,20 +21,26 @@ from jaxbased.mqar.sweep import (
     run_sweep,
     summarize,
 )
-from jaxbased.mqar.training import Evaluation, TrainResult, TrainSettings, evaluate, train
+from jaxbased.mqar.training import (
+    MQAREvaluation,
+    MQARResult,
+    TrainSettings,
+    evaluate_mqar,
+    train_mqar,
+)
 
 __all__ = [
     "MQAR_DEFAULTS",
-    "Evaluation",
+    "MQAREvaluation",
+    "MQARResult",
     "RunSpec",
     "StateSize",
     "SweepResult",
-    "TrainResult",
     "TrainSettings",
     "answer_logits",
     "base_sweep_config",
     "collect_finished",
-    "evaluate",
+    "evaluate_mqar",
     "expand_runs",
     "init_params",
     "model_group",
@@ -43,5 +49,5 @@ __all__ = [
     "run_sweep",
     "state_size",
     "summarize",
-    "train",
+    "train_mqar",
 ]

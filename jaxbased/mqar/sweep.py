@@ -35,7 +35,7 @@ from absl import logging
 from jaxbased.data.mqar import MQARSegment, SegmentSpec, make_segments
 from jaxbased.model import count_parameters
 from jaxbased.mqar.models import init_params, mqar_model_config, state_size
-from jaxbased.mqar.training import TrainSettings, train
+from jaxbased.mqar.training import TrainSettings, train_mqar
 
 RUNS_FOLDER = "runs"
 SUMMARY_FILE = "summary.json"
@@ -281,7 +281,7 @@ def run_one(
     settings = train_settings(config, run.learning_rate)
     sizes = state_size(model_config, config.state_size_seq_len)
     parameters = count_parameters(jax.eval_shape(lambda: init_params(model_config, settings.seed)))
-    result = train(
+    result = train_mqar(
         model_config, train_segments, test_segments, settings, log_prefix=f"{run.name}: "
     )
     return dict(

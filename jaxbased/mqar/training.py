@@ -1,13 +1,18 @@
-"""Training and evaluation of one MQAR model (one learning rate), as Zoology does it.
+"""MQAR training of one model (one learning rate), as Zoology does it, on the library's stack.
 
-Loss: cross-entropy of the tied head at the answer positions only (the targets that are not
-``IGNORE_INDEX``); accuracy: the share of answers whose argmax is the value, per example, then
-averaged over examples (Zoology's ``valid/accuracy``; every example of a segment has the same
-number of answers). Optimiser: AdamW over every parameter (as PyTorch's ``AdamW(model.
-parameters())`` in Zoology: biases, norms and the embedding decay too), weight decay 0.1, cosine
-decay to 0 over the run (per step; Zoology steps its cosine once per epoch). Training stops early
-once the test-mix accuracy reaches ``early_stop_accuracy`` (Zoology: 0.99), checked every
-``eval_every`` steps and at the end of every epoch.
+The optimizer, train step and evaluation step are :mod:`jaxbased.training`'s, with the loss on
+the answer positions only (:func:`jaxbased.training.steps.answer_losses`: the targets that are
+not ``IGNORE_INDEX``); what is MQAR's own lives here: the batches of the segment mixes, the
+accuracy per example and per segment, early stopping on it and the record of a run.
+
+Loss: cross-entropy of the tied head at the answer positions, averaged over answers. Accuracy:
+the share of answers whose argmax is the value, per example, then averaged over examples
+(Zoology's ``valid/accuracy``; every example of a segment has the same number of answers).
+Optimiser: AdamW over every parameter (as PyTorch's ``AdamW(model.parameters())`` in Zoology:
+biases, norms and the embedding decay too), weight decay 0.1, cosine decay to 0 over the run (per
+step; Zoology steps its cosine once per epoch), no clipping. Training stops early once the
+test-mix accuracy reaches ``early_stop_accuracy`` (Zoology: 0.99), checked every ``eval_every``
+steps and at the end of every epoch.
 """
 
 from __future__ import annotations
@@ -19,15 +24,16 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import logging
 
 from jaxbased.config import ModelConfig
 from jaxbased.data.mqar import MQARSegment, batches_per_epoch, iterate_batches
 from jaxbased.model import LanguageModel
-from jaxbased.mqar.models import answer_logits, init_params
+from jaxbased.mqar.models import init_params
+from jaxbased.training.optimizer import learning_rate_schedule, make_optimizer
+from jaxbased.training.state import TrainState
+from jaxbased.training.steps import answer_losses, make_eval_step, make_train_step, sum_evaluation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +94,7 @@ class TrainSettings:
 
 
 @dataclasses.dataclass(frozen=True)
-class Evaluation:
+class MQAREvaluation:
     """Test-mix metrics: ``accuracy`` (mean over examples of each example's share of right
     answers), ``loss`` (mean cross-entropy over answers) and the accuracy of each segment by
     name (``"T256_P16"``)."""
@@ -99,8 +105,8 @@ class Evaluation:
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainResult:
-    """What a run ended with.
+class MQARResult:
+    """What an MQAR run ended with.
 
     final: the last evaluation (the one that stopped it early, or after the last step).
     history: ``{"step", "train_loss", "accuracy", "loss", "seconds"}`` at every evaluation.
@@ -108,86 +114,47 @@ class TrainResult:
     seconds: wall time of the run, compilation included.
     """
 
-    final: Evaluation
+    final: MQAREvaluation
     history: list[dict[str, Any]]
     steps: int
     stopped_early: bool
     seconds: float
 
 
-def _cross_entropy(logits: jax.Array, answers: jax.Array) -> jax.Array:
-    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return -jnp.take_along_axis(log_probs, answers[..., None], axis=-1)[..., 0]
+def answer_batch(batch: MQARSegment) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(inputs [B, T], answer_positions [B, P], answers [B, P])`` int32: the batch as
+    :func:`jaxbased.training.steps.answer_losses` reads it."""
+    return batch.inputs, batch.answer_positions, batch.answers
 
 
-def make_optimizer(settings: TrainSettings, total_steps: int) -> optax.GradientTransformation:
-    """AdamW with decay on every parameter, cosine from the peak to 0 over ``total_steps``."""
-    if settings.warmup_steps:
-        schedule = optax.warmup_cosine_decay_schedule(
-            init_value=0.0,
-            peak_value=settings.learning_rate,
-            warmup_steps=settings.warmup_steps,
-            decay_steps=max(total_steps, settings.warmup_steps + 1),
-            end_value=0.0,
-        )
-    else:
-        schedule = optax.cosine_decay_schedule(settings.learning_rate, max(total_steps, 1))
-    adamw = optax.adamw(
-        schedule,
-        b1=settings.beta1,
-        b2=settings.beta2,
-        eps=settings.eps,
-        weight_decay=settings.weight_decay,
-    )
-    if settings.grad_clip > 0:
-        return optax.chain(optax.clip_by_global_norm(settings.grad_clip), adamw)
-    return adamw
+def evaluate_mqar(
+    eval_step: Callable[[Any, Any], dict[str, jax.Array]],
+    params: Any,
+    segments: list[MQARSegment],
+    batch_size: int,
+) -> MQAREvaluation:
+    """Accuracy and loss of ``params`` on every example of ``segments``.
 
-
-def make_step_functions(
-    config: ModelConfig, optimizer: optax.GradientTransformation
-) -> tuple[Callable, Callable]:
-    """``train_step(params, opt_state, tokens, positions, answers) -> (params, opt_state, loss)``
-    and ``eval_step(params, tokens, positions, answers) -> (correct [B, P] bool, losses [B, P])``,
-    both jitted (one compilation per batch shape); ``train_step`` donates its state."""
-    model = LanguageModel(config)
-
-    def loss_fn(params, tokens, positions, answers):
-        logits = answer_logits(model, params, tokens, positions)
-        return jnp.mean(_cross_entropy(logits, answers))
-
-    @jax.jit
-    def eval_step(params, tokens, positions, answers):
-        logits = answer_logits(model, params, tokens, positions)
-        correct = jnp.argmax(logits, axis=-1) == answers
-        return correct, _cross_entropy(logits, answers)
-
-    def train_step(params, opt_state, tokens, positions, answers):
-        loss, grads = jax.value_and_grad(loss_fn)(params, tokens, positions, answers)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    return jax.jit(train_step, donate_argnums=(0, 1)), eval_step
-
-
-def evaluate(
-    eval_step: Callable, params: Any, segments: list[MQARSegment], batch_size: int
-) -> Evaluation:
-    """Accuracy and loss of ``params`` on every example of ``segments`` (:class:`Evaluation`)."""
-    per_example_accuracy, losses, by_segment = [], [], {}
+    ``eval_step`` is ``make_eval_step(model, answer_losses)``; each segment's accuracy is its
+    share of right answers (its examples all have the same number), the overall accuracy the
+    mean over all examples, and the loss the mean over all answers.
+    """
+    examples, weighted_accuracy, loss_sum, answers, by_segment = 0, 0.0, 0.0, 0.0, {}
     for segment in segments:
-        correct_rows = []
-        for start in range(0, len(segment), batch_size):
-            batch = segment.take(slice(start, start + batch_size))
-            correct, loss = eval_step(params, batch.inputs, batch.answer_positions, batch.answers)
-            correct_rows.append(np.asarray(correct))
-            losses.append(np.asarray(loss).ravel())
-        rows = np.concatenate(correct_rows).mean(axis=1)
-        per_example_accuracy.append(rows)
-        by_segment[segment.name] = float(rows.mean())
-    return Evaluation(
-        accuracy=float(np.concatenate(per_example_accuracy).mean()),
-        loss=float(np.concatenate(losses).mean()),
+        batches = (
+            answer_batch(segment.take(slice(start, start + batch_size)))
+            for start in range(0, len(segment), batch_size)
+        )
+        totals = sum_evaluation(eval_step, params, batches)
+        accuracy = totals["correct_sum"] / totals["tokens"]
+        by_segment[segment.name] = accuracy
+        examples += len(segment)
+        weighted_accuracy += accuracy * len(segment)
+        loss_sum += totals["loss_sum"]
+        answers += totals["tokens"]
+    return MQAREvaluation(
+        accuracy=weighted_accuracy / examples,
+        loss=loss_sum / answers,
         accuracy_by_segment=by_segment,
     )
 
@@ -204,14 +171,14 @@ def total_steps(settings: TrainSettings, train_segments: list[MQARSegment]) -> i
     return steps if settings.max_steps is None else min(steps, settings.max_steps)
 
 
-def train(
+def train_mqar(
     config: ModelConfig,
     train_segments: list[MQARSegment],
     test_segments: list[MQARSegment],
     settings: TrainSettings,
     *,
     log_prefix: str = "",
-) -> TrainResult:
+) -> MQARResult:
     """Train ``LanguageModel(config)`` on the training mix; see the module docstring."""
     start = time.perf_counter()
     if not test_segments:
@@ -223,18 +190,34 @@ def train(
                 f"has vocab_size={config.vocab_size}"
             )
     steps_total = total_steps(settings, train_segments)
-    optimizer = make_optimizer(settings, steps_total)
-    train_step, eval_step = make_step_functions(config, optimizer)
-    params = init_params(config, settings.seed)
-    opt_state = optimizer.init(params)
+    schedule = learning_rate_schedule(
+        peak=settings.learning_rate,
+        final=0.0,
+        warmup_steps=settings.warmup_steps,
+        total_steps=steps_total,
+        warmup_init=0.0,
+    )
+    optimizer = make_optimizer(
+        schedule,
+        beta1=settings.beta1,
+        beta2=settings.beta2,
+        eps=settings.eps,
+        weight_decay=settings.weight_decay,
+        grad_clip=settings.grad_clip,
+        decay_mask=None,
+    )
+    model = LanguageModel(config)
+    train_step = make_train_step(model, optimizer, schedule, losses=answer_losses)
+    eval_step = make_eval_step(model, answer_losses)
+    state = TrainState.create(init_params(config, settings.seed), optimizer)
 
     history: list[dict[str, Any]] = []
     recent_losses: list[jax.Array] = []
     step, epoch = 0, 0
-    final: Evaluation | None = None
+    final: MQAREvaluation | None = None
 
-    def run_evaluation() -> Evaluation:
-        result = evaluate(eval_step, params, test_segments, settings.eval_batch_size)
+    def run_evaluation() -> MQAREvaluation:
+        result = evaluate_mqar(eval_step, state.params, test_segments, settings.eval_batch_size)
         train_loss = float(np.mean(jax.device_get(recent_losses))) if recent_losses else math.nan
         recent_losses.clear()
         history.append(
@@ -256,7 +239,7 @@ def train(
         )
         return result
 
-    def reached(result: Evaluation) -> bool:
+    def reached(result: MQAREvaluation) -> bool:
         target = settings.early_stop_accuracy
         return target is not None and result.accuracy >= target
 
@@ -267,21 +250,19 @@ def train(
             seed=settings.seed * 100_003 + epoch,
             interleave=settings.interleave_segments,
         ):
-            params, opt_state, loss = train_step(
-                params, opt_state, batch.inputs, batch.answer_positions, batch.answers
-            )
-            recent_losses.append(loss)
+            state, metrics = train_step(state, answer_batch(batch))
+            recent_losses.append(metrics["loss"])
             step += 1
             if step >= steps_total:
                 break
             if settings.eval_every and step % settings.eval_every == 0:
                 final = run_evaluation()
                 if reached(final):
-                    return TrainResult(final, history, step, True, time.perf_counter() - start)
+                    return MQARResult(final, history, step, True, time.perf_counter() - start)
         epoch += 1
         if not history or history[-1]["step"] != step:
             final = run_evaluation()
         if reached(final):
-            return TrainResult(final, history, step, True, time.perf_counter() - start)
+            return MQARResult(final, history, step, True, time.perf_counter() - start)
     assert final is not None
-    return TrainResult(final, history, step, False, time.perf_counter() - start)
+    return MQARResult(final, history, step, False, time.perf_counter() - start)

@@ -3,6 +3,7 @@ decay mask that spares biases, norms, embeddings and the state-space parameters 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -59,13 +60,21 @@ def make_optimizer(
     eps: float = 1e-8,
     weight_decay: float = 0.1,
     grad_clip: float = 1.0,
+    decay_mask: Callable[[Any], Any] | None = weight_decay_mask,
 ) -> optax.GradientTransformation:
-    """``clip_by_global_norm(grad_clip)`` then AdamW with decoupled, masked weight decay."""
-    if grad_clip <= 0:
-        raise ValueError(f"grad_clip={grad_clip} must be > 0")
-    return optax.chain(
-        optax.clip_by_global_norm(grad_clip),
-        optax.adamw(
-            schedule, b1=beta1, b2=beta2, eps=eps, weight_decay=weight_decay, mask=weight_decay_mask
-        ),
+    """``clip_by_global_norm(grad_clip)`` then AdamW with decoupled weight decay.
+
+    ``grad_clip = 0`` skips the clipping. ``decay_mask(params)`` says which parameters decay
+    (default :func:`weight_decay_mask`); ``None`` decays every parameter, as PyTorch's
+    ``AdamW(model.parameters())``.
+    """
+    if not grad_clip >= 0:
+        raise ValueError(f"grad_clip={grad_clip!r} must be >= 0 (0 = no clipping)")
+    if not weight_decay >= 0:
+        raise ValueError(f"weight_decay={weight_decay!r} must be >= 0")
+    adamw = optax.adamw(
+        schedule, b1=beta1, b2=beta2, eps=eps, weight_decay=weight_decay, mask=decay_mask
     )
+    if grad_clip == 0:
+        return adamw
+    return optax.chain(optax.clip_by_global_norm(grad_clip), adamw)

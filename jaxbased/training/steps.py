@@ -1,23 +1,37 @@
-"""The jit-compiled train and evaluation steps.
+"""The jit-compiled train and evaluation steps, and the pooled evaluation over batches.
 
-Batches are ``[batch, seq_len + 1]`` int32 windows: inputs ``[:, :-1]``, targets ``[:, 1:]``. The
-loss is the mean next-token cross-entropy over the padded vocabulary, as the reference computes it.
-With ``grad_accum_steps = n`` a batch is split into ``n`` micro-batches whose gradients are summed
-in a ``lax.scan`` before one optimizer update (same result as one big batch, less memory).
+What a step trains on is chosen by its per-token loss function (:data:`LossFunction`):
+
+- :func:`token_losses` (the default, language modelling): batches are ``[batch, seq_len + 1]``
+  int32 windows, inputs ``[:, :-1]``, targets ``[:, 1:]``; every position counts. The loss is
+  the mean next-token cross-entropy over the padded vocabulary, as the reference computes it.
+- :func:`answer_losses` (recall tasks such as MQAR): batches are ``(tokens [B, T], positions
+  [B, P], targets [B, P])`` int32 and only the chosen positions count (the head runs there only).
+
+With ``grad_accum_steps = n`` a batch (every array of it) is split into ``n`` micro-batches whose
+gradients are summed in a ``lax.scan`` before one optimizer update (same result as one big
+batch, less memory).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jaxtyping import Array, Float, Int
 
 from jaxbased.model import LanguageModel
+from jaxbased.sharding import global_batch
 from jaxbased.training.state import TrainState
+
+#: ``losses(model, params, batch) -> (losses, correct)``: per-token float32 cross-entropy and
+#: correctness (1.0 where the argmax is the target), both of the same shape.
+LossFunction = Callable[[LanguageModel, Any, Any], tuple[Array, Array]]
 
 
 def token_losses(
@@ -26,6 +40,25 @@ def token_losses(
     """Per-token cross-entropy and correctness (float32) of ``batch`` windows."""
     inputs, targets = batch[:, :-1], batch[:, 1:]
     logits = model.apply({"params": params}, inputs).astype(jnp.float32)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    return losses, correct
+
+
+def answer_losses(
+    model: LanguageModel,
+    params: Any,
+    batch: tuple[Int[Array, "B T"], Int[Array, "B P"], Int[Array, "B P"]],
+) -> tuple[Float[Array, "B P"], Float[Array, "B P"]]:
+    """Cross-entropy and correctness (float32) at chosen positions only.
+
+    ``batch`` is ``(tokens, positions, targets)``: the logits of ``tokens`` at
+    ``positions[b, j]`` (``LanguageModel.logits_at``: the head runs there only) against
+    ``targets[b, j]``.
+    """
+    tokens, positions, targets = batch
+    logits = model.apply({"params": params}, tokens, positions, method="logits_at")
+    logits = logits.astype(jnp.float32)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
     correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
     return losses, correct
@@ -44,8 +77,13 @@ def make_train_step(
     *,
     state_shardings: Any = None,
     batch_sharding: Any = None,
-) -> Callable[[TrainState, Array], tuple[TrainState, dict[str, Array]]]:
+    losses: LossFunction = token_losses,
+) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, Array]]]:
     """``step(state, batch) -> (state, metrics)``, jit-compiled with the state donated.
+
+    ``losses`` says what the batch is and which tokens count (:data:`LossFunction`); ``metrics``
+    are the mean ``loss`` and ``accuracy`` over those tokens, the ``grad_norm`` and the
+    ``learning_rate`` of the step.
 
     With ``state_shardings`` (a pytree of ``NamedSharding`` like the state) and
     ``batch_sharding``, the step is compiled for that mesh: the state keeps its shardings
@@ -54,19 +92,19 @@ def make_train_step(
     if grad_accum_steps < 1:
         raise ValueError(f"grad_accum_steps={grad_accum_steps} must be >= 1")
 
-    def loss_fn(params: Any, batch: Array) -> tuple[Array, Array]:
-        losses, correct = token_losses(model, params, batch)
-        return losses.mean(), correct.mean()
+    def loss_fn(params: Any, batch: Any) -> tuple[Array, Array]:
+        token_loss, correct = losses(model, params, batch)
+        return token_loss.mean(), correct.mean()
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def step(state: TrainState, batch: Array) -> tuple[TrainState, dict[str, Array]]:
-        if batch.shape[0] % grad_accum_steps:
+    def step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, Array]]:
+        rows = jax.tree.leaves(batch)[0].shape[0]
+        if rows % grad_accum_steps:
             raise ValueError(
-                f"batch size {batch.shape[0]} is not divisible by grad_accum_steps="
-                f"{grad_accum_steps}"
+                f"batch size {rows} is not divisible by grad_accum_steps={grad_accum_steps}"
             )
-        micro = batch.reshape(grad_accum_steps, -1, batch.shape[-1])
+        micro = jax.tree.map(lambda x: x.reshape(grad_accum_steps, -1, *x.shape[1:]), batch)
 
         def accumulate(carry, micro_batch):
             grads_sum, loss_sum, accuracy_sum = carry
@@ -100,15 +138,59 @@ def make_train_step(
     )
 
 
-def make_eval_step(model: LanguageModel) -> Callable[[Any, Array], dict[str, Array]]:
-    """``eval_step(params, batch) -> {loss_sum, correct_sum, tokens}`` (sums, to be pooled)."""
+def make_eval_step(
+    model: LanguageModel, losses: LossFunction = token_losses
+) -> Callable[[Any, Any], dict[str, Array]]:
+    """``eval_step(params, batch) -> {loss_sum, correct_sum, tokens}`` (float32 sums over the
+    tokens that ``losses`` counts, to be pooled by :func:`sum_evaluation`)."""
 
-    def eval_step(params: Any, batch: Array) -> dict[str, Array]:
-        losses, correct = token_losses(model, params, batch)
+    def eval_step(params: Any, batch: Any) -> dict[str, Array]:
+        token_loss, correct = losses(model, params, batch)
         return {
-            "loss_sum": losses.sum(),
+            "loss_sum": token_loss.sum(),
             "correct_sum": correct.sum(),
-            "tokens": jnp.asarray(losses.size, jnp.float32),
+            "tokens": jnp.asarray(token_loss.size, jnp.float32),
         }
 
     return jax.jit(eval_step)
+
+
+def _local_rows(batch: np.ndarray) -> np.ndarray:
+    """This process's contiguous share of the rows of a global batch."""
+    local = batch.shape[0] // jax.process_count()
+    return batch[jax.process_index() * local : (jax.process_index() + 1) * local]
+
+
+def sum_evaluation(
+    eval_step: Callable[[Any, Any], dict[str, Array]],
+    params: Any,
+    batches: Iterable[Any],
+    sharding: Any = None,
+) -> dict[str, float]:
+    """``{loss_sum, correct_sum, tokens}`` of ``eval_step`` summed over ``batches`` (Python
+    floats). With a ``sharding``, each batch is a global ``[batch, ...]`` array of which this
+    process feeds its own rows."""
+    totals = {"loss_sum": 0.0, "correct_sum": 0.0, "tokens": 0.0}
+    for batch in batches:
+        if sharding is not None:
+            batch = global_batch(_local_rows(batch), sharding)
+        for key, value in eval_step(params, batch).items():
+            totals[key] += float(value)
+    return totals
+
+
+def evaluate(
+    eval_step: Callable[[Any, Any], dict[str, Array]],
+    params: Any,
+    batches: Iterable[Any],
+    sharding: Any = None,
+) -> dict[str, float]:
+    """Mean ``loss``, ``perplexity`` and token ``accuracy`` over ``batches`` (see
+    :func:`sum_evaluation`)."""
+    totals = sum_evaluation(eval_step, params, batches, sharding)
+    loss = totals["loss_sum"] / totals["tokens"]
+    return {
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 80.0)),
+        "accuracy": totals["correct_sum"] / totals["tokens"],
+    }

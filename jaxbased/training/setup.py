@@ -1,0 +1,310 @@
+"""Everything a training run needs before its first step, as one record (:class:`RunSetup`).
+
+:func:`setup_run` parses the config, prepares the workdir and the data (the built-in corpus is
+tokenized into ``workdir/builtin_data`` once), builds the model, learning-rate schedule,
+optimizer and device mesh, the sharded train state (restored from the latest complete checkpoint
+of the workdir, with the data iterator where it was, or freshly initialised and evaluated), the
+jit-compiled steps and the metrics writer. :func:`jaxbased.training.loop.train` runs the steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import shutil
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from jaxbased.config import ModelConfig
+from jaxbased.data.corpus import Document, builtin_corpus_files, builtin_corpus_fingerprint
+from jaxbased.data.pipeline import make_iterator, training_batches, validation_batches
+from jaxbased.data.token_store import TokenDataset, write_token_dataset
+from jaxbased.data.tokenizers import ByteTokenizer
+from jaxbased.model import LanguageModel, count_parameters
+from jaxbased.sharding import batch_sharding, logical_shardings, make_mesh, with_shardings
+from jaxbased.training.checkpointing import TOKENIZER_SUBDIR, Checkpointer, check_compatible
+from jaxbased.training.flops import flops_per_token, measure_matmul_peak
+from jaxbased.training.metrics import MetricsWriter
+from jaxbased.training.optimizer import learning_rate_schedule, make_optimizer
+from jaxbased.training.state import TrainState
+from jaxbased.training.steps import evaluate, make_eval_step, make_train_step
+
+BUILTIN_DATA_SUBDIR = "builtin_data"
+
+
+@dataclasses.dataclass
+class RunSetup:
+    """A run ready for its first step.
+
+    Attributes:
+      workdir: the absolute workdir (created).
+      config: the whole run config (sections ``model``, ``data``, ``train``, ``mesh``, ...).
+      model_config: ``config.model`` as a ``ModelConfig``.
+      is_writer: whether this process writes metrics and the tokenizer (JAX process 0).
+      mesh: the device mesh; ``data_sharding`` shards a batch's rows over it.
+      state: the float32 train state, sharded on ``mesh`` (restored or initialised).
+      train_step, eval_step: the jit-compiled steps (``train_step`` donates the state).
+      iterator: the training batches (this process's rows), checkpointable.
+      validation: the global validation batches, ``[batch, seq_len + 1]`` int32 each.
+      checkpointer: the workdir's checkpoints; ``resumed_step`` the step restored (None: fresh).
+      initial_eval: the evaluation of a fresh state (None when resumed).
+      metadata: what every checkpoint records beside the state (model, tokenizer, data).
+      parameters: the number of parameters; ``flops``: training FLOPs per token by part
+        (:func:`~jaxbased.training.flops.flops_per_token`); ``peak``: FLOP/s for utilisation.
+      writer: the metrics writer (None on processes that do not write).
+    """
+
+    workdir: pathlib.Path
+    config: ml_collections.ConfigDict
+    model_config: ModelConfig
+    is_writer: bool
+    mesh: jax.sharding.Mesh
+    data_sharding: jax.sharding.NamedSharding
+    state: TrainState
+    train_step: Callable[[TrainState, jax.Array], tuple[TrainState, dict[str, jax.Array]]]
+    eval_step: Callable[[Any, jax.Array], dict[str, jax.Array]]
+    iterator: Any
+    validation: list[np.ndarray]
+    checkpointer: Checkpointer
+    resumed_step: int | None
+    initial_eval: dict[str, float] | None
+    metadata: dict[str, Any]
+    parameters: int
+    flops: dict[str, float]
+    peak: float
+    writer: MetricsWriter | None
+
+    def close(self) -> None:
+        """Finish the checkpoint saves and close the checkpointer and the writer."""
+        self.checkpointer.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def prepare_builtin_data(
+    workdir: pathlib.Path, max_bytes: int, validation_fraction: float
+) -> pathlib.Path:
+    """Tokenize the built-in corpus (byte-level) into ``workdir/builtin_data`` once."""
+    output = workdir / BUILTIN_DATA_SUBDIR
+    files = builtin_corpus_files(max_bytes)
+    fingerprint = builtin_corpus_fingerprint(files)
+    if output.exists():
+        metadata = json.loads((output / "metadata.json").read_text())
+        if metadata.get("builtin_fingerprint") == fingerprint:
+            return output
+        logging.info("built-in corpus changed (other Python?): re-tokenizing %s", output)
+    logging.info("tokenizing the built-in corpus (%d stdlib files) into %s", len(files), output)
+    documents = (Document(str(p), p.read_text(encoding="utf-8", errors="replace")) for p in files)
+    return write_token_dataset(
+        documents,
+        ByteTokenizer(),
+        output,
+        validation_fraction=validation_fraction,
+        overwrite=True,
+        progress=False,
+        extra_metadata={"builtin_fingerprint": fingerprint, "builtin_max_bytes": max_bytes},
+    )
+
+
+def _open_data(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> TokenDataset:
+    if config.data.path:
+        path = pathlib.Path(config.data.path)
+        if not path.exists():
+            raise ValueError(f"data.path={config.data.path!r} does not exist")
+        return TokenDataset.open(path)
+    return TokenDataset.open(
+        prepare_builtin_data(
+            workdir, config.data.builtin_max_bytes, config.data.validation_fraction
+        )
+    )
+
+
+def _check_vocab(dataset: TokenDataset, model_config: ModelConfig) -> None:
+    max_token = int(dataset.metadata["max_token_id"])
+    if max_token >= model_config.vocab_size:
+        raise ValueError(
+            f"the data holds token id {max_token} >= model vocab_size={model_config.vocab_size} "
+            f"(its tokenizer has vocab_size {dataset.vocab_size}); set "
+            f"--config.model.vocab_size={dataset.vocab_size}"
+        )
+
+
+def _save_tokenizer(dataset: TokenDataset, workdir: pathlib.Path) -> None:
+    target = workdir / TOKENIZER_SUBDIR
+    staging = workdir / f".{TOKENIZER_SUBDIR}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    dataset.tokenizer().save(staging)
+    (staging / "spec.json").write_text(json.dumps(dataset.metadata["tokenizer"]))
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+
+
+def _make_optimizer(
+    train_config: ml_collections.ConfigDict,
+) -> tuple[optax.Schedule, optax.GradientTransformation]:
+    """The learning-rate schedule and optimizer of the ``train`` section."""
+    schedule = learning_rate_schedule(
+        peak=train_config.learning_rate,
+        final=train_config.final_learning_rate,
+        warmup_steps=train_config.warmup_steps,
+        total_steps=train_config.num_steps,
+        warmup_init=train_config.warmup_init,
+    )
+    optimizer = make_optimizer(
+        schedule,
+        beta1=train_config.beta1,
+        beta2=train_config.beta2,
+        eps=train_config.eps,
+        weight_decay=train_config.weight_decay,
+        grad_clip=train_config.grad_clip,
+    )
+    return schedule, optimizer
+
+
+def format_eval(values: dict[str, float]) -> str:
+    """``loss 2.3456, perplexity 10.45, accuracy 0.512``."""
+    return (
+        f"loss {values['loss']:.4f}, perplexity {values['perplexity']:.2f}, "
+        f"accuracy {values['accuracy']:.3f}"
+    )
+
+
+def setup_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> RunSetup:
+    """Prepare the run of ``config`` in ``workdir`` (resuming it if it holds a checkpoint).
+
+    Raises ``ValueError`` naming the setting for an invalid config or data, and
+    ``IncompatibleCheckpointError`` when the workdir holds a checkpoint of another model.
+    """
+    workdir = pathlib.Path(workdir).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    train_config, data_config = config.train, config.data
+    model_config = ModelConfig.from_dict(config.model)
+    process_index, process_count = jax.process_index(), jax.process_count()
+    is_writer = process_index == 0
+
+    mesh = make_mesh(config.mesh)
+    if data_config.batch_size % (process_count * train_config.grad_accum_steps):
+        raise ValueError(
+            f"data.batch_size={data_config.batch_size} must be divisible by process_count * "
+            f"train.grad_accum_steps = {process_count * train_config.grad_accum_steps}"
+        )
+    if train_config.num_steps < 1:
+        raise ValueError(f"train.num_steps={train_config.num_steps} must be >= 1")
+
+    dataset = _open_data(config, workdir)
+    _check_vocab(dataset, model_config)
+    batches = training_batches(
+        dataset,
+        seq_len=data_config.seq_len,
+        batch_size=data_config.batch_size,
+        seed=data_config.seed,
+        process_index=process_index,
+        process_count=process_count,
+    )
+    validation = validation_batches(
+        dataset,
+        seq_len=data_config.seq_len,
+        batch_size=data_config.batch_size,
+        max_batches=train_config.eval_batches,
+    )
+
+    model = LanguageModel(model_config)
+    schedule, optimizer = _make_optimizer(train_config)
+
+    def init_boxed_state() -> TrainState:
+        # Parameters still in their logical-axis boxes, so that the optimizer state built from
+        # them carries the same names (mu and nu are sharded like the parameters).
+        sample = jnp.zeros((1, data_config.seq_len), jnp.int32)
+        params = model.init(jax.random.key(train_config.seed), sample)["params"]
+        return TrainState(
+            step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params)
+        )
+
+    abstract_boxed = jax.eval_shape(init_boxed_state)
+    state_shardings = logical_shardings(abstract_boxed, mesh)
+    init_state = jax.jit(lambda: nn.meta.unbox(init_boxed_state()), out_shardings=state_shardings)
+    data_sharding = batch_sharding(mesh)
+
+    checkpointer = Checkpointer(
+        workdir, keep=train_config.keep_checkpoints, async_save=train_config.async_checkpoints
+    )
+    iterator = make_iterator(batches, prefetch_threads=data_config.prefetch_threads)
+    latest = checkpointer.latest_step()
+    initial_eval = None
+    eval_step = make_eval_step(model)
+    if latest is not None:
+        check_compatible(checkpointer.metadata(latest)["model"], model_config, workdir)
+        target = with_shardings(abstract_boxed, state_shardings)
+        state, data_state, _ = checkpointer.restore(latest, target)
+        iterator.set_state(data_state)
+        logging.info("resumed from the checkpoint of step %d in %s", latest, workdir)
+    else:
+        state = init_state()
+        initial_eval = evaluate(eval_step, state.params, validation, data_sharding)
+        logging.info("initial evaluation: %s", format_eval(initial_eval))
+    if is_writer:
+        _save_tokenizer(dataset, workdir)
+
+    parameters = count_parameters(state.params)
+    flops = flops_per_token(model_config, data_config.seq_len)
+    peak = train_config.peak_flops or measure_matmul_peak()
+    logging.info(
+        "model: %s parameters, %.3g training FLOPs/token (%s); peak %.3g FLOP/s%s",
+        f"{parameters:,}",
+        flops["total"],
+        ", ".join(f"{k} {v:.3g}" for k, v in flops.items() if k != "total"),
+        peak,
+        "" if train_config.peak_flops else " (measured matmul)",
+    )
+    metadata = {
+        "model": model_config.to_dict(),
+        "tokenizer": dataset.metadata["tokenizer"],
+        "data_path": str(dataset.path),
+        "seq_len": data_config.seq_len,
+    }
+    writer = MetricsWriter(workdir, tensorboard=train_config.tensorboard) if is_writer else None
+    train_step = make_train_step(
+        model,
+        optimizer,
+        schedule,
+        train_config.grad_accum_steps,
+        state_shardings=state_shardings,
+        batch_sharding=data_sharding,
+    )
+    logging.info(
+        "mesh %s over %d devices in %d processes",
+        dict(mesh.shape),
+        mesh.devices.size,
+        process_count,
+    )
+    return RunSetup(
+        workdir=workdir,
+        config=config,
+        model_config=model_config,
+        is_writer=is_writer,
+        mesh=mesh,
+        data_sharding=data_sharding,
+        state=state,
+        train_step=train_step,
+        eval_step=eval_step,
+        iterator=iterator,
+        validation=validation,
+        checkpointer=checkpointer,
+        resumed_step=latest,
+        initial_eval=initial_eval,
+        metadata=metadata,
+        parameters=parameters,
+        flops=flops,
+        peak=peak,
+        writer=writer,
+    )
