@@ -508,16 +508,3 @@ def linear_attention_step(
         new_state.k_state.astype(state.k_state.dtype),
     )
     return out.astype(v.dtype), new_state
-
-
-def discount_padding(state: LinearAttentionState, pad_counts: Array, feature_map: str):
-    """TEMPORARY (replaced at merge): remove the padding's phi(0) from k_state."""
-    from jaxbased.ops.feature_maps import expanded_dim as size
-    from jaxbased.ops.feature_maps import get_feature_map
-
-    dtype = state.k_state.dtype
-    expanded = state.k_state.shape[-1]
-    feature_dim = next(f for f in range(0, expanded + 1) if size(feature_map, f) == expanded)
-    phi_zero = get_feature_map(feature_map)(jnp.zeros((feature_dim,), dtype))
-    pads = jnp.asarray(pad_counts).astype(dtype)
-    return LinearAttentionState(state.kv_state, state.k_state - pads[:, None, None] * phi_zero)

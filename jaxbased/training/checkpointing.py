@@ -8,7 +8,6 @@ complete, so an interrupted save is never taken for a checkpoint); the last ``ke
 
 from __future__ import annotations
 
-import dataclasses
 import pathlib
 from typing import Any
 
