@@ -3,6 +3,8 @@ module docstrings (token-by-token recurrences, no shared code with jaxbased)."""
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 
 from tests import reference_numpy as ref
@@ -148,11 +150,22 @@ FORWARDS = {
 }
 
 
+#: Mixers whose float64 forward lives in ``reference_numpy``.
+_ATTENTION_AND_CONV = ("base_conv", "based", "sliding_window", "attention")
+
+
 def mixer_forward(name, params, x, config) -> np.ndarray:
-    """Any mixer: the state-space / decay ones here, the others from ``reference_numpy``."""
+    """Any mixer: the state-space / decay ones here, the attention and conv ones from
+    ``reference_numpy``; a mixer added later brings its own as ``numpy_forward(params, x,
+    config)`` in its test file ``tests/test_<name>.py`` (docs/adding_a_mixer.md)."""
     if name in FORWARDS:
         return FORWARDS[name](params, x, config)
-    return ref.mixer_forward(name, params, x, config)
+    if name in _ATTENTION_AND_CONV:
+        return ref.mixer_forward(name, params, x, config)
+    module = importlib.import_module(f"tests.test_{name}")
+    if not hasattr(module, "numpy_forward"):
+        raise AssertionError(f"tests/test_{name}.py defines no numpy_forward(params, x, config)")
+    return module.numpy_forward(params, x, config)
 
 
 def model_forward(params, tokens, config) -> np.ndarray:

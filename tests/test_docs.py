@@ -11,26 +11,6 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Built, not written out, so that this file does not cite them itself.
 FORBIDDEN = tuple(name + ".md" for name in ("SPEC", "DESIGN"))
-#: Files being rewritten for the mixer change; their citations are replaced with the rewrite.
-#: Remove each entry once its file cites docs/ pages.
-PENDING = frozenset(
-    {
-        "jaxbased/config.py",
-        "jaxbased/model.py",
-        "jaxbased/layers/attention.py",
-        "jaxbased/layers/base_conv.py",
-        "jaxbased/layers/based.py",
-        "jaxbased/layers/decay_attention.py",
-        "jaxbased/layers/mamba.py",
-        "jaxbased/layers/mamba2.py",
-        "jaxbased/layers/mlp.py",
-        "jaxbased/layers/mlp_mixer.py",
-        "jaxbased/layers/__init__.py",
-        "jaxbased/training/flops.py",
-        "jaxbased/mqar/models.py",
-        "jaxbased/mqar/plot.py",
-    }
-)
 DOCS_LINK = re.compile(r"docs/[\w./-]*?\.md(?:#[\w-]+)?")
 
 
@@ -58,7 +38,6 @@ def test_no_file_cites_documents_a_clone_lacks():
     offenders = [
         f"{path.relative_to(ROOT)}: {name}"
         for path in _source_files()
-        if path.relative_to(ROOT).as_posix() not in PENDING
         for name in FORBIDDEN
         if name in path.read_text(errors="replace")
     ]
