@@ -2,9 +2,15 @@
 
 - parameters and optimizer state: exact, from every leaf's shape, dtype and the sharding rules
   (``jaxbased.sharding``); a dimension a mesh axis does not divide stays whole, as in training;
-- activations: the temporary buffers XLA assigns to one train step of the per-device batch
-  (``batch / (data * fsdp)`` sequences), from ``memory_analysis()`` of the step compiled for one
-  device; tensor parallelism would split some of them further, so this is an upper bound;
+- activations: the temporary buffers XLA assigns to one train step, from ``memory_analysis()``
+  (``temp_size_in_bytes``). When this host has as many devices as the mesh, the step is the one
+  ``train`` runs: compiled for the mesh with the state's shardings, so the number is what XLA
+  assigns to one device of this backend. Otherwise it is the step of the per-device batch
+  (``batch / (data * fsdp)`` sequences) compiled for one device, an estimate: on 8 CPU devices,
+  for a 3-layer BASED model with ``seq_len`` 8, 32 and 128, it came to 0.88-1.11x the sharded
+  step's on data- or FSDP-only meshes (the sharded step also holds gradient all-reduce and
+  gathered-parameter buffers), 1.5-1.7x on a (2, 2, 2) mesh and 3.3-3.7x with tensor parallelism
+  8 (which splits the activations further); ``tests/test_sharding.py`` checks two of these;
 - caches: the generation cache of ``generate_batch`` sequences of ``max_len`` tokens, split over
   the batch axes (linear-attention and window states do not grow with ``max_len``).
 
@@ -38,6 +44,9 @@ class MemoryPlan:
     activations: int | None
     caches: int
     batch_per_device: int
+    #: How ``activations`` was found: "sharded step" (compiled for the mesh on this host's
+    #: devices), "one-device estimate" (the per-device batch on one device) or "not computed".
+    activations_source: str = "not computed"
 
     @property
     def total(self) -> int:
@@ -47,7 +56,7 @@ class MemoryPlan:
         rows = [
             ("parameters", self.parameters),
             ("optimizer state", self.optimizer_state),
-            ("activations (one train step)", self.activations),
+            (f"activations ({self.activations_source})", self.activations),
             ("generation caches", self.caches),
             ("total", self.total),
         ]
@@ -114,8 +123,6 @@ def plan_memory(
     import optax
 
     from jaxbased.training.optimizer import make_optimizer
-    from jaxbased.training.state import TrainState
-    from jaxbased.training.steps import make_train_step
 
     mesh = _mesh_sizes(mesh_shape, device_count)
     batch_shards = mesh["data"] * mesh["fsdp"]
@@ -130,21 +137,23 @@ def plan_memory(
     boxed_opt_state = jax.eval_shape(optimizer.init, boxed_params)
     per_device_batch = batch_size // batch_shards
 
-    activation_bytes = None
+    activation_bytes, activations_source = None, "not computed"
     if activations:
         schedule = optax.constant_schedule(1e-3)
-        step = make_train_step(model, optimizer, schedule)
-        state = jax.eval_shape(
-            lambda: TrainState.create(
-                nn.meta.unbox(
-                    model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
-                ),
-                optimizer,
+        if jax.device_count() >= math.prod(mesh.values()):
+            analysis = _sharded_step_analysis(
+                model, optimizer, schedule, mesh, seq_len=seq_len, batch_size=batch_size
             )
-        )
-        batch = jax.ShapeDtypeStruct((per_device_batch, seq_len + 1), jnp.int32)
-        analysis = step.lower(state, batch).compile().memory_analysis()
-        activation_bytes = int(analysis.temp_size_in_bytes) if analysis is not None else None
+            activations_source = "sharded step"
+        else:
+            analysis = _one_device_step_analysis(
+                model, optimizer, schedule, seq_len=seq_len, batch_size=per_device_batch
+            )
+            activations_source = "one-device estimate"
+        if analysis is not None:
+            activation_bytes = int(analysis.temp_size_in_bytes)
+        else:
+            activations_source = "not computed"
 
     cache = jax.eval_shape(lambda: model.init_cache(generate_batch, max_len or seq_len))
     cache_bytes = sum(
@@ -157,4 +166,59 @@ def plan_memory(
         activations=activation_bytes,
         caches=cache_bytes // batch_shards if generate_batch % batch_shards == 0 else cache_bytes,
         batch_per_device=per_device_batch,
+        activations_source=activations_source,
     )
+
+
+def _one_device_step_analysis(
+    model: LanguageModel, optimizer: Any, schedule: Any, *, seq_len: int, batch_size: int
+) -> Any:
+    """``memory_analysis()`` of the train step of ``batch_size`` sequences on one device."""
+    from jaxbased.training.state import TrainState
+    from jaxbased.training.steps import make_train_step
+
+    step = make_train_step(model, optimizer, schedule)
+    state = jax.eval_shape(
+        lambda: TrainState.create(
+            nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]),
+            optimizer,
+        )
+    )
+    batch = jax.ShapeDtypeStruct((batch_size, seq_len + 1), jnp.int32)
+    return step.lower(state, batch).compile().memory_analysis()
+
+
+def _sharded_step_analysis(
+    model: LanguageModel,
+    optimizer: Any,
+    schedule: Any,
+    mesh: dict[str, int],
+    *,
+    seq_len: int,
+    batch_size: int,
+) -> Any:
+    """``memory_analysis()`` of the train step as ``train`` compiles it for ``mesh`` (on this
+    host's first devices): the state sharded by its logical axes, the batch over data x fsdp."""
+    from jaxbased.sharding import batch_sharding, logical_shardings, make_mesh, with_shardings
+    from jaxbased.training.state import TrainState
+    from jaxbased.training.steps import make_train_step
+
+    device_mesh = make_mesh([mesh[axis] for axis in MESH_AXES])
+
+    def boxed_state() -> TrainState:
+        params = model.init(jax.random.key(0), jnp.zeros((1, seq_len), jnp.int32))["params"]
+        return TrainState(
+            step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params)
+        )
+
+    abstract = jax.eval_shape(boxed_state)
+    shardings = logical_shardings(abstract, device_mesh)
+    batch = batch_sharding(device_mesh)
+    step = make_train_step(
+        model, optimizer, schedule, state_shardings=shardings, batch_sharding=batch
+    )
+    state = with_shardings(abstract, shardings)  # unboxed outside the rules' context
+    tokens = jax.ShapeDtypeStruct((batch_size, seq_len + 1), jnp.int32, sharding=batch)
+    with jax.set_mesh(device_mesh), nn.logical_axis_rules(LOGICAL_RULES):
+        lowered = step.lower(state, tokens)
+    return lowered.compile().memory_analysis()

@@ -80,6 +80,49 @@ def meshes(data: pathlib.Path, out: pathlib.Path) -> dict:
     return report
 
 
+def train_step_temp_bytes(
+    config, mesh_shape: tuple[int, int, int], seq_len: int, batch_size: int
+) -> int:
+    """XLA's temporary bytes per device of the train step built as ``train`` builds it (its
+    schedule and optimizer, state sharded by logical axes, batch over data x fsdp)."""
+    from flax import linen as nn
+
+    from jaxbased import LanguageModel, ModelConfig
+    from jaxbased.sharding import (
+        LOGICAL_RULES,
+        batch_sharding,
+        logical_shardings,
+        make_mesh,
+        with_shardings,
+    )
+    from jaxbased.training.optimizer import learning_rate_schedule, make_optimizer
+    from jaxbased.training.state import TrainState
+    from jaxbased.training.steps import make_train_step
+
+    model = LanguageModel(ModelConfig.from_dict(config.model))
+    schedule = learning_rate_schedule(peak=1e-3, final=0, warmup_steps=0, total_steps=2)
+    optimizer = make_optimizer(schedule)
+    mesh = make_mesh(mesh_shape)
+
+    def boxed() -> TrainState:
+        params = model.init(jax.random.key(0), jax.numpy.zeros((1, seq_len), "int32"))["params"]
+        return TrainState(
+            step=jax.numpy.zeros((), "int32"), params=params, opt_state=optimizer.init(params)
+        )
+
+    abstract = jax.eval_shape(boxed)
+    state_shardings = logical_shardings(abstract, mesh)
+    batch = batch_sharding(mesh)
+    step = make_train_step(
+        model, optimizer, schedule, state_shardings=state_shardings, batch_sharding=batch
+    )
+    state = with_shardings(abstract, state_shardings)
+    tokens = jax.ShapeDtypeStruct((batch_size, seq_len + 1), "int32", sharding=batch)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+        compiled = step.lower(state, tokens).compile()
+    return int(compiled.memory_analysis().temp_size_in_bytes)
+
+
 def shardings(data: pathlib.Path, out: pathlib.Path) -> dict:
     """The partition spec of some parameters and their Adam moments on a (2, 2, 2) mesh."""
     from flax import linen as nn
@@ -91,9 +134,8 @@ def shardings(data: pathlib.Path, out: pathlib.Path) -> dict:
 
     config = config_for(data, (2, 2, 2), 1)
     model = LanguageModel(ModelConfig.from_dict(config.model))
-    optimizer = make_optimizer(
-        learning_rate_schedule(peak=1e-3, final=0, warmup_steps=0, total_steps=2)
-    )
+    optimizer_schedule = learning_rate_schedule(peak=1e-3, final=0, warmup_steps=0, total_steps=2)
+    optimizer = make_optimizer(optimizer_schedule)
     mesh = make_mesh((2, 2, 2))
 
     def boxed():
@@ -137,7 +179,19 @@ def shardings(data: pathlib.Path, out: pathlib.Path) -> dict:
         "planned_caches": plan.caches,
         "real_caches_per_device": sum(leaf.nbytes for leaf in jax.tree.leaves(cache)) // 4,
         "planned_activations": plan.activations,
+        "planned_activations_source": plan.activations_source,
+        "real_activations": train_step_temp_bytes(config, (2, 2, 2), 8, 8),
+        "one_device_estimate_ratio": {},
     }
+    # The estimate for meshes larger than the host: the per-device batch on one device.
+    from jaxbased.planning import _one_device_step_analysis
+
+    for shape in [(8, 1, 1), (1, 1, 8)]:
+        estimate = _one_device_step_analysis(
+            model, optimizer, optimizer_schedule, seq_len=8, batch_size=8 // (shape[0] * shape[1])
+        ).temp_size_in_bytes
+        ratio = estimate / train_step_temp_bytes(config, shape, 8, 8)
+        planning["one_device_estimate_ratio"]["x".join(map(str, shape))] = ratio
     from jaxbased.generation import generate
 
     prompts = [[5, 6, 7], [8, 9]]
