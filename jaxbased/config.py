@@ -18,7 +18,6 @@ what is allowed.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
@@ -227,12 +226,12 @@ class ModelFields:
     @property
     def compute_dtype(self) -> jnp.dtype:
         """The activation dtype as a NumPy dtype."""
-        return jnp.dtype(self.dtype)
+        return self.mixer_context.compute_dtype
 
     @property
     def output_init_std(self) -> float:
         """Init std of every ``out_proj`` and ``fc2``: ``init_std / sqrt(2 * num_layers)``."""
-        return self.init_std / math.sqrt(2 * self.num_layers)
+        return self.mixer_context.output_init_std
 
     # Construction ---------------------------------------------------------------------------
     def replace(self, **overrides: Any) -> ModelConfig:

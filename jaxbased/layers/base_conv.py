@@ -12,10 +12,9 @@ import dataclasses
 import flax.linen as nn
 import flax.struct
 import jax
-import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from jaxbased.layers.common import Projection, conv_init
+from jaxbased.layers.common import Projection, conv_init, logical_param
 from jaxbased.layers.mixer import (
     MixerConfig,
     MixerContext,
@@ -79,11 +78,12 @@ class BaseConv(StateSizeFromCache, nn.Module):
             use_bias=True,
             bias_axes=(None, "conv_channels"),
         )
-        self.conv_weight = self.param(
+        self.conv_weight = logical_param(
+            self,
             "conv_weight",
-            nn.with_logical_partitioning(conv_init, ("conv_kernel", "conv_channels")),
+            conv_init,
+            ("conv_kernel", "conv_channels"),
             (config.kernel_size, channels),
-            jnp.float32,
         )
         self.out_proj = Projection(
             (channels,),

@@ -4,6 +4,7 @@ LayerNorm, the RMS normalisation they and the mixers' inner norms share, the pad
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
@@ -83,40 +84,49 @@ def valid_mask(lengths: Int[Array, " B"] | None, seq: int) -> Bool[Array, "B T"]
     return jnp.arange(seq) < jnp.asarray(lengths, jnp.int32)[:, None]
 
 
-def _norm_param(
-    module: nn.Module, name: str, init: nn.initializers.Initializer, dim: int
-) -> Float[Array, " D"]:
-    """A float32 ``[dim]`` norm parameter with the logical axis ``norm``."""
-    return module.param(name, nn.with_logical_partitioning(init, ("norm",)), (dim,), jnp.float32)
+def logical_param(
+    module: nn.Module,
+    name: str,
+    init: nn.initializers.Initializer,
+    axes: LogicalAxes,
+    shape: tuple[int, ...],
+) -> Array:
+    """A float32 parameter ``name`` of ``module`` with logical axis names ``axes`` (one per
+    dimension of ``shape``), initialised by ``init``; call it from ``setup`` or a compact
+    ``__call__``."""
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
 
 
-class RMSNorm(nn.Module):
+class _Norm(nn.Module):
+    """Normalisation over the last axis in float32 or wider, scaled by a learned ``weight``;
+    subclasses set ``centered`` (subtract the mean first and add a learned ``bias``)."""
+
+    dim: int
+    eps: float = 1e-5
+    dtype: jnp.dtype = jnp.float32
+    centered: ClassVar[bool] = False
+
+    @nn.compact
+    def __call__(self, x: Float[Array, "... D"]) -> Float[Array, "... D"]:
+        weight = logical_param(self, "weight", nn.initializers.ones_init(), ("norm",), (self.dim,))
+        wide = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+        if self.centered:
+            wide = wide - jnp.mean(wide, axis=-1, keepdims=True)
+        normed = rms_normalize(wide, self.eps) * weight
+        if self.centered:
+            bias = logical_param(self, "bias", nn.initializers.zeros_init(), ("norm",), (self.dim,))
+            normed = normed + bias
+        return normed.astype(self.dtype)
+
+
+class RMSNorm(_Norm):
     """``x / sqrt(mean(x^2) + eps) * weight`` over the last axis in float32 or wider; no bias."""
 
-    dim: int
-    eps: float = 1e-5
-    dtype: jnp.dtype = jnp.float32
 
-    @nn.compact
-    def __call__(self, x: Float[Array, "... D"]) -> Float[Array, "... D"]:
-        weight = _norm_param(self, "weight", nn.initializers.ones_init(), self.dim)
-        return (rms_normalize(x, self.eps) * weight).astype(self.dtype)
-
-
-class LayerNorm(nn.Module):
+class LayerNorm(_Norm):
     """``(x - mean) / sqrt(var + eps) * weight + bias`` over the last axis in float32 or wider."""
 
-    dim: int
-    eps: float = 1e-5
-    dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Float[Array, "... D"]) -> Float[Array, "... D"]:
-        weight = _norm_param(self, "weight", nn.initializers.ones_init(), self.dim)
-        bias = _norm_param(self, "bias", nn.initializers.zeros_init(), self.dim)
-        xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-        normed = rms_normalize(xf - jnp.mean(xf, axis=-1, keepdims=True), self.eps)
-        return (normed * weight + bias).astype(self.dtype)
+    centered: ClassVar[bool] = True
 
 
 def make_norm(kind: str, dim: int, eps: float, dtype: jnp.dtype) -> nn.Module:

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from jaxbased.layers.common import Projection, rms_normalize, valid_mask
+from jaxbased.layers.common import Projection, logical_param, rms_normalize, valid_mask
 from jaxbased.layers.mixer import (
     MixerConfig,
     MixerContext,
@@ -128,11 +128,12 @@ class DecayLinearAttention(StateSizeFromCache, nn.Module):
         self.proj_v = projection(value_dim, "head_dim")
         if config.output_gate:
             self.proj_gate = projection(value_dim, "head_dim")
-        self.norm_weight = self.param(
+        self.norm_weight = logical_param(
+            self,
             "norm_weight",
-            nn.with_logical_partitioning(nn.initializers.ones_init(), ("heads", "head_dim")),
+            nn.initializers.ones_init(),
+            ("heads", "head_dim"),
             (heads, value_dim),
-            jnp.float32,
         )
         self.out_proj = Projection(
             (heads, value_dim),

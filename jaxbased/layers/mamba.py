@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from jaxbased.layers.common import Projection, conv_init, valid_mask
+from jaxbased.layers.common import Projection, conv_init, logical_param, valid_mask
 from jaxbased.layers.mixer import (
     MixerConfig,
     MixerContext,
@@ -176,53 +176,37 @@ class Mamba(StateSizeFromCache, nn.Module):
         self.in_proj = Projection(
             (d_model,), (2, inner), ("embed", None, "conv_channels"), context.init_std, dtype
         )
-        self.conv_weight = self.param(
+        self.conv_weight = logical_param(
+            self,
             "conv_weight",
-            nn.with_logical_partitioning(conv_init, ("conv_kernel", "conv_channels")),
+            conv_init,
+            ("conv_kernel", "conv_channels"),
             (config.conv_kernel_size, inner),
-            jnp.float32,
         )
-        self.conv_bias = self.param(
-            "conv_bias",
-            nn.with_logical_partitioning(
-                conv_bias_init(config.conv_kernel_size), ("conv_channels",)
-            ),
-            (inner,),
-            jnp.float32,
+        self.conv_bias = logical_param(
+            self, "conv_bias", conv_bias_init(config.conv_kernel_size), ("conv_channels",), (inner,)
         )
         self.x_proj = Projection(
             (inner,), (rank + 2 * state,), ("conv_channels", "feature"), context.init_std, dtype
         )
-        self.dt_proj_kernel = self.param(
+        self.dt_proj_kernel = logical_param(
+            self,
             "dt_proj_kernel",
-            nn.with_logical_partitioning(
-                symmetric_uniform_init(rank**-0.5),
-                ("feature", "conv_channels"),
-            ),
+            symmetric_uniform_init(rank**-0.5),
+            ("feature", "conv_channels"),
             (rank, inner),
-            jnp.float32,
         )
-        self.dt_bias = self.param(
+        self.dt_bias = logical_param(
+            self,
             "dt_bias",
-            nn.with_logical_partitioning(
-                time_step_bias_init(config.dt_min, config.dt_max, config.dt_init_floor),
-                ("conv_channels",),
-            ),
+            time_step_bias_init(config.dt_min, config.dt_max, config.dt_init_floor),
+            ("conv_channels",),
             (inner,),
-            jnp.float32,
         )
-        self.A_log = self.param(
-            "A_log",
-            nn.with_logical_partitioning(s4d_real_log_init, ("conv_channels", "feature")),
-            (inner, state),
-            jnp.float32,
+        self.A_log = logical_param(
+            self, "A_log", s4d_real_log_init, ("conv_channels", "feature"), (inner, state)
         )
-        self.D = self.param(
-            "D",
-            nn.with_logical_partitioning(nn.initializers.ones_init(), ("conv_channels",)),
-            (inner,),
-            jnp.float32,
-        )
+        self.D = logical_param(self, "D", nn.initializers.ones_init(), ("conv_channels",), (inner,))
         self.out_proj = Projection(
             (inner,), (d_model,), ("conv_channels", "embed"), context.output_init_std, dtype
         )

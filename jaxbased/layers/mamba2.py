@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from jaxbased.layers.common import Projection, conv_init, rms_normalize, valid_mask
+from jaxbased.layers.common import Projection, conv_init, logical_param, rms_normalize, valid_mask
 from jaxbased.layers.mamba import StateSpaceConfig, conv_bias_init, time_step_bias_init
 from jaxbased.layers.mixer import (
     MixerContext,
@@ -128,47 +128,29 @@ class Mamba2(StateSizeFromCache, nn.Module):
         self.in_proj = Projection(
             (d_model,), (inner + channels + heads,), ("embed", None), context.init_std, dtype
         )
-        self.conv_weight = self.param(
-            "conv_weight",
-            nn.with_logical_partitioning(conv_init, ("conv_kernel", None)),
-            (kernel_size, channels),
-            jnp.float32,
+        self.conv_weight = logical_param(
+            self, "conv_weight", conv_init, ("conv_kernel", None), (kernel_size, channels)
         )
-        self.conv_bias = self.param(
-            "conv_bias",
-            nn.with_logical_partitioning(conv_bias_init(kernel_size), (None,)),
-            (channels,),
-            jnp.float32,
+        self.conv_bias = logical_param(
+            self, "conv_bias", conv_bias_init(kernel_size), (None,), (channels,)
         )
-        self.dt_bias = self.param(
+        self.dt_bias = logical_param(
+            self,
             "dt_bias",
-            nn.with_logical_partitioning(
-                time_step_bias_init(config.dt_min, config.dt_max, config.dt_init_floor),
-                ("heads",),
-            ),
+            time_step_bias_init(config.dt_min, config.dt_max, config.dt_init_floor),
+            ("heads",),
             (heads,),
-            jnp.float32,
         )
-        self.A_log = self.param(
+        self.A_log = logical_param(
+            self,
             "A_log",
-            nn.with_logical_partitioning(
-                head_decay_log_init(config.a_init_min, config.a_init_max),
-                ("heads",),
-            ),
+            head_decay_log_init(config.a_init_min, config.a_init_max),
+            ("heads",),
             (heads,),
-            jnp.float32,
         )
-        self.D = self.param(
-            "D",
-            nn.with_logical_partitioning(nn.initializers.ones_init(), ("heads",)),
-            (heads,),
-            jnp.float32,
-        )
-        self.norm_weight = self.param(
-            "norm_weight",
-            nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
-            (inner,),
-            jnp.float32,
+        self.D = logical_param(self, "D", nn.initializers.ones_init(), ("heads",), (heads,))
+        self.norm_weight = logical_param(
+            self, "norm_weight", nn.initializers.ones_init(), ("norm",), (inner,)
         )
         self.out_proj = Projection(
             (inner,), (d_model,), ("conv_channels", "embed"), context.output_init_std, dtype
