@@ -238,16 +238,7 @@ class ModelFields:
         """A copy with some fields changed (validated). A section is changed by a dict of its
         fields, merged onto the current ones (``replace(based={"feature_dim": 8})``), or by a
         whole section config."""
-        _reject_flat_names(overrides)
-        values = self.to_dict()
-        for name, value in overrides.items():
-            if name in MIXERS and isinstance(value, Mapping):
-                values[name] = {**values[name], **value}
-            elif isinstance(value, MixerConfig):
-                values[name] = value.to_dict()
-            else:
-                values[name] = value
-        return ModelConfig.from_dict(values)
+        return ModelConfig.from_dict(merge_overrides(self.to_dict(), overrides))
 
     def to_dict(self) -> dict[str, Any]:
         """Every field as plain values, each section a nested dict (JSON-ready)."""
@@ -288,6 +279,24 @@ class ModelFields:
         if name not in PRESETS:
             raise ValueError(f"preset={name!r} is not known; allowed: {sorted(PRESETS)}")
         return PRESETS[name]().replace(**overrides)
+
+
+def merge_overrides(values: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` (a ``ModelConfig.to_dict()``-like dict) with ``overrides`` as
+    ``ModelConfig.replace`` takes them: a section given as a dict is merged onto the section's
+    fields in ``values``, a section config replaces it, anything else replaces the field. Old
+    flat field names are a ``ValueError`` naming their new place."""
+    _reject_flat_names(overrides)
+    merged = dict(values)
+    for name, value in overrides.items():
+        value = _plain_mapping(value)
+        if name in MIXERS and isinstance(value, Mapping):
+            merged[name] = {**_plain_mapping(merged.get(name) or {}), **value}
+        elif isinstance(value, MixerConfig):
+            merged[name] = value.to_dict()
+        else:
+            merged[name] = value
+    return merged
 
 
 def _plain_mapping(value: Any) -> Any:

@@ -265,6 +265,12 @@ def cases(backend: str) -> tuple[Case, ...]:
 GPU_CASES = cases("gpu")
 TPU_CASES = cases("tpu")
 
+#: The float32 kernels at F = 32 take Triton minutes to compile from a cold cache (their operands
+#: spill to the stack; 7 minutes on a loaded 2-core host for Dv = 112), so the test suite holds
+#: the float32 path to the limits at F = 16 and F = 32 at bf16, and leaves this one case to the
+#: report of ``benchmarks/compile_kernels.py``.
+SLOW_GPU_CASES = frozenset({"linear taylor F=32 Dv=112 float32"})
+
 #: A small topology per TPU generation (deviceless compilation needs a whole host's chips).
 TPU_TOPOLOGIES = {"v4": "v4:2x2x1", "v5e": "v5e:2x2", "v5p": "v5p:2x2x1", "v6e": "v6e:2x2"}
 

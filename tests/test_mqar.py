@@ -191,8 +191,12 @@ def test_mqar_model_config_rejects_bad_arguments():
         mqar_model_config("transformer", d_model=32)
     with pytest.raises(ValueError, match="layer_pattern"):
         mqar_model_config("based", d_model=32, layer_pattern=("based", "based"))
-    with pytest.raises(ValueError, match="unknown ModelConfig fields"):
+    with pytest.raises(ValueError, match="feature_dims=8 is neither a model field"):
         mqar_model_config("based", d_model=32, feature_dims=8)
+    with pytest.raises(ValueError, match=r"window=8 is neither .* the 'based' section"):
+        mqar_model_config("based", d_model=32, window=8)
+    config = mqar_model_config("based", d_model=32, **{"sliding_window.window": 8})
+    assert config.sliding_window.window == 8 and config.based.feature_dim == 16
 
 
 # State sizes: docs/mqar.md formulas, written out independently of the caches.

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxbased.config import ModelConfig
+from jaxbased.config import ModelConfig, merge_overrides
 from jaxbased.interop.reference_config import UnsupportedCheckpointError
 from jaxbased.interop.state_dict import (
     LM_HEAD_KEY,
@@ -117,7 +117,7 @@ def mamba_config_from_reference(values: Mapping[str, Any], **overrides: Any) -> 
             "groups": int(ssm["ngroups"]),
             "chunk_size": int(ssm.get("chunk_size", 256)),
         }
-    return ModelConfig(**fields).replace(**overrides)
+    return ModelConfig.from_dict(merge_overrides(fields, overrides))
 
 
 def mamba_layout_problems(config: ModelConfig) -> list[str]:

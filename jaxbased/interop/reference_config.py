@@ -40,7 +40,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from jaxbased.config import ModelConfig
+from jaxbased.config import ModelConfig, merge_overrides
 
 BASE_CONV_TARGET = "based.models.mixers.convolution.BaseConv"
 LINEAR_ATTENTION_TARGET = "based.models.mixers.linear_attention.LinearAttention"
@@ -239,7 +239,7 @@ def config_from_reference(values: Mapping[str, Any], **overrides: Any) -> ModelC
     if "sliding_window" in used:
         fields["sliding_window"] = {**attention, **sections.pop("sliding_window", {})}
     fields.update({name: section for name, section in sections.items() if name in used})
-    return ModelConfig(**fields).replace(**overrides)
+    return ModelConfig.from_dict(merge_overrides(fields, overrides))
 
 
 def config_to_reference(config: ModelConfig, *, l_max: int = DEFAULT_L_MAX) -> dict[str, Any]:
