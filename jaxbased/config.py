@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable, Mapping
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax.numpy as jnp
 
@@ -29,15 +29,6 @@ from jaxbased.layers.common import NORMS
 from jaxbased.layers.mixer import DTYPES, MixerConfig, MixerContext
 from jaxbased.layers.registry import MIXER_NAMES, MIXERS
 from jaxbased.ops.dispatch import IMPLEMENTATIONS
-
-if TYPE_CHECKING:  # the sections, for type checkers (ModelConfig gets them from the registry)
-    from jaxbased.layers.attention import AttentionConfig, SlidingWindowConfig
-    from jaxbased.layers.base_conv import BaseConvConfig
-    from jaxbased.layers.based import BasedConfig
-    from jaxbased.layers.decay_attention import DecayAttentionConfig
-    from jaxbased.layers.mamba import MambaConfig
-    from jaxbased.layers.mamba2 import Mamba2Config
-    from jaxbased.layers.mlp import MLPConfig
 
 __all__ = [
     "DTYPES",
@@ -125,16 +116,6 @@ class ModelFields:
     dtype: str = "float32"
     init_std: float = 0.02
     implementation: str = "auto"
-
-    if TYPE_CHECKING:
-        base_conv: BaseConvConfig
-        based: BasedConfig
-        sliding_window: SlidingWindowConfig
-        attention: AttentionConfig
-        mamba: MambaConfig
-        mamba2: Mamba2Config
-        decay_attention: DecayAttentionConfig
-        mlp: MLPConfig
 
     def __post_init__(self) -> None:
         pattern = self.layer_pattern
