@@ -55,7 +55,7 @@ def main(argv: list[str]) -> None:
             result.final_eval.get("loss", float("nan")),
         )
     if not result.preempted and config.sample.max_new_tokens > 0 and result.is_writer:
-        from jaxbased.training.sampling import print_sample
+        from jaxbased.training.print_sample import print_sample
 
         print_sample(result.workdir, config.sample)
     logging.info("checkpoints: %s", result.checkpoint_dir)
