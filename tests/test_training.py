@@ -23,6 +23,7 @@ from jaxbased.training.checkpointing import (
 )
 from jaxbased.training.loop import NonFiniteLossError, train
 from jaxbased.training.optimizer import learning_rate_schedule, make_optimizer, weight_decay_mask
+from jaxbased.training.setup import optimizer_from_config
 from jaxbased.training.state import TrainState
 from jaxbased.training.steps import make_train_step
 from tests.conftest import init_model, model_flags
@@ -299,21 +300,7 @@ def replay_training(config, steps: int) -> tuple[TrainState, list[float]]:
 
     data, run = config.data, config.train
     model = LanguageModel(ModelConfig.from_dict(config.model))
-    schedule = learning_rate_schedule(
-        peak=run.learning_rate,
-        final=run.final_learning_rate,
-        warmup_steps=run.warmup_steps,
-        total_steps=run.num_steps,
-        warmup_init=run.warmup_init,
-    )
-    optimizer = make_optimizer(
-        schedule,
-        beta1=run.beta1,
-        beta2=run.beta2,
-        eps=run.eps,
-        weight_decay=run.weight_decay,
-        grad_clip=run.grad_clip,
-    )
+    schedule, optimizer = optimizer_from_config(run)
     sample = jnp.zeros((1, data.seq_len), jnp.int32)
     params = nn.meta.unbox(model.init(jax.random.key(run.seed), sample)["params"])
     state = TrainState.create(params, optimizer)

@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from jaxbased.layers.common import Projection
+from jaxbased.layers.common import Projection, head_output_projection
 from jaxbased.layers.mixer import (
     MixerConfig,
     MixerContext,
@@ -112,13 +112,7 @@ class SlidingWindowAttention(StateSizeFromCache, nn.Module):
             context.init_std,
             context.compute_dtype,
         )
-        self.out_proj = Projection(
-            (heads, head_dim),
-            (context.d_model,),
-            ("heads", "head_dim", "embed"),
-            context.output_init_std,
-            context.compute_dtype,
-        )
+        self.out_proj = head_output_projection(context, heads, head_dim)
 
     def _rotate(self, x: Array, positions: Array) -> Array:
         config = self.config

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from jaxbased.layers.common import Projection, valid_mask
+from jaxbased.layers.common import head_output_projection, head_projection, valid_mask
 from jaxbased.layers.mixer import (
     MixerConfig,
     MixerContext,
@@ -86,28 +86,11 @@ class BasedLinearAttention(StateSizeFromCache, nn.Module):
 
     def setup(self) -> None:
         config, context = self.config, self.context
-        heads, dtype = config.heads, context.compute_dtype
-        value_dim = config.value_dim(context.d_model)
-
-        def projection(width: int, last_axis: str) -> Projection:
-            return Projection(
-                (context.d_model,),
-                (heads, width),
-                ("embed", "heads", last_axis),
-                context.init_std,
-                dtype,
-            )
-
-        self.proj_q = projection(config.feature_dim, "feature")
-        self.proj_k = projection(config.feature_dim, "feature")
-        self.proj_v = projection(value_dim, "head_dim")
-        self.out_proj = Projection(
-            (heads, value_dim),
-            (context.d_model,),
-            ("heads", "head_dim", "embed"),
-            context.output_init_std,
-            dtype,
-        )
+        heads, value_dim = config.heads, config.value_dim(context.d_model)
+        self.proj_q = head_projection(context, heads, config.feature_dim, "feature")
+        self.proj_k = head_projection(context, heads, config.feature_dim, "feature")
+        self.proj_v = head_projection(context, heads, value_dim, "head_dim")
+        self.out_proj = head_output_projection(context, heads, value_dim)
 
     def _attend(self, x: Array, return_state: bool, lengths: Array | None = None):
         config = self.config

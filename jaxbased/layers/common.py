@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
+from jaxbased.layers.mixer import MixerContext
+
 LogicalAxes = tuple[str | None, ...]
 
 #: Normalisation layers: ``rmsnorm`` (no bias, the released models) or ``layernorm`` (with bias,
@@ -60,6 +62,30 @@ class Projection(nn.Module):
             )
             y = y + bias.astype(self.dtype)
         return y
+
+
+def head_projection(context: MixerContext, heads: int, width: int, last_axis: str) -> Projection:
+    """``[..., d] -> [..., heads, width]`` without bias, logical axes ``(embed, heads,
+    last_axis)``, init ``normal(context.init_std)``, computing in the activation dtype."""
+    return Projection(
+        (context.d_model,),
+        (heads, width),
+        ("embed", "heads", last_axis),
+        context.init_std,
+        context.compute_dtype,
+    )
+
+
+def head_output_projection(context: MixerContext, heads: int, width: int) -> Projection:
+    """``[..., heads, width] -> [..., d]`` without bias, init ``normal(output_init_std)``: the
+    output projection of a multi-head mixer."""
+    return Projection(
+        (heads, width),
+        (context.d_model,),
+        ("heads", "head_dim", "embed"),
+        context.output_init_std,
+        context.compute_dtype,
+    )
 
 
 def conv_init(key: Array, shape: tuple[int, ...], dtype: jnp.dtype = jnp.float32) -> Array:

@@ -29,7 +29,13 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from jaxbased.layers.common import Projection, logical_param, rms_normalize, valid_mask
+from jaxbased.layers.common import (
+    head_output_projection,
+    head_projection,
+    logical_param,
+    rms_normalize,
+    valid_mask,
+)
 from jaxbased.layers.mixer import (
     MixerConfig,
     MixerContext,
@@ -111,23 +117,13 @@ class DecayLinearAttention(StateSizeFromCache, nn.Module):
 
     def setup(self) -> None:
         config, context = self.config, self.context
-        heads, dtype = config.heads, context.compute_dtype
+        heads = config.heads
         key_dim, value_dim = config.head_key_dim(context.d_model), config.value_dim(context.d_model)
-
-        def projection(width: int, last_axis: str) -> Projection:
-            return Projection(
-                (context.d_model,),
-                (heads, width),
-                ("embed", "heads", last_axis),
-                context.init_std,
-                dtype,
-            )
-
-        self.proj_q = projection(key_dim, "feature")
-        self.proj_k = projection(key_dim, "feature")
-        self.proj_v = projection(value_dim, "head_dim")
+        self.proj_q = head_projection(context, heads, key_dim, "feature")
+        self.proj_k = head_projection(context, heads, key_dim, "feature")
+        self.proj_v = head_projection(context, heads, value_dim, "head_dim")
         if config.output_gate:
-            self.proj_gate = projection(value_dim, "head_dim")
+            self.proj_gate = head_projection(context, heads, value_dim, "head_dim")
         self.norm_weight = logical_param(
             self,
             "norm_weight",
@@ -135,13 +131,7 @@ class DecayLinearAttention(StateSizeFromCache, nn.Module):
             ("heads", "head_dim"),
             (heads, value_dim),
         )
-        self.out_proj = Projection(
-            (heads, value_dim),
-            (context.d_model,),
-            ("heads", "head_dim", "embed"),
-            context.output_init_std,
-            dtype,
-        )
+        self.out_proj = head_output_projection(context, heads, value_dim)
 
     def _log_decay(self) -> Array:
         return jnp.asarray(retnet_log_decays(self.config.heads))

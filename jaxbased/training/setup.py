@@ -149,7 +149,7 @@ def _save_tokenizer(dataset: TokenDataset, workdir: pathlib.Path) -> None:
     staging.rename(target)
 
 
-def _make_optimizer(
+def optimizer_from_config(
     train_config: ml_collections.ConfigDict,
 ) -> tuple[optax.Schedule, optax.GradientTransformation]:
     """The learning-rate schedule and optimizer of the ``train`` section."""
@@ -219,7 +219,7 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) ->
     )
 
     model = LanguageModel(model_config)
-    schedule, optimizer = _make_optimizer(train_config)
+    schedule, optimizer = optimizer_from_config(train_config)
 
     def init_boxed_state() -> TrainState:
         # Parameters still in their logical-axis boxes, so that the optimizer state built from
