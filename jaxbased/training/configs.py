@@ -53,6 +53,7 @@ def train_defaults(**overrides: Any) -> ml_collections.ConfigDict:
         async_checkpoints=True,
         tensorboard=True,
         peak_flops=0.0,  # FLOP/s for utilisation; 0 = measure a float32 matmul at start
+        profile_steps="",  # "START,END": a jax.profiler trace of those steps; "" = none
     )
     values.update(overrides)
     return ml_collections.ConfigDict(values)

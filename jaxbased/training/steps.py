@@ -11,6 +11,13 @@ What a step trains on is chosen by its per-token loss function (:data:`LossFunct
 With ``grad_accum_steps = n`` a batch (every array of it) is split into ``n`` micro-batches whose
 gradients are summed in a ``lax.scan`` before one optimizer update (same result as one big
 batch, less memory).
+
+**Non-finite steps.** When a step's loss or gradient norm is NaN or infinite, the train step
+skips its update on the device: the returned state is the input state unchanged, step counter
+included (``state.step`` counts applied updates), and the metrics still report the step
+(``update_skipped`` is 1.0). :func:`stop_updates_after_non_finite` makes that sticky for the
+training loop and records the first such step, so that the host learns of it at its next check
+without a device-to-host transfer on every step.
 """
 
 from __future__ import annotations
@@ -83,7 +90,8 @@ def make_train_step(
 
     ``losses`` says what the batch is and which tokens count (:data:`LossFunction`); ``metrics``
     are the mean ``loss`` and ``accuracy`` over those tokens, the ``grad_norm`` and the
-    ``learning_rate`` of the step.
+    ``learning_rate`` of the step, and ``update_skipped`` (float32 1.0 when the loss or the
+    gradient norm is not finite: then the returned state equals ``state``, step included).
 
     With ``state_shardings`` (a pytree of ``NamedSharding`` like the state) and
     ``batch_sharding``, the step is compiled for that mesh: the state keeps its shardings
@@ -120,13 +128,17 @@ def make_train_step(
         grads = jax.tree.map(lambda g: g * scale, grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        loss, grad_norm = loss * scale, global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updated = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
         metrics = {
-            "loss": loss * scale,
+            "loss": loss,
             "accuracy": accuracy * scale,
-            "grad_norm": global_norm(grads),
+            "grad_norm": grad_norm,
             "learning_rate": schedule(state.step),
+            "update_skipped": jnp.logical_not(finite).astype(jnp.float32),
         }
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        return _select(finite, updated, state), metrics
 
     if state_shardings is None:
         return jax.jit(step, donate_argnums=(0,))
@@ -136,6 +148,56 @@ def make_train_step(
         out_shardings=(state_shardings, None),
         donate_argnums=(0,),
     )
+
+
+def _select(condition: Array, when_true: Any, when_false: Any) -> Any:
+    """Leaf by leaf ``when_true if condition else when_false`` (a scalar boolean ``condition``)."""
+    return jax.tree.map(lambda a, b: jnp.where(condition, a, b), when_true, when_false)
+
+
+#: ``{"step", "loss", "grad_norm"}``: the first step whose loss or gradient norm was not finite
+#: (int32 ``step``; 0 while there has been none) and its two values (float32).
+NonFiniteRecord = dict[str, Array]
+
+
+def no_non_finite_step() -> dict[str, np.ndarray]:
+    """The :data:`NonFiniteRecord` of a run with no non-finite step yet (host arrays)."""
+    return {
+        "step": np.zeros((), np.int32),
+        "loss": np.zeros((), np.float32),
+        "grad_norm": np.zeros((), np.float32),
+    }
+
+
+def stop_updates_after_non_finite(
+    train_step: Callable[[TrainState, Any], tuple[TrainState, dict[str, Array]]],
+) -> Callable[[TrainState, Any, NonFiniteRecord], tuple[TrainState, dict[str, Array], Any]]:
+    """``step(state, batch, record) -> (state, metrics, record)``: ``train_step`` (a step of
+    :func:`make_train_step`) that applies no update at all once a step was non-finite.
+
+    ``record`` is a :data:`NonFiniteRecord`. While its ``step`` is 0, the step runs as
+    ``train_step`` does; the first step whose update is skipped (``update_skipped``) sets
+    ``record`` to that step's number (``state.step + 1``: every earlier step was applied, so the
+    counter is the number of steps run) and its loss and gradient norm. From then on every step
+    returns its input state unchanged: the state stays the last good one until the host reads
+    ``record`` at its next check. Jit-compiled, with the state and the record donated; no value
+    leaves the devices.
+    """
+
+    def step(
+        state: TrainState, batch: Any, record: NonFiniteRecord
+    ) -> tuple[TrainState, dict[str, Array], NonFiniteRecord]:
+        updated, metrics = train_step(state, batch)
+        healthy = record["step"] == 0
+        first_bad = healthy & (metrics["update_skipped"] > 0)
+        this_step = {
+            "step": (state.step + 1).astype(jnp.int32),
+            "loss": metrics["loss"].astype(jnp.float32),
+            "grad_norm": metrics["grad_norm"].astype(jnp.float32),
+        }
+        return _select(healthy, updated, state), metrics, _select(first_bad, this_step, record)
+
+    return jax.jit(step, donate_argnums=(0, 2))
 
 
 def make_eval_step(
