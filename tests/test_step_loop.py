@@ -36,6 +36,15 @@ from tests.test_training import TINY_MODEL, corpus, replay_training, tiny_config
 LOOP = dict(num_steps=8, log_every=4, eval_every=6, checkpoint_every=3)
 HOST_CHECK_STEPS = {3, 4, 6, 8}
 OUT_OF_VOCABULARY = 1 << 30  # its embedding row is NaN (jnp.take fills out-of-range rows)
+#: One MLP block: the cheapest model to compile; what these tests check is the loop around it.
+ONE_BLOCK = dict(TINY_MODEL, num_layers=1, layer_pattern=("mlp",))
+
+
+def loop_config(data_path: pathlib.Path, **train_overrides):
+    """``tiny_config`` with the one-block model and the :data:`LOOP` schedule."""
+    config = tiny_config(data_path, **{**LOOP, **train_overrides})
+    config.model.update(num_layers=1, layer_pattern=("mlp",))
+    return config
 
 
 def emulate_the_guard_on_cpu(
@@ -44,7 +53,7 @@ def emulate_the_guard_on_cpu(
     """Make ``jax.transfer_guard_device_to_host("disallow")`` effective on the CPU backend too.
 
     XLA:CPU hands arrays to NumPy without a copy, so the guard never fires there (JAX checks it
-    only where a transfer happens, jax-ml/jax#16602). The scalar conversions of a ``jax.Array``
+    only where a copy to the host happens). The scalar conversions of a ``jax.Array``
     (``float``, ``int``, ``bool``, ``operator.index``), ``.tolist()``, ``str`` and formatting,
     and ``jax.device_get`` read ``ArrayImpl._value``; this fixture makes that read raise while
     the calling thread's device-to-host guard says ``disallow``, as an accelerator's transfer
@@ -118,7 +127,7 @@ def guarded_run(corpus, tmp_path_factory) -> GuardedRun:  # noqa: F811
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(loop_module, "stop_updates_after_non_finite", recording)
         levels = emulate_the_guard_on_cpu(patch, on_read=lambda: len(guard_at_dispatch))
-        result = train(tiny_config(corpus, **LOOP), workdir, disallow_transfers_between_checks=True)
+        result = train(loop_config(corpus), workdir, disallow_transfers_between_checks=True)
     return GuardedRun(result, guard_at_dispatch, levels)
 
 
@@ -143,7 +152,7 @@ def test_steps_between_host_checks_read_nothing_from_the_devices(guarded_run, co
     # The logged metrics are those of the logged step itself: the losses of a replay of the run
     # outside the loop, step by step (make_train_step, float(loss) after every step), up to
     # float32 rounding (the loop's step is compiled differently).
-    _, losses = replay_training(tiny_config(corpus, **LOOP), 8)
+    _, losses = replay_training(loop_config(corpus), 8)
     np.testing.assert_allclose(
         [lines[4]["loss"], lines[8]["loss"]], [losses[3], losses[7]], rtol=1e-6
     )
@@ -183,7 +192,7 @@ def test_resume_between_logs_is_exact_and_profile_steps_writes_a_trace(
     for step in (6, 8):
         shutil.rmtree(resumed / "checkpoints" / str(step))
     (resumed / "metrics.jsonl").unlink()
-    result = train(tiny_config(corpus, **LOOP, profile_steps="5,6"), resumed)
+    result = train(loop_config(corpus, profile_steps="5,6"), resumed)
     assert result.final_step == 8 and result.initial_eval is None
     traces = list((resumed / "profile").glob("plugins/profile/*/*.xplane.pb"))
     assert len(traces) == 1 and traces[0].stat().st_size > 0
@@ -231,7 +240,7 @@ def test_a_non_finite_step_stops_at_the_next_check_with_the_last_good_checkpoint
         lambda *args, **kwargs: PoisonedIterator(make_iterator(*args, **kwargs), poisoned=5),
     )
     with pytest.raises(NonFiniteLossError, match=r"loss nan, grad_norm nan at step 5;") as error:
-        train(tiny_config(corpus, **LOOP), workdir)
+        train(loop_config(corpus), workdir)
     assert "stopped at step 6" in str(error.value) and "checkpoint: step 3" in str(error.value)
     assert Checkpointer(workdir).latest_step() == 3
     assert sorted(read_train_lines(workdir)) == [4]  # nothing logged at or after step 5
@@ -245,9 +254,7 @@ def test_a_non_finite_step_stops_at_the_next_check_with_the_last_good_checkpoint
 
 
 def test_a_non_finite_step_leaves_the_state_unchanged_and_later_steps_too(rng):
-    # One MLP block: the cheapest model to compile; what is tested is the step around it.
-    config = dict(TINY_MODEL, num_layers=1, layer_pattern=("mlp",))
-    model, params = init_model(ModelConfig(**config))
+    model, params = init_model(ModelConfig(**ONE_BLOCK))
     schedule = optax.constant_schedule(1e-3)
     optimizer = make_optimizer(schedule)
     good = [jnp.asarray(rng.integers(0, 257, size=(2, 9)), jnp.int32) for _ in range(3)]
