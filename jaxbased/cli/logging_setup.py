@@ -12,23 +12,28 @@ import logging as python_logging
 from absl import logging
 
 
-class _QuietLibraries(python_logging.Filter):
+class QuietLibraries(python_logging.Filter):
     """Drops INFO/DEBUG records emitted from Orbax's and Grain's own files and JAX's notes on
     backends that did not start."""
 
     NOISY = ("/orbax/", "/grain/")
     NOISY_MESSAGES = ("Unable to initialize backend", "Platform 'tpu'", "libtpu")
+    # Orbax's warning on a step folder without its metadata file: the checkpointer's own
+    # warning names the damaged step and the step used instead.
+    ORBAX_DAMAGE_MESSAGES = ("Metadata file does not exist",)
 
     def filter(self, record: python_logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if any(part in record.pathname for part in self.NOISY):
+            if any(part in message for part in self.ORBAX_DAMAGE_MESSAGES):
+                return False
+            return record.levelno >= python_logging.WARNING
         if record.levelno >= python_logging.WARNING and not record.name.startswith("jax._src"):
             return True
-        if any(part in record.pathname for part in self.NOISY):
-            return record.levelno >= python_logging.WARNING
-        message = record.getMessage()
         return not any(part in message for part in self.NOISY_MESSAGES)
 
 
 def configure_logging() -> None:
     logging.set_verbosity(logging.INFO)
     logging.use_absl_handler()
-    logging.get_absl_handler().addFilter(_QuietLibraries())
+    logging.get_absl_handler().addFilter(QuietLibraries())

@@ -121,7 +121,8 @@ class Checkpointer:
                 except IncompatibleCheckpointError:
                     raise
                 except Exception as error:  # any unreadable file is damage
-                    reason = " ".join(f"{type(error).__name__}: {error}".split())[:200]
+                    details = " ".join(str(error).split()).split(" See full TensorStore")[0]
+                    reason = f"unreadable: {type(error).__name__}: {details}"[:200]
                     last_error = error
                 else:
                     if damaged:
