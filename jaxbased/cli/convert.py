@@ -25,6 +25,8 @@ equal the imported one; the command to use is printed). The GPT-2 tokenizer come
 
 from __future__ import annotations
 
+import json
+import os
 import pathlib
 
 from absl import flags, logging
@@ -59,6 +61,7 @@ _ALLOW_PICKLE = flags.DEFINE_bool(
 )
 
 HF_PREFIX = "hf:"
+TOKENIZER_SPEC_FILE = "jaxbased_tokenizer.json"
 HF_PATTERNS = [
     "config.json",
     "model.safetensors",
@@ -136,7 +139,13 @@ def import_checkpoint() -> None:
         len(imported.dropped_keys),
         list(imported.ignored_keys),
     )
-    tokenizer = checkpoint_tokenizer(folder, _TOKENIZER_FILE.value)
+    spec_file = folder / TOKENIZER_SPEC_FILE
+    if _TOKENIZER_FILE.value is None and spec_file.is_file():  # a jaxbased export
+        from jaxbased.data.tokenizers import load_tokenizer
+
+        tokenizer = load_tokenizer(json.loads(spec_file.read_text()), folder)
+    else:
+        tokenizer = checkpoint_tokenizer(folder, _TOKENIZER_FILE.value)
     if tokenizer.vocab_size != config.vocab_size:
         logging.warning(
             "the tokenizer has %d ids, the model %d", tokenizer.vocab_size, config.vocab_size
@@ -174,6 +183,16 @@ def import_checkpoint() -> None:
         )
 
 
+def make_readable(folder: pathlib.Path) -> None:
+    """Give the files of ``folder`` the mode a new file gets under the umask (0644 under the
+    usual 022): the safetensors writer leaves 0600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.iterdir():
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
+
+
 def export_checkpoint() -> None:
     from jaxbased.interop import export_family, save_checkpoint
     from jaxbased.training.checkpointing import load_for_inference
@@ -185,6 +204,10 @@ def export_checkpoint() -> None:
     family = export_family(config)  # raises, naming the layers, before anything is written
     weights = save_checkpoint(target, config, params, format=_FORMAT.value)
     tokenizer.save(target)
+    # which tokenizer this is, so that importing the export back needs no hub (a byte-level
+    # model has no tokenizer file at all)
+    (target / TOKENIZER_SPEC_FILE).write_text(json.dumps(tokenizer.spec()) + "\n")
+    make_readable(target)
     print(f"wrote {target / 'config.json'} and {weights} ({family} layout)")
 
 
