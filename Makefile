@@ -7,21 +7,29 @@ PYTEST_ARGS ?= -n 2 --durations=25
 
 .PHONY: install demo test docs lint format benchmark-scaling clean
 
-$(VENV)/.installed-test: setup.cfg pyproject.toml
+# The runtime dependencies only (what `make demo` and the commands need): no test tools,
+# torch, triton, libtpu or lm-eval.
+$(VENV)/.installed-runtime: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install --upgrade pip
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -e .
+	touch $@
+
+# Everything `make test` needs: the test and docs extras, and libtpu, for compiling the TPU
+# kernels on this host (tests/test_pallas_compile.py), kept out of site-packages so that JAX
+# never starts it as a backend.
+$(VENV)/.installed-test: $(VENV)/.installed-runtime
 	$(PIP) install -e '.[test,docs]'
-	# libtpu, for compiling the TPU kernels on this host (tests/test_pallas_compile.py), kept out
-	# of site-packages so that JAX never starts it as a backend
 	$(PY) benchmarks/compile_kernels.py --install_libtpu
 	touch $@
 
 install: $(VENV)/.installed-test
 
-# Trains configs/demo.py on the built-in corpus (a few minutes on 2 CPU cores), evaluates,
-# prints a sample and where the checkpoints and logs are. Run it again to resume/extend.
+# Trains configs/demo.py on the built-in corpus (README.md gives the time measured on 2 CPU
+# cores), evaluates, prints a sample and where the checkpoints and logs are. Run again: it
+# says the run is complete and how to extend it (--config.train.num_steps).
 DEMO_WORKDIR ?= workdirs/demo
-demo: install
+demo: $(VENV)/.installed-runtime
 	$(PY) train.py --config=configs/demo.py --workdir=$(DEMO_WORKDIR)
 
 test: install

@@ -1,23 +1,23 @@
-"""Train a jaxbased language model.
+"""Train a jaxbased language model (``python train.py --help`` lists the flags).
 
     python train.py --config=configs/demo.py --workdir=workdirs/demo
     python train.py --config=configs/based_360m.py --config.data.path=/data/pile \
         --config.train.num_steps=20000 --workdir=/ckpt/based-360m
 
-Restarting with the same --workdir resumes from the latest complete checkpoint. SIGTERM saves a
+Restarting with the same --workdir resumes from the newest intact checkpoint. SIGTERM saves a
 checkpoint and exits cleanly.
 """
 
 from __future__ import annotations
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-from jaxbased.cli.logging_setup import configure_logging
-from jaxbased.training.loop import train
+from jaxbased.cli import command, errors
 
+DEFAULT_CONFIG = "configs/demo.py"
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", "configs/demo.py", "ml_collections config file", lock_config=True
+    "config", None, "ml_collections config file (configs/*.py)", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/demo", "run directory (checkpoints, logs)")
 _DISTRIBUTED = flags.DEFINE_bool(
@@ -32,10 +32,37 @@ _COORDINATOR = flags.DEFINE_string(
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "number of processes")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index")
 
+COMMAND = command.Command(
+    name="train.py",
+    summary="train (or resume) a language model of a config file in a workdir",
+    usage=".venv/bin/python train.py [--config=FILE] [--config.SECTION.FIELD=VALUE...] "
+    "[--workdir=DIR] [flags]",
+    examples=(
+        ".venv/bin/python train.py --config=configs/demo.py --workdir=workdirs/demo",
+        ".venv/bin/python train.py --config=configs/demo.py --workdir=workdirs/demo "
+        "--config.train.num_steps=600    # extend a finished run",
+        ".venv/bin/python train.py --config=configs/based_360m.py --workdir=/ckpt/based-360m "
+        "--config.data.path=/data/pile-gpt2 --config.train.num_steps=20000",
+    ),
+    notes="Restarting with the same --workdir resumes from its newest intact checkpoint (a "
+    "damaged newer one is skipped with a warning and moved to <workdir>/damaged_checkpoints/). "
+    "The workdir holds checkpoints/, tokenizer/, metrics.jsonl and tensorboard/; nothing is "
+    "created before the config and the data are checked. SIGTERM saves a checkpoint and "
+    "exits.",
+    groups=(
+        ("run", ("config", "workdir")),
+        ("several hosts", ("distributed", "coordinator_address", "num_processes", "process_id")),
+    ),
+    config_flag="config",
+    config_default=DEFAULT_CONFIG,
+)
+
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        raise errors.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    from jaxbased.training.loop import train
+
     if _DISTRIBUTED.value or _COORDINATOR.value:
         import jax
 
@@ -63,5 +90,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    configure_logging()
-    app.run(main)
+    command.run(main, COMMAND)

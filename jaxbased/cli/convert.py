@@ -25,11 +25,13 @@ equal the imported one; the command to use is printed). The GPT-2 tokenizer come
 
 from __future__ import annotations
 
+import json
+import os
 import pathlib
 
-from absl import app, flags, logging
+from absl import flags, logging
 
-from jaxbased.cli.logging_setup import configure_logging
+from jaxbased.cli import command, errors
 
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None, "released checkpoint folder (config.json + weights) or hf:OWNER/NAME"
@@ -41,7 +43,10 @@ _EXPORT_TO = flags.DEFINE_string(
 _FORMAT = flags.DEFINE_enum("format", "safetensors", ["safetensors", "bin"], "export format")
 _STEP = flags.DEFINE_integer("step", None, "export: checkpoint step (default: the latest)")
 _TOKENIZER_FILE = flags.DEFINE_string(
-    "tokenizer_file", None, "GPT-2 gpt2.tiktoken or tokenizer.json (default: see above)"
+    "tokenizer_file",
+    None,
+    "import: a gpt2.tiktoken or tokenizer.json (default: a tokenizer file in the checkpoint "
+    "folder, else the GPT-2 tokenizer from the hub when online)",
 )
 _WEIGHTS_FILE = flags.DEFINE_string("weights_file", None, "weights file to use instead")
 _DTYPE = flags.DEFINE_enum(
@@ -56,6 +61,7 @@ _ALLOW_PICKLE = flags.DEFINE_bool(
 )
 
 HF_PREFIX = "hf:"
+TOKENIZER_SPEC_FILE = "jaxbased_tokenizer.json"
 HF_PATTERNS = [
     "config.json",
     "model.safetensors",
@@ -71,7 +77,7 @@ def download(name: str) -> pathlib.Path:
     try:
         from huggingface_hub import snapshot_download
     except ImportError as error:
-        raise app.UsageError(
+        raise errors.UsageError(
             "hf: checkpoints need huggingface_hub (pip install huggingface_hub); or download "
             "config.json and the weights yourself and pass the folder"
         ) from error
@@ -133,7 +139,13 @@ def import_checkpoint() -> None:
         len(imported.dropped_keys),
         list(imported.ignored_keys),
     )
-    tokenizer = checkpoint_tokenizer(folder, _TOKENIZER_FILE.value)
+    spec_file = folder / TOKENIZER_SPEC_FILE
+    if _TOKENIZER_FILE.value is None and spec_file.is_file():  # a jaxbased export
+        from jaxbased.data.tokenizers import load_tokenizer
+
+        tokenizer = load_tokenizer(json.loads(spec_file.read_text()), folder)
+    else:
+        tokenizer = checkpoint_tokenizer(folder, _TOKENIZER_FILE.value)
     if tokenizer.vocab_size != config.vocab_size:
         logging.warning(
             "the tokenizer has %d ids, the model %d", tokenizer.vocab_size, config.vocab_size
@@ -171,39 +183,114 @@ def import_checkpoint() -> None:
         )
 
 
+def make_readable(folder: pathlib.Path) -> None:
+    """Give the files of ``folder`` the mode a new file gets under the umask (0644 under the
+    usual 022): the safetensors writer leaves 0600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.iterdir():
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
+
+
 def export_checkpoint() -> None:
     from jaxbased.interop import export_family, save_checkpoint
     from jaxbased.training.checkpointing import load_for_inference
 
     target = pathlib.Path(_EXPORT_TO.value)
     if target.exists() and any(target.iterdir()) and not _OVERWRITE.value:
-        raise app.UsageError(f"--export_to={target} is not empty (pass --overwrite)")
+        raise errors.UsageError(f"--export_to={target} is not empty (pass --overwrite)")
     config, params, tokenizer = load_for_inference(_WORKDIR.value, _STEP.value)
     family = export_family(config)  # raises, naming the layers, before anything is written
     weights = save_checkpoint(target, config, params, format=_FORMAT.value)
     tokenizer.save(target)
+    # which tokenizer this is, so that importing the export back needs no hub (a byte-level
+    # model has no tokenizer file at all)
+    (target / TOKENIZER_SPEC_FILE).write_text(json.dumps(tokenizer.spec()) + "\n")
+    make_readable(target)
     print(f"wrote {target / 'config.json'} and {weights} ({family} layout)")
+
+
+def check_flags() -> None:
+    """Usage errors for flags that cannot work, before anything is read or written."""
+    if _WORKDIR.value is None:
+        raise errors.UsageError("--workdir is required (see --help)")
+    if _EXPORT_TO.value is not None and _CHECKPOINT.value is not None:
+        raise errors.UsageError("give --checkpoint (import) or --export_to (export), not both")
+    if _EXPORT_TO.value is None and _CHECKPOINT.value is None:
+        raise errors.UsageError("give --checkpoint to import or --export_to to export")
+    workdir = pathlib.Path(_WORKDIR.value)
+    if _EXPORT_TO.value is not None:
+        if not (workdir / "checkpoints").is_dir():
+            raise errors.UsageError(
+                f"--workdir={workdir} holds no checkpoints/ folder: nothing to export"
+            )
+        return
+    source = _CHECKPOINT.value
+    if not source.startswith(HF_PREFIX) and not pathlib.Path(source).is_dir():
+        raise errors.UsageError(
+            f"--checkpoint={source} is not a folder (give a released checkpoint folder holding "
+            "config.json and the weights, or hf:OWNER/NAME)"
+        )
+    for name, value in (("tokenizer_file", _TOKENIZER_FILE.value),
+                        ("weights_file", _WEIGHTS_FILE.value)):  # fmt: skip
+        if value is not None and not pathlib.Path(value).is_file():
+            raise errors.UsageError(f"--{name}={value}: no such file")
+    checkpoints = workdir / "checkpoints"
+    if checkpoints.is_dir() and any(checkpoints.iterdir()) and not _OVERWRITE.value:
+        raise errors.UsageError(
+            f"--workdir={workdir} already holds checkpoints (pass --overwrite to replace them)"
+        )
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if _WORKDIR.value is None:
-        raise app.UsageError("--workdir is required")
+        raise errors.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    check_flags()
     if _EXPORT_TO.value is not None:
-        if _CHECKPOINT.value is not None:
-            raise app.UsageError("give --checkpoint (import) or --export_to (export), not both")
         export_checkpoint()
-    elif _CHECKPOINT.value is not None:
-        import_checkpoint()
     else:
-        raise app.UsageError("give --checkpoint to import or --export_to to export")
+        import_checkpoint()
+
+
+COMMAND = command.Command(
+    name="jaxbased-convert",
+    summary="import a released PyTorch checkpoint (BASED, attention, Mamba) into a train.py "
+    "workdir, or export a workdir back to the released layout",
+    usage="jaxbased-convert --workdir=DIR (--checkpoint=FOLDER|hf:NAME | --export_to=FOLDER) "
+    "[flags]",
+    examples=(
+        "jaxbased-convert --checkpoint=based-360m/ --tokenizer_file=gpt2.tiktoken "
+        "--workdir=workdirs/based-360m",
+        "jaxbased-convert --checkpoint=hf:hazyresearch/based-360m --workdir=workdirs/based-360m",
+        "jaxbased-convert --workdir=workdirs/based-360m --export_to=exported/ --format=safetensors",
+    ),
+    notes="Import writes step 0 of a workdir that jaxbased-generate, jaxbased-perplexity, "
+    "python -m jaxbased.evaluation and train.py (fine-tuning) read; it prints the commands. "
+    "Export writes config.json, the weights and the tokenizer of the workdir's newest intact "
+    "checkpoint (or --step).",
+    groups=(
+        (
+            "import",
+            (
+                "checkpoint",
+                "tokenizer_file",
+                "weights_file",
+                "dtype",
+                "implementation",
+                "allow_pickle",
+            ),
+        ),
+        ("export", ("export_to", "format", "step")),
+        ("both", ("workdir", "overwrite")),
+    ),
+    required=("workdir",),
+)
 
 
 def run() -> None:
     """Console-script entry point."""
-    configure_logging()
-    app.run(main)
+    command.run(main, COMMAND)
 
 
 if __name__ == "__main__":

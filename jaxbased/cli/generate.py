@@ -16,16 +16,17 @@ token so that it excludes compilation.
 
 from __future__ import annotations
 
+import pathlib
 import sys
 import time
 
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
-from jaxbased.cli.logging_setup import configure_logging
+from jaxbased.cli import command, errors
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "train.py run directory", required=True)
-_STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: the latest complete one)")
+_STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: the newest intact one)")
 _PROMPT = flags.DEFINE_string("prompt", None, "prompt text")
 _PROMPT_FILE = flags.DEFINE_string("prompt_file", None, "file holding the prompt; - for stdin")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 200, "tokens to generate per sample")
@@ -109,7 +110,7 @@ def read_prompt(words: list[str]) -> str:
         if given
     ]
     if len(sources) > 1:
-        raise app.UsageError(f"give the prompt one way only; got {' and '.join(sources)}")
+        raise errors.UsageError(f"give the prompt one way only; got {' and '.join(sources)}")
     if _PROMPT.value is not None:
         prompt = _PROMPT.value
     elif words:
@@ -117,21 +118,52 @@ def read_prompt(words: list[str]) -> str:
     elif _PROMPT_FILE.value == "-" or (_PROMPT_FILE.value is None and not sys.stdin.isatty()):
         prompt = sys.stdin.read()
     elif _PROMPT_FILE.value is not None:
+        if not pathlib.Path(_PROMPT_FILE.value).is_file():
+            raise errors.UsageError(f"--prompt_file={_PROMPT_FILE.value}: no such file")
         with open(_PROMPT_FILE.value, encoding="utf-8") as file:
             prompt = file.read()
     else:
-        raise app.UsageError(
+        raise errors.UsageError(
             "give a prompt: --prompt, words after the flags, --prompt_file or stdin"
         )
     if not prompt:
-        raise app.UsageError("the prompt is empty")
+        raise errors.UsageError("the prompt is empty")
     return prompt
 
 
+def check_workdir(workdir: str) -> None:
+    """A usage error unless ``workdir`` is a folder with a ``checkpoints/`` folder (nothing is
+    created when it is not)."""
+    from jaxbased.training.checkpointing import CHECKPOINT_SUBDIR
+
+    path = pathlib.Path(workdir)
+    if not path.is_dir():
+        raise errors.UsageError(f"--workdir={workdir} does not exist")
+    if not (path / CHECKPOINT_SUBDIR).is_dir():
+        raise errors.UsageError(
+            f"--workdir={workdir} holds no {CHECKPOINT_SUBDIR}/ folder: not a train.py or "
+            "jaxbased-convert workdir"
+        )
+
+
+def check_sampling_flags() -> None:
+    """A usage error naming the first sampling flag out of its range."""
+    checks = (
+        ("max_new_tokens", _MAX_NEW.value, _MAX_NEW.value >= 1, ">= 1"),
+        ("num_samples", _NUM_SAMPLES.value, _NUM_SAMPLES.value >= 1, ">= 1"),
+        ("temperature", _TEMPERATURE.value, _TEMPERATURE.value >= 0, ">= 0 (0 is greedy)"),
+        ("top_k", _TOP_K.value, _TOP_K.value >= 0, ">= 0 (0: all tokens)"),
+        ("top_p", _TOP_P.value, 0 < _TOP_P.value <= 1, "in (0, 1]"),
+    )
+    for name, value, valid, allowed in checks:
+        if not valid:
+            raise errors.UsageError(f"--{name}={value} must be {allowed}")
+
+
 def main(argv: list[str]) -> None:
+    check_sampling_flags()
+    check_workdir(_WORKDIR.value)
     prompt = read_prompt(argv[1:])
-    if _NUM_SAMPLES.value < 1:
-        raise app.UsageError(f"--num_samples={_NUM_SAMPLES.value} must be >= 1")
 
     # Imported here so that --help and usage errors answer without loading JAX and Orbax.
     from jaxbased.generation import generate
@@ -141,7 +173,7 @@ def main(argv: list[str]) -> None:
     config, params, tokenizer = load_for_inference(_WORKDIR.value, _STEP.value)
     prompt_ids = tokenizer.encode(prompt)
     if not prompt_ids:
-        raise app.UsageError("the prompt encodes to no tokens")
+        raise errors.UsageError("the prompt encodes to no tokens")
     logging.info(
         "model: %d layers (%s), d_model %d; prompt: %d tokens",
         config.num_layers,
@@ -168,7 +200,7 @@ def main(argv: list[str]) -> None:
             callback=timer,
         )
     except ValueError as error:  # bad sampling arguments: a usage error, not a traceback
-        raise app.UsageError(str(error)) from error
+        raise errors.UsageError(str(error)) from error
     if isinstance(timer, TextStream):
         timer.finish()
     else:
@@ -192,10 +224,43 @@ def main(argv: list[str]) -> None:
     )
 
 
+COMMAND = command.Command(
+    name="jaxbased-generate",
+    summary="continue a prompt with a model of a train.py (or jaxbased-convert) workdir, "
+    "streaming the text as it is produced",
+    usage="jaxbased-generate --workdir=DIR [flags] [PROMPT WORDS...]",
+    examples=(
+        'jaxbased-generate --workdir=workdirs/demo --prompt="Once upon a time"',
+        'echo "def main(" | jaxbased-generate --workdir=workdirs/demo --temperature=0',
+        "jaxbased-generate --workdir=workdirs/demo --num_samples=4 --max_new_tokens=100 Once upon",
+    ),
+    notes="The prompt comes from --prompt, the words after the flags, --prompt_file, or stdin "
+    "when it is not a terminal. The model, parameters and tokenizer are read from the "
+    "workdir's newest intact checkpoint (a damaged newer one is skipped with a warning). "
+    "Speeds go to stderr.",
+    groups=(
+        ("model", ("workdir", "step")),
+        ("prompt", ("prompt", "prompt_file", "echo_prompt")),
+        (
+            "sampling",
+            (
+                "max_new_tokens",
+                "temperature",
+                "top_k",
+                "top_p",
+                "seed",
+                "num_samples",
+                "stop_at_eos",
+            ),
+        ),
+    ),
+    required=("workdir",),
+)
+
+
 def run() -> None:
     """Console-script entry point."""
-    configure_logging()
-    app.run(main)
+    command.run(main, COMMAND)
 
 
 if __name__ == "__main__":

@@ -15,9 +15,9 @@ import json
 import pathlib
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
 
-from jaxbased.cli.logging_setup import configure_logging
+from jaxbased.cli import command, errors
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "train.py or jaxbased-convert workdir")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "released checkpoint folder")
@@ -31,9 +31,33 @@ _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "override the
 _OUTPUT = flags.DEFINE_string("output", None, "also write the result as JSON here")
 
 
+def check_flags() -> None:
+    """Usage errors for flags that cannot work, before the model is loaded."""
+    if (_WORKDIR.value is None) == (_CHECKPOINT.value is None):
+        raise errors.UsageError("give exactly one of --workdir or --checkpoint")
+    if _WORKDIR.value is not None and not (pathlib.Path(_WORKDIR.value) / "checkpoints").is_dir():
+        raise errors.UsageError(
+            f"--workdir={_WORKDIR.value} holds no checkpoints/ folder (not a train.py or "
+            "jaxbased-convert workdir)"
+        )
+    if _CHECKPOINT.value is not None and not pathlib.Path(_CHECKPOINT.value).is_dir():
+        raise errors.UsageError(f"--checkpoint={_CHECKPOINT.value} is not a folder")
+    if not (pathlib.Path(_DATA.value) / "metadata.json").is_file():
+        raise errors.UsageError(
+            f"--data={_DATA.value} is not a prepared dataset (no metadata.json; make one with "
+            "jaxbased-prepare-data)"
+        )
+    for name, value in (("seq_len", _SEQ_LEN.value), ("batch_size", _BATCH.value)):
+        if value < 1:
+            raise errors.UsageError(f"--{name}={value} must be >= 1")
+    if _MAX_TOKENS.value is not None and _MAX_TOKENS.value < 1:
+        raise errors.UsageError(f"--max_tokens={_MAX_TOKENS.value} must be >= 1")
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        raise errors.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    check_flags()
     from jaxbased.data.token_store import TokenDataset
     from jaxbased.evaluation import evaluate_perplexity, load_model
     from jaxbased.model import LanguageModel
@@ -44,7 +68,7 @@ def main(argv: list[str]) -> None:
             workdir=_WORKDIR.value, checkpoint=_CHECKPOINT.value, step=_STEP.value, **overrides
         )
     except ValueError as error:
-        raise app.UsageError(str(error)) from error
+        raise errors.UsageError(str(error)) from error
     dataset = TokenDataset.open(_DATA.value)
     start = time.perf_counter()
     result = evaluate_perplexity(
@@ -70,10 +94,29 @@ def main(argv: list[str]) -> None:
         pathlib.Path(_OUTPUT.value).write_text(line + "\n")
 
 
+COMMAND = command.Command(
+    name="jaxbased-perplexity",
+    summary="loss and perplexity of a model on a dataset made by jaxbased-prepare-data",
+    usage="jaxbased-perplexity (--workdir=DIR | --checkpoint=FOLDER) --data=DIR [flags]",
+    examples=(
+        "jaxbased-perplexity --workdir=workdirs/demo --data=workdirs/demo/builtin_data "
+        "--seq_len=256 --max_tokens=20000",
+        "jaxbased-perplexity --checkpoint=based-360m/ --data=data/pile-val --seq_len=2048",
+    ),
+    notes="The data must be tokenized with the model's tokenizer (GPT-2 for the released "
+    "models). The result is one JSON line on stdout (and in --output when given).",
+    groups=(
+        ("model", ("workdir", "checkpoint", "step", "dtype")),
+        ("data", ("data", "split", "seq_len", "batch_size", "max_tokens")),
+        ("output", ("output",)),
+    ),
+    required=("data",),
+)
+
+
 def run() -> None:
     """Console-script entry point."""
-    configure_logging()
-    app.run(main)
+    command.run(main, COMMAND)
 
 
 if __name__ == "__main__":

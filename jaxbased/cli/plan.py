@@ -11,12 +11,10 @@ batch on this host (``--noactivations`` skips that for big models on small hosts
 
 from __future__ import annotations
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from jaxbased.cli.logging_setup import configure_logging
-from jaxbased.config import ModelConfig
-from jaxbased.planning import plan_memory
+from jaxbased.cli import command, errors
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file")
 _MESH = flags.DEFINE_list("mesh", None, "data,fsdp,tensor sizes (default: the config's mesh)")
@@ -25,13 +23,33 @@ _MAX_LEN = flags.DEFINE_integer("max_len", None, "generation length (default: da
 _ACTIVATIONS = flags.DEFINE_bool("activations", True, "compile a train step for activations")
 
 
+def parse_mesh(values: list[str] | None) -> list[int] | None:
+    """``--mesh=1,8,1`` as three positive sizes (None when not given)."""
+    if not values:
+        return None
+    if len(values) != 3 or not all(value.strip().isdigit() and int(value) > 0 for value in values):
+        raise errors.UsageError(
+            f"--mesh={','.join(values)} must be three positive sizes data,fsdp,tensor "
+            "(e.g. --mesh=1,8,1)"
+        )
+    return [int(value) for value in values]
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        raise errors.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     config = _CONFIG.value
     if config is None:
-        raise app.UsageError("--config is required")
-    mesh = [int(size) for size in _MESH.value] if _MESH.value else dict(config.mesh)
+        raise errors.UsageError("--config is required (e.g. --config=configs/based_1b.py)")
+    mesh = parse_mesh(_MESH.value)
+    if _GENERATE_BATCH.value < 1:
+        raise errors.UsageError(f"--generate_batch={_GENERATE_BATCH.value} must be >= 1")
+    if _MAX_LEN.value is not None and _MAX_LEN.value < 1:
+        raise errors.UsageError(f"--max_len={_MAX_LEN.value} must be >= 1")
+    from jaxbased.config import ModelConfig
+    from jaxbased.planning import plan_memory
+
+    mesh = mesh if mesh is not None else dict(config.mesh)
     plan = plan_memory(
         ModelConfig.from_dict(config.model),
         mesh,
@@ -42,12 +60,57 @@ def main(argv: list[str]) -> None:
         activations=_ACTIVATIONS.value,
     )
     print(plan.table())
+    remark = memory_remark(plan.total, plan.activations)
+    if remark:
+        print(remark)
+
+
+# The memory of the largest common accelerators (H100/H200 80-141 GiB, TPU v5p 95 GiB): a plan
+# above it fits no single device of today.
+TYPICAL_DEVICE_MEMORY = 80 * 2**30
+
+
+def memory_remark(total: int, activations: int | None) -> str:
+    """A remark when the per-device total exceeds a typical accelerator's memory."""
+    if total <= TYPICAL_DEVICE_MEMORY:
+        return ""
+    cause = (
+        "mostly the activations of the train step"
+        if activations is not None and activations > total / 2
+        else "mostly parameters and optimizer state"
+    )
+    return (
+        f"note: {total / 2**30:,.1f} GiB per device exceeds a typical accelerator's "
+        f"{TYPICAL_DEVICE_MEMORY / 2**30:.0f} GiB ({cause}); a larger mesh (--mesh), a smaller "
+        "--config.data.batch_size or --config.train.grad_accum_steps lowers it"
+    )
+
+
+COMMAND = command.Command(
+    name="jaxbased-plan",
+    summary="per-device memory (parameters, optimizer state, activations, decoding caches) "
+    "of a training config on a device mesh, before launching it",
+    usage="jaxbased-plan --config=FILE [--mesh=DATA,FSDP,TENSOR] [flags]",
+    examples=(
+        "jaxbased-plan --config=configs/based_1b.py --mesh=1,8,1",
+        "jaxbased-plan --config=configs/based_360m.py --mesh=2,2,2 --config.data.batch_size=64 "
+        "--generate_batch=16 --max_len=8192",
+        "jaxbased-plan --config=configs/based_1b.py --mesh=1,8,1 --noactivations",
+    ),
+    notes="Activations come from compiling one train step of the per-device batch on this "
+    "host (--noactivations skips that for big models on small hosts).",
+    groups=(
+        ("config", ("config", "mesh")),
+        ("what to plan", ("generate_batch", "max_len", "activations")),
+    ),
+    required=("config",),
+    config_flag="config",
+)
 
 
 def run() -> None:
     """Console-script entry point."""
-    configure_logging()
-    app.run(main)
+    command.run(main, COMMAND)
 
 
 if __name__ == "__main__":

@@ -79,6 +79,37 @@ class JaxBasedLM(TemplateLM):
             max_length=int(max_length),
         )
 
+    @classmethod
+    def create_from_arg_string(
+        cls, arg_string: str, additional_config: dict[str, Any] | None = None
+    ) -> JaxBasedLM:
+        """``--model_args k=v,...`` plus what lm-eval's command line adds (``batch_size``,
+        ``max_batch_size``, ``device``): a value in ``--model_args`` wins (lm-eval would pass
+        ``batch_size`` twice)."""
+        from lm_eval.utils import simple_parse_args_string
+
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(
+        cls, arg_dict: dict[str, Any], additional_config: dict[str, Any] | None = None
+    ) -> JaxBasedLM:
+        """As :meth:`create_from_arg_string`, from a dict; an unknown model argument is a
+        ``ValueError`` naming the closest known one."""
+        import difflib
+
+        known = [name for name in cls.__init__.__code__.co_varnames[1:] if name != "ignored"]
+        known = known[: cls.__init__.__code__.co_argcount - 1]
+        for name in arg_dict:
+            if name not in known:
+                close = difflib.get_close_matches(name, known, n=1)
+                hint = f"; did you mean {close[0]}?" if close else ""
+                raise ValueError(
+                    f"unknown model argument {name}{hint} (allowed: {', '.join(known)})"
+                )
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
+        return cls(**{**extra, **dict(arg_dict)})
+
     # Tokenization -------------------------------------------------------------------------------
     @property
     def eot_token_id(self) -> int:

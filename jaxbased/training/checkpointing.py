@@ -9,38 +9,154 @@ complete, so an interrupted save is never taken for a checkpoint); the last ``ke
 from __future__ import annotations
 
 import pathlib
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 
 from jaxbased.config import ModelConfig
 from jaxbased.data.tokenizers import Tokenizer, load_tokenizer
 
 CHECKPOINT_SUBDIR = "checkpoints"
 TOKENIZER_SUBDIR = "tokenizer"
+DAMAGED_SUBDIR = "damaged_checkpoints"
 ITEMS = ("state", "data", "metadata")
+# Orbax's marker of a finished step folder and of a finished item, and the item files every
+# intact step holds (a step lacking one is damaged before any array is read).
+STEP_MARKER = "_CHECKPOINT_METADATA"
+ITEM_FILES = {
+    "state": ("_METADATA", "manifest.ocdbt"),
+    "data": ("metadata",),
+    "metadata": ("metadata",),
+}
+Restored = TypeVar("Restored")
 
 
 class IncompatibleCheckpointError(ValueError):
     """The workdir holds a checkpoint of a different model."""
 
 
-class Checkpointer:
-    """Save and restore ``(train state, data iterator state, metadata)`` in ``workdir``."""
+class DamagedCheckpointError(OSError):
+    """Every checkpoint of the workdir (or the one asked for) is damaged; none is deleted."""
 
-    def __init__(self, workdir: str | pathlib.Path, *, keep: int = 3, async_save: bool = True):
+
+class Checkpointer:
+    """Save and restore ``(train state, data iterator state, metadata)`` in ``workdir``.
+
+    ``create=False`` reads an existing ``checkpoints/`` folder without creating anything (a
+    missing folder is a ``ValueError``).
+
+    A damaged step (a missing or truncated file, an empty step folder, metadata that does not
+    match its arrays) is found by :meth:`restore_newest_intact`, which falls back to the newest
+    step that reads completely and says which steps it skipped; damaged steps are never deleted.
+    """
+
+    def __init__(
+        self,
+        workdir: str | pathlib.Path,
+        *,
+        keep: int = 3,
+        async_save: bool = True,
+        create: bool = True,
+    ):
         if keep < 1:
             raise ValueError(f"keep={keep} must be >= 1")
-        self.directory = pathlib.Path(workdir).absolute() / CHECKPOINT_SUBDIR
+        self.workdir = pathlib.Path(workdir).absolute()
+        self.directory = self.workdir / CHECKPOINT_SUBDIR
+        if not create and not self.directory.is_dir():
+            raise ValueError(
+                f"workdir {str(workdir)!r} holds no {CHECKPOINT_SUBDIR}/ folder (not a train.py "
+                "or jaxbased-convert workdir)"
+            )
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=async_save, create=True
+            max_to_keep=keep, enable_async_checkpointing=async_save, create=create
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
+
+    def steps(self) -> list[int]:
+        """Every finished step, newest first."""
+        return sorted(self.manager.all_steps(), reverse=True)
+
+    def missing_files(self, step: int) -> str | None:
+        """Why ``step``'s folder is damaged when a file every intact step has is missing or
+        empty (None when all are there; their contents are checked only by reading them)."""
+        folder = self.directory / str(step)
+        if not folder.is_dir() or not any(folder.iterdir()):
+            return "its folder is empty"
+        for item, names in ITEM_FILES.items():
+            for name in names:
+                path = folder / item / name
+                if not path.is_file():
+                    return f"{item}/{name} is missing"
+                if path.stat().st_size == 0:
+                    return f"{item}/{name} is empty"
+        return None
+
+    def restore_newest_intact(
+        self, read: Callable[[int], Restored], steps: list[int] | None = None
+    ) -> tuple[int, Restored, dict[int, str]] | None:
+        """``(step, read(step), damaged)`` for the newest of ``steps`` (default: all, newest
+        first) whose files are all there and whose ``read`` succeeds; ``damaged`` maps each newer
+        step skipped to why. None when there is no step. One warning names the skipped steps.
+
+        ``read`` raising ``IncompatibleCheckpointError`` is not damage: it propagates. Raises
+        :class:`DamagedCheckpointError` when every step is damaged.
+        """
+        steps = self.steps() if steps is None else steps
+        if not steps:
+            return None
+        damaged: dict[int, str] = {}
+        last_error: Exception | None = None
+        for step in steps:
+            reason = self.missing_files(step)
+            if reason is None:
+                try:
+                    restored = read(step)
+                except IncompatibleCheckpointError:
+                    raise
+                except Exception as error:  # any unreadable file is damage
+                    details = " ".join(str(error).split()).split(" See full TensorStore")[0]
+                    reason = f"unreadable: {type(error).__name__}: {details}"[:200]
+                    last_error = error
+                else:
+                    if damaged:
+                        logging.warning(
+                            "checkpoint %s of %s %s damaged (%s); using step %d (nothing was "
+                            "deleted)",
+                            ", ".join(f"step {s}" for s in damaged),
+                            self.directory,
+                            "is" if len(damaged) == 1 else "are",
+                            "; ".join(f"step {s}: {why}" for s, why in damaged.items()),
+                            step,
+                        )
+                    return step, restored, damaged
+            damaged[step] = reason
+        error = DamagedCheckpointError(
+            f"no intact checkpoint in {self.directory}: "
+            + "; ".join(f"step {s}: {why}" for s, why in damaged.items())
+            + " (nothing was deleted; move the folder away to start afresh)"
+        )
+        raise error from last_error
+
+    def set_aside(self, step: int) -> pathlib.Path:
+        """Move damaged ``step`` to ``<workdir>/damaged_checkpoints/<step>[-N]`` (kept for
+        inspection), so that a resumed run can save that step number again (Orbax refuses to
+        overwrite a step); returns where it went."""
+        target_folder = self.workdir / DAMAGED_SUBDIR
+        target_folder.mkdir(exist_ok=True)
+        target = target_folder / str(step)
+        suffix = 1
+        while target.exists():
+            target, suffix = target_folder / f"{step}-{suffix}", suffix + 1
+        (self.directory / str(step)).rename(target)
+        self.manager.reload()
+        return target
 
     def save(self, step: int, state: Any, data_state: dict, metadata: dict) -> None:
         """Start saving (returns before the write finishes when async)."""
@@ -151,21 +267,32 @@ def load_for_inference(
 ) -> tuple[ModelConfig, Any, Tokenizer]:
     """The model config, float32 parameters and tokenizer of a ``train.py`` workdir.
 
-    ``step`` defaults to the latest complete checkpoint. Raises ``ValueError`` if there is none.
+    ``step`` defaults to the newest intact checkpoint (a damaged newer one is skipped with a
+    warning). Raises ``ValueError`` if there is none, ``DamagedCheckpointError`` if every one
+    (or ``step``) is damaged.
     """
     workdir = pathlib.Path(workdir)
-    checkpointer = Checkpointer(workdir, async_save=False)
-    try:
-        step = checkpointer.latest_step() if step is None else step
-        if step is None:
-            raise ValueError(f"workdir {str(workdir)!r} holds no complete checkpoint")
+    checkpointer = Checkpointer(workdir, async_save=False, create=False)
+
+    def read(step: int) -> tuple[dict, ModelConfig, Any]:
         metadata = checkpointer.metadata(step)
         config = ModelConfig.from_dict(metadata["model"])
         target = _single_device_state(config)
         restored = checkpointer.manager.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
         )
-        params = jax.tree.map(np.asarray, restored["state"].params)
+        return metadata, config, jax.tree.map(np.asarray, restored["state"].params)
+
+    try:
+        if step is not None and step not in checkpointer.steps():
+            raise ValueError(
+                f"workdir {str(workdir)!r} has no checkpoint of step {step} (it has: "
+                f"{', '.join(map(str, checkpointer.steps())) or 'none'})"
+            )
+        found = checkpointer.restore_newest_intact(read, None if step is None else [step])
+        if found is None:
+            raise ValueError(f"workdir {str(workdir)!r} holds no complete checkpoint")
+        _, (metadata, config, params), _ = found
     finally:
         checkpointer.close()
     tokenizer = load_tokenizer(metadata["tokenizer"], workdir / TOKENIZER_SUBDIR)

@@ -95,6 +95,7 @@ def prepare_builtin_data(
 ) -> pathlib.Path:
     """Tokenize the built-in corpus (byte-level) into ``workdir/builtin_data`` once."""
     output = workdir / BUILTIN_DATA_SUBDIR
+    workdir.mkdir(parents=True, exist_ok=True)
     files = builtin_corpus_files(max_bytes)
     fingerprint = builtin_corpus_fingerprint(files)
     if output.exists():
@@ -115,17 +116,41 @@ def prepare_builtin_data(
     )
 
 
-def _open_data(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> TokenDataset:
+def _open_data(
+    config: ml_collections.ConfigDict, workdir: pathlib.Path, model_config: ModelConfig
+) -> TokenDataset:
+    """The run's dataset: ``data.path``, or the built-in corpus tokenized into the workdir
+    (which is created then, after the model's vocabulary is checked against it)."""
     if config.data.path:
         path = pathlib.Path(config.data.path)
         if not path.exists():
             raise ValueError(f"data.path={config.data.path!r} does not exist")
         return TokenDataset.open(path)
+    byte_vocab_size = ByteTokenizer.vocab_size
+    if model_config.vocab_size < byte_vocab_size:
+        raise ValueError(
+            f"the built-in corpus holds token id {byte_vocab_size - 1} >= model "
+            f"vocab_size={model_config.vocab_size} (byte-level tokens); set "
+            f"--config.model.vocab_size={byte_vocab_size}"
+        )
     return TokenDataset.open(
         prepare_builtin_data(
             workdir, config.data.builtin_max_bytes, config.data.validation_fraction
         )
     )
+
+
+def _check_data_settings(data_config: ml_collections.ConfigDict) -> None:
+    """The ``data`` settings checked before any data is read or written."""
+    for name in ("seq_len", "batch_size", "builtin_max_bytes", "prefetch_threads"):
+        value = data_config[name]
+        minimum = 0 if name == "prefetch_threads" else 1
+        if not isinstance(value, int) or value < minimum:
+            raise ValueError(f"data.{name}={value!r} must be an integer >= {minimum}")
+    if not 0 <= data_config.validation_fraction <= 0.5:
+        raise ValueError(
+            f"data.validation_fraction={data_config.validation_fraction} must be in [0, 0.5]"
+        )
 
 
 def _check_vocab(dataset: TokenDataset, model_config: ModelConfig) -> None:
@@ -179,14 +204,37 @@ def format_eval(values: dict[str, float]) -> str:
     )
 
 
+def _say_when_complete(resumed_step: int, num_steps: int) -> None:
+    """A warning when the resumed checkpoint already reached ``train.num_steps``: the run only
+    evaluates, and the warning says how to extend it."""
+    if resumed_step < num_steps:
+        return
+    why = (
+        "the run is complete"
+        if resumed_step == num_steps
+        else f"train.num_steps={num_steps} is below the checkpoint's step {resumed_step}"
+    )
+    logging.warning(
+        "nothing to train: %s; to train further, run the same command with "
+        "--config.train.num_steps=N for an N above %d (e.g. --config.train.num_steps=%d; the "
+        "learning-rate schedule then spans the new total), or use a new --workdir",
+        why,
+        resumed_step,
+        2 * resumed_step,
+    )
+
+
 def setup_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> RunSetup:
     """Prepare the run of ``config`` in ``workdir`` (resuming it if it holds a checkpoint).
 
-    Raises ``ValueError`` naming the setting for an invalid config or data, and
-    ``IncompatibleCheckpointError`` when the workdir holds a checkpoint of another model.
+    Nothing is created before the config and the data are checked. Resumes from the newest
+    intact checkpoint: damaged newer steps are skipped with one warning and moved to
+    ``<workdir>/damaged_checkpoints/`` (never deleted), since this run saves those step numbers
+    again. Raises ``ValueError`` naming the setting for an invalid config or data,
+    ``IncompatibleCheckpointError`` when the workdir holds a checkpoint of another model, and
+    ``DamagedCheckpointError`` when every checkpoint is damaged.
     """
     workdir = pathlib.Path(workdir).absolute()
-    workdir.mkdir(parents=True, exist_ok=True)
     train_config, data_config = config.train, config.data
     model_config = ModelConfig.from_dict(config.model)
     process_index, process_count = jax.process_index(), jax.process_count()
@@ -200,8 +248,9 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) ->
         )
     if train_config.num_steps < 1:
         raise ValueError(f"train.num_steps={train_config.num_steps} must be >= 1")
+    _check_data_settings(data_config)
 
-    dataset = _open_data(config, workdir)
+    dataset = _open_data(config, workdir, model_config)
     _check_vocab(dataset, model_config)
     batches = training_batches(
         dataset,
@@ -235,19 +284,29 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) ->
     init_state = jax.jit(lambda: nn.meta.unbox(init_boxed_state()), out_shardings=state_shardings)
     data_sharding = batch_sharding(mesh)
 
+    workdir.mkdir(parents=True, exist_ok=True)  # config and data are valid: the run starts
     checkpointer = Checkpointer(
         workdir, keep=train_config.keep_checkpoints, async_save=train_config.async_checkpoints
     )
     iterator = make_iterator(batches, prefetch_threads=data_config.prefetch_threads)
-    latest = checkpointer.latest_step()
+    target = with_shardings(abstract_boxed, state_shardings)
+
+    def read_checkpoint(step: int) -> tuple[Any, dict, dict]:
+        check_compatible(checkpointer.metadata(step)["model"], model_config, workdir)
+        return checkpointer.restore(step, target)
+
+    found = checkpointer.restore_newest_intact(read_checkpoint)
+    latest = None if found is None else found[0]
     initial_eval = None
     eval_step = make_eval_step(model)
-    if latest is not None:
-        check_compatible(checkpointer.metadata(latest)["model"], model_config, workdir)
-        target = with_shardings(abstract_boxed, state_shardings)
-        state, data_state, _ = checkpointer.restore(latest, target)
+    if found is not None:
+        _, (state, data_state, _), damaged = found
+        for step in damaged:  # newer than the one resumed: this run saves those steps again
+            moved = checkpointer.set_aside(step)
+            logging.info("moved the damaged step %d to %s; it is not deleted", step, moved)
         iterator.set_state(data_state)
         logging.info("resumed from the checkpoint of step %d in %s", latest, workdir)
+        _say_when_complete(latest, train_config.num_steps)
     else:
         state = init_state()
         initial_eval = evaluate(eval_step, state.params, validation, data_sharding)
