@@ -29,6 +29,7 @@ from jaxbased.data.corpus import Document, builtin_corpus_files, builtin_corpus_
 from jaxbased.data.pipeline import make_iterator, training_batches, validation_batches
 from jaxbased.data.token_store import TokenDataset, write_token_dataset
 from jaxbased.data.tokenizers import ByteTokenizer
+from jaxbased.layer_layout import convert_layout, is_stacked
 from jaxbased.model import LanguageModel, count_parameters
 from jaxbased.sharding import batch_sharding, logical_shardings, make_mesh, with_shardings
 from jaxbased.training.checkpointing import TOKENIZER_SUBDIR, Checkpointer, check_compatible
@@ -221,7 +222,7 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) ->
     model = LanguageModel(model_config)
     schedule, optimizer = optimizer_from_config(train_config)
 
-    def init_boxed_state() -> TrainState:
+    def init_boxed_state(model: LanguageModel = model) -> TrainState:
         # Parameters still in their logical-axis boxes, so that the optimizer state built from
         # them carries the same names (mu and nu are sharded like the parameters).
         sample = jnp.zeros((1, data_config.seq_len), jnp.int32)
@@ -243,9 +244,27 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) ->
     initial_eval = None
     eval_step = make_eval_step(model)
     if latest is not None:
-        check_compatible(checkpointer.metadata(latest)["model"], model_config, workdir)
-        target = with_shardings(abstract_boxed, state_shardings)
-        state, data_state, _ = checkpointer.restore(latest, target)
+        saved_model = checkpointer.metadata(latest)["model"]
+        check_compatible(saved_model, model_config, workdir)
+        # The checkpoint is read in the parameter layout it was saved in (unrolled or stacked,
+        # jaxbased.layer_layout), then converted on the devices to this run's.
+        saved_layout = dataclasses.replace(
+            model_config, scan_layers=bool(saved_model.get("scan_layers", False))
+        )
+        if is_stacked(saved_layout) == is_stacked(model_config):
+            target = with_shardings(abstract_boxed, state_shardings)
+            state, data_state, _ = checkpointer.restore(latest, target)
+        else:
+            saved_boxed = jax.eval_shape(lambda: init_boxed_state(LanguageModel(saved_layout)))
+            target = with_shardings(saved_boxed, logical_shardings(saved_boxed, mesh))
+            saved_state, data_state, _ = checkpointer.restore(latest, target)
+            convert = jax.jit(
+                lambda tree: convert_layout(tree, model_config),
+                out_shardings=state_shardings,
+                donate_argnums=(0,),
+            )
+            state = convert(saved_state)
+            logging.info("converted the checkpoint's parameter layout to this run's")
         iterator.set_state(data_state)
         logging.info("resumed from the checkpoint of step %d in %s", latest, workdir)
     else:
