@@ -9,7 +9,11 @@ on a laptop. It then compiles the lowered step for the CPU (``.compile()``) and 
 - ``trace_lower_s``: tracing and lowering to StableHLO;
 - ``compile_s``: XLA's compilation of the lowered module;
 - ``total_s``: both, what a user waits for before the first step;
-- ``hlo_ops``: the number of lines of the optimized HLO (how much code XLA saw).
+- ``hlo_ops``: the number of lines of the optimized HLO (how much code XLA saw);
+- ``hlo_passes_s`` and ``codegen_s``: XLA's own split of ``compile_s`` (read from its log,
+  ``TF_CPP_VMODULE=cpu_compiler=1``): the HLO optimization passes, which grow with the number of
+  layers, and LLVM code generation of the kernels, which grows with the number of *distinct*
+  kernels (identical layers of an unrolled model share them); ``kernels`` counts them.
 
 The batch is small (the shape barely changes compile time); the layer pattern decides how much
 the scan folds: based_1b's 36 layers become one 5-layer unit scanned 5 times plus an 11-layer
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -38,7 +43,7 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import machine_info, write_json_atomic  # noqa: E402
+from benchmarks.common import machine_info, write_json_atomic
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("presets", ["based_360m", "based_1b"], "Presets to compile.")
@@ -103,6 +108,18 @@ def measure_point(preset: str, scan_layers: bool, batch: int, seq_len: int, rema
     }
 
 
+#: XLA CPU's timing lines (absl VLOG of cpu_compiler.cc): HLO passes, then LLVM code generation.
+_HLO_PASSES = re.compile(r"Running HLO passes on \[jit_step\] for CPU time: ([0-9.]+) (s|ms)")
+_CODEGEN = re.compile(r"Compiling \[jit_step\] for CPU using JIT time: ([0-9.]+) (s|ms)")
+
+
+def _seconds(pattern: re.Pattern, log: str) -> float | None:
+    match = pattern.search(log)
+    if match is None:
+        return None
+    return float(match.group(1)) / (1000.0 if match.group(2) == "ms" else 1.0)
+
+
 def run_point(preset: str, scan_layers: bool) -> dict:
     """``measure_point`` in a fresh subprocess (no cache shared between points)."""
     command = [
@@ -113,11 +130,17 @@ def run_point(preset: str, scan_layers: bool) -> dict:
         f"--seq_len={FLAGS.seq_len}",
         f"--remat={FLAGS.remat}",
     ]
-    environment = dict(os.environ, JAX_PLATFORMS="cpu")
+    environment = dict(
+        os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="0", TF_CPP_VMODULE="cpu_compiler=1"
+    )
     result = subprocess.run(command, capture_output=True, text=True, env=environment, check=False)
     if result.returncode:
         raise RuntimeError(f"point {preset} scan={scan_layers} failed:\n{result.stderr[-4000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    row = json.loads(result.stdout.strip().splitlines()[-1])
+    row["hlo_passes_s"] = _seconds(_HLO_PASSES, result.stderr)
+    row["codegen_s"] = _seconds(_CODEGEN, result.stderr)
+    row["kernels"] = result.stderr.count("Running LLVM verifier")
+    return row
 
 
 def main(argv: list[str]) -> None:
@@ -132,18 +155,24 @@ def main(argv: list[str]) -> None:
         for scan_layers in (False, True):
             row = run_point(preset, scan_layers)
             rows.append(row)
-            print(
-                f"{preset} scan_layers={scan_layers}: {row['total_s']:.1f} s", file=sys.stderr
-            )
+            print(f"{preset} scan_layers={scan_layers}: {row['total_s']:.1f} s", file=sys.stderr)
     speedups = {}
-    print("| preset | layout | blocks compiled | trace+lower s | compile s | total s | HLO lines |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print(
+        "| preset | layout | blocks compiled | trace+lower s | compile s | of which HLO passes s "
+        "| codegen s | kernels | total s | HLO lines |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+
+    def number(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.1f}"
+
     for row in rows:
         layout = "scanned" if row["scan_layers"] else "unrolled"
         print(
             f"| {row['preset']} | {layout} | {row['compiled_blocks']} / {row['num_layers']} | "
-            f"{row['trace_lower_s']:.1f} | {row['compile_s']:.1f} | {row['total_s']:.1f} | "
-            f"{row['hlo_ops']} |"
+            f"{row['trace_lower_s']:.1f} | {row['compile_s']:.1f} | "
+            f"{number(row['hlo_passes_s'])} | {number(row['codegen_s'])} | {row['kernels']} | "
+            f"{row['total_s']:.1f} | {row['hlo_ops']} |"
         )
     for preset in FLAGS.presets:
         unrolled, scanned = (
@@ -154,13 +183,14 @@ def main(argv: list[str]) -> None:
             "compile": unrolled["compile_s"] / scanned["compile_s"],
             "total": unrolled["total_s"] / scanned["total_s"],
         }
+        if unrolled["hlo_passes_s"] and scanned["hlo_passes_s"]:
+            speedups[preset]["hlo_passes"] = unrolled["hlo_passes_s"] / scanned["hlo_passes_s"]
         print(
             f"\n{preset}: scanned compiles {speedups[preset]['compile']:.1f}x faster "
-            f"({speedups[preset]['total']:.1f}x with tracing and lowering)"
+            f"({speedups[preset]['total']:.1f}x with tracing and lowering; HLO passes "
+            f"{speedups[preset].get('hlo_passes', float('nan')):.1f}x)"
         )
-    write_json_atomic(
-        FLAGS.output, {"machine": machine_info(), "rows": rows, "speedups": speedups}
-    )
+    write_json_atomic(FLAGS.output, {"machine": machine_info(), "rows": rows, "speedups": speedups})
 
 
 if __name__ == "__main__":

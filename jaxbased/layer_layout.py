@@ -198,8 +198,8 @@ def convert_layout(tree: Any, config: ModelConfig) -> Any:
     an optimizer state's ``mu`` / ``nu``): every dict with an ``embedding`` key is converted,
     whichever layout it has; everything else is kept. Leaves may be NumPy or JAX arrays or
     ``jax.ShapeDtypeStruct``, boxed or not in ``nn.Partitioned`` (whose logical names gain or
-    lose the leading ``"layers"``); values are only stacked or sliced, so the conversion is exact and
-    the two directions are inverses. Call it under ``jax.jit`` (with ``out_shardings``) to
+    lose the leading ``"layers"``); values are only stacked or sliced, so the conversion is
+    exact and the two directions are inverses. Call it under ``jax.jit`` (with ``out_shardings``) to
     convert sharded device arrays in place on their devices.
     """
     plan = find_repeating_unit(config.layer_pattern)

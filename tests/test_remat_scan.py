@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import shutil
 
 import flax.linen as nn
 import jax
@@ -63,15 +62,15 @@ MODELS = {
     "hybrid": ModelConfig(
         vocab_size=64,
         d_model=32,
-        num_layers=7,
-        layer_pattern=hybrid_layer_pattern("M*-M*-M"),
+        num_layers=6,
+        layer_pattern=hybrid_layer_pattern("M*-M*-"),
         use_mlp=False,
         mlp={"inner_dim": 64, "multiple_of": 32},
         attention={"heads": 2, "rotary_fraction": 0.0},
         mamba2={"state_dim": 8, "head_dim": 16, "chunk_size": 8},
     ),
 }
-BATCH, SEQ = 2, 24
+BATCH, SEQ = 2, 16
 
 
 def _tokens(seed: int = 0, shape: tuple[int, int] = (BATCH, SEQ + 1)) -> jax.Array:
@@ -98,9 +97,12 @@ def _reference(kind: str):
     return params, float(loss), jax.tree.map(np.asarray, grads)
 
 
-@pytest.mark.parametrize("kind", sorted(MODELS))
 @pytest.mark.parametrize(
-    "remat,scan_layers", [("minimal", False), ("full", False), ("none", True), ("full", True)]
+    "kind,remat,scan_layers",
+    [(kind, "minimal", False) for kind in MODELS]
+    + [(kind, "full", False) for kind in MODELS]
+    + [(kind, "none", True) for kind in MODELS]
+    + [("based", "full", True)],
 )
 def test_remat_and_scan_keep_loss_and_gradients(kind, remat, scan_layers):
     params, loss, grads = _reference(kind)
@@ -137,9 +139,11 @@ def test_scanned_generation_gives_the_unrolled_tokens(kind):
             {"params": params}, prompt, 20, lengths, True, method=LanguageModel.prefill
         )
         assert jax.tree.structure(cache) == jax.tree.structure(model.init_cache(BATCH, 20))
-        decode = jax.jit(lambda tokens, cache: model.apply(
-            {"params": params}, tokens, cache, method=LanguageModel.decode_step
-        ))
+        decode = jax.jit(
+            lambda tokens, cache: model.apply(
+                {"params": params}, tokens, cache, method=LanguageModel.decode_step
+            )
+        )
         tokens, all_logits = [], [logits]
         for _ in range(steps):
             token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -286,36 +290,67 @@ def _run_config(data_path, scan_layers: bool, num_steps: int):
     return config
 
 
-@pytest.mark.parametrize("saved_scanned", [False, True], ids=["unrolled-to-scanned", "reverse"])
-def test_checkpoint_resumes_in_the_other_layout_bit_exactly(corpus, tmp_path, saved_scanned):
+def _trained_state(config: ModelConfig) -> TrainState:
+    """A train state one AdamW update away from init (non-zero moments), unrolled."""
+    from jaxbased.training.setup import optimizer_from_config
+
+    params = nn.meta.unbox(LanguageModel(config).init(jax.random.key(5), _tokens()[:, :4]))
+    _, optimizer = optimizer_from_config(_run_config("", False, 2).train)
+    state = TrainState.create(params["params"], optimizer)
+    grads = jax.tree.map(lambda p: jnp.cos(p * 5.0), state.params)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+
+
+def test_checkpoint_resumes_in_the_other_layout_bit_exactly(corpus, tmp_path):
+    from jaxbased.data import ByteTokenizer
+    from jaxbased.interop.workdir import initial_data_state
     from jaxbased.sharding import global_batch
-    from jaxbased.training.loop import train
+    from jaxbased.training.checkpointing import Checkpointer
     from jaxbased.training.setup import setup_run
 
-    train(_run_config(corpus, saved_scanned, 1), tmp_path / "saved")
-    shutil.copytree(tmp_path / "saved", tmp_path / "other")
-    same = setup_run(_run_config(corpus, saved_scanned, 2), tmp_path / "saved")
-    other = setup_run(_run_config(corpus, not saved_scanned, 2), tmp_path / "other")
+    unrolled = ModelConfig(**RESUME_MODEL)
+    state = _trained_state(unrolled)
+    # Step 1 saved unrolled in one workdir and stacked (by a scanned run's config) in another;
+    # each is resumed by a run of the other layout.
+    for name, scan_layers in (("saved_unrolled", False), ("saved_scanned", True)):
+        layout = unrolled.replace(scan_layers=scan_layers)
+        metadata = {
+            "model": layout.to_dict(),
+            "tokenizer": ByteTokenizer().spec(),
+            "data_path": str(corpus),
+            "seq_len": 16,
+        }
+        checkpointer = Checkpointer(tmp_path / name, async_save=False)
+        checkpointer.save(1, convert_layout(state, layout), initial_data_state(), metadata)
+        checkpointer.close()
+    scanned_run = setup_run(_run_config(corpus, True, 2), tmp_path / "saved_unrolled")
+    unrolled_run = setup_run(_run_config(corpus, False, 2), tmp_path / "saved_scanned")
     try:
-        assert same.resumed_step == other.resumed_step == 1
-        assert (SCANNED_LAYERS in other.state.params) == (not saved_scanned)
-        layout = ModelConfig(**RESUME_MODEL, scan_layers=saved_scanned)
-        converted = convert_layout(other.state, layout)
-        assert jax.tree.structure(converted) == jax.tree.structure(same.state)
-        for a, b in zip(jax.tree.leaves(converted), jax.tree.leaves(same.state), strict=True):
-            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-        # The next step from either layout: the same batch, the same loss and parameters.
+        assert scanned_run.resumed_step == unrolled_run.resumed_step == 1
+        assert SCANNED_LAYERS in scanned_run.state.params
+        assert SCANNED_LAYERS not in unrolled_run.state.params
+        for run in (scanned_run, unrolled_run):
+            restored = to_unrolled(run.state, unrolled)
+            assert jax.tree.structure(restored) == jax.tree.structure(state)
+            for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state), strict=True):
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        # The next step in either layout: the same batch, loss and parameters.
         results = []
-        for run in (same, other):
+        for run in (scanned_run, unrolled_run):
             batch = global_batch(next(run.iterator), run.data_sharding)
-            state, metrics = run.train_step(run.state, batch)
-            results.append((float(metrics["loss"]), convert_layout(state.params, layout)))
-        np.testing.assert_allclose(results[1][0], results[0][0], rtol=1e-6)
-        for a, b in zip(jax.tree.leaves(results[1][1]), jax.tree.leaves(results[0][1]), strict=True):
+            new_state, metrics = run.train_step(run.state, batch)
+            results.append((float(metrics["loss"]), to_unrolled(new_state.params, unrolled)))
+        np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-6)
+        moved, saved = jax.tree.leaves(results[1][1]), jax.tree.leaves(state.params)
+        for a, b in zip(jax.tree.leaves(results[0][1]), moved, strict=True):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6)
+        change = max(float(np.abs(b - c).max()) for b, c in zip(moved, saved, strict=True))
+        assert change > 1e-4  # the step did move the parameters
     finally:
-        same.close()
-        other.close()
+        scanned_run.close()
+        unrolled_run.close()
 
 
 def test_converted_checkpoint_exports_and_imports_in_either_layout(tmp_path):

@@ -31,7 +31,6 @@ from typing import Any
 import numpy as np
 
 from jaxbased.config import ModelConfig, merge_overrides
-from jaxbased.layer_layout import convert_layout, to_unrolled
 from jaxbased.interop.reference_config import UnsupportedCheckpointError
 from jaxbased.interop.state_dict import (
     LM_HEAD_KEY,
@@ -45,6 +44,7 @@ from jaxbased.interop.state_dict import (
     params_from_rules,
     state_from_rules,
 )
+from jaxbased.layer_layout import convert_layout, to_unrolled
 
 EMBEDDING_KEY = "backbone.embedding.weight"
 FINAL_NORM_PREFIX = "backbone.norm_f"

@@ -160,7 +160,8 @@ def load_for_inference(
 
     The parameters have the layout the checkpoint was saved in, which its config names
     (``config.scan_layers``): they fit ``LanguageModel(config)`` as returned;
-    ``jaxbased.layer_layout.convert_layout`` gives the other layout. ``step`` defaults to the latest complete checkpoint. Raises ``ValueError`` if there is none.
+    ``jaxbased.layer_layout.convert_layout`` gives the other layout. ``step`` defaults to the
+    latest complete checkpoint. Raises ``ValueError`` if there is none.
     """
     workdir = pathlib.Path(workdir)
     checkpointer = Checkpointer(workdir, async_save=False)

@@ -261,7 +261,6 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) ->
             convert = jax.jit(
                 lambda tree: convert_layout(tree, model_config),
                 out_shardings=state_shardings,
-                donate_argnums=(0,),
             )
             state = convert(saved_state)
             logging.info("converted the checkpoint's parameter layout to this run's")
