@@ -35,6 +35,7 @@ __all__ = [
     "HYBRID_PATTERN_CHARACTERS",
     "MIXER_NAMES",
     "NORMS",
+    "REMAT_POLICIES",
     "ModelConfig",
     "based_layer_pattern",
     "hybrid_layer_pattern",
@@ -79,6 +80,12 @@ def hybrid_layer_pattern(pattern: str) -> tuple[str, ...]:
     return tuple(HYBRID_PATTERN_CHARACTERS[character] for character in pattern)
 
 
+#: Values of ``ModelConfig.remat``: what the backward pass recomputes (docs/model.md#remat).
+#: ``none`` saves every activation; ``minimal`` saves the outputs of matmuls without batch
+#: dimensions (the projections) and recomputes the elementwise work, attention scores and the
+#: mixers' chunk states; ``full`` saves only each block's input.
+REMAT_POLICIES: tuple[str, ...] = ("none", "minimal", "full")
+
 _DEFAULT_PATTERN = based_layer_pattern(27, (1, 6, 11, 16, 21), (2, 7, 12, 17, 22))
 
 
@@ -103,6 +110,13 @@ class ModelFields:
       implementation: who computes linear and sliding-window attention: ``auto`` (Pallas
         kernels on TPU/GPU, XLA on CPU), ``xla`` or ``pallas`` (interpreted on CPU); see
         ``jaxbased.ops.dispatch``.
+      remat: rematerialisation of each block in the backward pass, one of ``REMAT_POLICIES``
+        (``none``, ``minimal``, ``full``); it trades activation memory for compute and does not
+        change the model's function.
+      scan_layers: run the repeating unit of ``layer_pattern`` under ``nn.scan`` (parameters
+        stacked along a leading ``layers`` axis; :mod:`jaxbased.layer_layout`), which makes
+        compile time nearly independent of depth. It changes the parameter layout, not the
+        model's function.
     """
 
     vocab_size: int = 50257
@@ -116,6 +130,8 @@ class ModelFields:
     dtype: str = "float32"
     init_std: float = 0.02
     implementation: str = "auto"
+    remat: str = "none"
+    scan_layers: bool = False
 
     def __post_init__(self) -> None:
         pattern = self.layer_pattern
@@ -149,12 +165,14 @@ class ModelFields:
         for name in ("norm_eps", "init_std"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be > 0")
-        if not isinstance(self.use_mlp, bool):
-            raise ValueError(f"use_mlp={self.use_mlp!r} must be True or False")
+        for name in ("use_mlp", "scan_layers"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")
         for name, allowed in (
             ("norm", NORMS),
             ("dtype", DTYPES),
             ("implementation", IMPLEMENTATIONS),
+            ("remat", REMAT_POLICIES),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not known; allowed: {allowed}")

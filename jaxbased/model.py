@@ -9,6 +9,10 @@ over the padded vocabulary (``config.padded_vocab_size`` columns, as in the refe
 Generation: ``prefill(tokens, max_len)`` runs the parallel forms and returns every layer's cache;
 ``decode_step(tokens, cache)`` consumes one token per row. ``init_cache`` builds an empty cache
 from the config alone (no parameters needed).
+
+``config.remat`` wraps every block in ``nn.remat`` with the policy of ``REMAT_POLICY``;
+``config.scan_layers`` runs the pattern's repeating unit under ``nn.scan``
+(:mod:`jaxbased.layer_layout`: stacked parameters, and caches stacked per unit position).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from jaxbased.config import ModelConfig
+from jaxbased.layer_layout import LAYER_AXIS, ScanPlan, scan_plan
 from jaxbased.layers.common import make_norm, normal_init
 from jaxbased.layers.mixer import Mixer
 from jaxbased.layers.mlp import GatedMLP
@@ -37,7 +42,9 @@ class ModelCache:
     """Decoding state of the whole model.
 
     layers: one cache per layer, of its mixer's registered cache type
-      (``jaxbased.layers.registry.MIXERS[name].cache_type``).
+      (``jaxbased.layers.registry.MIXERS[name].cache_type``). A scanned model
+      (``config.scan_layers``) has one cache per position of its repeating unit, every leaf
+      stacked ``[repeats, ...]`` over the unit's repeats, then one per remainder layer.
     positions: ``[B]`` int32, the position the next token of each row takes.
     """
 
@@ -89,6 +96,64 @@ class Block(nn.Module):
         return self._mlp(x + h.astype(x.dtype)), cache
 
 
+#: ``config.remat`` -> the ``jax.checkpoint`` policy of each block (None: no remat). ``minimal``
+#: saves the outputs of matmuls without batch dimensions (every projection: QKV, output, MLP,
+#: in/out projections of the state-space mixers) and recomputes the elementwise work, the
+#: batched matmuls (attention scores, the mixers' chunk states and their products) and norms;
+#: ``full`` saves nothing inside a block, only its input.
+REMAT_POLICY: dict[str, Any] = {
+    "none": None,
+    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+
+
+def block_class(config: ModelConfig, *, scanned: bool) -> type[Block]:
+    """``Block``, wrapped in ``nn.remat`` with the policy of ``config.remat`` (only its
+    ``__call__``: prefill and decoding keep no activations for a backward pass). ``scanned``
+    blocks run inside ``nn.scan``, which already keeps XLA from merging the recomputation with
+    the forward (so ``prevent_cse`` is off there)."""
+    policy = REMAT_POLICY[config.remat]
+    if policy is None:
+        return Block
+    return nn.remat(Block, policy=policy, prevent_cse=not scanned)
+
+
+class RepeatedUnit(nn.Module):
+    """The blocks of one repeat of a scanned model's unit (``block_0``, ``block_1``, ...), run
+    in order; :class:`LanguageModel` scans it ``plan.repeats`` times."""
+
+    config: ModelConfig
+    unit: tuple[str, ...]
+
+    def setup(self) -> None:
+        block = block_class(self.config, scanned=True)
+        self.block = [block(self.config, name) for name in self.unit]
+
+    def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
+        for block in self.block:
+            x = constrain_batch(block(x))
+        return x
+
+    def prefill(
+        self, x: Float[Array, "B T D"], max_len: int, lengths: Int[Array, " B"] | None
+    ) -> tuple[Array, tuple[LayerCache, ...]]:
+        caches = []
+        for block in self.block:
+            x, cache = block.prefill(x, max_len, lengths)
+            caches.append(cache)
+        return x, tuple(caches)
+
+    def decode_step(
+        self, x: Float[Array, "B D"], caches: tuple[LayerCache, ...], position: Int[Array, " B"]
+    ) -> tuple[Array, tuple[LayerCache, ...]]:
+        new_caches = []
+        for block, cache in zip(self.block, caches, strict=True):
+            x, cache = block.decode_step(x, cache, position)
+            new_caches.append(cache)
+        return x, tuple(new_caches)
+
+
 class LanguageModel(nn.Module):
     """BASED / Transformer++ language model: ``tokens [B, T] -> logits [B, T, V]`` (float32)."""
 
@@ -102,7 +167,17 @@ class LanguageModel(nn.Module):
             (config.padded_vocab_size, config.d_model),
             jnp.float32,
         )
-        self.layers = [Block(config, name_) for name_ in config.layer_pattern]
+        plan = scan_plan(config)
+        first_unrolled = 0 if plan is None else plan.scanned_layers
+        if plan is not None:  # named layer_layout.SCANNED_LAYERS
+            self.scanned_layers = RepeatedUnit(config, plan.unit)
+        block = block_class(config, scanned=False)
+        # A dict named by layer index keeps the unrolled names ``layers_{i}`` (flax names a
+        # dict attribute's modules ``{attribute}_{key}``).
+        self.layers = {
+            str(index): block(config, config.layer_pattern[index])
+            for index in range(first_unrolled, config.num_layers)
+        }
         residual_dtype = jnp.promote_types(config.compute_dtype, jnp.float32)
         self.final_norm = make_norm(config.norm, config.d_model, config.norm_eps, residual_dtype)
 
@@ -115,11 +190,33 @@ class LanguageModel(nn.Module):
     def _logits(self, x: Array) -> Array:
         return jnp.einsum("...d,vd->...v", self.final_norm(x), self.embedding)
 
+    @property
+    def _plan(self) -> ScanPlan | None:
+        return scan_plan(self.config)
+
+    def _unrolled_blocks(self) -> list[nn.Module]:
+        """The blocks that run unrolled (all of them, or the remainder of a scanned model)."""
+        return [self.layers[key] for key in sorted(self.layers, key=int)]
+
+    def _scan_unit(self, body: Any, carry: Array, xs: Any) -> tuple[Array, Any]:
+        """``nn.scan`` of ``body(unit, carry, xs_row) -> (carry, ys_row)`` over the unit's
+        repeats, its parameters stacked on a leading ``layers`` axis."""
+        scan = nn.scan(
+            body,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            length=self._plan.repeats,
+            metadata_params={nn.PARTITION_NAME: LAYER_AXIS},
+        )
+        return scan(self.scanned_layers, carry, xs)
+
     def _hidden(self, tokens: Array) -> Array:
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be [batch, seq]; got shape {tokens.shape}")
         x = constrain_batch(self._embed(tokens))
-        for block in self.layers:
+        if self._plan is not None:
+            x, _ = self._scan_unit(lambda unit, x, _: (unit(x), None), x, None)
+        for block in self._unrolled_blocks():
             x = constrain_batch(block(x))
         return x
 
@@ -176,7 +273,12 @@ class LanguageModel(nn.Module):
                 raise ValueError(f"lengths must be [batch]={batch}; got shape {lengths.shape}")
         x = self._embed(tokens)
         caches = []
-        for block in self.layers:
+        if self._plan is not None:
+            x, unit_caches = self._scan_unit(
+                lambda unit, x, _: unit.prefill(x, max_len, lengths), x, None
+            )
+            caches.extend(unit_caches)
+        for block in self._unrolled_blocks():
             x, cache = block.prefill(x, max_len, lengths)
             caches.append(cache)
         positions = jnp.full((batch,), seq, jnp.int32) if lengths is None else lengths
@@ -192,7 +294,17 @@ class LanguageModel(nn.Module):
             raise ValueError(f"tokens must be [batch]; got shape {tokens.shape}")
         x = self._embed(tokens)
         new_caches = []
-        for block, layer_cache in zip(self.layers, cache.layers, strict=True):
+        layer_caches = list(cache.layers)
+        if self._plan is not None:
+            period = len(self._plan.unit)
+            unit_caches, layer_caches = tuple(layer_caches[:period]), layer_caches[period:]
+            x, unit_caches = self._scan_unit(
+                lambda unit, x, caches: unit.decode_step(x, caches, cache.positions),
+                x,
+                unit_caches,
+            )
+            new_caches.extend(unit_caches)
+        for block, layer_cache in zip(self._unrolled_blocks(), layer_caches, strict=True):
             x, layer_cache = block.decode_step(x, layer_cache, cache.positions)
             new_caches.append(layer_cache)
         return self._logits(x), ModelCache(tuple(new_caches), cache.positions + 1)
@@ -215,6 +327,14 @@ class LanguageModel(nn.Module):
                     f"mixer {name!r} built a {type(layer).__name__} cache; its registry entry "
                     f"names {MIXERS[name].cache_type.__name__}"
                 )
+        plan = scan_plan(config)
+        if plan is not None:  # the unit's caches stacked over its repeats
+            period = len(plan.unit)
+            stacked = tuple(
+                jax.tree.map(lambda leaf: jnp.repeat(leaf[None], plan.repeats, axis=0), layer)
+                for layer in layers[:period]
+            )
+            layers = stacked + layers[plan.scanned_layers :]
         return ModelCache(layers=layers, positions=jnp.zeros((batch_size,), jnp.int32))
 
 

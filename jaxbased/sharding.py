@@ -39,6 +39,7 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("feature", None),
     ("norm", None),
     ("conv_kernel", None),
+    ("layers", None),  # the leading axis of scanned layers' stacked parameters
 )
 
 

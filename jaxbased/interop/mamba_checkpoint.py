@@ -44,6 +44,7 @@ from jaxbased.interop.state_dict import (
     params_from_rules,
     state_from_rules,
 )
+from jaxbased.layer_layout import convert_layout, to_unrolled
 
 EMBEDDING_KEY = "backbone.embedding.weight"
 FINAL_NORM_PREFIX = "backbone.norm_f"
@@ -260,7 +261,8 @@ def mamba_parameter_rules(config: ModelConfig) -> list[_Rule]:
 def import_mamba_state_dict(
     state_dict: Mapping[str, Any], config: ModelConfig
 ) -> tuple[Params, list[str]]:
-    """Our float32 parameter tree from a mamba_ssm state dict (keys already cleaned).
+    """Our float32 parameter tree from a mamba_ssm state dict (keys already cleaned), in the
+    parameter layout of ``config`` (``jaxbased.layer_layout``).
 
     Returns ``(params, ignored_keys)`` (``lm_head.weight``, checked to equal the embedding).
     Raises :class:`~jaxbased.interop.CheckpointMismatchError` naming every missing,
@@ -275,7 +277,8 @@ def import_mamba_state_dict(
         else:
             report.unexpected.append(key)
 
-    return params_from_rules(state_dict, rules, extra_key)
+    params, ignored = params_from_rules(state_dict, rules, extra_key)
+    return convert_layout(params, config), ignored
 
 
 def export_mamba_state_dict(
@@ -284,6 +287,8 @@ def export_mamba_state_dict(
     """The mamba_ssm state dict (float32 NumPy) of our parameters, with ``lm_head.weight`` (a
     copy of the embedding) unless ``include_lm_head`` is False.
 
-    Raises ``ValueError`` naming every parameter whose shape does not fit ``config``.
+    ``params`` may have either layout (``jaxbased.layer_layout``). Raises ``ValueError`` naming
+    every parameter whose shape does not fit ``config``.
     """
+    params = to_unrolled(params, config)
     return state_from_rules(params, mamba_parameter_rules(config), EMBEDDING_KEY, include_lm_head)

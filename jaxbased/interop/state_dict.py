@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from jaxbased.config import ModelConfig
+from jaxbased.layer_layout import convert_layout, to_unrolled
 from jaxbased.ops.rotary import rotary_frequencies
 
 EMBEDDING_KEY = "transformer.embeddings.word_embeddings.weight"
@@ -230,7 +231,8 @@ def _shape(value: Any) -> tuple[int, ...]:
 def import_state_dict(
     state_dict: Mapping[str, Any], config: ModelConfig
 ) -> tuple[Params, list[str]]:
-    """Our float32 parameter tree from a reference state dict (keys already cleaned).
+    """Our float32 parameter tree from a reference state dict (keys already cleaned), in the
+    parameter layout of ``config`` (stacked when it scans its layers: ``jaxbased.layer_layout``).
 
     Returns ``(params, ignored_keys)``; ``ignored_keys`` are accepted buffers that the forward
     pass does not need. Raises :class:`CheckpointMismatchError` listing every missing,
@@ -267,7 +269,8 @@ def import_state_dict(
         else:
             report.unexpected.append(key)
 
-    return params_from_rules(state_dict, rules, extra_key)
+    params, ignored = params_from_rules(state_dict, rules, extra_key)
+    return convert_layout(params, config), ignored
 
 
 @dataclasses.dataclass
@@ -351,8 +354,10 @@ def export_state_dict(
     parameters; ``lm_head.weight`` (a copy of the embedding, as the tied reference model's
     ``state_dict()`` has it) unless ``include_lm_head`` is False.
 
-    Raises ``ValueError`` naming every parameter whose shape does not fit ``config``.
+    ``params`` may have either layout (unrolled or stacked, ``jaxbased.layer_layout``). Raises
+    ``ValueError`` naming every parameter whose shape does not fit ``config``.
     """
+    params = to_unrolled(params, config)
     return state_from_rules(params, parameter_rules(config), EMBEDDING_KEY, include_lm_head)
 
 

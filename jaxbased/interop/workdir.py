@@ -25,6 +25,7 @@ import numpy as np
 
 from jaxbased.config import ModelConfig
 from jaxbased.data.tokenizers import Tokenizer
+from jaxbased.layer_layout import convert_layout
 
 STEP = 0
 
@@ -84,7 +85,8 @@ def write_workdir(
       workdir: the directory to create (or to reuse, when empty).
       config: the model config stored in the metadata (``train.py`` checks that its own model
         config equals it before resuming).
-      params: float32 parameter tree (NumPy or JAX arrays).
+      params: float32 parameter tree (NumPy or JAX arrays), in either layout; it is saved in
+        ``config``'s (``jaxbased.layer_layout``).
       tokenizer: saved into ``workdir/tokenizer`` and named in the metadata.
       source: extra metadata, e.g. where the weights came from.
       overwrite: replace the checkpoints of an existing workdir.
@@ -116,7 +118,7 @@ def write_workdir(
         "seq_len": None,
         "imported_from": source or {},
     }
-    state = train_state_for(params)
+    state = train_state_for(convert_layout(params, config))
     checkpointer = Checkpointer(workdir, keep=1, async_save=False)
     try:
         checkpointer.save(STEP, state, initial_data_state(), metadata)

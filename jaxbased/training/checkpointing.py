@@ -35,6 +35,12 @@ ITEM_FILES = {
 Restored = TypeVar("Restored")
 
 
+#: Model fields that do not change the model's function: a checkpoint resumes across them
+#: (``scan_layers`` changes the parameter layout, which resuming converts:
+#: ``jaxbased.layer_layout``).
+LAYOUT_ONLY_FIELDS = ("remat", "scan_layers")
+
+
 class IncompatibleCheckpointError(ValueError):
     """The workdir holds a checkpoint of a different model."""
 
@@ -198,7 +204,7 @@ class Checkpointer:
 
 def check_compatible(saved_model: dict, config: ModelConfig, workdir: pathlib.Path) -> None:
     """Raise ``IncompatibleCheckpointError`` naming every model field that differs
-    (``based.feature_dim`` for a section's field).
+    (``based.feature_dim`` for a section's field), apart from ``LAYOUT_ONLY_FIELDS``.
 
     The saved record is read as ``ModelConfig.from_dict`` reads it: a field missing from it (a
     checkpoint written before the field existed) counts as its default, and an old flat record
@@ -215,7 +221,7 @@ def check_compatible(saved_model: dict, config: ModelConfig, workdir: pathlib.Pa
     differences = [
         f"{name}: checkpoint {saved[name]!r} vs config {current[name]!r}"
         for name in sorted(current)
-        if saved[name] != current[name]
+        if saved[name] != current[name] and name not in LAYOUT_ONLY_FIELDS
     ]
     if differences:
         raise IncompatibleCheckpointError(
@@ -239,7 +245,8 @@ def _flat_fields(values: dict, prefix: str = "") -> dict[str, Any]:
 def _single_device_state(config: ModelConfig) -> Any:
     """The abstract train state of ``config`` on this host's first device: the restore target
     that reads a checkpoint saved on any mesh (the optimizer's hyper-parameters do not change
-    its state's structure)."""
+    its state's structure), in ``config``'s parameter layout (stacked when it scans its
+    layers; a checkpoint's stored config names the layout it was saved in)."""
     import flax.linen as nn
     import jax.numpy as jnp
     import optax
@@ -267,9 +274,12 @@ def load_for_inference(
 ) -> tuple[ModelConfig, Any, Tokenizer]:
     """The model config, float32 parameters and tokenizer of a ``train.py`` workdir.
 
-    ``step`` defaults to the newest intact checkpoint (a damaged newer one is skipped with a
-    warning). Raises ``ValueError`` if there is none, ``DamagedCheckpointError`` if every one
-    (or ``step``) is damaged.
+    The parameters have the layout the checkpoint was saved in, which its config names
+    (``config.scan_layers``): they fit ``LanguageModel(config)`` as returned;
+    ``jaxbased.layer_layout.convert_layout`` gives the other layout. ``step`` defaults to the
+    newest intact checkpoint (a damaged newer one is skipped with a warning). Raises
+    ``ValueError`` if there is none, ``DamagedCheckpointError`` if every one (or ``step``) is
+    damaged.
     """
     workdir = pathlib.Path(workdir)
     checkpointer = Checkpointer(workdir, async_save=False, create=False)

@@ -29,6 +29,7 @@ from jaxbased.data.corpus import Document, builtin_corpus_files, builtin_corpus_
 from jaxbased.data.pipeline import make_iterator, training_batches, validation_batches
 from jaxbased.data.token_store import TokenDataset, write_token_dataset
 from jaxbased.data.tokenizers import ByteTokenizer
+from jaxbased.layer_layout import convert_layout, is_stacked
 from jaxbased.model import LanguageModel, count_parameters
 from jaxbased.sharding import batch_sharding, logical_shardings, make_mesh, with_shardings
 from jaxbased.training.checkpointing import TOKENIZER_SUBDIR, Checkpointer, check_compatible
@@ -270,7 +271,7 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) ->
     model = LanguageModel(model_config)
     schedule, optimizer = optimizer_from_config(train_config)
 
-    def init_boxed_state() -> TrainState:
+    def init_boxed_state(model: LanguageModel = model) -> TrainState:
         # Parameters still in their logical-axis boxes, so that the optimizer state built from
         # them carries the same names (mu and nu are sharded like the parameters).
         sample = jnp.zeros((1, data_config.seq_len), jnp.int32)
@@ -292,8 +293,23 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) ->
     target = with_shardings(abstract_boxed, state_shardings)
 
     def read_checkpoint(step: int) -> tuple[Any, dict, dict]:
-        check_compatible(checkpointer.metadata(step)["model"], model_config, workdir)
-        return checkpointer.restore(step, target)
+        saved_model = checkpointer.metadata(step)["model"]
+        check_compatible(saved_model, model_config, workdir)
+        # The checkpoint is read in the parameter layout it was saved in (unrolled or stacked,
+        # jaxbased.layer_layout), then converted on the devices to this run's.
+        saved_layout = dataclasses.replace(
+            model_config, scan_layers=bool(saved_model.get("scan_layers", False))
+        )
+        if is_stacked(saved_layout) == is_stacked(model_config):
+            return checkpointer.restore(step, target)
+        saved_boxed = jax.eval_shape(lambda: init_boxed_state(LanguageModel(saved_layout)))
+        saved_target = with_shardings(saved_boxed, logical_shardings(saved_boxed, mesh))
+        saved_state, data_state, metadata = checkpointer.restore(step, saved_target)
+        convert = jax.jit(
+            lambda tree: convert_layout(tree, model_config), out_shardings=state_shardings
+        )
+        logging.info("converted the checkpoint's parameter layout to this run's")
+        return convert(saved_state), data_state, metadata
 
     found = checkpointer.restore_newest_intact(read_checkpoint)
     latest = None if found is None else found[0]
