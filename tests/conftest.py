@@ -1,6 +1,11 @@
-"""Shared helpers for the tests."""
+"""Shared helpers for the tests, and a compilation cache shared by every test process."""
 
 from __future__ import annotations
+
+import hashlib
+import os
+import pathlib
+import tempfile
 
 import flax.linen as nn
 import jax
@@ -9,6 +14,36 @@ import numpy as np
 import pytest
 
 from jaxbased import LanguageModel, ModelConfig
+
+
+def compilation_cache_dir() -> pathlib.Path:
+    """A folder of compiled XLA programs for this machine's CPU: many tests compile the same
+    train step of the same tiny model (in this process, in xdist's other worker and in the
+    ``train.py`` subprocesses), and each compile takes seconds. Keyed by the CPU's feature flags,
+    so code compiled for one instruction set is never loaded on another."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = next((line for line in cpuinfo if line.startswith("flags")), "")
+    except OSError:
+        pass
+    key = hashlib.sha256(f"{jax.__version__} {flags}".encode()).hexdigest()[:16]
+    return pathlib.Path(tempfile.gettempdir()) / f"jaxbased-tests-xla-cache-{key}"
+
+
+def pytest_configure(config) -> None:
+    """Turn on JAX's persistent compilation cache for this process and, through the
+    environment, for every subprocess a test starts. Every program is cached, however fast its
+    compile; the cache changes how long a compile takes, never what it computes."""
+    del config
+    settings = {
+        "jax_compilation_cache_dir": str(compilation_cache_dir()),
+        "jax_persistent_cache_min_compile_time_secs": 0,
+        "jax_persistent_cache_min_entry_size_bytes": 0,
+    }
+    for name, value in settings.items():
+        jax.config.update(name, value)
+        os.environ[name.upper()] = str(value)
 
 
 @pytest.fixture
