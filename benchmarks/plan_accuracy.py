@@ -3,8 +3,9 @@
 For one fixed small configuration (the benchmark BASED model of ``benchmarks/common.py`` at
 ``--seq_len`` tokens, ``--micro_batch`` sequences), this compiles the real one-device train step
 under ``remat`` = none, minimal and full, reads ``memory_analysis().temp_size_in_bytes`` and
-prints it beside the prediction of ``jaxbased.activation_model`` (fitted from one- and two-layer
-probes). Writes a table and ``benchmarks/results/plan_accuracy.json``.
+prints it beside the prediction of ``jaxbased.activation_model`` (fitted from probes that differ
+from the model only in depth: 3 and 5 repeats of a scanned pattern's unit, one and two layers of
+each mixer kind when unrolled). Writes a table and ``benchmarks/results/plan_accuracy.json``.
 
     .venv/bin/python benchmarks/plan_accuracy.py
 """

@@ -8,6 +8,8 @@ groups) and hands its ``main`` to :func:`run`, which
 - checks ``--config.SECTION.FIELD=VALUE`` overrides against the config file's fields (an
   unknown field is named with the fields allowed and the closest one) before absl parses them;
 - parses the flags, reporting a bad flag or value in one line with exit status 2;
+- keeps freed host memory for reuse (:mod:`jaxbased.host_memory`; ``JAXBASED_HOST_MALLOC=system``
+  leaves the C allocator as it is);
 - runs ``main`` and reports a failure as :mod:`jaxbased.cli.errors` says (one line for the
   user's mistakes, the traceback for bugs or under ``--verbose`` / ``JAXBASED_DEBUG=1``).
 """
@@ -26,6 +28,7 @@ from ml_collections.config_flags.config_flags import is_config_flag
 
 from jaxbased.cli import errors
 from jaxbased.cli.logging_setup import configure_logging
+from jaxbased.host_memory import apply_host_malloc_policy
 
 _VERBOSE = flags.DEFINE_bool(
     "verbose",
@@ -212,6 +215,7 @@ def run(
     try:
         remaining = parse_flags(argv, command)
         configure_logging()
+        apply_host_malloc_policy()  # before JAX starts its backend and threads
         main(remaining)
     except SystemExit:
         raise

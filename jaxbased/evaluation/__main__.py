@@ -15,6 +15,7 @@ import pathlib
 import sys
 
 from jaxbased.cli import errors
+from jaxbased.host_memory import apply_host_malloc_policy
 
 MODEL_ARGS = {
     "workdir": "a train.py or jaxbased-convert workdir (or checkpoint=, not both)",
@@ -112,6 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     modules = (errors.PACKAGE_DIRECTORY,)
     try:
         check_model_args(argv)
+        apply_host_malloc_policy()  # before JAX starts its backend and threads
         try:
             from lm_eval.__main__ import cli_evaluate
         except ImportError as error:
