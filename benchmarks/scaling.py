@@ -99,6 +99,13 @@ flags.DEFINE_integer("seed", 0, "Seed of the parameters and tokens.")
 flags.DEFINE_string(
     "platform", "cpu", "JAX platform to measure on (JAX_PLATFORMS); '' keeps JAX's default."
 )
+flags.DEFINE_enum(
+    "host_malloc",
+    "keep",
+    ["keep", "system"],
+    "keep: glibc keeps freed blocks for the next call, as the jaxbased commands set it "
+    "(jaxbased.host_memory); system: glibc's defaults (fresh pages for large buffers each call).",
+)
 flags.DEFINE_string(
     "worker", None, "Internal: 'MODEL:T' measures one point in this process and prints JSON."
 )
@@ -215,16 +222,18 @@ def measure_point(name: str, seq_len: int, repeats: int, min_repeats: int, budge
     warmup_seconds = time.perf_counter() - start
 
     calls = max(min_repeats, min(repeats, int(budget / max(warmup_seconds, 1e-9))))
-    times, cpu_times, faults = [], [], []
+    times, cpu_times, system_times, faults = [], [], [], []
     busy_start = _busy_cpu_seconds()
     for _ in range(calls):
-        faults_start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        usage_start = resource.getrusage(resource.RUSAGE_SELF)
         start, cpu_start = time.perf_counter(), time.process_time()
         logits = compiled(params, tokens)
         logits.block_until_ready()
         times.append(time.perf_counter() - start)
         cpu_times.append(time.process_time() - cpu_start)
-        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_start)
+        usage_end = resource.getrusage(resource.RUSAGE_SELF)
+        faults.append(usage_end.ru_minflt - usage_start.ru_minflt)
+        system_times.append(usage_end.ru_stime - usage_start.ru_stime)
         del logits
     busy_end = _busy_cpu_seconds()
     other_cpu = None
@@ -248,6 +257,9 @@ def measure_point(name: str, seq_len: int, repeats: int, min_repeats: int, budge
         "cpu_seconds": cpu_times,
         # Minor page faults per call: fresh pages the call had to get from the OS.
         "median_minor_page_faults": statistics.median(faults),
+        # Kernel CPU time per call (page faults, mmap/munmap): part of median_cpu_seconds.
+        "median_system_cpu_seconds": statistics.median(system_times),
+        "host_malloc": FLAGS.host_malloc,
         "other_processes_cpu_fraction": other_cpu,
         "warmup_seconds": warmup_seconds,
         "compile_seconds": compile_seconds,
@@ -337,6 +349,7 @@ def run_point_subprocess(name: str, seq_len: int, repeats: int) -> dict:
         f"--seconds_per_point={FLAGS.seconds_per_point}",
         f"--seed={FLAGS.seed}",
         f"--platform={FLAGS.platform}",
+        f"--host_malloc={FLAGS.host_malloc}",
     ]
     process = subprocess.run(command, capture_output=True, text=True, check=False)
     for line in process.stdout.splitlines():
@@ -515,6 +528,7 @@ def run_benchmark(
             "xla_bytes": "memory_analysis(): temp + argument + output bytes",
             "peak_rss_bytes": "fresh subprocess per point; VmHWM reset after compile",
             "platform": FLAGS.platform or "default",
+            "host_malloc": FLAGS.host_malloc,
             "max_other_cpu": FLAGS.max_other_cpu,
             "attempts": FLAGS.attempts,
         },
@@ -586,6 +600,10 @@ def main(argv: Sequence[str]) -> None:
 
         jax.config.update("jax_platforms", FLAGS.platform)
     if FLAGS.worker:
+        if FLAGS.host_malloc == "keep":
+            from jaxbased.host_memory import keep_freed_host_memory
+
+            keep_freed_host_memory()  # before the backend starts
         run_worker(FLAGS.worker)
         return
     models = list(FLAGS.models)

@@ -46,6 +46,13 @@ flags.DEFINE_list(
 flags.DEFINE_integer("torch_threads", 2, "Threads of PyTorch for hf_llama.")
 flags.DEFINE_string("worker", "", "Internal: measure one model in this process.")
 flags.DEFINE_float("peak", 0.0, "Internal: the matmul peak the parent measured.")
+flags.DEFINE_enum(
+    "host_malloc",
+    "keep",
+    ["keep", "system"],
+    "glibc's treatment of freed blocks in every model's process, PyTorch's included: keep (as "
+    "train.py sets it, jaxbased.host_memory) or system (glibc's defaults).",
+)
 flags.DEFINE_string("output", "benchmarks/results/train_throughput.json", "JSON output path.")
 flags.DEFINE_bool("quick", False, "Smoke run: T = 256, 2 steps, output under /tmp.")
 FLAGS = flags.FLAGS
@@ -200,6 +207,7 @@ def measure_in_subprocess(name: str, seq_len: int, batch_size: int, steps: int, 
         f"--steps={steps}",
         f"--torch_threads={FLAGS.torch_threads}",
         f"--peak={peak}",
+        f"--host_malloc={FLAGS.host_malloc}",
     ]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
@@ -214,6 +222,10 @@ def main(argv: Sequence[str]) -> None:
     if FLAGS.quick:
         seq_len, steps, output = 256, 2, "/tmp/train_throughput_quick.json"
     if FLAGS.worker:
+        if FLAGS.host_malloc == "keep":
+            from jaxbased.host_memory import keep_freed_host_memory
+
+            keep_freed_host_memory()  # before JAX or PyTorch start their threads
         measure_one = measure_hf_llama if FLAGS.worker == "hf_llama" else None
         if measure_one is None:
             row = measure(FLAGS.worker, seq_len, FLAGS.batch_size, steps, FLAGS.peak)
@@ -252,6 +264,7 @@ def main(argv: Sequence[str]) -> None:
             "matmul_peak_flops": peak,
             "seq_len": seq_len,
             "batch_size": FLAGS.batch_size,
+            "host_malloc": FLAGS.host_malloc,
             "rows": rows,
         },
     )

@@ -30,11 +30,11 @@ from tests.test_training import corpus  # noqa: F401 (fixture)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SEQ_LEN = 32
-UNIT = ("base_conv", "based", "sliding_window")
+UNIT = ("base_conv", "based")  # two mixers: each probe compile takes a few seconds
 MODEL = dict(
     vocab_size=257,
     d_model=32,
-    num_layers=7,
+    num_layers=5,
     layer_pattern=UNIT * 2 + ("base_conv",),  # scanned: the unit twice, one layer after
     mlp=dict(inner_dim=64, multiple_of=32),
     based=dict(heads=2, feature_dim=4, chunk_size=8),
