@@ -167,6 +167,15 @@ def _decay_tiny() -> ModelConfig:
     )
 
 
+def _cca_tiny() -> ModelConfig:
+    # attn_tiny with CCA-Attention in every layer: the same parameters (attn_tiny workdirs load),
+    # groups of 8 pooled into core tokens beyond a local window of 32.
+    return _attn_tiny().replace(
+        layer_pattern=("cca_attention",) * 4,
+        cca_attention={"heads": 4, "rotary_fraction": 0.5, "group_size": 8, "local_window": 32},
+    )
+
+
 PRESETS: MappingProxyType[str, Callable[[], ModelConfig]] = MappingProxyType(
     {
         "based_360m": _based_360m,
@@ -183,5 +192,6 @@ PRESETS: MappingProxyType[str, Callable[[], ModelConfig]] = MappingProxyType(
         "mamba2_tiny": _mamba2_tiny,
         "mamba2_hybrid_tiny": _mamba2_hybrid_tiny,
         "decay_tiny": _decay_tiny,
+        "cca_tiny": _cca_tiny,
     }
 )

@@ -18,6 +18,7 @@ import flax.linen as nn
 from jaxbased.layers.attention import AttentionConfig, SlidingWindowAttention, SlidingWindowConfig
 from jaxbased.layers.base_conv import BaseConv, BaseConvConfig, ConvCache
 from jaxbased.layers.based import BasedConfig, BasedLinearAttention
+from jaxbased.layers.cca_attention import CCAAttention, CCAAttentionConfig, CCACache
 from jaxbased.layers.decay_attention import DecayAttentionConfig, DecayLinearAttention
 from jaxbased.layers.mamba import Mamba, MambaCache, MambaConfig
 from jaxbased.layers.mamba2 import Mamba2, Mamba2Cache, Mamba2Config
@@ -67,6 +68,7 @@ MIXERS: MappingProxyType[str, MixerSpec] = MappingProxyType(
                 "decay attention",
             ),
             MixerSpec("mlp", MLPMixer, MLPConfig, EmptyCache, "MLP"),
+            MixerSpec("cca_attention", CCAAttention, CCAAttentionConfig, CCACache, "CCA"),
         )
     }
 )
