@@ -101,7 +101,8 @@ class ModelFields:
       layer_pattern: mixer names from ``MIXER_NAMES``, one per layer.
       use_mlp: whether each block has a gated MLP (section ``mlp``) after its mixer (False:
         mixer-only blocks, as in Mamba and the Zoology MQAR models).
-      norm: ``rmsnorm`` or ``layernorm`` (pre-norms and the final norm).
+      norm: ``rmsnorm``, ``layernorm`` or ``srmsnorm`` (pre-norms and the final norm;
+        ``srmsnorm`` has no parameters).
       norm_eps: epsilon of the norms (also of the mixers' inner norms).
       dtype: activation dtype (``float32`` or ``bfloat16``); parameters, residual stream,
         states and softmax stay float32.
@@ -117,6 +118,8 @@ class ModelFields:
         stacked along a leading ``layers`` axis; :mod:`jaxbased.layer_layout`), which makes
         compile time nearly independent of depth. It changes the parameter layout, not the
         model's function.
+      scale_embedding: multiply the embedded tokens by ``sqrt(d_model)`` before the first
+        block (TransNormerLLM v1); the tied head reads the unscaled embedding.
     """
 
     vocab_size: int = 50257
@@ -132,6 +135,7 @@ class ModelFields:
     implementation: str = "auto"
     remat: str = "none"
     scan_layers: bool = False
+    scale_embedding: bool = False
 
     def __post_init__(self) -> None:
         pattern = self.layer_pattern
@@ -165,7 +169,7 @@ class ModelFields:
         for name in ("norm_eps", "init_std"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be > 0")
-        for name in ("use_mlp", "scan_layers"):
+        for name in ("use_mlp", "scan_layers", "scale_embedding"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")
         for name, allowed in (

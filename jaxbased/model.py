@@ -185,7 +185,10 @@ class LanguageModel(nn.Module):
         if not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise TypeError(f"tokens must be integers; got dtype {tokens.dtype}")
         residual_dtype = jnp.promote_types(self.config.compute_dtype, jnp.float32)
-        return jnp.take(self.embedding, tokens, axis=0).astype(residual_dtype)
+        x = jnp.take(self.embedding, tokens, axis=0).astype(residual_dtype)
+        if self.config.scale_embedding:
+            x = x * jnp.asarray(self.config.d_model**0.5, residual_dtype)
+        return x
 
     def _logits(self, x: Array) -> Array:
         return jnp.einsum("...d,vd->...v", self.final_norm(x), self.embedding)
