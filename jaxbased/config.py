@@ -216,6 +216,12 @@ class ModelFields:
             implementation=self.implementation,
         )
 
+    def layer_context(self, layer_index: int) -> MixerContext:
+        """:attr:`mixer_context` of layer ``layer_index`` (its ``layer_index`` set)."""
+        if not 0 <= layer_index < self.num_layers:
+            raise ValueError(f"layer_index={layer_index} is outside 0..{self.num_layers - 1}")
+        return dataclasses.replace(self.mixer_context, layer_index=layer_index)
+
     @property
     def padded_vocab_size(self) -> int:
         """Embedding rows: ``vocab_size`` rounded up to ``pad_vocab_size_multiple``."""
