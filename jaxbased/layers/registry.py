@@ -25,6 +25,7 @@ from jaxbased.layers.mamba2 import Mamba2, Mamba2Cache, Mamba2Config
 from jaxbased.layers.mixer import EmptyCache, Mixer, MixerConfig, MixerContext
 from jaxbased.layers.mlp import MLPConfig
 from jaxbased.layers.mlp_mixer import MLPMixer
+from jaxbased.layers.transnormer import TransNormerAttention, TransNormerConfig
 from jaxbased.ops.linear_attention import LinearAttentionState
 from jaxbased.ops.window_attention import KVCache
 
@@ -69,6 +70,13 @@ MIXERS: MappingProxyType[str, MixerSpec] = MappingProxyType(
             ),
             MixerSpec("mlp", MLPMixer, MLPConfig, EmptyCache, "MLP"),
             MixerSpec("cca_attention", CCAAttention, CCAAttentionConfig, CCACache, "CCA"),
+            MixerSpec(
+                "transnormer",
+                TransNormerAttention,
+                TransNormerConfig,
+                LinearAttentionState,
+                "TransNormerLLM",
+            ),
         )
     }
 )
