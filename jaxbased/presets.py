@@ -176,6 +176,38 @@ def _cca_tiny() -> ModelConfig:
     )
 
 
+def _transnormer(d_model: int, num_layers: int, heads: int, glu_dim: int) -> ModelConfig:
+    # TransNormerLLM v1 (OpenNLPLab/TransNormerLLM-385M, -1B config.json): gated linear
+    # attention with LRPE in the first layer, SGLU without activation, weightless SRMSNorm
+    # (eps 1e-8), sqrt(d) embedding scale (no_scale_embedding false), the 64000-token Baichuan
+    # vocabulary, head tied to the embedding.
+    return ModelConfig(
+        vocab_size=64000,
+        d_model=d_model,
+        num_layers=num_layers,
+        layer_pattern=("transnormer",) * num_layers,
+        norm="srmsnorm",
+        norm_eps=1e-8,
+        scale_embedding=True,
+        mlp={"inner_dim": glu_dim, "multiple_of": 256, "activation": "none"},
+        transnormer={"heads": heads, "lrpe_layers": (0,)},
+    )
+
+
+def _transnormer_tiny() -> ModelConfig:
+    return ModelConfig(
+        vocab_size=_BYTES,
+        d_model=64,
+        num_layers=4,
+        layer_pattern=("transnormer",) * 4,
+        norm="srmsnorm",
+        norm_eps=1e-8,
+        scale_embedding=True,
+        mlp={"inner_dim": 128, "multiple_of": 64, "activation": "none"},
+        transnormer={"heads": 4, "lrpe_layers": (0,), "chunk_size": 16},
+    )
+
+
 PRESETS: MappingProxyType[str, Callable[[], ModelConfig]] = MappingProxyType(
     {
         "based_360m": _based_360m,
@@ -193,5 +225,8 @@ PRESETS: MappingProxyType[str, Callable[[], ModelConfig]] = MappingProxyType(
         "mamba2_hybrid_tiny": _mamba2_hybrid_tiny,
         "decay_tiny": _decay_tiny,
         "cca_tiny": _cca_tiny,
+        "transnormer_385m": lambda: _transnormer(1024, 24, 8, 2816),
+        "transnormer_1b": lambda: _transnormer(2048, 16, 16, 5632),
+        "transnormer_tiny": _transnormer_tiny,
     }
 )

@@ -227,3 +227,55 @@ def test_state_doubles_in_the_lrpe_layer_only():
 def test_bad_sections_name_the_field(section, message):
     with pytest.raises(ValueError, match=message):
         model_config(transnormer=section)
+
+
+# Presets ----------------------------------------------------------------------------------------
+def released_parameter_count(
+    vocab_size, decoder_embed_dim, decoder_layers, decoder_attention_heads, hidden_dim, glu_dim
+):
+    """Parameters of the released ``TransnormerForCausalLM`` from its config.json's shapes:
+    ``embed_tokens [V, d]``; per layer ``qkvu_proj [4n, d]``, ``out_proj [d, n]``,
+    ``channel_mixer.l1, l2 [glu, d]``, ``l3 [d, glu]`` (weightless norms); ``lrpe.theta
+    [H, 1, d / H]`` in layer 0; ``lm_head`` tied."""
+    d, n = decoder_embed_dim, hidden_dim
+    per_layer = 4 * n * d + d * n + 3 * glu_dim * d
+    head_dim = d // decoder_attention_heads
+    return vocab_size * d + decoder_layers * per_layer + decoder_attention_heads * head_dim
+
+
+@pytest.mark.parametrize(
+    ("preset", "released"),
+    [
+        (
+            "transnormer_385m",
+            dict(
+                vocab_size=64000,
+                decoder_embed_dim=1024,
+                decoder_layers=24,
+                decoder_attention_heads=8,
+                hidden_dim=1024,
+                glu_dim=2816,
+            ),
+        ),
+        (
+            "transnormer_1b",
+            dict(
+                vocab_size=64000,
+                decoder_embed_dim=2048,
+                decoder_layers=16,
+                decoder_attention_heads=16,
+                hidden_dim=2048,
+                glu_dim=5632,
+            ),
+        ),
+    ],
+)
+def test_presets_have_the_released_parameter_counts(preset, released):
+    from jaxbased import count_parameters
+
+    config = ModelConfig.from_preset(preset)
+    shapes = jax.eval_shape(
+        lambda: LanguageModel(config).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+    )
+    assert count_parameters(shapes["params"]) == released_parameter_count(**released)
+    assert config.padded_vocab_size == released["vocab_size"]
