@@ -12,7 +12,12 @@ d_model 64 and state sizes matched to BASED's F = 8 / F = 16 (about 2.5k and 9k 
   attention): its state at the 256-token test length is ``2 d (s + g + 256 / g)`` floats, at
   least about ``2 d * 45`` whatever ``g`` and ``s``, so the row matched to F = 8 runs at
   d_model 32 (g 16, s 16: 3,072 floats) and the row matched to F = 16 at d_model 64 (g 4, s 8:
-  9,728 floats).
+  9,728 floats);
+- ``transnormer`` (TransNormerLLM's gated linear attention) with LRPE, as the first token mixer
+  of the released models has it (``lrpe_layers=(1,)``: the MQAR model's mixer is its layer 1,
+  which the released decay formula makes the top layer, nearly without decay): one head
+  (key dim 128 with LRPE: 8,320 floats, matched to F = 16) and four heads (2,176 floats,
+  matched to F = 8).
 
 The SSM runs add roughly 25-35 CPU-minutes to the 15-minute default sweep, so they live here;
 ``BENCHMARKS.md`` records this sweep and its figure.
@@ -47,5 +52,8 @@ def get_config() -> ml_collections.ConfigDict:
     )
     config.models.cca_attention_small = model_group(
         "cca_attention", dict(d_model=(32,), group_size=(16,), local_window=(16,)), fixed=cca
+    )
+    config.models.transnormer = model_group(
+        "transnormer", dict(d_model=(64,), heads=(1, 4)), fixed=dict(lrpe_layers=(1,))
     )
     return config
