@@ -86,6 +86,9 @@ def hybrid_layer_pattern(pattern: str) -> tuple[str, ...]:
 #: mixers' chunk states; ``full`` saves only each block's input.
 REMAT_POLICIES: tuple[str, ...] = ("none", "minimal", "full")
 
+#: Values of ``ModelConfig.residual_activation``.
+RESIDUAL_ACTIVATIONS: tuple[str, ...] = ("none", "silu")
+
 _DEFAULT_PATTERN = based_layer_pattern(27, (1, 6, 11, 16, 21), (2, 7, 12, 17, 22))
 
 
@@ -120,6 +123,8 @@ class ModelFields:
         model's function.
       scale_embedding: multiply the embedded tokens by ``sqrt(d_model)`` before the first
         block (TransNormerLLM v1); the tied head reads the unscaled embedding.
+      residual_activation: applied to the residual stream after each mixer is added:
+        ``none`` or ``silu`` (SeqBoat's ``silu(x + mixer(norm(x)))``).
     """
 
     vocab_size: int = 50257
@@ -136,6 +141,7 @@ class ModelFields:
     remat: str = "none"
     scan_layers: bool = False
     scale_embedding: bool = False
+    residual_activation: str = "none"
 
     def __post_init__(self) -> None:
         pattern = self.layer_pattern
@@ -177,6 +183,7 @@ class ModelFields:
             ("dtype", DTYPES),
             ("implementation", IMPLEMENTATIONS),
             ("remat", REMAT_POLICIES),
+            ("residual_activation", RESIDUAL_ACTIVATIONS),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not known; allowed: {allowed}")

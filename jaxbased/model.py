@@ -34,7 +34,7 @@ from jaxtyping import Array, Float, Int
 from jaxbased.config import ModelConfig
 from jaxbased.layer_layout import LAYER_AXIS, ScanPlan, scan_plan
 from jaxbased.layers.common import make_norm, normal_init
-from jaxbased.layers.mixer import Mixer, takes_layer_index
+from jaxbased.layers.mixer import METRICS_COLLECTION, Mixer, takes_layer_index
 from jaxbased.layers.mlp import GatedMLP
 from jaxbased.layers.registry import MIXERS, build_mixer
 from jaxbased.ops.dispatch import constrain_batch
@@ -100,11 +100,16 @@ class Block(nn.Module):
         index = self.layer_index if layer_index is None else layer_index
         return {"layer_index": jnp.asarray(index, jnp.int32)}
 
+    def _add(self, x: Array, h: Array) -> Array:
+        """The residual add of the mixer's output, then ``config.residual_activation``."""
+        x = x + h.astype(x.dtype)
+        return jax.nn.silu(x) if self.config.residual_activation == "silu" else x
+
     def __call__(
         self, x: Float[Array, "B T D"], layer_index: Array | int | None = None
     ) -> Float[Array, "B T D"]:
         h = self.mixer(self.norm1(x), **self._index(layer_index))
-        return self._mlp(x + h.astype(x.dtype))
+        return self._mlp(self._add(x, h))
 
     def prefill(
         self,
@@ -114,7 +119,7 @@ class Block(nn.Module):
         layer_index: Array | int | None = None,
     ) -> tuple[Array, LayerCache]:
         h, cache = self.mixer.prefill(self.norm1(x), max_len, lengths, **self._index(layer_index))
-        return self._mlp(x + h.astype(x.dtype)), cache
+        return self._mlp(self._add(x, h)), cache
 
     def decode_step(
         self,
@@ -126,7 +131,7 @@ class Block(nn.Module):
         h, cache = self.mixer.decode_step(
             self.norm1(x), cache, position, **self._index(layer_index)
         )
-        return self._mlp(x + h.astype(x.dtype)), cache
+        return self._mlp(self._add(x, h)), cache
 
 
 #: ``config.remat`` -> the ``jax.checkpoint`` policy of each block (None: no remat). ``minimal``
@@ -265,7 +270,7 @@ class LanguageModel(nn.Module):
         plan = self._plan
         scan = nn.scan(
             body,
-            variable_axes={"params": 0},
+            variable_axes={"params": 0, METRICS_COLLECTION: 0},
             split_rngs={"params": True},
             length=plan.repeats,
             metadata_params={nn.PARTITION_NAME: LAYER_AXIS},
@@ -411,6 +416,26 @@ class LanguageModel(nn.Module):
             )
             layers = layers[:start] + stacked + layers[start + plan.scanned_layers :]
         return ModelCache(layers=layers, positions=jnp.zeros((batch_size,), jnp.int32))
+
+
+def mixer_metrics(config: ModelConfig, collection: Any) -> dict[str, Array]:
+    """The scalars mixers reported (``jaxbased.layers.mixer.report_metric``) in the
+    ``METRICS_COLLECTION`` of an apply with ``mutable=[METRICS_COLLECTION]``, one per layer:
+    ``{"mixer/layer{i}/{name}": value}`` (a scanned unit's stacked values split by repeat)."""
+    metrics: dict[str, Array] = {}
+    plan = scan_plan(config)
+    for top, subtree in dict(collection or {}).items():
+        if top == "scanned_layers":
+            for block, values in subtree.items():
+                position = int(block.rsplit("_", 1)[1])
+                for name, value in values.get("mixer", {}).items():
+                    for repeat in range(plan.repeats):
+                        layer = plan.unit_layer(repeat, position)
+                        metrics[f"mixer/layer{layer}/{name}"] = value[repeat]
+        elif top.startswith("layers_"):
+            for name, value in subtree.get("mixer", {}).items():
+                metrics[f"mixer/layer{top.split('_', 1)[1]}/{name}"] = value
+    return dict(sorted(metrics.items()))
 
 
 def count_parameters(params: Any) -> int:

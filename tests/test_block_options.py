@@ -77,3 +77,60 @@ def test_embedding_scale_multiplies_the_input_not_the_head():
     assert relative_error(unscaled, want) > 1e-3
     with pytest.raises(ValueError, match="scale_embedding=1 must be True or False"):
         base.replace(scale_embedding=1)
+
+
+def test_silu_on_the_residual_stream_after_the_mixer():
+    config = ModelConfig(
+        vocab_size=16,
+        d_model=8,
+        num_layers=1,
+        layer_pattern=("mlp",),
+        use_mlp=False,
+        norm="srmsnorm",
+        norm_eps=1e-8,
+        mlp={"inner_dim": 8, "multiple_of": 8, "activation": "none"},
+        residual_activation="silu",
+    )
+    _, params = init_model(config, seed=4)
+    tokens = jnp.asarray([[3, 1, 4, 1, 5]], jnp.int32)
+    embedding = np.asarray(params["embedding"], np.float64)
+    x = embedding[np.asarray(tokens)]
+    fc1 = np.asarray(params["layers_0"]["mixer"]["fc1"]["kernel"], np.float64)
+    h = simple_rms_norm(x, 1e-8)
+    x = x + (h @ fc1[:, 0]) * (h @ fc1[:, 1]) @ np.asarray(
+        params["layers_0"]["mixer"]["fc2"]["kernel"], np.float64
+    )
+    x = x / (1 + np.exp(-x))  # silu(x + mixer(norm(x)))
+    want = simple_rms_norm(x, 1e-8) @ embedding.T
+    got = LanguageModel(config).apply({"params": params}, tokens)
+    assert relative_error(got, want) <= 1e-5
+    with pytest.raises(ValueError, match="residual_activation='gelu' is not known"):
+        config.replace(residual_activation="gelu")
+
+
+def test_mixer_metrics_are_named_by_layer_in_both_layouts():
+    from jaxbased.model import mixer_metrics
+
+    config = ModelConfig(
+        vocab_size=16,
+        d_model=8,
+        num_layers=5,
+        layer_pattern=("attention",) + ("mlp", "attention") * 2,
+        attention={"heads": 2},
+        mlp={"inner_dim": 8, "multiple_of": 8},
+    )
+    unrolled = {"layers_2": {"mixer": {"rate": 0.5}}, "layers_4": {"mixer": {"rate": 0.25}}}
+    assert mixer_metrics(config, unrolled) == {
+        "mixer/layer2/rate": 0.5,
+        "mixer/layer4/rate": 0.25,
+    }
+    scanned = config.replace(scan_layers=True)  # ("attention", "mlp") x 2, then "attention"
+    stacked = {
+        "scanned_layers": {"block_1": {"mixer": {"rate": np.array([0.5, 0.25])}}},
+        "layers_4": {"mixer": {"rate": 0.125}},
+    }
+    assert mixer_metrics(scanned, stacked) == {
+        "mixer/layer1/rate": 0.5,
+        "mixer/layer3/rate": 0.25,
+        "mixer/layer4/rate": 0.125,
+    }

@@ -170,6 +170,23 @@ def count_state_floats(cache: Any) -> int:
     )
 
 
+#: The Flax collection where mixers report per-layer scalars (``report_metric``); training
+#: logs them per layer as ``mixer/layer{i}/{name}`` (``jaxbased.model.mixer_metrics``).
+METRICS_COLLECTION = "mixer_metrics"
+
+
+def report_metric(module: Any, name: str, value: Array) -> None:
+    """Report the float32 scalar ``value`` as metric ``name`` of ``module``'s layer (kept only
+    when the caller applies the model with ``mutable=[METRICS_COLLECTION]``)."""
+    module.sow(
+        METRICS_COLLECTION,
+        name,
+        jnp.asarray(value, jnp.float32),
+        init_fn=lambda: jnp.zeros((), jnp.float32),
+        reduce_fn=lambda _, new: new,
+    )
+
+
 #: Name of a mixer class attribute: when True, the model passes ``layer_index=`` (an int32
 #: scalar, traced in a scanned unit) to the mixer's ``__call__``, ``prefill`` and
 #: ``decode_step``; such a mixer computes what depends on its layer from it with array ops.
