@@ -208,6 +208,22 @@ def _transnormer_tiny() -> ModelConfig:
     )
 
 
+def _seqboat(d_model: int, num_layers: int, section: dict) -> ModelConfig:
+    # SeqBoat's LM (renll/SeqBoat, arch slag_lm_enwik8_base_v2): EMA + routed local GAU in every
+    # layer, no FFN, pre-LayerNorm, SiLU on the residual stream, sqrt(d) embedding scale, bytes.
+    return ModelConfig(
+        vocab_size=_BYTES,
+        d_model=d_model,
+        num_layers=num_layers,
+        layer_pattern=("seqboat",) * num_layers,
+        use_mlp=False,
+        norm="layernorm",
+        residual_activation="silu",
+        scale_embedding=True,
+        seqboat=section,
+    )
+
+
 PRESETS: MappingProxyType[str, Callable[[], ModelConfig]] = MappingProxyType(
     {
         "based_360m": _based_360m,
@@ -228,5 +244,14 @@ PRESETS: MappingProxyType[str, Callable[[], ModelConfig]] = MappingProxyType(
         "transnormer_385m": lambda: _transnormer(1024, 24, 8, 2816),
         "transnormer_1b": lambda: _transnormer(2048, 16, 16, 5632),
         "transnormer_tiny": _transnormer_tiny,
+        # enwik8: 14 layers of d 616, z 128, h 1232, N 16; its chunk W = 1024 sees 1025 keys
+        "seqboat_enwik8": lambda: _seqboat(
+            616, 14, {"attention_dim": 128, "value_dim": 1232, "window": 1025}
+        ),
+        "seqboat_tiny": lambda: _seqboat(
+            64,
+            4,
+            {"attention_dim": 32, "value_dim": 128, "window": 33, "ema_chunk_size": 16},
+        ),
     }
 )

@@ -25,6 +25,7 @@ from jaxbased.layers.mamba2 import Mamba2, Mamba2Cache, Mamba2Config
 from jaxbased.layers.mixer import EmptyCache, Mixer, MixerConfig, MixerContext
 from jaxbased.layers.mlp import MLPConfig
 from jaxbased.layers.mlp_mixer import MLPMixer
+from jaxbased.layers.seqboat import SeqBoat, SeqBoatCache, SeqBoatConfig
 from jaxbased.layers.transnormer import TransNormerAttention, TransNormerConfig
 from jaxbased.ops.linear_attention import LinearAttentionState
 from jaxbased.ops.window_attention import KVCache
@@ -77,6 +78,7 @@ MIXERS: MappingProxyType[str, MixerSpec] = MappingProxyType(
                 LinearAttentionState,
                 "TransNormerLLM",
             ),
+            MixerSpec("seqboat", SeqBoat, SeqBoatConfig, SeqBoatCache, "SeqBoat"),
         )
     }
 )
