@@ -17,7 +17,10 @@ d_model 64 and state sizes matched to BASED's F = 8 / F = 16 (about 2.5k and 9k 
   of the released models has it (``lrpe_layers=(1,)``: the MQAR model's mixer is its layer 1,
   which the released decay formula makes the top layer, nearly without decay): one head
   (key dim 128 with LRPE: 8,320 floats, matched to F = 16) and four heads (2,176 floats,
-  matched to F = 8).
+  matched to F = 8);
+- ``seqboat`` (EMA + routed local attention; capacity 1: no token dropped; no SiLU on the
+  residual, to keep the MQAR block of every row): state ``d N + W (z + h)`` with N 16, z 32,
+  h 128: window 12 (2,944 floats, matched to F = 8) and 56 (9,984 floats, matched to F = 16).
 
 The SSM runs add roughly 25-35 CPU-minutes to the 15-minute default sweep, so they live here;
 ``BENCHMARKS.md`` records this sweep and its figure.
@@ -55,5 +58,10 @@ def get_config() -> ml_collections.ConfigDict:
     )
     config.models.transnormer = model_group(
         "transnormer", dict(d_model=(64,), heads=(1, 4)), fixed=dict(lrpe_layers=(1,))
+    )
+    config.models.seqboat = model_group(
+        "seqboat",
+        dict(d_model=(64,), window=(12, 56)),
+        fixed=dict(attention_dim=32, value_dim=128, capacity_fraction=1.0),
     )
     return config

@@ -397,6 +397,7 @@ def test_paper_config_is_the_spec_protocol_and_the_cpu_config_expands():
         + ["decay_attention"]
         + ["mamba"] * 2
         + ["mamba2"] * 2
+        + ["seqboat"] * 2
         + ["transnormer"] * 2
     )
     # The CCA rows' states match BASED's F = 16 and F = 8 at the test length (docs/mqar.md).
@@ -413,5 +414,11 @@ def test_paper_config_is_the_spec_protocol_and_the_cpu_config_expands():
     )
     # kv [H, 2e, e] + k [H, 2e] with LRPE's doubled keys: e = 16 (4 heads) and e = 64
     assert transnormer_states == [4 * (32 * 16 + 32), 1 * (128 * 64 + 128)]
+    seqboat_states = sorted(
+        state_size(mqar_model_config("seqboat", **dict(run.grid + run.fixed)), 256).mixer
+        for run in extra
+        if run.mixer == "seqboat"
+    )
+    assert seqboat_states == [64 * 16 + 12 * (32 + 128), 64 * 16 + 56 * (32 + 128)]
     with pytest.raises(ValueError, match="not in the config"):
         expand_runs(paper, groups=["hyena"])
