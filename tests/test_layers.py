@@ -110,11 +110,12 @@ def test_mixer_is_causal(name, rng):
     config = mixer_config(name)
     mixer, params = init_mixer(name, config)
     x = rng.normal(size=(1, 12, config.d_model)).astype(np.float32)
-    base = np.asarray(mixer.apply({"params": params}, x))
+    apply = jax.jit(mixer.apply)
+    base = np.asarray(apply({"params": params}, x))
     for t in (0, 5, 11):
         perturbed = x.copy()
         perturbed[:, t] += 1.0
-        out = np.asarray(mixer.apply({"params": params}, perturbed))
+        out = np.asarray(apply({"params": params}, perturbed))
         np.testing.assert_array_equal(out[:, :t], base[:, :t])
         assert np.abs(out[:, t] - base[:, t]).max() > 1e-4
 
@@ -143,14 +144,17 @@ def test_mixer_prefill_then_decode_equals_forward(name, prompt, rng):
     mixer, params = init_mixer(name, config)
     seq = 12
     x = rng.normal(size=(2, seq, config.d_model)).astype(np.float32)
-    forward = mixer.apply({"params": params}, x)
-    y, cache = mixer.apply({"params": params}, x[:, :prompt], seq, method="prefill")
+    forward = jax.jit(mixer.apply)({"params": params}, x)
+    prefill = jax.jit(lambda p, x: mixer.apply(p, x, seq, method="prefill"))
+    y, cache = prefill({"params": params}, x[:, :prompt])
     assert relative_error(y, forward[:, :prompt]) <= 1e-5
     empty = mixer.init_cache(2, seq)
     assert jax.tree.structure(empty) == jax.tree.structure(cache)
+    # One compile of the step, not op-by-op dispatch on every token.
+    decode = jax.jit(lambda p, x, c, t: mixer.apply(p, x, c, t, method="decode_step"))
     for t in range(prompt, seq):
         position = jnp.full((2,), t, jnp.int32)
-        y, cache = mixer.apply({"params": params}, x[:, t], cache, position, method="decode_step")
+        y, cache = decode({"params": params}, x[:, t], cache, position)
         assert relative_error(y, forward[:, t]) <= 1e-5, t
 
 
