@@ -14,13 +14,17 @@ VOCAB_SIZE = 256
 D_MODEL = 256
 BASED_LAYERS = 12
 TRANSFORMER_LAYERS = 10
-MODEL_TITLES = {"based": "BASED", "transformer": "Transformer++"}
+MODEL_TITLES = {"based": "BASED", "transformer": "Transformer++", "cca": "CCA"}
+#: Group size and local window of the ``cca`` model's CCA-Attention layers.
+CCA_GROUP_SIZE, CCA_LOCAL_WINDOW = 16, 256
 
 
 def model_config(name: str):
     """``based``: d 256, 12 layers in the released pattern (linear attention at 1, 6, 11, window
     at 2, 7, BaseConv elsewhere), F = 16, window 129. ``transformer``: d 256, 10 full-attention
-    layers, rotary on half of each head, SwiGLU 768. Both about 8.6M parameters, vocab 256."""
+    layers, rotary on half of each head, SwiGLU 768. Both about 8.6M parameters, vocab 256.
+    ``cca``: the Transformer++ with CCA-Attention (groups of 16, local window 256) in place of its
+    attention layers: the same parameters (docs/mixers/cca_attention.md)."""
     from jaxbased import ModelConfig, based_layer_pattern
 
     if name == "based":
@@ -44,6 +48,16 @@ def model_config(name: str):
             layer_pattern=("attention",) * TRANSFORMER_LAYERS,
             mlp={"inner_dim": None},
             attention={"heads": 4, "rotary_fraction": 0.5},
+        )
+    if name == "cca":
+        transformer = model_config("transformer")
+        return transformer.replace(
+            layer_pattern=("cca_attention",) * TRANSFORMER_LAYERS,
+            cca_attention={
+                **transformer.attention.to_dict(),
+                "group_size": CCA_GROUP_SIZE,
+                "local_window": CCA_LOCAL_WINDOW,
+            },
         )
     raise ValueError(f"model={name!r} is not known; allowed: {sorted(MODEL_TITLES)}")
 

@@ -79,7 +79,9 @@ flags.DEFINE_float(
 flags.DEFINE_integer(
     "reference_seq_len", 2048, "Times and memory are also given relative to this T (if run)."
 )
-flags.DEFINE_list("models", ["based", "transformer"], "Models to run, from: based, transformer.")
+flags.DEFINE_list(
+    "models", ["based", "transformer"], "Models to run, from: based, transformer, cca."
+)
 flags.DEFINE_string(
     "output", "benchmarks/results/scaling.json", "Where the JSON results go ('' for none)."
 )

@@ -7,7 +7,20 @@ d_model 64 and state sizes matched to BASED's F = 8 / F = 16 (about 2.5k and 9k 
   scanned with the sequential algorithm (on CPU, at T <= 256, several times faster per training
   step than the chunked associative scan; the same function);
 - ``mamba2`` (SSD) with state dim 16 and 64, head dim 32 (4 heads), chunk 64;
-- ``decay_attention`` (RetNet-style fixed decay per head), one head of key dim 64.
+- ``decay_attention`` (RetNet-style fixed decay per head), one head of key dim 64;
+- ``cca_attention`` (pooled core tokens + a local window, one head, no rotary as Zoology's
+  attention): its state at the 256-token test length is ``2 d (s + g + 256 / g)`` floats, at
+  least about ``2 d * 45`` whatever ``g`` and ``s``, so the row matched to F = 8 runs at
+  d_model 32 (g 16, s 16: 3,072 floats) and the row matched to F = 16 at d_model 64 (g 4, s 8:
+  9,728 floats);
+- ``transnormer`` (TransNormerLLM's gated linear attention) with LRPE, as the first token mixer
+  of the released models has it (``lrpe_layers=(1,)``: the MQAR model's mixer is its layer 1,
+  which the released decay formula makes the top layer, nearly without decay): one head
+  (key dim 128 with LRPE: 8,320 floats, matched to F = 16) and four heads (2,176 floats,
+  matched to F = 8);
+- ``seqboat`` (EMA + routed local attention; capacity 1: no token dropped; no SiLU on the
+  residual, to keep the MQAR block of every row): state ``d N + W (z + h)`` with N 16, z 32,
+  h 128: window 12 (2,944 floats, matched to F = 8) and 56 (9,984 floats, matched to F = 16).
 
 The SSM runs add roughly 25-35 CPU-minutes to the 15-minute default sweep, so they live here;
 ``BENCHMARKS.md`` records this sweep and its figure.
@@ -35,5 +48,20 @@ def get_config() -> ml_collections.ConfigDict:
     )
     config.models.decay_attention = model_group(
         "decay_attention", dict(d_model=(64,)), fixed=dict(heads=1)
+    )
+    cca = dict(heads=1, rotary_fraction=0.0)
+    config.models.cca_attention = model_group(
+        "cca_attention", dict(d_model=(64,), group_size=(4,), local_window=(8,)), fixed=cca
+    )
+    config.models.cca_attention_small = model_group(
+        "cca_attention", dict(d_model=(32,), group_size=(16,), local_window=(16,)), fixed=cca
+    )
+    config.models.transnormer = model_group(
+        "transnormer", dict(d_model=(64,), heads=(1, 4)), fixed=dict(lrpe_layers=(1,))
+    )
+    config.models.seqboat = model_group(
+        "seqboat",
+        dict(d_model=(64,), window=(12, 56)),
+        fixed=dict(attention_dim=32, value_dim=128, capacity_fraction=1.0),
     )
     return config

@@ -86,6 +86,9 @@ def hybrid_layer_pattern(pattern: str) -> tuple[str, ...]:
 #: mixers' chunk states; ``full`` saves only each block's input.
 REMAT_POLICIES: tuple[str, ...] = ("none", "minimal", "full")
 
+#: Values of ``ModelConfig.residual_activation``.
+RESIDUAL_ACTIVATIONS: tuple[str, ...] = ("none", "silu")
+
 _DEFAULT_PATTERN = based_layer_pattern(27, (1, 6, 11, 16, 21), (2, 7, 12, 17, 22))
 
 
@@ -101,7 +104,8 @@ class ModelFields:
       layer_pattern: mixer names from ``MIXER_NAMES``, one per layer.
       use_mlp: whether each block has a gated MLP (section ``mlp``) after its mixer (False:
         mixer-only blocks, as in Mamba and the Zoology MQAR models).
-      norm: ``rmsnorm`` or ``layernorm`` (pre-norms and the final norm).
+      norm: ``rmsnorm``, ``layernorm`` or ``srmsnorm`` (pre-norms and the final norm;
+        ``srmsnorm`` has no parameters).
       norm_eps: epsilon of the norms (also of the mixers' inner norms).
       dtype: activation dtype (``float32`` or ``bfloat16``); parameters, residual stream,
         states and softmax stay float32.
@@ -117,6 +121,10 @@ class ModelFields:
         stacked along a leading ``layers`` axis; :mod:`jaxbased.layer_layout`), which makes
         compile time nearly independent of depth. It changes the parameter layout, not the
         model's function.
+      scale_embedding: multiply the embedded tokens by ``sqrt(d_model)`` before the first
+        block (TransNormerLLM v1); the tied head reads the unscaled embedding.
+      residual_activation: applied to the residual stream after each mixer is added:
+        ``none`` or ``silu`` (SeqBoat's ``silu(x + mixer(norm(x)))``).
     """
 
     vocab_size: int = 50257
@@ -132,6 +140,8 @@ class ModelFields:
     implementation: str = "auto"
     remat: str = "none"
     scan_layers: bool = False
+    scale_embedding: bool = False
+    residual_activation: str = "none"
 
     def __post_init__(self) -> None:
         pattern = self.layer_pattern
@@ -165,7 +175,7 @@ class ModelFields:
         for name in ("norm_eps", "init_std"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be > 0")
-        for name in ("use_mlp", "scan_layers"):
+        for name in ("use_mlp", "scan_layers", "scale_embedding"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")
         for name, allowed in (
@@ -173,6 +183,7 @@ class ModelFields:
             ("dtype", DTYPES),
             ("implementation", IMPLEMENTATIONS),
             ("remat", REMAT_POLICIES),
+            ("residual_activation", RESIDUAL_ACTIVATIONS),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not known; allowed: {allowed}")
@@ -211,6 +222,12 @@ class ModelFields:
             norm_eps=self.norm_eps,
             implementation=self.implementation,
         )
+
+    def layer_context(self, layer_index: int) -> MixerContext:
+        """:attr:`mixer_context` of layer ``layer_index`` (its ``layer_index`` set)."""
+        if not 0 <= layer_index < self.num_layers:
+            raise ValueError(f"layer_index={layer_index} is outside 0..{self.num_layers - 1}")
+        return dataclasses.replace(self.mixer_context, layer_index=layer_index)
 
     @property
     def padded_vocab_size(self) -> int:

@@ -2,17 +2,20 @@
 
 With ``ModelConfig.scan_layers`` the model runs the repeating unit of its ``layer_pattern``
 under ``nn.scan`` (docs/model.md#scanned-layers). :func:`find_repeating_unit` splits the
-pattern as ``unit * repeats + remainder`` (``repeats >= 2``); the unit's blocks are compiled once
-and their parameters stacked along a leading axis of length ``repeats`` (logical axis
-``"layers"``, never split over the mesh); the remainder runs unrolled.
+pattern as ``head + unit * repeats + remainder`` (``repeats >= 2``; the head is empty whenever
+the pattern repeats from its first layer); the unit's blocks are compiled once and their
+parameters stacked along a leading axis of length ``repeats`` (logical axis ``"layers"``, never
+split over the mesh); the head and the remainder run unrolled. Layers are compared by mixer name
+and by their mixer's ``layer_variant`` (a layer whose parameters or cache differ from its
+neighbours', such as TransNormerLLM's LRPE layer, never shares a scanned body with them).
 
 The two layouts of a parameter tree (and of any tree that mirrors it, such as AdamW's ``mu`` and
 ``nu`` inside an optimizer state):
 
 - unrolled: ``layers_0``, ``layers_1``, ... one subtree per layer;
 - stacked: ``scanned_layers/block_j`` for the unit's position ``j``, each leaf ``[repeats, ...]``
-  where row ``r`` is layer ``r * len(unit) + j``; then the remainder's layers under their
-  unrolled names ``layers_i`` (``i >= repeats * len(unit)``).
+  where row ``r`` is layer ``start + r * len(unit) + j``; the head's and the remainder's layers
+  keep their unrolled names ``layers_i``.
 
 :func:`convert_layout` converts any tree between them, exactly (only stacking and slicing), so a
 checkpoint of either layout loads into a model of either.
@@ -22,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -43,17 +46,20 @@ _TOP_LEVEL_KEY = "embedding"
 
 @dataclasses.dataclass(frozen=True)
 class ScanPlan:
-    """``layer_pattern == unit * repeats + remainder``.
+    """``layer_pattern == head + unit * repeats + remainder`` with ``len(head) == start``.
 
     Attributes:
       unit: mixer names of the repeating unit (its blocks are scanned).
-      repeats: how many times the unit repeats at the start of the pattern (>= 2).
+      repeats: how many times the unit repeats after the head (>= 2).
       remainder: mixer names of the layers after the repeats (run unrolled).
+      start: layers before the repeats (the head, run unrolled); 0 when the pattern repeats
+        from its first layer.
     """
 
     unit: tuple[str, ...]
     repeats: int
     remainder: tuple[str, ...]
+    start: int = 0
 
     @property
     def scanned_layers(self) -> int:
@@ -61,32 +67,82 @@ class ScanPlan:
         return len(self.unit) * self.repeats
 
     @property
+    def scanned_range(self) -> range:
+        """Indices of the scanned layers: ``start .. start + scanned_layers - 1``."""
+        return range(self.start, self.start + self.scanned_layers)
+
+    @property
     def compiled_blocks(self) -> int:
-        """Blocks the compiler sees: one unit plus the remainder."""
-        return len(self.unit) + len(self.remainder)
+        """Blocks the compiler sees: the head, one unit and the remainder."""
+        return self.start + len(self.unit) + len(self.remainder)
+
+    def unit_layer(self, repeat: int, position: int) -> int:
+        """The layer index of the unit's block ``position`` in repeat ``repeat``."""
+        return self.start + repeat * len(self.unit) + position
 
 
-def find_repeating_unit(pattern: Sequence[str]) -> ScanPlan | None:
-    """The split ``unit * repeats + remainder`` of ``pattern`` with ``repeats >= 2`` that leaves
-    the compiler the fewest blocks (``len(unit) + len(remainder)``; the shortest unit on a
-    tie), or None when no prefix of the pattern repeats.
+def _best_plan(keys: tuple[Hashable, ...], names: tuple[str, ...], start: int) -> ScanPlan | None:
+    best: ScanPlan | None = None
+    rest = keys[start:]
+    for period in range(1, len(rest) // 2 + 1):
+        unit = rest[:period]
+        repeats = 1
+        while rest[repeats * period : (repeats + 1) * period] == unit:
+            repeats += 1
+        if repeats < 2:
+            continue
+        end = start + repeats * period
+        plan = ScanPlan(
+            unit=names[start : start + period],
+            repeats=repeats,
+            remainder=names[end:],
+            start=start,
+        )
+        if best is None or plan.compiled_blocks < best.compiled_blocks:
+            best = plan
+    return best
+
+
+def find_repeating_unit(
+    pattern: Sequence[str], variants: Sequence[Hashable] | None = None
+) -> ScanPlan | None:
+    """The split ``head + unit * repeats + remainder`` of ``pattern`` (``repeats >= 2``), or
+    None when no part of the pattern repeats.
+
+    Layers are equal when their names and their ``variants`` (default: all alike) are. A split
+    without a head is taken whenever one exists: the one that leaves the compiler the fewest
+    blocks (``len(unit) + len(remainder)``; the shortest unit on a tie). Only a pattern that does
+    not repeat from its first layer gets a head: the shortest head after which some unit
+    repeats, with the fewest blocks for it.
 
     The fewest blocks rather than the shortest unit: ``"M-M-M*-M-M--" * 4`` also starts with
     ``"M-" * 2``, but its unit of 12 layers repeated 4 times leaves 12 blocks, not 46.
     """
-    pattern = tuple(pattern)
-    best: ScanPlan | None = None
-    for period in range(1, len(pattern) // 2 + 1):
-        unit = pattern[:period]
-        repeats = 1
-        while pattern[repeats * period : (repeats + 1) * period] == unit:
-            repeats += 1
-        if repeats < 2:
-            continue
-        plan = ScanPlan(unit=unit, repeats=repeats, remainder=pattern[repeats * period :])
-        if best is None or plan.compiled_blocks < best.compiled_blocks:
-            best = plan
-    return best
+    names = tuple(pattern)
+    variants = (None,) * len(names) if variants is None else tuple(variants)
+    if len(variants) != len(names):
+        raise ValueError(f"{len(variants)} variants for a pattern of {len(names)} layers")
+    keys = tuple(zip(names, variants, strict=True))
+    for start in range(len(names) - 1):
+        plan = _best_plan(keys, names, start)
+        if plan is not None:
+            return plan
+    return None
+
+
+def layer_variants(config: ModelConfig) -> tuple[Hashable, ...]:
+    """Each layer's ``layer_variant`` from its mixer's section (None: like every other layer
+    of that mixer)."""
+    return tuple(
+        getattr(config, name).layer_variant(index, config.num_layers)
+        for index, name in enumerate(config.layer_pattern)
+    )
+
+
+def repeating_unit(config: ModelConfig) -> ScanPlan | None:
+    """:func:`find_repeating_unit` of ``config``'s pattern and layer variants (whatever
+    ``scan_layers`` says)."""
+    return find_repeating_unit(config.layer_pattern, layer_variants(config))
 
 
 @functools.cache
@@ -103,7 +159,7 @@ def scan_plan(config: ModelConfig) -> ScanPlan | None:
     (``scan_layers`` is False, or the pattern has no repeat: logged once per pattern)."""
     if not config.scan_layers:
         return None
-    plan = find_repeating_unit(config.layer_pattern)
+    plan = repeating_unit(config)
     if plan is None:
         _log_unrolled_fallback(tuple(config.layer_pattern))
     return plan
@@ -155,18 +211,18 @@ def _row(value: Any, row: int) -> Any:
 
 def _stack_dict(tree: Mapping[str, Any], plan: ScanPlan) -> dict[str, Any]:
     period = len(plan.unit)
-    missing = [layer_name(i) for i in range(plan.scanned_layers) if layer_name(i) not in tree]
+    missing = [layer_name(i) for i in plan.scanned_range if layer_name(i) not in tree]
     if missing:
         raise ValueError(f"an unrolled parameter tree lacks {missing}; has {sorted(tree)}")
     stacked = {
         unit_block_name(position): jax.tree.map(
             lambda *values: _stack(values),
-            *(tree[layer_name(r * period + position)] for r in range(plan.repeats)),
+            *(tree[layer_name(plan.unit_layer(r, position))] for r in range(plan.repeats)),
             is_leaf=_is_box,
         )
         for position in range(period)
     }
-    scanned_names = {layer_name(i) for i in range(plan.scanned_layers)}
+    scanned_names = {layer_name(i) for i in plan.scanned_range}
     result = {name: value for name, value in tree.items() if name not in scanned_names}
     result[SCANNED_LAYERS] = stacked
     return result
@@ -183,7 +239,7 @@ def _unstack_dict(tree: Mapping[str, Any], plan: ScanPlan) -> dict[str, Any]:
     result = {name: value for name, value in tree.items() if name != SCANNED_LAYERS}
     for position in range(period):
         for row in range(plan.repeats):
-            result[layer_name(row * period + position)] = jax.tree.map(
+            result[layer_name(plan.unit_layer(row, position))] = jax.tree.map(
                 lambda value, row=row: _row(value, row),
                 stacked[unit_block_name(position)],
                 is_leaf=_is_box,
@@ -202,7 +258,7 @@ def convert_layout(tree: Any, config: ModelConfig) -> Any:
     exact and the two directions are inverses. Call it under ``jax.jit`` (with ``out_shardings``) to
     convert sharded device arrays in place on their devices.
     """
-    plan = find_repeating_unit(config.layer_pattern)
+    plan = repeating_unit(config)
     want_stacked = is_stacked(config)
 
     def convert(node: Any) -> Any:

@@ -13,6 +13,12 @@ from the config alone (no parameters needed).
 ``config.remat`` wraps every block in ``nn.remat`` with the policy of ``REMAT_POLICY``;
 ``config.scan_layers`` runs the pattern's repeating unit under ``nn.scan``
 (:mod:`jaxbased.layer_layout`: stacked parameters, and caches stacked per unit position).
+
+Each block knows its layer index: statically (``MixerContext.layer_index``, what may shape a
+layer's parameters) and at run time, passed to the mixers that take it
+(``jaxbased.layers.mixer.takes_layer_index``); under the scan the run-time index is a scanned
+input, so layers whose constants depend on their index still share one body
+(docs/model.md#layer-index).
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from jaxtyping import Array, Float, Int
 from jaxbased.config import ModelConfig
 from jaxbased.layer_layout import LAYER_AXIS, ScanPlan, scan_plan
 from jaxbased.layers.common import make_norm, normal_init
-from jaxbased.layers.mixer import Mixer
+from jaxbased.layers.mixer import METRICS_COLLECTION, Mixer, takes_layer_index
 from jaxbased.layers.mlp import GatedMLP
 from jaxbased.layers.registry import MIXERS, build_mixer
 from jaxbased.ops.dispatch import constrain_batch
@@ -43,8 +49,9 @@ class ModelCache:
 
     layers: one cache per layer, of its mixer's registered cache type
       (``jaxbased.layers.registry.MIXERS[name].cache_type``). A scanned model
-      (``config.scan_layers``) has one cache per position of its repeating unit, every leaf
-      stacked ``[repeats, ...]`` over the unit's repeats, then one per remainder layer.
+      (``config.scan_layers``) has one cache per head layer, then one per position of its
+      repeating unit, every leaf stacked ``[repeats, ...]`` over the unit's repeats, then one
+      per remainder layer.
     positions: ``[B]`` int32, the position the next token of each row takes.
     """
 
@@ -52,23 +59,29 @@ class ModelCache:
     positions: Int[Array, " B"]
 
 
-def layer_mixer(config: ModelConfig, name: str, **kwargs: Any) -> Mixer:
-    """The mixer module of a layer named ``name`` in ``config.layer_pattern`` (``kwargs`` go to
-    the module, e.g. ``parent=None`` for an unbound one that only counts or builds caches)."""
-    return build_mixer(name, getattr(config, name), config.mixer_context, **kwargs)
+def layer_mixer(config: ModelConfig, name: str, layer_index: int = 0, **kwargs: Any) -> Mixer:
+    """The mixer module of layer ``layer_index``, named ``name`` in ``config.layer_pattern``
+    (``kwargs`` go to the module, e.g. ``parent=None`` for an unbound one that only counts or
+    builds caches)."""
+    return build_mixer(name, getattr(config, name), config.layer_context(layer_index), **kwargs)
 
 
 class Block(nn.Module):
     """Pre-norm block: mixer then (if ``config.use_mlp``) gated MLP, each added to the float32
-    residual."""
+    residual.
+
+    ``layer_index`` is the static index its mixer is built for; each method also takes the
+    run-time index (default: the static one), passed on to a mixer that takes it.
+    """
 
     config: ModelConfig
     mixer_name: str
+    layer_index: int = 0
 
     def setup(self) -> None:
         config = self.config
         self.norm1 = make_norm(config.norm, config.d_model, config.norm_eps, config.compute_dtype)
-        self.mixer = layer_mixer(config, self.mixer_name)
+        self.mixer = layer_mixer(config, self.mixer_name, self.layer_index)
         if config.use_mlp:
             self.norm2 = make_norm(
                 config.norm, config.d_model, config.norm_eps, config.compute_dtype
@@ -80,20 +93,45 @@ class Block(nn.Module):
             return x
         return x + self.mlp(self.norm2(x)).astype(x.dtype)
 
-    def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
-        return self._mlp(x + self.mixer(self.norm1(x)).astype(x.dtype))
+    def _index(self, layer_index: Array | int | None) -> dict[str, Array]:
+        """``{"layer_index": index}`` for a mixer that takes it, else nothing."""
+        if not takes_layer_index(self.mixer):
+            return {}
+        index = self.layer_index if layer_index is None else layer_index
+        return {"layer_index": jnp.asarray(index, jnp.int32)}
+
+    def _add(self, x: Array, h: Array) -> Array:
+        """The residual add of the mixer's output, then ``config.residual_activation``."""
+        x = x + h.astype(x.dtype)
+        return jax.nn.silu(x) if self.config.residual_activation == "silu" else x
+
+    def __call__(
+        self, x: Float[Array, "B T D"], layer_index: Array | int | None = None
+    ) -> Float[Array, "B T D"]:
+        h = self.mixer(self.norm1(x), **self._index(layer_index))
+        return self._mlp(self._add(x, h))
 
     def prefill(
-        self, x: Float[Array, "B T D"], max_len: int, lengths: Int[Array, " B"] | None = None
+        self,
+        x: Float[Array, "B T D"],
+        max_len: int,
+        lengths: Int[Array, " B"] | None = None,
+        layer_index: Array | int | None = None,
     ) -> tuple[Array, LayerCache]:
-        h, cache = self.mixer.prefill(self.norm1(x), max_len, lengths)
-        return self._mlp(x + h.astype(x.dtype)), cache
+        h, cache = self.mixer.prefill(self.norm1(x), max_len, lengths, **self._index(layer_index))
+        return self._mlp(self._add(x, h)), cache
 
     def decode_step(
-        self, x: Float[Array, "B D"], cache: LayerCache, position: Int[Array, " B"]
+        self,
+        x: Float[Array, "B D"],
+        cache: LayerCache,
+        position: Int[Array, " B"],
+        layer_index: Array | int | None = None,
     ) -> tuple[Array, LayerCache]:
-        h, cache = self.mixer.decode_step(self.norm1(x), cache, position)
-        return self._mlp(x + h.astype(x.dtype)), cache
+        h, cache = self.mixer.decode_step(
+            self.norm1(x), cache, position, **self._index(layer_index)
+        )
+        return self._mlp(self._add(x, h)), cache
 
 
 #: ``config.remat`` -> the ``jax.checkpoint`` policy of each block (None: no remat). ``minimal``
@@ -121,35 +159,51 @@ def block_class(config: ModelConfig, *, scanned: bool) -> type[Block]:
 
 class RepeatedUnit(nn.Module):
     """The blocks of one repeat of a scanned model's unit (``block_0``, ``block_1``, ...), run
-    in order; :class:`LanguageModel` scans it ``plan.repeats`` times."""
+    in order; :class:`LanguageModel` scans it ``plan.repeats`` times.
+
+    ``first_layer`` is the layer index of the first repeat's ``block_0`` (static: it builds the
+    blocks); each method takes the repeat's own first layer index (a scanned int32 scalar), and
+    block ``j`` runs as layer ``first + j``.
+    """
 
     config: ModelConfig
     unit: tuple[str, ...]
+    first_layer: int = 0
 
     def setup(self) -> None:
         block = block_class(self.config, scanned=True)
-        self.block = [block(self.config, name) for name in self.unit]
+        self.block = [
+            block(self.config, name, self.first_layer + j) for j, name in enumerate(self.unit)
+        ]
 
-    def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
-        for block in self.block:
-            x = constrain_batch(block(x))
+    def __call__(self, x: Float[Array, "B T D"], first: Array) -> Float[Array, "B T D"]:
+        for j, block in enumerate(self.block):
+            x = constrain_batch(block(x, first + j))
         return x
 
     def prefill(
-        self, x: Float[Array, "B T D"], max_len: int, lengths: Int[Array, " B"] | None
+        self,
+        x: Float[Array, "B T D"],
+        max_len: int,
+        lengths: Int[Array, " B"] | None,
+        first: Array,
     ) -> tuple[Array, tuple[LayerCache, ...]]:
         caches = []
-        for block in self.block:
-            x, cache = block.prefill(x, max_len, lengths)
+        for j, block in enumerate(self.block):
+            x, cache = block.prefill(x, max_len, lengths, first + j)
             caches.append(cache)
         return x, tuple(caches)
 
     def decode_step(
-        self, x: Float[Array, "B D"], caches: tuple[LayerCache, ...], position: Int[Array, " B"]
+        self,
+        x: Float[Array, "B D"],
+        caches: tuple[LayerCache, ...],
+        position: Int[Array, " B"],
+        first: Array,
     ) -> tuple[Array, tuple[LayerCache, ...]]:
         new_caches = []
-        for block, cache in zip(self.block, caches, strict=True):
-            x, cache = block.decode_step(x, cache, position)
+        for j, (block, cache) in enumerate(zip(self.block, caches, strict=True)):
+            x, cache = block.decode_step(x, cache, position, first + j)
             new_caches.append(cache)
         return x, tuple(new_caches)
 
@@ -168,15 +222,16 @@ class LanguageModel(nn.Module):
             jnp.float32,
         )
         plan = scan_plan(config)
-        first_unrolled = 0 if plan is None else plan.scanned_layers
+        scanned = range(0) if plan is None else plan.scanned_range
         if plan is not None:  # named layer_layout.SCANNED_LAYERS
-            self.scanned_layers = RepeatedUnit(config, plan.unit)
+            self.scanned_layers = RepeatedUnit(config, plan.unit, plan.start)
         block = block_class(config, scanned=False)
         # A dict named by layer index keeps the unrolled names ``layers_{i}`` (flax names a
         # dict attribute's modules ``{attribute}_{key}``).
         self.layers = {
-            str(index): block(config, config.layer_pattern[index])
-            for index in range(first_unrolled, config.num_layers)
+            str(index): block(config, config.layer_pattern[index], index)
+            for index in range(config.num_layers)
+            if index not in scanned
         }
         residual_dtype = jnp.promote_types(config.compute_dtype, jnp.float32)
         self.final_norm = make_norm(config.norm, config.d_model, config.norm_eps, residual_dtype)
@@ -185,7 +240,10 @@ class LanguageModel(nn.Module):
         if not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise TypeError(f"tokens must be integers; got dtype {tokens.dtype}")
         residual_dtype = jnp.promote_types(self.config.compute_dtype, jnp.float32)
-        return jnp.take(self.embedding, tokens, axis=0).astype(residual_dtype)
+        x = jnp.take(self.embedding, tokens, axis=0).astype(residual_dtype)
+        if self.config.scale_embedding:
+            x = x * jnp.asarray(self.config.d_model**0.5, residual_dtype)
+        return x
 
     def _logits(self, x: Array) -> Array:
         return jnp.einsum("...d,vd->...v", self.final_norm(x), self.embedding)
@@ -194,29 +252,42 @@ class LanguageModel(nn.Module):
     def _plan(self) -> ScanPlan | None:
         return scan_plan(self.config)
 
-    def _unrolled_blocks(self) -> list[nn.Module]:
-        """The blocks that run unrolled (all of them, or the remainder of a scanned model)."""
-        return [self.layers[key] for key in sorted(self.layers, key=int)]
+    def _unrolled_blocks(self) -> tuple[list[nn.Module], list[nn.Module]]:
+        """The blocks that run unrolled before and after the scanned ones (all of them before,
+        for an unrolled model)."""
+        plan = self._plan
+        start = self.config.num_layers if plan is None else plan.start
+        blocks = [(int(key), self.layers[key]) for key in sorted(self.layers, key=int)]
+        return (
+            [block for index, block in blocks if index < start],
+            [block for index, block in blocks if index >= start],
+        )
 
     def _scan_unit(self, body: Any, carry: Array, xs: Any) -> tuple[Array, Any]:
-        """``nn.scan`` of ``body(unit, carry, xs_row) -> (carry, ys_row)`` over the unit's
-        repeats, its parameters stacked on a leading ``layers`` axis."""
+        """``nn.scan`` of ``body(unit, carry, (first, xs_row)) -> (carry, ys_row)`` over the
+        unit's repeats, its parameters stacked on a leading ``layers`` axis; ``first`` is the
+        repeat's first layer index (int32)."""
+        plan = self._plan
         scan = nn.scan(
             body,
-            variable_axes={"params": 0},
+            variable_axes={"params": 0, METRICS_COLLECTION: 0},
             split_rngs={"params": True},
-            length=self._plan.repeats,
+            length=plan.repeats,
             metadata_params={nn.PARTITION_NAME: LAYER_AXIS},
         )
-        return scan(self.scanned_layers, carry, xs)
+        firsts = plan.start + len(plan.unit) * jnp.arange(plan.repeats, dtype=jnp.int32)
+        return scan(self.scanned_layers, carry, (firsts, xs))
 
     def _hidden(self, tokens: Array) -> Array:
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be [batch, seq]; got shape {tokens.shape}")
         x = constrain_batch(self._embed(tokens))
+        head, tail = self._unrolled_blocks()
+        for block in head:
+            x = constrain_batch(block(x))
         if self._plan is not None:
-            x, _ = self._scan_unit(lambda unit, x, _: (unit(x), None), x, None)
-        for block in self._unrolled_blocks():
+            x, _ = self._scan_unit(lambda unit, x, xs: (unit(x, xs[0]), None), x, None)
+        for block in tail:
             x = constrain_batch(block(x))
         return x
 
@@ -273,12 +344,16 @@ class LanguageModel(nn.Module):
                 raise ValueError(f"lengths must be [batch]={batch}; got shape {lengths.shape}")
         x = self._embed(tokens)
         caches = []
+        head, tail = self._unrolled_blocks()
+        for block in head:
+            x, cache = block.prefill(x, max_len, lengths)
+            caches.append(cache)
         if self._plan is not None:
             x, unit_caches = self._scan_unit(
-                lambda unit, x, _: unit.prefill(x, max_len, lengths), x, None
+                lambda unit, x, xs: unit.prefill(x, max_len, lengths, xs[0]), x, None
             )
             caches.extend(unit_caches)
-        for block in self._unrolled_blocks():
+        for block in tail:
             x, cache = block.prefill(x, max_len, lengths)
             caches.append(cache)
         positions = jnp.full((batch,), seq, jnp.int32) if lengths is None else lengths
@@ -295,16 +370,21 @@ class LanguageModel(nn.Module):
         x = self._embed(tokens)
         new_caches = []
         layer_caches = list(cache.layers)
+        head, tail = self._unrolled_blocks()
+        for block, layer_cache in zip(head, layer_caches[: len(head)], strict=True):
+            x, layer_cache = block.decode_step(x, layer_cache, cache.positions)
+            new_caches.append(layer_cache)
+        layer_caches = layer_caches[len(head) :]
         if self._plan is not None:
             period = len(self._plan.unit)
             unit_caches, layer_caches = tuple(layer_caches[:period]), layer_caches[period:]
             x, unit_caches = self._scan_unit(
-                lambda unit, x, caches: unit.decode_step(x, caches, cache.positions),
+                lambda unit, x, xs: unit.decode_step(x, xs[1], cache.positions, xs[0]),
                 x,
                 unit_caches,
             )
             new_caches.extend(unit_caches)
-        for block, layer_cache in zip(self._unrolled_blocks(), layer_caches, strict=True):
+        for block, layer_cache in zip(tail, layer_caches, strict=True):
             x, layer_cache = block.decode_step(x, layer_cache, cache.positions)
             new_caches.append(layer_cache)
         return self._logits(x), ModelCache(tuple(new_caches), cache.positions + 1)
@@ -318,8 +398,8 @@ class LanguageModel(nn.Module):
             raise ValueError(f"batch_size={batch_size} must be >= 1")
         config = self.config
         layers = tuple(
-            layer_mixer(config, name, parent=None).init_cache(batch_size, max_len)
-            for name in config.layer_pattern
+            layer_mixer(config, name, index, parent=None).init_cache(batch_size, max_len)
+            for index, name in enumerate(config.layer_pattern)
         )
         for name, layer in zip(config.layer_pattern, layers, strict=True):
             if not isinstance(layer, MIXERS[name].cache_type):  # a mixer that broke its contract
@@ -329,13 +409,33 @@ class LanguageModel(nn.Module):
                 )
         plan = scan_plan(config)
         if plan is not None:  # the unit's caches stacked over its repeats
-            period = len(plan.unit)
+            period, start = len(plan.unit), plan.start
             stacked = tuple(
                 jax.tree.map(lambda leaf: jnp.repeat(leaf[None], plan.repeats, axis=0), layer)
-                for layer in layers[:period]
+                for layer in layers[start : start + period]
             )
-            layers = stacked + layers[plan.scanned_layers :]
+            layers = layers[:start] + stacked + layers[start + plan.scanned_layers :]
         return ModelCache(layers=layers, positions=jnp.zeros((batch_size,), jnp.int32))
+
+
+def mixer_metrics(config: ModelConfig, collection: Any) -> dict[str, Array]:
+    """The scalars mixers reported (``jaxbased.layers.mixer.report_metric``) in the
+    ``METRICS_COLLECTION`` of an apply with ``mutable=[METRICS_COLLECTION]``, one per layer:
+    ``{"mixer/layer{i}/{name}": value}`` (a scanned unit's stacked values split by repeat)."""
+    metrics: dict[str, Array] = {}
+    plan = scan_plan(config)
+    for top, subtree in dict(collection or {}).items():
+        if top == "scanned_layers":
+            for block, values in subtree.items():
+                position = int(block.rsplit("_", 1)[1])
+                for name, value in values.get("mixer", {}).items():
+                    for repeat in range(plan.repeats):
+                        layer = plan.unit_layer(repeat, position)
+                        metrics[f"mixer/layer{layer}/{name}"] = value[repeat]
+        elif top.startswith("layers_"):
+            for name, value in subtree.get("mixer", {}).items():
+                metrics[f"mixer/layer{top.split('_', 1)[1]}/{name}"] = value
+    return dict(sorted(metrics.items()))
 
 
 def count_parameters(params: Any) -> int:

@@ -167,6 +167,63 @@ def _decay_tiny() -> ModelConfig:
     )
 
 
+def _cca_tiny() -> ModelConfig:
+    # attn_tiny with CCA-Attention in every layer: the same parameters (attn_tiny workdirs load),
+    # groups of 8 pooled into core tokens beyond a local window of 32.
+    return _attn_tiny().replace(
+        layer_pattern=("cca_attention",) * 4,
+        cca_attention={"heads": 4, "rotary_fraction": 0.5, "group_size": 8, "local_window": 32},
+    )
+
+
+def _transnormer(d_model: int, num_layers: int, heads: int, glu_dim: int) -> ModelConfig:
+    # TransNormerLLM v1 (OpenNLPLab/TransNormerLLM-385M, -1B config.json): gated linear
+    # attention with LRPE in the first layer, SGLU without activation, weightless SRMSNorm
+    # (eps 1e-8), sqrt(d) embedding scale (no_scale_embedding false), the 64000-token Baichuan
+    # vocabulary, head tied to the embedding.
+    return ModelConfig(
+        vocab_size=64000,
+        d_model=d_model,
+        num_layers=num_layers,
+        layer_pattern=("transnormer",) * num_layers,
+        norm="srmsnorm",
+        norm_eps=1e-8,
+        scale_embedding=True,
+        mlp={"inner_dim": glu_dim, "multiple_of": 256, "activation": "none"},
+        transnormer={"heads": heads, "lrpe_layers": (0,)},
+    )
+
+
+def _transnormer_tiny() -> ModelConfig:
+    return ModelConfig(
+        vocab_size=_BYTES,
+        d_model=64,
+        num_layers=4,
+        layer_pattern=("transnormer",) * 4,
+        norm="srmsnorm",
+        norm_eps=1e-8,
+        scale_embedding=True,
+        mlp={"inner_dim": 128, "multiple_of": 64, "activation": "none"},
+        transnormer={"heads": 4, "lrpe_layers": (0,), "chunk_size": 16},
+    )
+
+
+def _seqboat(d_model: int, num_layers: int, section: dict) -> ModelConfig:
+    # SeqBoat's LM (renll/SeqBoat, arch slag_lm_enwik8_base_v2): EMA + routed local GAU in every
+    # layer, no FFN, pre-LayerNorm, SiLU on the residual stream, sqrt(d) embedding scale, bytes.
+    return ModelConfig(
+        vocab_size=_BYTES,
+        d_model=d_model,
+        num_layers=num_layers,
+        layer_pattern=("seqboat",) * num_layers,
+        use_mlp=False,
+        norm="layernorm",
+        residual_activation="silu",
+        scale_embedding=True,
+        seqboat=section,
+    )
+
+
 PRESETS: MappingProxyType[str, Callable[[], ModelConfig]] = MappingProxyType(
     {
         "based_360m": _based_360m,
@@ -183,5 +240,18 @@ PRESETS: MappingProxyType[str, Callable[[], ModelConfig]] = MappingProxyType(
         "mamba2_tiny": _mamba2_tiny,
         "mamba2_hybrid_tiny": _mamba2_hybrid_tiny,
         "decay_tiny": _decay_tiny,
+        "cca_tiny": _cca_tiny,
+        "transnormer_385m": lambda: _transnormer(1024, 24, 8, 2816),
+        "transnormer_1b": lambda: _transnormer(2048, 16, 16, 5632),
+        "transnormer_tiny": _transnormer_tiny,
+        # enwik8: 14 layers of d 616, z 128, h 1232, N 16; its chunk W = 1024 sees 1025 keys
+        "seqboat_enwik8": lambda: _seqboat(
+            616, 14, {"attention_dim": 128, "value_dim": 1232, "window": 1025}
+        ),
+        "seqboat_tiny": lambda: _seqboat(
+            64,
+            4,
+            {"attention_dim": 32, "value_dim": 128, "window": 33, "ema_chunk_size": 16},
+        ),
     }
 )

@@ -23,7 +23,8 @@ FLAT_PRESETS = json.loads((DATA / "flat_presets.json").read_text())
 
 
 def test_every_preset_of_the_old_flat_format_is_read_as_the_preset():
-    assert sorted(FLAT_PRESETS) == sorted(PRESETS)
+    # The record holds the presets of its time; presets added later have no flat form.
+    assert set(FLAT_PRESETS) <= set(PRESETS)
     for name, flat in FLAT_PRESETS.items():
         assert ModelConfig.from_dict(flat) == PRESETS[name](), name
 

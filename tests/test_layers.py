@@ -1,3 +1,6 @@
+import importlib
+import types
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -13,7 +16,19 @@ from tests import reference_ssm_numpy
 from tests.conftest import relative_error
 
 
+def mixer_test_module(name: str) -> types.ModuleType | None:
+    """``tests/test_<name>.py`` of a mixer added later (docs/adding_a_mixer.md#4-tests), or None."""
+    try:
+        return importlib.import_module(f"tests.test_{name}")
+    except ModuleNotFoundError as error:
+        if error.name != f"tests.test_{name}":
+            raise
+        return None
+
+
 def mixer_config(name: str, **overrides) -> ModelConfig:
+    """A one-layer model of mixer ``name`` at ``d_model`` 8; a mixer added later sizes its own
+    section by ``GENERIC_TEST_SECTION`` in its test file."""
     values = dict(
         vocab_size=32,
         d_model=8,
@@ -28,6 +43,9 @@ def mixer_config(name: str, **overrides) -> ModelConfig:
         decay_attention=dict(heads=2, chunk_size=4),
         init_std=0.3,  # larger than the LM's 0.02 so that outputs are O(1)
     )
+    module = mixer_test_module(name) if name not in values else None
+    if module is not None and hasattr(module, "GENERIC_TEST_SECTION"):
+        values[name] = dict(module.GENERIC_TEST_SECTION)
     values.update(overrides)
     return ModelConfig(**values)
 
@@ -47,10 +65,23 @@ def test_registry_covers_every_mixer_name():
         build_mixer("based", config.mamba, config.mixer_context)
 
 
+def expected_state_growth(name: str, config: ModelConfig, short: int, long: int) -> int:
+    """Floats the state of mixer ``name`` gains from ``short`` to ``long`` tokens: 0, full
+    attention's K and V per token, or what a later mixer's ``expected_state_growth(config,
+    short, long)`` in its test file says (a bounded cache that grows, such as pooled keys)."""
+    if name == "attention":
+        return (long - short) * 2 * config.d_model
+    module = mixer_test_module(name)
+    if module is not None and hasattr(module, "expected_state_growth"):
+        return module.expected_state_growth(config, short, long)
+    return 0
+
+
 @pytest.mark.parametrize("name", MIXER_NAMES)
 def test_mixer_keeps_the_contract(name):
     """Every registered mixer is a ``Mixer``; its cache is of its registered type; its state size
-    counts its cache's floats and does not grow with the sequence unless it is a KV cache."""
+    counts its cache's floats and grows with the sequence only as :func:`expected_state_growth`
+    says."""
     config = mixer_config(name)
     mixer = layer_mixer(config, name, parent=None)
     assert isinstance(mixer, Mixer)
@@ -59,7 +90,7 @@ def test_mixer_keeps_the_contract(name):
     floats = sum(leaf.size for leaf in jax.tree.leaves(cache) if leaf.dtype.kind == "f") // 2
     assert mixer.state_size(16) == floats
     grows = mixer.state_size(32) - mixer.state_size(16)
-    assert grows == (16 * 2 * config.d_model if name == "attention" else 0)
+    assert grows == expected_state_growth(name, config, 16, 32)
     assert mixer.flops(16) > 0
 
 
@@ -79,11 +110,12 @@ def test_mixer_is_causal(name, rng):
     config = mixer_config(name)
     mixer, params = init_mixer(name, config)
     x = rng.normal(size=(1, 12, config.d_model)).astype(np.float32)
-    base = np.asarray(mixer.apply({"params": params}, x))
+    apply = jax.jit(mixer.apply)
+    base = np.asarray(apply({"params": params}, x))
     for t in (0, 5, 11):
         perturbed = x.copy()
         perturbed[:, t] += 1.0
-        out = np.asarray(mixer.apply({"params": params}, perturbed))
+        out = np.asarray(apply({"params": params}, perturbed))
         np.testing.assert_array_equal(out[:, :t], base[:, :t])
         assert np.abs(out[:, t] - base[:, t]).max() > 1e-4
 
@@ -112,14 +144,17 @@ def test_mixer_prefill_then_decode_equals_forward(name, prompt, rng):
     mixer, params = init_mixer(name, config)
     seq = 12
     x = rng.normal(size=(2, seq, config.d_model)).astype(np.float32)
-    forward = mixer.apply({"params": params}, x)
-    y, cache = mixer.apply({"params": params}, x[:, :prompt], seq, method="prefill")
+    forward = jax.jit(mixer.apply)({"params": params}, x)
+    prefill = jax.jit(lambda p, x: mixer.apply(p, x, seq, method="prefill"))
+    y, cache = prefill({"params": params}, x[:, :prompt])
     assert relative_error(y, forward[:, :prompt]) <= 1e-5
     empty = mixer.init_cache(2, seq)
     assert jax.tree.structure(empty) == jax.tree.structure(cache)
+    # One compile of the step, not op-by-op dispatch on every token.
+    decode = jax.jit(lambda p, x, c, t: mixer.apply(p, x, c, t, method="decode_step"))
     for t in range(prompt, seq):
         position = jnp.full((2,), t, jnp.int32)
-        y, cache = mixer.apply({"params": params}, x[:, t], cache, position, method="decode_step")
+        y, cache = decode({"params": params}, x[:, t], cache, position)
         assert relative_error(y, forward[:, t]) <= 1e-5, t
 
 

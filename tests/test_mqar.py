@@ -392,8 +392,33 @@ def test_paper_config_is_the_spec_protocol_and_the_cpu_config_expands():
     all_runs = expand_runs(_load_config("mqar_cpu_all.py"))
     assert {run.name for run in cpu_runs} < {run.name for run in all_runs}
     extra = [run for run in all_runs if run.name not in {r.name for r in cpu_runs}]
-    assert (
-        sorted(run.mixer for run in extra) == ["decay_attention"] + ["mamba"] * 2 + ["mamba2"] * 2
+    assert sorted(run.mixer for run in extra) == (
+        ["cca_attention"] * 2
+        + ["decay_attention"]
+        + ["mamba"] * 2
+        + ["mamba2"] * 2
+        + ["seqboat"] * 2
+        + ["transnormer"] * 2
     )
+    # The CCA rows' states match BASED's F = 16 and F = 8 at the test length (docs/mqar.md).
+    cca_states = sorted(
+        state_size(mqar_model_config("cca_attention", **dict(run.grid + run.fixed)), 256).mixer
+        for run in extra
+        if run.mixer == "cca_attention"
+    )
+    assert cca_states == [2 * 32 * (16 + 16 + 16), 2 * 64 * (8 + 4 + 64)]
+    transnormer_states = sorted(
+        state_size(mqar_model_config("transnormer", **dict(run.grid + run.fixed)), 256).mixer
+        for run in extra
+        if run.mixer == "transnormer"
+    )
+    # kv [H, 2e, e] + k [H, 2e] with LRPE's doubled keys: e = 16 (4 heads) and e = 64
+    assert transnormer_states == [4 * (32 * 16 + 32), 1 * (128 * 64 + 128)]
+    seqboat_states = sorted(
+        state_size(mqar_model_config("seqboat", **dict(run.grid + run.fixed)), 256).mixer
+        for run in extra
+        if run.mixer == "seqboat"
+    )
+    assert seqboat_states == [64 * 16 + 12 * (32 + 128), 64 * 16 + 56 * (32 + 128)]
     with pytest.raises(ValueError, match="not in the config"):
         expand_runs(paper, groups=["hyena"])

@@ -70,6 +70,11 @@ MODELS = {
         mamba2={"state_dim": 8, "head_dim": 16, "chunk_size": 8},
     ),
 }
+#: A first layer unlike the rest: an unrolled head, then the repeats (layers 1-3).
+HEADED = ModelConfig(
+    num_layers=4, layer_pattern=("sliding_window", "based", "based", "based"), **_TINY_BASED
+)
+ALL_MODELS = {**MODELS, "headed": HEADED}
 BATCH, SEQ = 2, 16
 
 
@@ -90,7 +95,7 @@ def _loss_and_grads(config: ModelConfig, params, tokens):
 @functools.cache
 def _init(kind: str):
     """Unrolled float32 parameters of ``MODELS[kind]``."""
-    init = jax.jit(LanguageModel(MODELS[kind]).init)
+    init = jax.jit(LanguageModel(ALL_MODELS[kind]).init)
     return nn.meta.unbox(init(jax.random.key(0), _tokens()[:, :4])["params"])
 
 
@@ -130,10 +135,10 @@ def test_remat_and_scan_keep_loss_and_gradients(kind, remat, scan_layers):
         np.testing.assert_allclose(np.asarray(own), expected, rtol=0, atol=2e-5 * scale)
 
 
-@pytest.mark.parametrize("kind", ["based", "hybrid"])
+@pytest.mark.parametrize("kind", ["based", "hybrid", "headed"])
 def test_scanned_generation_gives_the_unrolled_tokens(kind):
     params = _init(kind)
-    config = MODELS[kind]
+    config = ALL_MODELS[kind]
     scanned_config = config.replace(scan_layers=True)
     prompt = _tokens(1, (BATCH, 9))
     lengths = jnp.asarray([9, 6], jnp.int32)
@@ -179,6 +184,33 @@ def test_repeating_units_of_the_released_patterns():
         assert plan.unit * plan.repeats + plan.remainder == pattern
     assert find_repeating_unit(("based", "attention", "mlp")) is None
     assert find_repeating_unit(("mlp", "mlp")).repeats == 2
+
+
+def test_a_pattern_that_repeats_after_its_first_layers_gets_an_unrolled_head():
+    plan = find_repeating_unit(("attention", "based", "mlp", "based", "mlp", "based"))
+    assert (plan.start, plan.unit, plan.repeats, plan.remainder) == (
+        1,
+        ("based", "mlp"),
+        2,
+        ("based",),
+    )
+    assert list(plan.scanned_range) == [1, 2, 3, 4] and plan.unit_layer(1, 0) == 3
+    # A pattern that repeats from its first layer keeps the plan it had (no head) ...
+    assert find_repeating_unit(("mlp", "mlp", "based", "based", "based")).start == 0
+    # ... and variants split layers of one name: the first one differs, so it is the head.
+    plan = find_repeating_unit(("based",) * 4, variants=(True, False, False, False))
+    assert (plan.start, plan.repeats) == (1, 3)
+    config = HEADED.replace(scan_layers=True)
+    params = convert_layout(_init("headed"), config)
+    assert sorted(params) == ["embedding", "final_norm", "layers_0", SCANNED_LAYERS]
+    np.testing.assert_array_equal(
+        params[SCANNED_LAYERS]["block_0"]["norm1"]["weight"][2],
+        _init("headed")["layers_3"]["norm1"]["weight"],
+    )
+    tokens = _tokens()
+    want = jax.jit(LanguageModel(HEADED).apply)({"params": _init("headed")}, tokens)
+    got = jax.jit(LanguageModel(config).apply)({"params": params}, tokens)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
 
 
 def test_pattern_without_repeat_runs_unrolled_with_one_log_line(caplog):

@@ -17,6 +17,9 @@
   :func:`import_mamba_state_dict` / :func:`export_mamba_state_dict`: the same for mamba_ssm's
   layout (``mamba-360m``, ``mamba-1b``, ``mamba2-370m``, ...;
   :mod:`jaxbased.interop.mamba_checkpoint`).
+- :func:`transnormer_config_from_reference`, :func:`import_transnormer_state_dict`: the
+  released TransNormerLLM layout (``TransnormerForCausalLM``;
+  :mod:`jaxbased.interop.transnormer_checkpoint`), import only.
 - :func:`write_workdir`: a ``train.py`` workdir (Orbax) for fine-tuning and generation.
 
 ``jaxbased-convert`` (:mod:`jaxbased.cli.convert`) runs these from the command line.
@@ -48,6 +51,10 @@ from jaxbased.interop.state_dict import (
     import_state_dict,
     reference_shapes,
 )
+from jaxbased.interop.transnormer_checkpoint import (
+    import_transnormer_state_dict,
+    transnormer_config_from_reference,
+)
 from jaxbased.interop.workdir import write_workdir
 
 __all__ = [
@@ -63,11 +70,13 @@ __all__ = [
     "export_state_dict",
     "import_mamba_state_dict",
     "import_state_dict",
+    "import_transnormer_state_dict",
     "load_checkpoint",
     "mamba_config_from_reference",
     "mamba_config_to_reference",
     "read_state_dict",
     "reference_shapes",
     "save_checkpoint",
+    "transnormer_config_from_reference",
     "write_workdir",
 ]

@@ -1,14 +1,17 @@
 """Checkpoint folders of the released models: ``config.json`` plus ``pytorch_model.bin`` or
 ``model.safetensors``.
 
-Two families share this folder layout, told apart by ``config.json``
+Three families share this folder layout, told apart by ``config.json``
 (:func:`checkpoint_family`):
 
 - ``"based"``: HazyResearch/based's ``GPTLMHeadModel`` (a ``GPT2Config`` with mixer dicts:
   based-*, attn-*), mapped by :mod:`jaxbased.interop.reference_config` and
   :mod:`jaxbased.interop.state_dict`;
 - ``"mamba"``: mamba_ssm's ``MambaLMHeadModel`` (a ``MambaConfig``: the reference's mamba-*,
-  state-spaces' mamba-* and mamba2-*), mapped by :mod:`jaxbased.interop.mamba_checkpoint`.
+  state-spaces' mamba-* and mamba2-*), mapped by :mod:`jaxbased.interop.mamba_checkpoint`;
+- ``"transnormer"``: OpenNLPLab's ``TransnormerForCausalLM`` (a ``TransnormerConfig``,
+  ``model_type`` ``transnormer``: TransNormerLLM-385M, -1B), mapped by
+  :mod:`jaxbased.interop.transnormer_checkpoint` (import only).
 
 :func:`save_checkpoint` writes a model in the layout it can have (:func:`export_family`).
 
@@ -52,6 +55,11 @@ from jaxbased.interop.state_dict import (
     import_state_dict,
 )
 from jaxbased.interop.tokenizer import find_tokenizer_file
+from jaxbased.interop.transnormer_checkpoint import (
+    TRANSNORMER_MODEL_TYPE,
+    import_transnormer_state_dict,
+    transnormer_config_from_reference,
+)
 
 CONFIG_FILE = "config.json"
 BIN_FILE = "pytorch_model.bin"
@@ -60,6 +68,8 @@ SAFETENSORS_FILE = "model.safetensors"
 BASED_FAMILY = "based"
 #: mamba_ssm's ``MambaLMHeadModel`` layout (``MambaConfig``, ``backbone.*`` keys).
 MAMBA_FAMILY = "mamba"
+#: OpenNLPLab's ``TransnormerForCausalLM`` layout (``TransnormerConfig``, ``model.*`` keys).
+TRANSNORMER_FAMILY = "transnormer"
 #: Mixers the BASED layout (``GPTLMHeadModel``) can hold.
 BASED_LAYOUT_MIXERS = frozenset({"base_conv", "based", "sliding_window", "attention"})
 
@@ -77,7 +87,8 @@ class ImportedCheckpoint:
       ignored_keys: accepted keys that carry no parameter (tied ``lm_head.weight``, unused
         buffers).
       tokenizer_file: a tokenizer file found in the folder, if any.
-      family: the layout it came in, ``"based"`` or ``"mamba"`` (see :func:`checkpoint_family`).
+      family: the layout it came in, ``"based"``, ``"mamba"`` or ``"transnormer"`` (see
+        :func:`checkpoint_family`).
     """
 
     config: ModelConfig
@@ -198,7 +209,9 @@ def find_weights(folder: pathlib.Path) -> pathlib.Path:
 
 
 def checkpoint_family(values: Any, *, source: str = CONFIG_FILE) -> str:
-    """The family of a parsed ``config.json``: ``"mamba"`` for mamba_ssm's ``MambaConfig``
+    """The family of a parsed ``config.json``: ``"transnormer"`` for ``model_type``
+    ``transnormer`` (OpenNLPLab's ``TransnormerConfig``), ``"mamba"`` for mamba_ssm's
+    ``MambaConfig``
     (``d_model`` or ``ssm_cfg``, with ``d_model`` and ``n_layer`` required; the reference's
     ``MambaConfig`` also carries GPT-2 fields such as ``n_embd``, which do not count),
     ``"based"`` for a ``GPT2Config`` (``n_embd`` or ``hidden_size``, ``n_layer`` or
@@ -211,6 +224,8 @@ def checkpoint_family(values: Any, *, source: str = CONFIG_FILE) -> str:
     if not isinstance(values, Mapping):
         raise ValueError(f"{source} holds a JSON {type(values).__name__}, not an object")
     model_type = values.get("model_type")
+    if model_type == TRANSNORMER_MODEL_TYPE:
+        return TRANSNORMER_FAMILY
     if ("d_model" in values or "ssm_cfg" in values) and model_type in (None, "mamba"):
         absent = [name for name in ("d_model", "n_layer") if name not in values]
         if absent:
@@ -273,7 +288,7 @@ def load_checkpoint(
 ) -> ImportedCheckpoint:
     """Import a released checkpoint folder (``config.json`` + weights) into jaxbased, in the
     family its ``config.json`` names (:func:`checkpoint_family`): a BASED/attention
-    ``GPT2Config`` or a Mamba / Mamba-2 ``MambaConfig``.
+    ``GPT2Config``, a Mamba / Mamba-2 ``MambaConfig`` or a ``TransnormerConfig``.
 
     Args:
       folder: holds ``config.json`` and ``model.safetensors`` or ``pytorch_model.bin``.
@@ -297,13 +312,20 @@ def load_checkpoint(
     family = checkpoint_family(reference_config, source=str(config_path))
     if family == MAMBA_FAMILY:
         config = mamba_config_from_reference(reference_config, **config_overrides)
+    elif family == TRANSNORMER_FAMILY:
+        config = transnormer_config_from_reference(reference_config, **config_overrides)
     else:
         config = config_from_reference(reference_config, **config_overrides)
     weights = pathlib.Path(weights_file) if weights_file is not None else find_weights(folder)
     raw = read_state_dict(weights, allow_pickle=allow_pickle)
-    state, dropped = clean_state_dict(raw)  # a Lightning "model." prefix, metric counters
+    if family == TRANSNORMER_FAMILY:  # its "model." prefix is part of the released layout
+        state, dropped = dict(raw), []
+    else:
+        state, dropped = clean_state_dict(raw)  # a Lightning "model." prefix, metric counters
     if family == MAMBA_FAMILY:
         params, ignored = import_mamba_state_dict(state, config)
+    elif family == TRANSNORMER_FAMILY:
+        params, ignored = import_transnormer_state_dict(state, config)
     else:
         params, ignored = import_state_dict(state, config)
     tokenizer_file = find_tokenizer_file(folder)

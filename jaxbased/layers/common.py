@@ -1,5 +1,6 @@
 """Building blocks shared by the layers: a projection with logical axis names, RMSNorm,
-LayerNorm, the RMS normalisation they and the mixers' inner norms share, the padding mask."""
+LayerNorm, the weightless simple RMSNorm, the RMS normalisation they and the mixers' inner norms
+share, the padding mask."""
 
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ from jaxbased.layers.mixer import MixerContext
 
 LogicalAxes = tuple[str | None, ...]
 
-#: Normalisation layers: ``rmsnorm`` (no bias, the released models) or ``layernorm`` (with bias,
-#: the Zoology MQAR models).
-NORMS: tuple[str, ...] = ("rmsnorm", "layernorm")
+#: Normalisation layers: ``rmsnorm`` (no bias, the released models), ``layernorm`` (with bias,
+#: the Zoology MQAR models) or ``srmsnorm`` (TransNormerLLM's weightless simple RMSNorm).
+NORMS: tuple[str, ...] = ("rmsnorm", "layernorm", "srmsnorm")
 
 
 def normal_init(std: float, axes: LogicalAxes) -> nn.initializers.Initializer:
@@ -155,10 +156,33 @@ class LayerNorm(_Norm):
     centered: ClassVar[bool] = True
 
 
+def simple_rms_normalize(x: Float[Array, "... D"], eps: float) -> Float[Array, "... D"]:
+    """TransNormerLLM's SRMSNorm, ``x / (||x||_2 / sqrt(D) + eps)`` over the last axis (the
+    epsilon outside the root), in float32 or wider; no parameters."""
+    wide = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    root_mean_square = jnp.sqrt(jnp.mean(wide * wide, axis=-1, keepdims=True))
+    return wide / (root_mean_square + eps)
+
+
+class SimpleRMSNorm(nn.Module):
+    """:func:`simple_rms_normalize`, cast to ``dtype``: a norm without parameters."""
+
+    dim: int
+    eps: float = 1e-8
+    dtype: jnp.dtype = jnp.float32
+
+    def __call__(self, x: Float[Array, "... D"]) -> Float[Array, "... D"]:
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"input width {x.shape[-1]} != norm dim {self.dim}")
+        return simple_rms_normalize(x, self.eps).astype(self.dtype)
+
+
 def make_norm(kind: str, dim: int, eps: float, dtype: jnp.dtype) -> nn.Module:
     """The norm named ``kind`` (one of ``NORMS``, see ``ModelConfig.norm``)."""
     if kind == "rmsnorm":
         return RMSNorm(dim, eps, dtype)
     if kind == "layernorm":
         return LayerNorm(dim, eps, dtype)
-    raise ValueError(f"norm={kind!r} is not known; allowed: ('rmsnorm', 'layernorm')")
+    if kind == "srmsnorm":
+        return SimpleRMSNorm(dim, eps, dtype)
+    raise ValueError(f"norm={kind!r} is not known; allowed: {NORMS}")

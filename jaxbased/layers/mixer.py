@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Hashable, Iterable, Mapping
 from typing import Any, Protocol, Self, runtime_checkable
 
 import flax.struct
@@ -38,6 +38,10 @@ class MixerContext:
       init_std: standard deviation of linear weights.
       norm_eps: epsilon of the norms inside mixers.
       implementation: ``auto``, ``xla`` or ``pallas`` for the ops with kernels.
+      layer_index: the layer this mixer is built for (0-based). Static: it may shape the
+        parameters or the cache (with a matching :meth:`MixerConfig.layer_variant`). In a
+        scanned unit it is the layer of the unit's first repeat; a mixer whose values (not
+        shapes) depend on the layer reads the run-time index instead (:data:`TAKES_LAYER_INDEX`).
     """
 
     d_model: int = 1024
@@ -46,6 +50,7 @@ class MixerContext:
     init_std: float = 0.02
     norm_eps: float = 1e-5
     implementation: str = "auto"
+    layer_index: int = 0
 
     @property
     def compute_dtype(self) -> jnp.dtype:
@@ -81,6 +86,13 @@ class MixerConfig:
     def validate(self, context: MixerContext) -> None:
         """Raise ``ValueError`` for a field value that does not fit the model (``context``)."""
         del context
+
+    def layer_variant(self, layer_index: int, num_layers: int) -> Hashable:
+        """What sets layer ``layer_index``'s parameter or cache shapes apart from the other
+        layers of this mixer (None: nothing). Layers of different variants never share a scanned
+        body (``jaxbased.layer_layout``); values that only differ per layer (a decay computed
+        from the index) need no variant, the run-time ``layer_index`` carries them."""
+        del layer_index, num_layers
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a plain dict (JSON-ready)."""
@@ -156,6 +168,34 @@ def count_state_floats(cache: Any) -> int:
         for leaf in jax.tree_util.tree_leaves(cache)
         if jnp.issubdtype(leaf.dtype, jnp.floating)
     )
+
+
+#: The Flax collection where mixers report per-layer scalars (``report_metric``); training
+#: logs them per layer as ``mixer/layer{i}/{name}`` (``jaxbased.model.mixer_metrics``).
+METRICS_COLLECTION = "mixer_metrics"
+
+
+def report_metric(module: Any, name: str, value: Array) -> None:
+    """Report the float32 scalar ``value`` as metric ``name`` of ``module``'s layer (kept only
+    when the caller applies the model with ``mutable=[METRICS_COLLECTION]``)."""
+    module.sow(
+        METRICS_COLLECTION,
+        name,
+        jnp.asarray(value, jnp.float32),
+        init_fn=lambda: jnp.zeros((), jnp.float32),
+        reduce_fn=lambda _, new: new,
+    )
+
+
+#: Name of a mixer class attribute: when True, the model passes ``layer_index=`` (an int32
+#: scalar, traced in a scanned unit) to the mixer's ``__call__``, ``prefill`` and
+#: ``decode_step``; such a mixer computes what depends on its layer from it with array ops.
+TAKES_LAYER_INDEX = "takes_layer_index"
+
+
+def takes_layer_index(mixer: Any) -> bool:
+    """Whether ``mixer`` (a module or its class) takes the run-time ``layer_index``."""
+    return bool(getattr(mixer, TAKES_LAYER_INDEX, False))
 
 
 @runtime_checkable

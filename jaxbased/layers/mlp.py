@@ -1,5 +1,5 @@
 """Gated MLP (SwiGLU), docs/mixers/mlp.md: ``y, gate = split(fc1(x))``;
-``out = fc2(y * silu(gate))``."""
+``out = fc2(y * act(gate))`` with ``act`` SiLU (SwiGLU) or none (TransNormerLLM's SGLU)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,10 @@ import jax
 from jaxtyping import Array, Float
 
 from jaxbased.layers.common import Projection
-from jaxbased.layers.mixer import MixerConfig, MixerContext, require_positive_int
+from jaxbased.layers.mixer import MixerConfig, MixerContext, require_choice, require_positive_int
+
+#: Gate activations of the gated MLP: ``silu`` (SwiGLU) or ``none`` (a bilinear GLU, SGLU).
+MLP_ACTIVATIONS: tuple[str, ...] = ("silu", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,14 +23,18 @@ class MLPConfig(MixerConfig):
     Attributes:
       inner_dim: hidden width before rounding (None: ``int(8 * d_model / 3)``).
       multiple_of: the hidden width is rounded up to a multiple of this.
+      activation: the gate's activation, ``silu`` (SwiGLU) or ``none`` (``value * gate``,
+        TransNormerLLM's SGLU).
     """
 
     inner_dim: int | None = 2048
     multiple_of: int = 256
+    activation: str = "silu"
 
     def check(self) -> None:
         require_positive_int(self, "multiple_of")
         require_positive_int(self, "inner_dim", optional=True)
+        require_choice(self, "activation", MLP_ACTIVATIONS)
 
     def hidden_dim(self, d_model: int) -> int:
         """Hidden width (``fc2``'s input; ``fc1`` outputs twice this)."""
@@ -61,7 +68,7 @@ class GatedMLP(nn.Module):
             context.output_init_std,
             context.compute_dtype,
             name="fc2",
-        )(value * jax.nn.silu(gate))
+        )(value * (jax.nn.silu(gate) if self.config.activation == "silu" else gate))
 
     def flops(self, seq_len: int) -> float:
         """``fc1`` and ``fc2`` per token: ``6 * d * hidden`` (independent of ``seq_len``)."""

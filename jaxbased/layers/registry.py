@@ -18,12 +18,15 @@ import flax.linen as nn
 from jaxbased.layers.attention import AttentionConfig, SlidingWindowAttention, SlidingWindowConfig
 from jaxbased.layers.base_conv import BaseConv, BaseConvConfig, ConvCache
 from jaxbased.layers.based import BasedConfig, BasedLinearAttention
+from jaxbased.layers.cca_attention import CCAAttention, CCAAttentionConfig, CCACache
 from jaxbased.layers.decay_attention import DecayAttentionConfig, DecayLinearAttention
 from jaxbased.layers.mamba import Mamba, MambaCache, MambaConfig
 from jaxbased.layers.mamba2 import Mamba2, Mamba2Cache, Mamba2Config
 from jaxbased.layers.mixer import EmptyCache, Mixer, MixerConfig, MixerContext
 from jaxbased.layers.mlp import MLPConfig
 from jaxbased.layers.mlp_mixer import MLPMixer
+from jaxbased.layers.seqboat import SeqBoat, SeqBoatCache, SeqBoatConfig
+from jaxbased.layers.transnormer import TransNormerAttention, TransNormerConfig
 from jaxbased.ops.linear_attention import LinearAttentionState
 from jaxbased.ops.window_attention import KVCache
 
@@ -67,6 +70,15 @@ MIXERS: MappingProxyType[str, MixerSpec] = MappingProxyType(
                 "decay attention",
             ),
             MixerSpec("mlp", MLPMixer, MLPConfig, EmptyCache, "MLP"),
+            MixerSpec("cca_attention", CCAAttention, CCAAttentionConfig, CCACache, "CCA"),
+            MixerSpec(
+                "transnormer",
+                TransNormerAttention,
+                TransNormerConfig,
+                LinearAttentionState,
+                "TransNormerLLM",
+            ),
+            MixerSpec("seqboat", SeqBoat, SeqBoatConfig, SeqBoatCache, "SeqBoat"),
         )
     }
 )

@@ -116,7 +116,8 @@ def state_size(config: ModelConfig, seq_len: int) -> StateSize:
     if seq_len < 1:
         raise ValueError(f"seq_len={seq_len} must be >= 1")
     per_layer = [
-        layer_mixer(config, name, parent=None).state_size(seq_len) for name in config.layer_pattern
+        layer_mixer(config, name, index, parent=None).state_size(seq_len)
+        for index, name in enumerate(config.layer_pattern)
     ]
     return StateSize(mixer=per_layer[-1], total=sum(per_layer))
 

@@ -19,16 +19,20 @@ from jaxbased.layers.mlp import GatedMLP
 from jaxbased.model import layer_mixer
 
 
-def mixer_forward_flops(name: str, config: ModelConfig, seq_len: int) -> float:
-    """Forward FLOPs per token of one ``name`` layer (projections and mixing)."""
-    return float(layer_mixer(config, name, parent=None).flops(seq_len))
+def mixer_forward_flops(
+    name: str, config: ModelConfig, seq_len: int, layer_index: int = 0
+) -> float:
+    """Forward FLOPs per token of the ``name`` layer ``layer_index`` (projections and
+    mixing)."""
+    return float(layer_mixer(config, name, layer_index, parent=None).flops(seq_len))
 
 
 def flops_per_token(config: ModelConfig, seq_len: int) -> dict[str, float]:
     """Training FLOPs per token, by part: each mixer kind, ``mlp``, ``head`` and ``total``."""
     parts: dict[str, float] = {}
-    for name in config.layer_pattern:
-        parts[name] = parts.get(name, 0.0) + 3 * mixer_forward_flops(name, config, seq_len)
+    for index, name in enumerate(config.layer_pattern):
+        flops = mixer_forward_flops(name, config, seq_len, index)
+        parts[name] = parts.get(name, 0.0) + 3 * flops
     if config.use_mlp:
         block_mlp = GatedMLP(config.mlp, config.mixer_context, parent=None).flops(seq_len)
         # added to any ``mlp`` mixer layers

@@ -77,5 +77,12 @@ def progress_line(step: int, total: int, values: dict[str, float], eta_seconds: 
     for key, template in formats.items():
         if key in values:
             parts.append(template.format(values[key]))
+    # The mixers' per-layer scalars (mixer/layer{i}/{name}), one group per name.
+    reported: dict[str, list[str]] = {}
+    for key, value in values.items():
+        if key.startswith("mixer/layer"):
+            layer, _, name = key[len("mixer/layer") :].partition("/")
+            reported.setdefault(name, []).append(f"L{layer} {value:.3f}")
+    parts += [f"{name} {' '.join(cells)}" for name, cells in reported.items()]
     parts.append(f"ETA {format_duration(eta_seconds)}")
     return " | ".join(parts)

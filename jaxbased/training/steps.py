@@ -32,31 +32,41 @@ import numpy as np
 import optax
 from jaxtyping import Array, Float, Int
 
-from jaxbased.model import LanguageModel
+from jaxbased.layers.mixer import METRICS_COLLECTION
+from jaxbased.model import LanguageModel, mixer_metrics
 from jaxbased.sharding import global_batch
 from jaxbased.training.state import TrainState
 
-#: ``losses(model, params, batch) -> (losses, correct)``: per-token float32 cross-entropy and
-#: correctness (1.0 where the argmax is the target), both of the same shape.
-LossFunction = Callable[[LanguageModel, Any, Any], tuple[Array, Array]]
+#: ``losses(model, params, batch) -> (losses, correct, mixer_metrics)``: per-token float32
+#: cross-entropy and correctness (1.0 where the argmax is the target), both of the same shape,
+#: and the scalars the mixers reported (:func:`jaxbased.model.mixer_metrics`; often empty).
+LossFunction = Callable[[LanguageModel, Any, Any], tuple[Array, Array, dict[str, Array]]]
+
+
+def _apply_with_metrics(model: LanguageModel, params: Any, *args: Any, **kwargs: Any):
+    """``model.apply`` that also returns the mixers' reported metrics, per layer."""
+    out, variables = model.apply({"params": params}, *args, mutable=[METRICS_COLLECTION], **kwargs)
+    return out, mixer_metrics(model.config, variables.get(METRICS_COLLECTION))
 
 
 def token_losses(
     model: LanguageModel, params: Any, batch: Int[Array, "B L"]
-) -> tuple[Float[Array, "B T"], Float[Array, "B T"]]:
-    """Per-token cross-entropy and correctness (float32) of ``batch`` windows."""
+) -> tuple[Float[Array, "B T"], Float[Array, "B T"], dict[str, Array]]:
+    """Per-token cross-entropy and correctness (float32) of ``batch`` windows, and the mixers'
+    metrics."""
     inputs, targets = batch[:, :-1], batch[:, 1:]
-    logits = model.apply({"params": params}, inputs).astype(jnp.float32)
+    logits, metrics = _apply_with_metrics(model, params, inputs)
+    logits = logits.astype(jnp.float32)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
     correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
-    return losses, correct
+    return losses, correct, metrics
 
 
 def answer_losses(
     model: LanguageModel,
     params: Any,
     batch: tuple[Int[Array, "B T"], Int[Array, "B P"], Int[Array, "B P"]],
-) -> tuple[Float[Array, "B P"], Float[Array, "B P"]]:
+) -> tuple[Float[Array, "B P"], Float[Array, "B P"], dict[str, Array]]:
     """Cross-entropy and correctness (float32) at chosen positions only.
 
     ``batch`` is ``(tokens, positions, targets)``: the logits of ``tokens`` at
@@ -64,11 +74,11 @@ def answer_losses(
     ``targets[b, j]``.
     """
     tokens, positions, targets = batch
-    logits = model.apply({"params": params}, tokens, positions, method="logits_at")
+    logits, metrics = _apply_with_metrics(model, params, tokens, positions, method="logits_at")
     logits = logits.astype(jnp.float32)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
     correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
-    return losses, correct
+    return losses, correct, metrics
 
 
 def global_norm(tree: Any) -> Array:
@@ -90,8 +100,9 @@ def make_train_step(
 
     ``losses`` says what the batch is and which tokens count (:data:`LossFunction`); ``metrics``
     are the mean ``loss`` and ``accuracy`` over those tokens, the ``grad_norm`` and the
-    ``learning_rate`` of the step, and ``update_skipped`` (float32 1.0 when the loss or the
-    gradient norm is not finite: then the returned state equals ``state``, step included).
+    ``learning_rate`` of the step, ``update_skipped`` (float32 1.0 when the loss or the
+    gradient norm is not finite: then the returned state equals ``state``, step included), and
+    the mixers' reported scalars (``mixer/layer{i}/{name}``, mean over micro-batches).
 
     With ``state_shardings`` (a pytree of ``NamedSharding`` like the state) and
     ``batch_sharding``, the step is compiled for that mesh: the state keeps its shardings
@@ -100,9 +111,9 @@ def make_train_step(
     if grad_accum_steps < 1:
         raise ValueError(f"grad_accum_steps={grad_accum_steps} must be >= 1")
 
-    def loss_fn(params: Any, batch: Any) -> tuple[Array, Array]:
-        token_loss, correct = losses(model, params, batch)
-        return token_loss.mean(), correct.mean()
+    def loss_fn(params: Any, batch: Any) -> tuple[Array, tuple[Array, dict[str, Array]]]:
+        token_loss, correct, reported = losses(model, params, batch)
+        return token_loss.mean(), (correct.mean(), reported)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -116,12 +127,12 @@ def make_train_step(
 
         def accumulate(carry, micro_batch):
             grads_sum, loss_sum, accuracy_sum = carry
-            (loss, accuracy), grads = grad_fn(state.params, micro_batch)
+            (loss, (accuracy, reported)), grads = grad_fn(state.params, micro_batch)
             grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
-            return (grads_sum, loss_sum + loss, accuracy_sum + accuracy), None
+            return (grads_sum, loss_sum + loss, accuracy_sum + accuracy), reported
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
-        (grads, loss, accuracy), _ = jax.lax.scan(
+        (grads, loss, accuracy), reported = jax.lax.scan(
             accumulate, (zeros, jnp.zeros(()), jnp.zeros(())), micro
         )
         scale = 1.0 / grad_accum_steps
@@ -137,6 +148,7 @@ def make_train_step(
             "grad_norm": grad_norm,
             "learning_rate": schedule(state.step),
             "update_skipped": jnp.logical_not(finite).astype(jnp.float32),
+            **{name: values.mean() for name, values in reported.items()},
         }
         return _select(finite, updated, state), metrics
 
@@ -207,7 +219,7 @@ def make_eval_step(
     tokens that ``losses`` counts, to be pooled by :func:`sum_evaluation`)."""
 
     def eval_step(params: Any, batch: Any) -> dict[str, Array]:
-        token_loss, correct = losses(model, params, batch)
+        token_loss, correct, _ = losses(model, params, batch)
         return {
             "loss_sum": token_loss.sum(),
             "correct_sum": correct.sum(),
