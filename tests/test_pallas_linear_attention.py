@@ -278,8 +278,8 @@ def test_illegal_block_sizes_name_the_dimension(rng):
         pallas_linear_attention(q, k, v, chunk_size=24, backend="gpu", interpret=True)
     with pytest.raises(ValueError, match="value_block_size=48"):
         pallas_linear_attention(q, k, v, value_block_size=48, backend="gpu", interpret=True)
-    with pytest.raises(ValueError, match="feature_map='elu' has no fused kernel"):
-        pallas_linear_attention(q, k, v, feature_map="elu", backend="tpu", interpret=True)
+    with pytest.raises(ValueError, match="feature_map='cosformer' has no kernel; allowed: taylor"):
+        pallas_linear_attention(q, k, v, feature_map="cosformer", backend="tpu", interpret=True)
     with pytest.raises(ValueError, match="initial_state"):
         bad_state = (np.zeros((2, 3, 7, 5), np.float32), np.zeros((2, 3, 7), np.float32))
         pallas_linear_attention(q, k, v, bad_state, backend="tpu", interpret=True)

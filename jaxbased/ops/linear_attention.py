@@ -24,7 +24,7 @@ Three algorithms compute the same function:
 
 ``implementation`` picks who computes the chunked algorithm (see :mod:`jaxbased.ops.dispatch`):
 the XLA ``lax.scan`` here, or the fused Pallas kernel of ``pallas_kernels.linear_attention``
-(Taylor feature maps only; its expanded features and state stay on chip).
+(every feature map; its features and state stay on chip).
 
 Arrays are batch-major: ``q, k [B, T, H, F]``, ``v [B, T, H, Dv]``. All arithmetic is in float32
 (or float64 under x64); the output has the dtype of ``v``.

@@ -1,7 +1,12 @@
-"""Chunked causal linear attention with the Taylor feature map fused: Pallas kernels + custom_vjp.
+"""Chunked causal linear attention with the feature map fused: Pallas kernels + custom_vjp.
 
     y_i = (sum_{j<=i} K(q_i, k_j) v_j + phi(q_i) S0) / (sum_{j<=i} K(q_i, k_j) + phi(q_i) z0 + eps)
-    K(q, k) = phi(q) . phi(k) = 1 + s + s**2 / 2,   s = q . k / sqrt(F)
+    K(q, k) = phi(q) . phi(k)
+
+for every feature map of ``jaxbased.ops.feature_maps``: the Taylor maps, where
+``K = 1 + s + s**2 / 2`` with ``s = q . k / sqrt(F)``, and the elementwise maps ``elu``
+(``elu(x) + 1``), ``relu`` and ``identity`` (``D' = F``; SSD and decay attention use
+``identity``).
 
 Optionally with a decay ``a_t = exp(log_decay_t) <= 1`` per step and head (SSD, decay
 attention): ``S_t = a_t S_{t-1} + phi(k_t) v_t^T``, ``z_t = a_t z_{t-1} + phi(k_t)``,
@@ -9,18 +14,20 @@ attention): ``S_t = a_t S_{t-1} + phi(k_t) v_t^T``, ``z_t = a_t z_{t-1} + phi(k_
 ``normalize=False``). Inside a chunk the kernel weighs ``K_ij`` by ``exp(g_i - g_j)`` with the
 chunk-local cumulative log decays ``g``; the state is decayed by ``exp(g_last)`` per chunk.
 
-Inside a chunk of ``C`` tokens the kernel uses ``K`` from raw ``F``-dim dots; across chunks it
-carries the float32 state ``S = sum phi(k) ⊗ v`` ``[D', Dv]`` and ``z = sum phi(k)`` ``[D']`` on
-chip. The expanded features ``phi(q), phi(k)`` are built per chunk in VMEM/registers and never
-written to device memory. Both feature maps run the symmetric expansion (``D' = 153`` for
-F = 16; the full ``taylor`` map's 273 features repeat every off-diagonal pair): the outputs are
-the same, and ``taylor`` states are converted exactly at the call boundary (``_symmetric.py``).
+Inside a chunk of ``C`` tokens the kernel computes ``K`` (Taylor: from raw ``F``-dim dots;
+elementwise: ``phi(q) phi(k)^T``); across chunks it carries the float32 state
+``S = sum phi(k) ⊗ v`` ``[D', Dv]`` and ``z = sum phi(k)`` ``[D']`` on chip. The features
+``phi(q), phi(k)`` are built per chunk in VMEM/registers and never written to device memory.
+Both Taylor maps run the symmetric expansion (``D' = 153`` for F = 16; the full ``taylor``
+map's 273 features repeat every off-diagonal pair): the outputs are the same, and ``taylor``
+states are converted exactly at the call boundary (``_symmetric.py``).
 
 - ``tpu.py``: Mosaic TPU kernels (grid over batch, heads, chunks; state in VMEM scratch).
 - ``gpu.py``: Triton kernels (grid over batch, heads, value blocks; loop over chunks).
-- ``_layout.py``: the fused feature map's feature order and padded state rows.
+- ``_layout.py``: each feature map's feature order and padded state rows.
+- ``_features.py``: the feature maps on chip (expansion, pull-back, intra-chunk kernel).
 - ``_call.py``: one kernel call's static parameters, input order, residuals and decay parts.
-- ``_chunk.py``: the per-chunk math both share (expansion, intra-chunk kernel, state update).
+- ``_chunk.py``: the per-chunk scan math both share (state read and update, backward steps).
 - ``_symmetric.py``: ``taylor`` <-> ``taylor_symmetric`` state layouts.
 
 Feature-map names and sizes come from :mod:`pallas_kernels.feature_map_layout`, shared with
@@ -42,9 +49,13 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from pallas_kernels._common import check_block, check_call, compute_dtype
-from pallas_kernels.feature_map_layout import TAYLOR_FEATURE_MAPS, expanded_dim
+from pallas_kernels.feature_map_layout import (
+    ELEMENTWISE_FEATURE_MAPS,
+    TAYLOR_FEATURE_MAPS,
+    expanded_dim,
+)
 from pallas_kernels.linear_attention import gpu, tpu
-from pallas_kernels.linear_attention._layout import TaylorLayout, make_layout
+from pallas_kernels.linear_attention._layout import FeatureLayout, make_layout
 from pallas_kernels.linear_attention._symmetric import (
     antisymmetric_part,
     full_from_symmetric,
@@ -53,6 +64,8 @@ from pallas_kernels.linear_attention._symmetric import (
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
+    "ELEMENTWISE_FEATURE_MAPS",
+    "KERNEL_FEATURE_MAPS",
     "TAYLOR_FEATURE_MAPS",
     "LinearAttentionConfig",
     "expanded_dim",
@@ -62,6 +75,8 @@ __all__ = [
 
 #: Default tokens per chunk: 64 on TPU (ThunderKittens' chunk), 16 on GPU (fla's fused_chunk).
 DEFAULT_CHUNK_SIZE: dict[str, int] = {"tpu": 64, "gpu": 16}
+#: Every feature map the kernels run: the Taylor maps (fused expansion) and the elementwise ones.
+KERNEL_FEATURE_MAPS: tuple[str, ...] = (*TAYLOR_FEATURE_MAPS, *ELEMENTWISE_FEATURE_MAPS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +85,9 @@ class LinearAttentionConfig:
 
     Attributes:
       backend: ``tpu`` or ``gpu``.
-      feature_dim: ``F`` (the kernels always expand it symmetrically).
+      feature_map: one of :data:`KERNEL_FEATURE_MAPS` (both Taylor maps run the symmetric
+        expansion).
+      feature_dim: ``F``.
       chunk_size: tokens per chunk ``C``.
       eps: added to the denominator.
       normalize: divide by the normalizer (False: ``y = phi(q) S``, as SSD).
@@ -81,6 +98,7 @@ class LinearAttentionConfig:
     """
 
     backend: str
+    feature_map: str
     feature_dim: int
     chunk_size: int
     eps: float
@@ -91,8 +109,8 @@ class LinearAttentionConfig:
     num_warps: int | None = None
 
     @functools.cached_property
-    def layout(self) -> TaylorLayout:
-        return make_layout(self.feature_dim, self.backend)
+    def layout(self) -> FeatureLayout:
+        return make_layout(self.feature_map, self.feature_dim, self.backend)
 
 
 _BACKENDS = {"tpu": tpu, "gpu": gpu}
@@ -114,10 +132,9 @@ def unsupported_reason(
     """
     if len(q_shape) != 4 or len(v_shape) != 4 or tuple(v_shape[:3]) != tuple(q_shape[:3]):
         return f"q, k must be [B, T, H, F] and v [B, T, H, Dv]; got q={q_shape}, v={v_shape}"
-    if feature_map not in TAYLOR_FEATURE_MAPS:
+    if feature_map not in KERNEL_FEATURE_MAPS:
         return (
-            f"feature_map={feature_map!r} has no fused kernel; allowed: "
-            f"{', '.join(TAYLOR_FEATURE_MAPS)}"
+            f"feature_map={feature_map!r} has no kernel; allowed: {', '.join(KERNEL_FEATURE_MAPS)}"
         )
     if any(jnp.dtype(dtype) == jnp.float64 for dtype in dtypes):
         return "float64 inputs: the kernels compute in float32"
@@ -171,7 +188,7 @@ def linear_attention(
     value_block_size: int | None = None,
     num_warps: int | None = None,
 ) -> tuple[Float[Array, "B T H Dv"], tuple[Float[Array, "B H D Dv"], Float[Array, "B H D"]]]:
-    """Causal Taylor linear attention by a fused chunked Pallas kernel (differentiable).
+    """Causal linear attention by a fused chunked Pallas kernel (differentiable).
 
     Args:
       q: ``[B, T, H, F]`` queries before the feature map (any ``T``; the tail chunk is
@@ -185,7 +202,8 @@ def linear_attention(
         per-head decay is broadcast by the caller); computed in float32, differentiable.
       normalize: divide by ``phi(q) . z + eps`` (True, BASED) or not (``y = phi(q) S``).
       feature_map: ``taylor`` (``D' = 1 + F + F**2``) or ``taylor_symmetric``
-        (``1 + F + F (F + 1) / 2``); same outputs, different state layout.
+        (``1 + F + F (F + 1) / 2``), same outputs and different state layouts; or ``elu``,
+        ``relu``, ``identity`` (``D' = F``).
       chunk_size: tokens per chunk; TPU: a multiple of 8, GPU: a power of two >= 16
         (None: 64 on TPU, 16 on GPU).
       eps: added to the denominator (1e-12 as in the XLA reference).
@@ -240,6 +258,7 @@ def linear_attention(
         initial_state = (kv_state.astype(jnp.float32), k_state.astype(jnp.float32))
     config = LinearAttentionConfig(
         backend=backend,
+        feature_map="taylor_symmetric" if feature_map in TAYLOR_FEATURE_MAPS else feature_map,
         feature_dim=feature_dim,
         chunk_size=DEFAULT_CHUNK_SIZE[backend] if chunk_size is None else chunk_size,
         eps=float(eps),

@@ -1,4 +1,4 @@
-"""GPU kernels (Pallas' Triton lowering) of chunked causal Taylor linear attention.
+"""GPU kernels (Pallas' Triton lowering) of chunked causal linear attention.
 
 Why Triton and not Mosaic GPU: with JAX 0.10 both exist, but Mosaic GPU programs warpgroups of
 Hopper/Blackwell (``wgmma``/``tcgen05``) and needs a different kernel per architecture, while
@@ -43,7 +43,6 @@ from pallas_kernels.linear_attention._call import (
     split_kernel_refs,
 )
 from pallas_kernels.linear_attention._chunk import (
-    Factors,
     SegmentState,
     chunk_backward_key_value,
     chunk_backward_query,
@@ -51,6 +50,7 @@ from pallas_kernels.linear_attention._chunk import (
     chunk_forward,
     output_cotangents,
 )
+from pallas_kernels.linear_attention._features import ChunkFeatures, Factors
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,12 +119,13 @@ def _compiler_params(static: _Static):
 
 
 # Inside the kernels ------------------------------------------------------------------------------
-def _load_factors(static: _Static, refs) -> list[Factors]:
+def _load_features(static: _Static, refs) -> ChunkFeatures:
     factors = []
-    for segment in static.layout.segments:
-        columns = pl.ds(segment.row_offset, segment.rows)
-        factors.append(Factors(*(ref[:, columns] for ref in refs)))
-    return factors
+    if refs:
+        for segment in static.layout.segments:
+            columns = pl.ds(segment.row_offset, segment.rows)
+            factors.append(Factors(*(ref[:, columns] for ref in refs)))
+    return static.features(factors)
 
 
 def _load_states(static: _Static, kv_ref, k_ref, k_scale=None) -> list[SegmentState]:
@@ -180,7 +181,7 @@ def _forward_kernel(*refs, static: _Static):
     q_ref, k_ref, v_ref, *refs = refs
     decay_ref, factor_refs, initial_refs, refs = split_kernel_refs(static, refs)
     y_ref, denominator_ref, final_kv_ref, final_k_ref = refs
-    factors = _load_factors(static, factor_refs)
+    features = _load_features(static, factor_refs)
     first_value_block = pl.program_id(2) == 0
 
     def body(chunk, states):
@@ -190,10 +191,8 @@ def _forward_kernel(*refs, static: _Static):
             k_ref[tokens, :],
             v_ref[tokens, :],
             states,
-            factors,
-            feature_dim=static.layout.feature_dim,
+            features,
             eps=static.eps,
-            operand_dtype=static.operand_dtype,
             key_valid=static.key_valid(start),
             decay=_load_decay(static, decay_ref, tokens),
             normalize=static.normalize,
@@ -301,7 +300,7 @@ def _cotangents(static: _Static, dy_ref, y_dot_dy_ref, denominator_ref, tokens, 
 def _backward_query_kernel(*refs, static: _Static):
     q_ref, k_ref, v_ref, dy_ref, y_dot_dy_ref, denominator_ref, *refs = refs
     decay_ref, factor_refs, initial_refs, (dq_ref,) = split_kernel_refs(static, refs)
-    factors = _load_factors(static, factor_refs)
+    features = _load_features(static, factor_refs)
     normalizer_scale = (pl.program_id(2) == 0).astype(jnp.float32)
 
     def body(chunk, states):
@@ -316,9 +315,7 @@ def _backward_query_kernel(*refs, static: _Static):
             d_numerator,
             d_denominator,
             states,
-            factors,
-            feature_dim=static.layout.feature_dim,
-            operand_dtype=static.operand_dtype,
+            features,
             key_valid=static.key_valid(start),
             decay=_load_decay(static, decay_ref, tokens),
         )
@@ -331,7 +328,7 @@ def _backward_query_kernel(*refs, static: _Static):
 def _backward_key_value_kernel(*refs, static: _Static):
     q_ref, k_ref, v_ref, dy_ref, y_dot_dy_ref, denominator_ref, *refs = refs
     decay_ref, factor_refs, _, refs = split_kernel_refs(static, refs, reads_initial_state=False)
-    factors = _load_factors(static, factor_refs)
+    features = _load_features(static, factor_refs)
     final_d_kv_ref, final_d_k_ref, dk_ref, dv_ref, *refs = refs
     key_term_ref = refs.pop(0) if static.has_decay else None
     initial_d_kv_ref, initial_d_k_ref = refs
@@ -350,9 +347,7 @@ def _backward_key_value_kernel(*refs, static: _Static):
             d_numerator,
             d_denominator,
             d_states,
-            factors,
-            feature_dim=static.layout.feature_dim,
-            operand_dtype=static.operand_dtype,
+            features,
             decay=_load_decay(static, decay_ref, tokens),
         )
         dk_ref[tokens, :] = dk

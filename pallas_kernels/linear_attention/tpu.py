@@ -1,4 +1,4 @@
-"""Mosaic TPU kernels of chunked causal Taylor linear attention (forward, dq, dk/dv).
+"""Mosaic TPU kernels of chunked causal linear attention (forward, dq, dk/dv).
 
 Grid ``(B, H, N)`` over batch, heads and chunks of ``C`` tokens. The chunk axis is sequential
 ("arbitrary"); the state ``S [rows, Dp]`` and normalizer ``z [1, rows]`` (float32) live in VMEM
@@ -36,7 +36,6 @@ from pallas_kernels.linear_attention._call import (
     split_kernel_refs,
 )
 from pallas_kernels.linear_attention._chunk import (
-    Factors,
     SegmentState,
     chunk_backward_key_value,
     chunk_backward_query,
@@ -44,6 +43,7 @@ from pallas_kernels.linear_attention._chunk import (
     chunk_forward,
     output_cotangents,
 )
+from pallas_kernels.linear_attention._features import ChunkFeatures, Factors
 
 SUBLANES = 8
 
@@ -130,8 +130,8 @@ def _state_scratch(static: ChunkedCall) -> list:
 
 
 # Inside the kernels ------------------------------------------------------------------------------
-def _load_factors(refs) -> list[Factors]:
-    return [Factors(*(ref[...] for ref in refs))]
+def _load_features(static: ChunkedCall, refs) -> ChunkFeatures:
+    return static.features([Factors(*(ref[...] for ref in refs))] if refs else [])
 
 
 def _load_decay(static: ChunkedCall, decay_ref):
@@ -165,10 +165,8 @@ def _forward_kernel(*refs, static: ChunkedCall):
         k_ref[...],
         v_ref[...],
         [SegmentState(kv_scratch[...], k_scratch[...])],
-        _load_factors(factor_refs),
-        feature_dim=static.layout.feature_dim,
+        _load_features(static, factor_refs),
         eps=static.eps,
-        operand_dtype=static.operand_dtype,
         key_valid=static.key_valid(chunk * static.chunk_size),
         decay=_load_decay(static, decay_ref),
         normalize=static.normalize,
@@ -202,7 +200,8 @@ def forward(
     static = _static(
         config, q.shape[1], v.shape[-1], initial_state is not None, log_decay is not None
     )
-    batch, _, heads, feature_dim = q.shape
+    batch, _, heads, _ = q.shape
+    feature_dim = static.layout.padded_feature_dim
     q_kernel = _to_kernel(q, static, feature_dim)
     k_kernel = _to_kernel(k, static, feature_dim)
     v_kernel = _to_kernel(v, static, static.padded_value_dim)
@@ -289,9 +288,7 @@ def _backward_query_kernel(*refs, static: ChunkedCall):
         d_numerator,
         d_denominator,
         [SegmentState(kv_scratch[...], k_scratch[...])],
-        _load_factors(factor_refs),
-        feature_dim=static.layout.feature_dim,
-        operand_dtype=static.operand_dtype,
+        _load_features(static, factor_refs),
         key_valid=static.key_valid(chunk * static.chunk_size),
         decay=_load_decay(static, decay_ref),
     )
@@ -321,9 +318,7 @@ def _backward_key_value_kernel(*refs, static: ChunkedCall):
         d_numerator,
         d_denominator,
         [SegmentState(d_kv_scratch[...], d_k_scratch[...])],
-        _load_factors(factor_refs),
-        feature_dim=static.layout.feature_dim,
-        operand_dtype=static.operand_dtype,
+        _load_features(static, factor_refs),
         decay=_load_decay(static, decay_ref),
     )
     dk_ref[...] = dk.astype(dk_ref.dtype)
@@ -418,8 +413,8 @@ def backward(
         name="based_linear_attention_backward_key_value",
     )(*key_value_inputs)
 
-    dq = _from_kernel(dq_kernel, static, feature_dim, static.operand_dtype)
-    dk = _from_kernel(dk_kernel, static, feature_dim, static.operand_dtype)
+    dq = _from_kernel(dq_kernel, static, static.layout.feature_dim, static.operand_dtype)
+    dk = _from_kernel(dk_kernel, static, static.layout.feature_dim, static.operand_dtype)
     dv = _from_kernel(dv_kernel, static, static.value_dim, static.operand_dtype)
     d_log_decay = None
     if static.has_decay:
