@@ -1,4 +1,5 @@
-"""The elementwise feature maps (``identity``, ``elu``, ``relu``) in the linear-attention kernels.
+"""The elementwise feature maps (``identity``, ``elu``, ``relu``) and groups of heads sharing
+queries and keys (SSD's ``b``, ``c``) in the linear-attention kernels.
 
 Each kernel (TPU and GPU; interpreted on CPU, compiled where that accelerator is present) is
 compared with the XLA reference op ``jaxbased.ops.linear_attention(implementation="xla")`` on
@@ -25,8 +26,11 @@ MAPS = ("identity", "elu", "relu")
 CHUNK = 16
 
 
-def make_inputs(rng, feature_map, *, seq=24, heads=2, feature_dim=5, value_dim=6, positive=False):
-    q, k = (rng.normal(size=(1, seq, heads, feature_dim)).astype(np.float32) for _ in range(2))
+def make_inputs(
+    rng, feature_map, *, seq=24, heads=2, groups=None, feature_dim=5, value_dim=6, positive=False
+):
+    groups = heads if groups is None else groups
+    q, k = (rng.normal(size=(1, seq, groups, feature_dim)).astype(np.float32) for _ in range(2))
     if positive:  # identity features normalized: keep phi(q) . z away from 0
         q, k = np.abs(q) + 0.5, np.abs(k) + 0.5
     v = rng.normal(size=(1, seq, heads, value_dim)).astype(np.float32)
@@ -85,10 +89,11 @@ def compare(backend, feature_map, inputs, rng, *, normalize, tolerance):
         return y, (final.kv_state, final.k_state)
 
     expanded = expanded_dim(feature_map, q.shape[-1])
+    heads = v.shape[2]
     weights = (
         rng.normal(size=v.shape).astype(np.float32),
-        rng.normal(size=(1, q.shape[2], expanded, v.shape[-1])).astype(np.float32),
-        rng.normal(size=(1, q.shape[2], expanded)).astype(np.float32),
+        rng.normal(size=(1, heads, expanded, v.shape[-1])).astype(np.float32),
+        rng.normal(size=(1, heads, expanded)).astype(np.float32),
     )
     got, want = results(kernel, inputs, weights), results(reference, inputs, weights)
     got_leaves, want_leaves = jax.tree.leaves(got), jax.tree.leaves(want)
@@ -100,9 +105,10 @@ def compare(backend, feature_map, inputs, rng, *, normalize, tolerance):
     for index, (got_leaf, want_leaf) in enumerate(zip(got_leaves, want_leaves, strict=True)):
         assert got_leaf.shape == want_leaf.shape, index
         assert relative_error(got_leaf, want_leaf) <= tolerance, index
+    heads_per_group = heads // q.shape[2]
     numpy_y, _ = ref.decayed_linear_attention(
-        q,
-        k,
+        np.repeat(np.asarray(q, np.float64), heads_per_group, axis=2),
+        np.repeat(np.asarray(k, np.float64), heads_per_group, axis=2),
         v,
         None if log_decay is None else log_decay,
         feature_map,
@@ -141,11 +147,23 @@ def test_bfloat16_identity_with_decay_as_ssd_runs_it(backend, rng):
     compare(backend, "identity", (q, k, v, log_decay, state), rng, normalize=False, tolerance=2e-2)
 
 
+@pytest.mark.parametrize("backend", ["tpu", "gpu"])
+def test_groups_of_heads_read_their_group_of_queries_and_keys(backend, rng):
+    # SSD's layout (b, c shared by the heads of a group; identity map, decay, no normalizer)
+    # and a grouped BASED (Taylor, normalized): 1 group of 2 heads; against the XLA op with
+    # the same groups and the float64 recurrence on queries and keys repeated per head.
+    q, k, v, log_decay, state = make_inputs(rng, "identity", groups=1)
+    compare(backend, "identity", (q, k, v, log_decay, state), rng, normalize=False, tolerance=1e-5)
+    q, k, v, _, _ = make_inputs(rng, "taylor", groups=1, feature_dim=4)
+    compare(backend, "taylor", (q, k, v, None, None), rng, normalize=True, tolerance=1e-5)
+
+
 def test_elementwise_tpu_kernels_have_no_races_in_the_tpu_interpreter(rng):
     from jax._src.pallas.mosaic.interpret import interpret_pallas_call
 
     params = pltpu.InterpretParams(detect_races=True, num_cores_or_threads=2)
-    q, k, v, log_decay, state = make_inputs(rng, "elu", seq=12, heads=2, value_dim=4)
+    # 2 heads reading 1 query/key group: the grouped block index maps too.
+    q, k, v, log_decay, state = make_inputs(rng, "elu", seq=12, heads=2, groups=1, value_dim=4)
 
     def attention(q, k, v, log_decay, state):
         return pallas_linear_attention(
@@ -157,5 +175,7 @@ def test_elementwise_tpu_kernels_have_no_races_in_the_tpu_interpreter(rng):
     zero_state = (jnp.zeros_like(state[0]), jnp.zeros_like(state[1]))
     jax.block_until_ready(pullback((jnp.ones_like(got), zero_state)))
     assert not interpret_pallas_call.races.races_found
-    want = ref.decayed_linear_attention(q, k, v, log_decay, "elu", True, 1e-12, *state)[0]
+    want = ref.decayed_linear_attention(
+        q.repeat(2, axis=2), k.repeat(2, axis=2), v, log_decay, "elu", True, 1e-12, *state
+    )[0]
     assert relative_error(got, want) <= 1e-5

@@ -91,7 +91,7 @@ class LinearAttentionConfig:
       chunk_size: tokens per chunk ``C``.
       eps: added to the denominator.
       normalize: divide by the normalizer (False: ``y = phi(q) S``, as SSD).
-      operand_dtype: matmul operand dtype (bfloat16 or float32).
+      operand_dtype: matmul operand dtype (bfloat16, float16 on GPU, or float32).
       interpret: False, True, or a ``pltpu.InterpretParams`` (TPU kernels).
       value_block_size: GPU only, value columns per program (None: 32).
       num_warps: GPU only, Triton warps per program (None: 4 for C <= 32, else 8).
@@ -130,8 +130,16 @@ def unsupported_reason(
     Dispatchers use this to fall back to XLA; :func:`linear_attention` raises it as a
     ``ValueError``.
     """
-    if len(q_shape) != 4 or len(v_shape) != 4 or tuple(v_shape[:3]) != tuple(q_shape[:3]):
-        return f"q, k must be [B, T, H, F] and v [B, T, H, Dv]; got q={q_shape}, v={v_shape}"
+    if (
+        len(q_shape) != 4
+        or len(v_shape) != 4
+        or tuple(v_shape[:2]) != tuple(q_shape[:2])
+        or v_shape[2] % q_shape[2]
+    ):
+        return (
+            f"q, k must be [B, T, G, F] and v [B, T, H, Dv] with G dividing H; got q={q_shape}, "
+            f"v={v_shape}"
+        )
     if feature_map not in KERNEL_FEATURE_MAPS:
         return (
             f"feature_map={feature_map!r} has no kernel; allowed: {', '.join(KERNEL_FEATURE_MAPS)}"
@@ -173,8 +181,8 @@ _apply_with_vjp.defvjp(_apply_forward, _apply_backward)
 
 
 def linear_attention(
-    q: Float[Array, "B T H F"],
-    k: Float[Array, "B T H F"],
+    q: Float[Array, "B T G F"],
+    k: Float[Array, "B T G F"],
     v: Float[Array, "B T H Dv"],
     initial_state: tuple[Float[Array, "B H D Dv"], Float[Array, "B H D"]] | None = None,
     *,
@@ -191,9 +199,11 @@ def linear_attention(
     """Causal linear attention by a fused chunked Pallas kernel (differentiable).
 
     Args:
-      q: ``[B, T, H, F]`` queries before the feature map (any ``T``; the tail chunk is
-        masked).
-      k: ``[B, T, H, F]`` keys, like ``q``.
+      q: ``[B, T, G, F]`` queries before the feature map (any ``T``; the tail chunk is
+        masked), one per group of heads: ``G`` divides ``H`` and head ``h`` reads group
+        ``h // (H / G)`` (``G = H``: one per head). The kernels read each group's queries and
+        keys for its heads, never copies per head; ``dq, dk`` are summed over the group's heads.
+      k: ``[B, T, G, F]`` keys, like ``q``.
       v: ``[B, T, H, Dv]`` values (any ``Dv``; padded internally to 128 lanes on TPU, to a power
         of two on GPU).
       initial_state: None or ``(kv_state [B, H, D', Dv], k_state [B, H, D'])`` to continue from,
@@ -215,8 +225,8 @@ def linear_attention(
 
     Returns:
       ``y [B, T, H, Dv]`` in ``v.dtype`` and the final state ``(kv_state, k_state)`` float32.
-      Matmul operands are bfloat16 when all of ``q, k, v`` are, else float32; accumulation,
-      state and normalizer are float32.
+      Matmul operands are bfloat16 when all of ``q, k, v`` are (float16 likewise on GPU), else
+      float32; accumulation, state and normalizer are float32.
     """
     backend, interpret = check_call(
         unsupported_reason,
@@ -233,19 +243,19 @@ def linear_attention(
     if not isinstance(normalize, bool):
         raise TypeError(f"normalize={normalize!r} must be a bool")
     if log_decay is not None:
-        if tuple(log_decay.shape) != tuple(q.shape[:3]):
+        if tuple(log_decay.shape) != tuple(v.shape[:3]):
             raise ValueError(
                 f"log_decay has shape {tuple(log_decay.shape)}; expected [B, T, H] = "
-                f"{tuple(q.shape[:3])}"
+                f"{tuple(v.shape[:3])}"
             )
         if jnp.dtype(log_decay.dtype) == jnp.float64:
             raise ValueError("log_decay is float64: the kernels compute in float32")
         log_decay = jnp.asarray(log_decay, jnp.float32)
     if value_block_size is not None:
         check_block("value_block_size", value_block_size, "gpu")
-    operand_dtype = compute_dtype(q, k, v)
-    batch, _, heads, feature_dim = q.shape
-    value_dim = v.shape[-1]
+    operand_dtype = compute_dtype(q, k, v, backend=backend)
+    batch, _, heads, value_dim = v.shape
+    feature_dim = q.shape[-1]
     if initial_state is not None:
         kv_state, k_state = initial_state
         expanded = expanded_dim(feature_map, feature_dim)

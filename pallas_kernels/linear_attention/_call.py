@@ -36,6 +36,8 @@ class ChunkedCall:
       value_dim: ``Dv``; padded_value_dim: ``Dv`` padded as the backend wants it.
       eps, operand_dtype, normalize, interpret: from the op's config.
       has_initial_state, has_decay: which optional inputs this call has.
+      heads_per_group: ``H / G``: head ``h`` reads the queries and keys of group
+        ``h // (H / G)`` (1: one group per head).
     """
 
     layout: FeatureLayout
@@ -50,6 +52,7 @@ class ChunkedCall:
     has_initial_state: bool
     has_decay: bool
     interpret: Any
+    heads_per_group: int
 
     @classmethod
     def create(
@@ -61,6 +64,7 @@ class ChunkedCall:
         *,
         has_initial_state: bool,
         has_decay: bool,
+        heads_per_group: int,
         **extra: Any,
     ):
         """From a ``LinearAttentionConfig`` and the shapes (``extra``: a backend's own fields)."""
@@ -77,8 +81,22 @@ class ChunkedCall:
             has_initial_state=has_initial_state,
             has_decay=has_decay,
             interpret=config.interpret,
+            heads_per_group=heads_per_group,
             **extra,
         )
+
+    def group_of(self, head):
+        """The query/key group that head ``head`` (a grid index) reads."""
+        return head // self.heads_per_group if self.heads_per_group > 1 else head
+
+    def sum_over_groups(self, x: jax.Array, axis: int) -> jax.Array:
+        """Per-head ``dq``/``dk`` ``[..., H, ...]`` -> per group ``[..., G, ...]``: the heads of a
+        group share its queries and keys, so their cotangents add up."""
+        if self.heads_per_group == 1:
+            return x
+        shape = list(x.shape)
+        shape[axis : axis + 1] = [shape[axis] // self.heads_per_group, self.heads_per_group]
+        return x.reshape(shape).sum(axis + 1)
 
     @property
     def rows(self) -> int:

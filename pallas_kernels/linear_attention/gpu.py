@@ -66,7 +66,12 @@ class _Static(ChunkedCall):
 
 
 def _static(
-    config: Any, seq_len: int, value_dim: int, has_initial_state: bool, has_decay: bool
+    config: Any,
+    seq_len: int,
+    value_dim: int,
+    has_initial_state: bool,
+    has_decay: bool,
+    heads_per_group: int,
 ) -> _Static:
     padded_value_dim = next_power_of_two(value_dim, 16)
     return _Static.create(
@@ -76,6 +81,7 @@ def _static(
         padded_value_dim,
         has_initial_state=has_initial_state,
         has_decay=has_decay,
+        heads_per_group=heads_per_group,
         value_block=min(config.value_block_size or 32, padded_value_dim),
         num_warps=config.num_warps or (4 if config.chunk_size <= 32 else 8),
     )
@@ -88,12 +94,14 @@ def _to_kernel(x: jax.Array, static: _Static, width: int) -> jax.Array:
 
 # Block specs -------------------------------------------------------------------------------------
 def _row_specs(static: _Static, width: int, blocked: bool) -> pl.BlockSpec:
-    """Whole (padded) sequence of one (batch, head); ``blocked``: one value block of it."""
+    """Whole (padded) sequence of one (batch, head): ``blocked``, one value block of a head's
+    values; else the ``width`` lanes of the queries or keys of the head's group."""
     if blocked:
         return pl.BlockSpec(
             (None, static.padded_seq, None, static.value_block), lambda b, h, j: (b, 0, h, j)
         )
-    return pl.BlockSpec((None, static.padded_seq, None, width), lambda b, h, j: (b, 0, h, 0))
+    shape = (None, static.padded_seq, None, width)
+    return pl.BlockSpec(shape, lambda b, h, j: (b, 0, static.group_of(h), 0))
 
 
 def _per_token_spec(static: _Static) -> pl.BlockSpec:
@@ -217,16 +225,22 @@ def forward(
     initial_state: tuple[jax.Array, jax.Array] | None,
     log_decay: jax.Array | None,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array], Residuals]:
-    """Forward kernel for ``config`` (a ``LinearAttentionConfig``). ``q, k [B, T, H, F]``,
-    ``v [B, T, H, Dv]``; ``initial_state`` is None or ``(kv [B, H, D', Dv], k [B, H, D'])``;
+    """Forward kernel for ``config`` (a ``LinearAttentionConfig``). ``q, k [B, T, G, F]``
+    (``G`` divides ``H``), ``v [B, T, H, Dv]``; ``initial_state`` is None or
+    ``(kv [B, H, D', Dv], k [B, H, D'])``;
     ``log_decay`` None or ``[B, T, H]`` float32.
 
     Returns ``y [B, T, H, Dv]``, the final state ``(kv, k)`` float32 and the residuals.
     """
+    batch, _, heads, _ = v.shape
     static = _static(
-        config, q.shape[1], v.shape[-1], initial_state is not None, log_decay is not None
+        config,
+        q.shape[1],
+        v.shape[-1],
+        initial_state is not None,
+        log_decay is not None,
+        heads // q.shape[2],
     )
-    batch, _, heads, _ = q.shape
     padded_feature_dim = static.layout.padded_feature_dim
     q_kernel = _to_kernel(q, static, padded_feature_dim)
     k_kernel = _to_kernel(k, static, padded_feature_dim)
@@ -372,14 +386,16 @@ def backward(
     ``(d_kv [B, H, D', Dv], d_k [B, H, D'])`` float32 and ``d log_decay [B, T, H]`` float32
     (None without decay).
     """
+    batch, _, heads, _ = dy.shape
+    padded_feature_dim = residuals.q.shape[-1]
     static = _static(
         config,
         dy.shape[1],
         dy.shape[-1],
         residuals.initial_state is not None,
         residuals.cumulative_decay is not None,
+        heads // residuals.q.shape[2],
     )
-    batch, _, heads, padded_feature_dim = residuals.q.shape
     dy_kernel = _to_kernel(dy, static, static.padded_value_dim)
     y_dot_dy = jnp.sum(dy.astype(jnp.float32) * residuals.y.astype(jnp.float32), axis=-1)
     y_dot_dy = pad_axis(jnp.swapaxes(y_dot_dy, 1, 2), 2, static.padded_seq)  # [B, H, T_pad]
@@ -455,8 +471,9 @@ def backward(
     def unpad(x: jax.Array, width: int) -> jax.Array:
         return x[:, : static.seq_len, :, :width].astype(static.operand_dtype)
 
-    dq = unpad(dq_partial.sum(0), feature_dim)
-    dk = unpad(dk_partial.sum(0), feature_dim)
+    # Partial dq, dk per value block and head, summed over both (heads of a group share q, k).
+    dq = unpad(static.sum_over_groups(dq_partial.sum(0), 2), feature_dim)
+    dk = unpad(static.sum_over_groups(dk_partial.sum(0), 2), feature_dim)
     dv = unpad(dv_kernel, static.value_dim)
     d_initial = static.state_from_kernel(d_initial_kv, d_initial_k.sum(0))
     d_log_decay = None
