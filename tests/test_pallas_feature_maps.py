@@ -147,6 +147,14 @@ def test_bfloat16_identity_with_decay_as_ssd_runs_it(backend, rng):
     compare(backend, "identity", (q, k, v, log_decay, state), rng, normalize=False, tolerance=2e-2)
 
 
+def test_float16_operands_on_gpu(rng):
+    # Triton multiplies float16 operands (the GPU kernels' float16 path, which auto uses on a
+    # GPU); float16 keeps 10 mantissa bits, so 1e-2 is generous.
+    q, k, v, log_decay, state = make_inputs(rng, "identity", value_dim=16, groups=1)
+    q, k, v = (jnp.asarray(x, jnp.float16) for x in (q, k, v))
+    compare("gpu", "identity", (q, k, v, log_decay, state), rng, normalize=False, tolerance=1e-2)
+
+
 @pytest.mark.parametrize("backend", ["tpu", "gpu"])
 def test_groups_of_heads_read_their_group_of_queries_and_keys(backend, rng):
     # SSD's layout (b, c shared by the heads of a group; identity map, decay, no normalizer)

@@ -32,9 +32,11 @@ Arrays are batch-major: ``q, k [B, T, H, F]``, ``v [B, T, H, Dv]``. All arithmet
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec
 from jaxtyping import Array, Float, Int
 
@@ -46,6 +48,8 @@ from jaxbased.ops._common import (
     compute_dtype,
 )
 from jaxbased.ops.dispatch import (
+    KernelRequest,
+    KernelTarget,
     check_implementation,
     head_spec,
     kernel_backend,
@@ -60,6 +64,7 @@ from jaxbased.ops.feature_maps import (
     feature_dim_of,
     get_feature_map,
 )
+from jaxbased.ops.kernel_check import compare_with_reference
 
 ALGORITHMS: tuple[str, ...] = ("chunked", "quadratic", "recurrent")
 DEFAULT_EPS = 1e-12
@@ -208,9 +213,9 @@ def linear_attention(
       eps: added to the denominator (1e-12 as in the reference's quadratic path).
       initial_state: state to continue from (keys and values seen before ``q[:, 0]``).
       return_state: also return the state after the last token (for prefill).
-      implementation: ``auto`` (the Pallas kernel on TPU/GPU when it supports the arguments,
-        else XLA), ``xla`` (the reference) or ``pallas`` (the kernel; interpreted on CPU). The
-        kernel computes the ``chunked`` algorithm for every
+      implementation: ``auto``, ``xla`` (the reference) or ``pallas`` (the kernel; interpreted
+        on CPU); see :mod:`jaxbased.ops.dispatch` (``auto`` uses a kernel only on a device,
+        after it has passed its check). The kernel computes the ``chunked`` algorithm for every
         feature map, in float32 with bfloat16 (GPU: also float16) matmul operands when q, k, v
         all have that dtype, with or without decay and normalizer (a per-head ``[H]`` decay is
         broadcast to ``[B, T, H]`` for it).
@@ -237,6 +242,7 @@ def linear_attention(
     if implementation != "xla" and use_pallas(
         implementation,
         _kernel_unsupported(q, k, v, feature_map, algorithm, chunk_size, log_decay, normalize),
+        _kernel_request(q, feature_map),
     ):
         out, final = _pallas(
             q, k, v, feature_map, chunk_size, eps, initial_state, log_decay, normalize
@@ -295,6 +301,46 @@ def _kernel_unsupported(
         backend=backend,
         dtypes=(q.dtype, k.dtype, v.dtype, *decay_dtypes),
     )
+
+
+def _kernel_request(q: Array, feature_map: str) -> KernelRequest:
+    dtype = jnp.dtype(q.dtype)
+    return KernelRequest(
+        "linear_attention", dtype, functools.partial(_probe, feature_map, dtype), feature_map
+    )
+
+
+def _probe(feature_map: str, dtype: jnp.dtype, target: KernelTarget) -> None:
+    """The kernel on ``target`` against the XLA path, forward and gradients, on a small problem
+    of its class: 40 tokens (two chunks of 16 and a tail), one group of two heads, ``F = 8``,
+    ``Dv = 32``, a decay per step, an initial state, normalized (positive queries and keys keep
+    the normalizer of every map away from zero)."""
+    from pallas_kernels.linear_attention import linear_attention as pallas_linear_attention
+
+    rng = np.random.default_rng(0)
+    q, k = (rng.uniform(0.1, 1.0, size=(1, 40, 1, 8)).astype(dtype) for _ in range(2))
+    v = rng.normal(size=(1, 40, 2, 32)).astype(dtype)
+    log_decay = np.log(rng.uniform(0.7, 1.0, size=(1, 40, 2))).astype(np.float32)
+    expanded = expanded_dim(feature_map, 8)
+    kv_state = (0.1 * rng.normal(size=(1, 2, expanded, 32))).astype(np.float32)
+    k_state = rng.uniform(0.0, 1.0, size=(1, 2, expanded)).astype(np.float32)
+
+    def kernel(q, k, v, log_decay, kv_state, k_state):
+        return pallas_linear_attention(
+            q, k, v, (kv_state, k_state), log_decay=log_decay, feature_map=feature_map,
+            chunk_size=16, backend=target.backend, interpret=target.interpret,
+        )  # fmt: skip
+
+    def reference(q, k, v, log_decay, kv_state, k_state):
+        y, final = linear_attention(
+            q, k, v, feature_map=feature_map, chunk_size=16, log_decay=log_decay,
+            initial_state=LinearAttentionState(kv_state, k_state), return_state=True,
+            implementation="xla",
+        )  # fmt: skip
+        return y, (final.kv_state, final.k_state)
+
+    inputs = (q, k, v, log_decay, kv_state, k_state)
+    compare_with_reference(kernel, reference, inputs, dtype.name)
 
 
 def _pallas(q, k, v, feature_map, chunk_size, eps, initial_state, log_decay, normalize):
