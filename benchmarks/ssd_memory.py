@@ -113,9 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{row['forward_backward']['temp_bytes'] / 2**20:.2f} |",
                 flush=True,
             )
-    write_json_atomic(
-        args.output, {"machine": machine_info(), "revision": revision, "rows": rows}
-    )
+    write_json_atomic(args.output, {"machine": machine_info(), "revision": revision, "rows": rows})
     print(f"wrote {args.output}")
     return 0
 
