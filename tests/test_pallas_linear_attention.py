@@ -276,6 +276,8 @@ def test_illegal_block_sizes_name_the_dimension(rng):
         pallas_linear_attention(q, k, v, chunk_size=12, backend="tpu", interpret=True)
     with pytest.raises(ValueError, match="chunk_size=24 must be a power of two >= 16"):
         pallas_linear_attention(q, k, v, chunk_size=24, backend="gpu", interpret=True)
+    with pytest.raises(ValueError, match="chunk_size=128 is over the GPU kernel's 64"):
+        pallas_linear_attention(q, k, v, chunk_size=128, backend="gpu", interpret=True)
     with pytest.raises(ValueError, match="value_block_size=48"):
         pallas_linear_attention(q, k, v, value_block_size=48, backend="gpu", interpret=True)
     with pytest.raises(ValueError, match="feature_map='cosformer' has no kernel; allowed: taylor"):

@@ -193,6 +193,7 @@ def linear_attention(
     implementation: str = "auto",
     log_decay: Float[Array, " H"] | Float[Array, "B T H"] | None = None,
     normalize: bool = True,
+    kernel_chunk_size: int | None = None,
 ) -> Float[Array, "B T H Dv"] | tuple[Float[Array, "B T H Dv"], LinearAttentionState]:
     """Causal linear attention ``y_i = sum_{j<=i} K_ij v_j / (sum_{j<=i} K_ij + eps)``.
 
@@ -223,6 +224,9 @@ def linear_attention(
         head); values <= 0 (checked when concrete).
       normalize: divide by ``phi(q_t)^T z_t + eps`` (the BASED normalizer); False returns
         ``phi(q_t)^T S_t`` (SSD, RetNet). The state holds ``z`` either way.
+      kernel_chunk_size: tokens per chunk of the kernel (None: ``chunk_size``). The chunk only
+        tiles the computation, so the two may differ (SSD keeps 256 for XLA and the kernels'
+        own default).
 
     Returns:
       ``y [B, T, H, Dv]`` in ``v.dtype``, and the final :class:`LinearAttentionState` (float32)
@@ -232,6 +236,9 @@ def linear_attention(
     check_feature_map(feature_map)
     check_algorithm(algorithm, ALGORITHMS)
     check_chunk_size(chunk_size)
+    if kernel_chunk_size is None:
+        kernel_chunk_size = chunk_size
+    check_chunk_size(kernel_chunk_size)
     if eps < 0:
         raise ValueError(f"eps={eps} must be >= 0")
     check_implementation(implementation)
@@ -241,11 +248,13 @@ def linear_attention(
         log_decay = _check_log_decay(log_decay, {"[H]": (heads,), "[B, T, H]": (batch, seq, heads)})
     if implementation != "xla" and use_pallas(
         implementation,
-        _kernel_unsupported(q, k, v, feature_map, algorithm, chunk_size, log_decay, normalize),
+        _kernel_unsupported(
+            q, k, v, feature_map, algorithm, kernel_chunk_size, log_decay, normalize
+        ),
         _kernel_request(q, feature_map),
     ):
         out, final = _pallas(
-            q, k, v, feature_map, chunk_size, eps, initial_state, log_decay, normalize
+            q, k, v, feature_map, kernel_chunk_size, eps, initial_state, log_decay, normalize
         )
         return (out, final) if return_state else out
 

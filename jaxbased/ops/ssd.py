@@ -40,7 +40,7 @@ from jaxbased.ops._common import (
     compute_dtype,
     initial_state_or_zeros,
 )
-from jaxbased.ops.dispatch import check_implementation
+from jaxbased.ops.dispatch import check_implementation, kernel_backend
 from jaxbased.ops.linear_attention import LinearAttentionState, linear_attention
 
 ALGORITHMS: tuple[str, ...] = ("chunked", "recurrent")
@@ -71,6 +71,12 @@ def _check_shapes(x, dt, a, b, c, token_axes: int) -> tuple[int, int, int, int]:
     check_not_positive("a", a)
     check_not_negative("dt", dt)
     return heads, head_dim, groups, state_dim
+
+
+def _default_kernel_chunk_size() -> int:
+    from pallas_kernels.linear_attention import DEFAULT_CHUNK_SIZE
+
+    return DEFAULT_CHUNK_SIZE[kernel_backend()[0]]
 
 
 def _operand_dtype(x: Array, b: Array, c: Array, dtype: jnp.dtype) -> jnp.dtype:
@@ -107,6 +113,7 @@ def ssd(
     initial_state: Float[Array, "B H P N"] | None = None,
     return_state: bool = False,
     implementation: str = "auto",
+    kernel_chunk_size: int | None = None,
 ) -> Float[Array, "B T H P"] | tuple[Float[Array, "B T H P"], Float[Array, "B H P N"]]:
     """Mamba-2's scan ``h_t = exp(dt_t a) h_{t-1} + dt_t x_t b_t^T``, ``y_t = h_t c_t``.
 
@@ -123,6 +130,9 @@ def ssd(
       implementation: who computes the ``chunked`` algorithm: ``auto``, ``xla`` or ``pallas``
         (the linear-attention kernel with the identity map; see
         :func:`jaxbased.ops.linear_attention`). ``recurrent`` is always XLA.
+      kernel_chunk_size: the kernel's chunk (None: its default for the platform, 64 on TPU
+        and 16 on GPU, where Mamba-2's ``N = 128`` state compiles without register spills;
+        ``chunk_size`` tiles the XLA scan).
 
     Returns:
       ``y [B, T, H, P]`` in ``x.dtype``, and the final state ``[B, H, P, N]`` (float32) when
@@ -156,6 +166,7 @@ def ssd(
             implementation=implementation,
             log_decay=dt_ * a_,
             normalize=False,
+            kernel_chunk_size=kernel_chunk_size or _default_kernel_chunk_size(),
         )
         final_state = jnp.swapaxes(final.kv_state, -1, -2)
     else:

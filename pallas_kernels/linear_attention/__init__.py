@@ -75,6 +75,9 @@ __all__ = [
 
 #: Default tokens per chunk: 64 on TPU (ThunderKittens' chunk), 16 on GPU (fla's fused_chunk).
 DEFAULT_CHUNK_SIZE: dict[str, int] = {"tpu": 64, "gpu": 16}
+#: Largest chunk of the GPU kernels: their [C, C] and [C, F] tiles live in registers and shared
+#: memory (at C = 64 the compile report already shows spills; BENCHMARKS.md).
+MAX_GPU_CHUNK_SIZE = 64
 #: Every feature map the kernels run: the Taylor maps (fused expansion) and the elementwise ones.
 KERNEL_FEATURE_MAPS: tuple[str, ...] = (*TAYLOR_FEATURE_MAPS, *ELEMENTWISE_FEATURE_MAPS)
 
@@ -146,12 +149,16 @@ def unsupported_reason(
         )
     if any(jnp.dtype(dtype) == jnp.float64 for dtype in dtypes):
         return "float64 inputs: the kernels compute in float32"
+    chunk = DEFAULT_CHUNK_SIZE[backend] if chunk_size is None else chunk_size
     try:
-        check_block(
-            "chunk_size", DEFAULT_CHUNK_SIZE[backend] if chunk_size is None else chunk_size, backend
-        )
+        check_block("chunk_size", chunk, backend)
     except ValueError as error:
         return str(error)
+    if backend == "gpu" and chunk > MAX_GPU_CHUNK_SIZE:
+        return (
+            f"chunk_size={chunk} is over the GPU kernel's {MAX_GPU_CHUNK_SIZE} (its [C, C] tiles "
+            "are held in registers and shared memory)"
+        )
     return None
 
 
@@ -214,7 +221,7 @@ def linear_attention(
       feature_map: ``taylor`` (``D' = 1 + F + F**2``) or ``taylor_symmetric``
         (``1 + F + F (F + 1) / 2``), same outputs and different state layouts; or ``elu``,
         ``relu``, ``identity`` (``D' = F``).
-      chunk_size: tokens per chunk; TPU: a multiple of 8, GPU: a power of two >= 16
+      chunk_size: tokens per chunk; TPU: a multiple of 8, GPU: a power of two from 16 to 64
         (None: 64 on TPU, 16 on GPU).
       eps: added to the denominator (1e-12 as in the XLA reference).
       backend: ``tpu``, ``gpu`` or None (the default JAX platform's; CPU: ``tpu``).

@@ -86,8 +86,12 @@ class ChunkedCall:
         )
 
     def group_of(self, head):
-        """The query/key group that head ``head`` (a grid index) reads."""
-        return head // self.heads_per_group if self.heads_per_group > 1 else head
+        """The query/key group that head ``head`` (a grid index) reads. Truncating division
+        (``lax.div``; grid indices are >= 0): Python's ``//`` lowers to a floor with a sign
+        correction, which Mosaic's lowering of ``sign`` cannot do without a TPU attached."""
+        if self.heads_per_group == 1:
+            return head
+        return lax.div(head, jnp.asarray(self.heads_per_group, head.dtype))
 
     def sum_over_groups(self, x: jax.Array, axis: int) -> jax.Array:
         """Per-head ``dq``/``dk`` ``[..., H, ...]`` -> per group ``[..., G, ...]``: the heads of a
