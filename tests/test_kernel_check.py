@@ -162,8 +162,11 @@ def test_on_cpu_nothing_is_checked(monkeypatch):
     assert not kernel_check.kernel_verdicts()
 
 
-def test_the_window_attention_probe_passes_with_its_kernel():
+def test_the_window_and_selective_scan_probes_pass_with_their_kernels():
     # The probes auto runs on a device, here with the real kernels interpreted: a correct
     # kernel passes (so a device check that fails means the compiled kernel differs).
+    # (jaxbased.ops.selective_scan is also the name of the function jaxbased.ops exports.)
+    selective_scan_module = importlib.import_module("jaxbased.ops.selective_scan")
     window_attention_module = importlib.import_module("jaxbased.ops.window_attention")
     window_attention_module._probe(jnp.dtype(jnp.float32), PRETEND_TPU)
+    selective_scan_module._probe(jnp.dtype(jnp.bfloat16), PRETEND_TPU)
