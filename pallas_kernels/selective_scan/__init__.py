@@ -165,13 +165,15 @@ def selective_scan(
       u: ``[B, T, D]`` inputs (any ``T``: the tail chunk is padded exactly).
       delta: ``[B, T, D]`` step sizes (>= 0, after softplus).
       a: ``[D, N]`` rates (<= 0).
-      b, c: ``[B, T, N]`` input and output projections.
+      b: ``[B, T, N]`` input projection.
+      c: ``[B, T, N]`` output projection.
       initial_state: None or ``[B, D, N]`` to continue from.
       chunk_size: tokens per chunk (None: 16 on TPU, 8 on GPU); on TPU a multiple of 8.
       backend: ``tpu``, ``gpu`` or None (the default platform's; CPU: ``tpu``).
       interpret: run in Pallas' interpreter (required on CPU); for ``tpu`` a
         ``pltpu.InterpretParams`` selects the TPU interpreter.
-      channel_block_size, num_warps: tuning (see :class:`SelectiveScanConfig`).
+      channel_block_size: tuning (see :class:`SelectiveScanConfig`).
+      num_warps: GPU tuning (see :class:`SelectiveScanConfig`).
 
     Returns:
       ``y [B, T, D]`` in ``u.dtype`` and the final state ``[B, D, N]`` float32. All arithmetic
