@@ -75,16 +75,14 @@ def compare(backend, inputs, rng, tolerance, interpret=None):
 def test_float32_outputs_state_and_gradients_match_xla(backend, rng):
     u, delta, a, b, c, state = make_inputs(rng)
     compare(backend, (u, delta, a, b, c, state), rng, 1e-5)  # with an initial state
-    u, delta, a, b, c, _ = make_inputs(rng, batch=1, seq=16)  # whole chunks, no state
-    compare(backend, (u, delta, a, b, c), rng, 1e-5)
 
 
 @pytest.mark.parametrize("backend", ["tpu", "gpu"])
-def test_bfloat16_inputs(backend, rng):
-    u, delta, a, b, c, state = make_inputs(rng, batch=1)
+def test_bfloat16_inputs_without_a_state(backend, rng):
+    u, delta, a, b, c, _ = make_inputs(rng, batch=1, seq=16)  # whole chunks, no state
     u, b, c = (jnp.asarray(x, jnp.bfloat16) for x in (u, b, c))
     # delta stays float32, as the Mamba layer computes it; the references see the rounded inputs
-    compare(backend, (u, delta, a, b, c, state), rng, 2e-2)
+    compare(backend, (u, delta, a, b, c), rng, 2e-2)
 
 
 def test_tpu_kernels_have_no_races_in_the_tpu_interpreter(rng):

@@ -7,7 +7,8 @@ and states per head, split as ``[B, G, R, ...]`` with ``R = H / G`` heads per gr
 matrix ``phi(q) phi(k)^T``, for SSD the ``C . B`` dots) is computed once for the group, never
 repeated per head; only what differs per head (the decay weights, the values, the states) is.
 
-The state is a pair ``(kv [B, G, R, D', Dv], z [B, G, R, D'])`` in the compute dtype.
+The state is a pair ``(kv [B, G, R, D', Dv], z [B, G, R, D'])`` in the compute dtype (per head,
+``[B, H, ...]``, for the token-by-token algorithm).
 
 - :func:`quadratic`: the masked ``T x T`` kernel matrix.
 - :func:`chunked`: chunks of ``chunk_size`` tokens, intra-chunk kernel matrices and a carried
@@ -29,7 +30,9 @@ from jaxbased.ops.feature_maps import (
     taylor_kernel_from_dots,
 )
 
-State = tuple[Float[Array, "B G R D Dv"], Float[Array, "B G R D"]]
+#: ``(kv_state, k_state)``: ``[B, G, R, D', Dv]`` and ``[B, G, R, D']`` for the chunked and
+#: quadratic algorithms, ``[B, H, D', Dv]`` and ``[B, H, D']`` for the recurrent one and the step.
+State = tuple[Float[Array, "..."], Float[Array, "..."]]
 
 
 def _decay_weights(log_decay: Array) -> tuple[Array, Array, Array, Array]:
