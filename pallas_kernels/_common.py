@@ -128,10 +128,14 @@ def check_block(name: str, size: int, backend: str) -> None:
         raise ValueError(f"{name}={size} must be a power of two >= 16 for the GPU (Triton) kernel")
 
 
-def compute_dtype(*arrays: jax.Array) -> jnp.dtype:
-    """Operand dtype of the kernel matmuls: bfloat16 if every input is bfloat16, else float32."""
+def compute_dtype(*arrays: jax.Array, backend: str = "tpu") -> jnp.dtype:
+    """Operand dtype of the kernel matmuls: bfloat16 if every input is bfloat16, float16 if
+    every input is float16 on ``gpu`` (Triton multiplies float16 natively; the TPU kernels
+    compute float16 inputs in float32), else float32."""
     if all(a.dtype == jnp.bfloat16 for a in arrays):
         return jnp.dtype(jnp.bfloat16)
+    if backend == "gpu" and all(a.dtype == jnp.float16 for a in arrays):
+        return jnp.dtype(jnp.float16)
     for a in arrays:
         if a.dtype == jnp.float64:
             raise ValueError(

@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.linear_attention import linear_attention as pallas_linear_attention
+from pallas_kernels.selective_scan import selective_scan as pallas_selective_scan
 from pallas_kernels.window_attention import window_attention as pallas_window_attention
 
 TRITON_CALL_TARGET = "__gpu$xla.gpu.triton"
@@ -167,14 +168,20 @@ def compile_for_cuda(kernel: TritonKernel, arch: int = 90) -> CompileReport:
 
 
 # The cases: forward + backward of each op at the shapes the models and gpu_check use. ----------
+#: The kernels of one differentiated call of each op, in the order the call runs them.
+ATTENTION_KERNELS = ("forward", "backward_query", "backward_key_value")
+SCAN_KERNELS = ("forward", "backward")
+
+
 @dataclasses.dataclass(frozen=True)
 class Case:
     """A differentiated op call whose kernels (forward and backward) are compiled: ``function``
-    of arrays shaped as ``args``."""
+    of arrays shaped as ``args``; ``kernels``: the suffixes of the kernels' names it runs."""
 
     name: str
     function: Callable
     args: tuple[jax.ShapeDtypeStruct, ...]
+    kernels: tuple[str, ...] = ATTENTION_KERNELS
 
 
 def linear_case(
@@ -185,10 +192,13 @@ def linear_case(
     dtype=jnp.bfloat16,
     decay: bool = False,
     chunk: int | None = None,
+    normalize: bool = True,
+    groups: int | None = None,
 ) -> Case:
-    """Gradients of Taylor linear attention (output and final state) through the kernels."""
+    """Gradients of linear attention (output and final state) through the kernels; ``groups``
+    query/key groups for the 2 heads (None: one per head)."""
     shape = (1, 300, 2)
-    q = jax.ShapeDtypeStruct((*shape, feature_dim), dtype)
+    q = jax.ShapeDtypeStruct((*shape[:2], groups or shape[2], feature_dim), dtype)
     v = jax.ShapeDtypeStruct((*shape, value_dim), dtype)
     log_decay = jax.ShapeDtypeStruct(shape, jnp.float32)
 
@@ -199,6 +209,7 @@ def linear_case(
                 k,
                 v,
                 log_decay=log_decay if decay else None,
+                normalize=normalize,
                 feature_map=feature_map,
                 chunk_size=chunk,
                 backend=backend,
@@ -210,9 +221,30 @@ def linear_case(
     name = (
         f"linear {feature_map} F={feature_dim} Dv={value_dim} {jnp.dtype(dtype).name}"
         + (" decay" if decay else "")
+        + ("" if normalize else " unnormalized")
+        + (f" groups={groups}" if groups else "")
         + (f" chunk={chunk}" if chunk else "")
     )
     return Case(name, gradients, (q, q, v, log_decay))
+
+
+def scan_case(backend: str, state_dim: int = 16, channels: int = 256, dtype=jnp.bfloat16) -> Case:
+    """Gradients of the selective scan (output and final state) through the kernels; ``delta``
+    and ``a`` float32 as the Mamba layer computes them."""
+    u = jax.ShapeDtypeStruct((1, 300, channels), dtype)
+    delta = jax.ShapeDtypeStruct((1, 300, channels), jnp.float32)
+    a = jax.ShapeDtypeStruct((channels, state_dim), jnp.float32)
+    bc = jax.ShapeDtypeStruct((1, 300, state_dim), dtype)
+
+    def gradients(u, delta, a, b, c):
+        def loss(u, delta, a, b, c):
+            y, state = pallas_selective_scan(u, delta, a, b, c, backend=backend)
+            return jnp.sum(y.astype(jnp.float32)) + jnp.sum(state)
+
+        return jax.grad(loss, argnums=(0, 1, 2, 3, 4))(u, delta, a, b, c)
+
+    name = f"selective_scan N={state_dim} D={channels} {jnp.dtype(dtype).name}"
+    return Case(name, gradients, (u, delta, a, bc, bc), SCAN_KERNELS)
 
 
 def window_case(
@@ -242,7 +274,9 @@ def window_case(
 
 def cases(backend: str) -> tuple[Case, ...]:
     """Feature dims 8-32, value dims 64/112, both dtypes, decay, the chunk/block sweeps of
-    gpu_check, windows and full causal attention, head dims 64-128."""
+    gpu_check, the elementwise maps (SSD's identity at Mamba-2's N = 128, P = 64 with one
+    group of b, c for two heads; elu), windows and full causal attention, head dims 64-128,
+    and the selective scan (Mamba-1's N = 16) in both dtypes."""
     sweeps = {"gpu": ((32, 64), 128), "tpu": ((128,), 256)}
     if backend not in sweeps:
         raise ValueError(f"backend={backend!r}; allowed: {', '.join(sweeps)}")
@@ -255,10 +289,14 @@ def cases(backend: str) -> tuple[Case, ...]:
         linear_case(backend, feature_dim=32, value_dim=112, dtype=jnp.float32),
         linear_case(backend, decay=True),
         *(linear_case(backend, chunk=chunk) for chunk in chunks),
+        linear_case(backend, "identity", 128, 64, decay=True, normalize=False, groups=1),
+        linear_case(backend, "elu", decay=True),
         *(window_case(backend, head_dim=head_dim) for head_dim in (64, 112, 128)),
         window_case(backend, window=None),
         window_case(backend, dtype=jnp.float32),
         window_case(backend, head_dim=128, block_size=blocks),
+        scan_case(backend),
+        scan_case(backend, dtype=jnp.float32),
     )
 
 
@@ -267,9 +305,12 @@ TPU_CASES = cases("tpu")
 
 #: The float32 kernels at F = 32 take Triton minutes to compile from a cold cache (their operands
 #: spill to the stack; 7 minutes on a loaded 2-core host for Dv = 112), so the test suite holds
-#: the float32 path to the limits at F = 16 and F = 32 at bf16, and leaves this one case to the
-#: report of ``benchmarks/compile_kernels.py``.
-SLOW_GPU_CASES = frozenset({"linear taylor F=32 Dv=112 float32"})
+#: the float32 path to the limits at F = 16 and F = 32 at bf16, and leaves this case to the
+#: report of ``benchmarks/compile_kernels.py``; likewise the float32 selective scan, whose
+#: unrolled backward compiles like the bfloat16 one (same float32 arithmetic) but slower.
+SLOW_GPU_CASES = frozenset(
+    {"linear taylor F=32 Dv=112 float32", "selective_scan N=16 D=256 float32"}
+)
 
 #: A small topology per TPU generation (deviceless compilation needs a whole host's chips).
 TPU_TOPOLOGIES = {"v4": "v4:2x2x1", "v5e": "v5e:2x2", "v5p": "v5p:2x2x1", "v6e": "v6e:2x2"}

@@ -29,6 +29,8 @@ import numpy as np
 FEATURE_MAP_NAMES: tuple[str, ...] = ("taylor", "taylor_symmetric", "elu", "relu", "identity")
 #: The maps whose kernel is ``1 + s + s**2 / 2`` of the raw dots (the fused kernels' maps).
 TAYLOR_FEATURE_MAPS: tuple[str, ...] = ("taylor", "taylor_symmetric")
+#: The maps with one feature per input, ``phi(x)_i = f(x_i)``.
+ELEMENTWISE_FEATURE_MAPS: tuple[str, ...] = ("elu", "relu", "identity")
 
 
 def check_feature_map(name: str) -> None:

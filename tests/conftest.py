@@ -58,6 +58,20 @@ def init_model(config: ModelConfig, seed: int = 0, seq: int = 4):
     return model, nn.meta.unbox(variables["params"])
 
 
+#: The kernel family this machine runs compiled: ``tpu`` on a TPU, ``gpu`` on a CUDA/ROCm GPU,
+#: none on CPU.
+NATIVE_KERNEL_BACKEND = {"tpu": "tpu", "gpu": "gpu", "cuda": "gpu", "rocm": "gpu"}.get(
+    jax.default_backend()
+)
+
+
+def kernel_interpret(backend: str) -> bool:
+    """``interpret=`` for a kernel test of ``backend``: compiled (False) where this machine has
+    that accelerator, so that the suite on a GPU/TPU host is the hardware check; interpreted
+    (True) everywhere else."""
+    return backend != NATIVE_KERNEL_BACKEND
+
+
 def relative_error(actual, expected) -> float:
     actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
     return float(np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), 1e-30))

@@ -206,3 +206,63 @@ def test_invalid_log_decay_is_named(rng):
         linear_attention_step(q[:, 0], k[:, 0], v[:, 0], state, log_decay=jnp.zeros((2, 4, 3)))
     with pytest.raises(ValueError, match="log_decay must be <= 0"):
         linear_attention_step(q[:, 0], k[:, 0], v[:, 0], state, log_decay=jnp.ones((3,)))
+
+
+def test_groups_of_heads_share_queries_and_keys(rng):
+    # One query/key group read by all 3 heads (SSD's b and c with G = 1): every algorithm's
+    # outputs and final state against the float64 recurrence on keys repeated per head; the
+    # chunked gradients against the op on repeated keys (whose dq, dk summed over the heads
+    # are the group's).
+    seq = 19
+    q, k, v = make_inputs(rng, "identity", seq)
+    q, k = q[:, :, :1], k[:, :, :1]
+    log_decay = make_log_decay(rng, "per_step", seq)
+    initial = (
+        rng.normal(size=(BATCH, HEADS, 4, 5)).astype(np.float32),
+        rng.normal(size=(BATCH, HEADS, 4)).astype(np.float32),
+    )
+
+    def repeat(x):
+        return jnp.repeat(x, HEADS, axis=2)
+
+    want, (want_kv, want_z) = ref.decayed_linear_attention(
+        repeat(q), repeat(k), v, log_decay, "identity", False, kv_state=initial[0],
+        k_state=initial[1],
+    )  # fmt: skip
+
+    def attention(q, k, v, log_decay, initial, algorithm="chunked"):
+        return linear_attention(
+            q, k, v, feature_map="identity", algorithm=algorithm, chunk_size=CHUNK,
+            log_decay=log_decay, normalize=False, initial_state=LinearAttentionState(*initial),
+            return_state=True, implementation="xla",
+        )  # fmt: skip
+
+    every_algorithm = jax.jit(
+        lambda *args: [attention(*args, algorithm=algorithm) for algorithm in ALGORITHMS]
+    )
+    for algorithm, (got, state) in zip(
+        ALGORITHMS, every_algorithm(q, k, v, log_decay, initial), strict=True
+    ):
+        assert got.shape == v.shape and state.kv_state.shape == want_kv.shape
+        assert relative_error(got, want) <= 1e-5, algorithm
+        assert relative_error(state.kv_state, want_kv) <= 1e-5, algorithm
+        assert relative_error(state.k_state, want_z) <= 1e-5, algorithm
+
+    weights = rng.normal(size=v.shape).astype(np.float32)
+
+    def loss(q, k, v, log_decay, initial):
+        y, state = attention(q, k, v, log_decay, initial)
+        return jnp.sum(y * weights) + jnp.sum(state.kv_state) + jnp.sum(state.k_state**2)
+
+    argnums = (0, 1, 2, 3, 4)
+    got_grads = jax.jit(jax.grad(loss, argnums=argnums))(q, k, v, log_decay, initial)
+    want_grads = jax.jit(
+        jax.grad(lambda q, k, *rest: loss(repeat(q), repeat(k), *rest), argnums=argnums)
+    )(q, k, v, log_decay, initial)
+    for got_grad, want_grad in zip(
+        jax.tree.leaves(got_grads), jax.tree.leaves(want_grads), strict=True
+    ):
+        assert got_grad.shape == want_grad.shape
+        assert relative_error(got_grad, want_grad) <= 1e-5
+    with pytest.raises(ValueError, match="2 groups, which must divide the 3 heads"):
+        linear_attention(q.repeat(2, axis=2), k.repeat(2, axis=2), v)

@@ -6,7 +6,8 @@
 The forward is checked against a float64 NumPy loop over tokens written from that recurrence,
 the gradients (q, k, v, log_decay, initial state) against ``jax.grad`` of the same token loop
 in float64 (``jax.enable_x64``): a different algorithm from the kernels' chunked one. Kernels run
-in Pallas' interpreter, jitted (interpreting eagerly is several times slower).
+in Pallas' interpreter, jitted (interpreting eagerly is several times slower), or compiled where
+their accelerator is present (``tests.conftest.kernel_interpret``).
 """
 
 import math
@@ -20,7 +21,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jaxbased.ops import expanded_dim
 from pallas_kernels.linear_attention import linear_attention as pallas_linear_attention
 from tests import reference_numpy as ref
-from tests.conftest import relative_error
+from tests.conftest import kernel_interpret, relative_error
 
 BACKENDS = ("tpu", "gpu")
 CHUNK = 16
@@ -142,7 +143,7 @@ def kernel_results(backend, feature_map, normalize, weights, inputs, **options):
             feature_map=feature_map,
             chunk_size=options.get("chunk_size", CHUNK),
             backend=backend,
-            interpret=options.get("interpret", True),
+            interpret=options.get("interpret", kernel_interpret(backend)),
             value_block_size=options.get("value_block_size"),
         )
 

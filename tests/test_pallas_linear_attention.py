@@ -1,7 +1,8 @@
-"""The Pallas linear-attention kernels against the XLA reference, on CPU.
+"""The Pallas linear-attention kernels against the XLA reference.
 
-Kernels run in Pallas' interpreter (``interpret=True``; the TPU kernels also in the TPU
-interpreter with race detection). Lowering is checked from the CPU host with ``jax.export``:
+Kernels run compiled where their accelerator is present (``tests.conftest.kernel_interpret``)
+and in Pallas' interpreter elsewhere (the TPU kernels also in the TPU interpreter with race
+detection). Lowering is checked from the CPU host with ``jax.export``:
 for TPU this runs Pallas -> Mosaic (block-shape rules, supported ops) but not Mosaic's own
 layout passes, which only libtpu has; for CUDA it runs Pallas -> Triton IR but not Triton's
 PTX compiler. tests/test_pallas_compile.py runs those compilers too (libtpu, the triton
@@ -25,7 +26,7 @@ from pallas_kernels.linear_attention._symmetric import (
     symmetric_from_full,
 )
 from tests import reference_numpy as ref
-from tests.conftest import init_model, relative_error
+from tests.conftest import init_model, kernel_interpret, relative_error
 
 BACKENDS = ("tpu", "gpu")
 CHUNK = 16  # legal on both backends (TPU: multiple of 8; Triton: power of two >= 16)
@@ -66,7 +67,7 @@ def kernel(backend, **options):
             feature_map=feature_map,
             chunk_size=chunk_size,
             backend=backend,
-            interpret=options.get("interpret", True),
+            interpret=options.get("interpret", kernel_interpret(backend)),
         )
 
     return run
@@ -276,10 +277,12 @@ def test_illegal_block_sizes_name_the_dimension(rng):
         pallas_linear_attention(q, k, v, chunk_size=12, backend="tpu", interpret=True)
     with pytest.raises(ValueError, match="chunk_size=24 must be a power of two >= 16"):
         pallas_linear_attention(q, k, v, chunk_size=24, backend="gpu", interpret=True)
+    with pytest.raises(ValueError, match="chunk_size=128 is over the GPU kernel's 64"):
+        pallas_linear_attention(q, k, v, chunk_size=128, backend="gpu", interpret=True)
     with pytest.raises(ValueError, match="value_block_size=48"):
         pallas_linear_attention(q, k, v, value_block_size=48, backend="gpu", interpret=True)
-    with pytest.raises(ValueError, match="feature_map='elu' has no fused kernel"):
-        pallas_linear_attention(q, k, v, feature_map="elu", backend="tpu", interpret=True)
+    with pytest.raises(ValueError, match="feature_map='cosformer' has no kernel; allowed: taylor"):
+        pallas_linear_attention(q, k, v, feature_map="cosformer", backend="tpu", interpret=True)
     with pytest.raises(ValueError, match="initial_state"):
         bad_state = (np.zeros((2, 3, 7, 5), np.float32), np.zeros((2, 3, 7), np.float32))
         pallas_linear_attention(q, k, v, bad_state, backend="tpu", interpret=True)
@@ -428,7 +431,12 @@ def test_kernels_run_per_shard_under_a_mesh():
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    # On CPU even where a GPU/TPU is present (the simulated devices are CPU ones).
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+        "JAX_PLATFORMS": "cpu",
+    }
     result = subprocess.run(
         [sys.executable, "-c", MESH_SCRIPT],
         cwd=root,

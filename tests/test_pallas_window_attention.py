@@ -1,6 +1,7 @@
-"""The Pallas windowed-softmax kernels against the XLA reference, on CPU.
+"""The Pallas windowed-softmax kernels against the XLA reference.
 
-Interpret mode for values and gradients, the TPU interpreter for races, ``jax.export`` for
+Values and gradients compiled where the kernel's accelerator is present and in interpret mode
+elsewhere (``tests.conftest.kernel_interpret``), the TPU interpreter for races, ``jax.export`` for
 lowering (Pallas -> Mosaic / Triton IR only; see ``test_pallas_linear_attention.py``).
 """
 
@@ -14,7 +15,7 @@ import pallas_kernels.window_attention as pallas_window_module
 from jaxbased.ops import sliding_window_attention
 from pallas_kernels.window_attention import window_attention
 from tests import reference_numpy as ref
-from tests.conftest import relative_error
+from tests.conftest import kernel_interpret, relative_error
 
 BACKENDS = ("tpu", "gpu")
 PLATFORMS = {"tpu": "tpu", "gpu": "cuda"}
@@ -25,11 +26,12 @@ def qkv(rng, seq, batch=2, heads=3, head_dim=8, value_dim=None):
     return tuple(rng.normal(size=shape).astype(np.float32) for shape in shapes)
 
 
-def kernel(backend, window, block_size, interpret=True):
+def kernel(backend, window, block_size, interpret=None):
     def run(q, k, v):
         return window_attention(
-            q, k, v, window=window, block_size=block_size, backend=backend, interpret=interpret
-        )
+            q, k, v, window=window, block_size=block_size, backend=backend,
+            interpret=kernel_interpret(backend) if interpret is None else interpret,
+        )  # fmt: skip
 
     return run
 

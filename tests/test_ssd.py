@@ -150,3 +150,32 @@ def test_invalid_arguments_are_named(rng):
         ssd(x, dt, a, b, c, initial_state=np.zeros((BATCH, HEADS, STATE_DIM, HEAD_DIM)))
     with pytest.raises(ValueError, match="state has shape"):
         ssd_step(x[:, 0], dt[:, 0], a, b[:, 0], c[:, 0], np.zeros((BATCH, HEADS, 2, 2)))
+
+
+def test_the_kernel_reads_b_and_c_by_group_and_matches_xla(rng):
+    # implementation="pallas": the linear-attention kernel (identity map, decay, no
+    # normalizer) interpreted on CPU, 2 groups of 2 heads; outputs, final state and gradients
+    # of every input against the XLA path.
+    x, dt, a, b, c = make_inputs(rng, 2 * CHUNK + 3, groups=2)
+    initial = make_state(rng)
+    weights = rng.normal(size=x.shape).astype(np.float32)
+
+    def run(implementation):
+        def forward(x, dt, a, b, c, initial):
+            return ssd(
+                x, dt, a, b, c, chunk_size=CHUNK, initial_state=initial, return_state=True,
+                implementation=implementation,
+            )  # fmt: skip
+
+        def loss(*args):
+            y, state = forward(*args)
+            return jnp.sum(y * weights) + jnp.sum(state**2)
+
+        grads = jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5))
+        return jax.jit(lambda *args: (forward(*args), grads(*args)))(x, dt, a, b, c, initial)
+
+    got, want = jax.tree.leaves(run("pallas")), jax.tree.leaves(run("xla"))
+    assert len(got) == len(want) == 8
+    for got_leaf, want_leaf in zip(got, want, strict=True):
+        assert got_leaf.shape == want_leaf.shape
+        assert relative_error(got_leaf, want_leaf) <= 1e-5

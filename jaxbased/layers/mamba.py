@@ -257,6 +257,7 @@ class Mamba(StateSizeFromCache, nn.Module):
             algorithm=config.scan_algorithm,
             chunk_size=config.chunk_size,
             return_state=return_state,
+            implementation=self.context.implementation,
         )
         y, ssm_state = result if return_state else (result, None)
         out = self._output(y.astype(scan_input.dtype), scan_input, gate)

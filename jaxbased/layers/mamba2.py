@@ -207,7 +207,14 @@ class Mamba2(StateSizeFromCache, nn.Module):
         if mask is not None:  # dt = 0 leaves the state untouched: padding never enters it
             dt = jnp.where(mask[..., None], dt, 0.0)
         result = ssd(
-            x, dt, self._a(), b, c, chunk_size=config.chunk_size, return_state=return_state
+            x,
+            dt,
+            self._a(),
+            b,
+            c,
+            chunk_size=config.chunk_size,
+            return_state=return_state,
+            implementation=self.context.implementation,
         )
         y, ssm_state = result if return_state else (result, None)
         return self._output(y.astype(x.dtype), x, gate), conv_state, ssm_state

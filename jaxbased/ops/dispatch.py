@@ -3,9 +3,17 @@
 - ``"xla"``: the XLA reference implementation (the source of truth), on every platform.
 - ``"pallas"``: the Pallas kernel; on a TPU or GPU it is compiled for it, on CPU it runs in
   Pallas' interpreter (the TPU kernel, slowly: for tests). Arguments the kernel does not support
-  raise ``ValueError`` with the reason.
-- ``"auto"``: the kernel on TPU and GPU when it supports the arguments, else XLA (always XLA
-  on CPU).
+  raise ``ValueError`` with the reason; on a device, a kernel that fails its check (below)
+  raises :class:`~jaxbased.ops.kernel_check.KernelCheckError`. It never falls back.
+- ``"auto"`` (the default): XLA on CPU. On a TPU or GPU, the kernel when it supports the
+  arguments and has passed its check for the class ``(platform, kernel, dtype, feature map)``
+  (:mod:`jaxbased.ops.kernel_check`: compiled and compared with XLA on a small problem, once
+  per process), else XLA. On a GPU, float32 inputs run on XLA: the float32 kernels compile to
+  6-22 KiB of register spills per thread (``BENCHMARKS.md``); the kernels run for bfloat16 and
+  float16 inputs (``implementation="pallas"`` forces them for float32).
+
+``JAXBASED_KERNELS=check|trust|off`` sets the policy on devices: ``check`` (default) as above,
+``trust`` skips the check, ``off`` makes ``auto`` always XLA.
 
 Under an active mesh (``jax.set_mesh``), the kernels run inside ``jax.shard_map``: batch split
 over the ``data`` and ``fsdp`` axes, heads over ``tensor`` (each only when present, larger than
@@ -15,12 +23,21 @@ call to XLA's partitioner, which would otherwise gather its inputs onto every de
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import PartitionSpec
+
+from jaxbased.ops.kernel_check import (
+    KernelCheckError,
+    KernelClass,
+    check_kernel,
+    kernel_policy,
+)
 
 IMPLEMENTATIONS: tuple[str, ...] = ("auto", "xla", "pallas")
 _GPU_PLATFORMS = frozenset({"gpu", "cuda", "rocm"})
@@ -37,31 +54,101 @@ def check_implementation(implementation: str) -> None:
         )
 
 
-def kernel_backend() -> tuple[str, bool]:
-    """``(backend, interpret)`` for the Pallas kernels on the default JAX platform: the GPU
-    kernels on a GPU, the TPU kernels on a TPU, and the TPU kernels interpreted elsewhere."""
+@dataclasses.dataclass(frozen=True)
+class KernelTarget:
+    """Where the kernels run in this process.
+
+    Attributes:
+      platform: the default JAX platform (``cpu``, ``gpu``, ``tpu``).
+      backend: the kernel family, ``tpu`` or ``gpu`` (the TPU kernels on CPU).
+      interpret: run the kernels in Pallas' interpreter (on CPU).
+    """
+
+    platform: str
+    backend: str
+    interpret: bool
+
+    @property
+    def on_device(self) -> bool:
+        """Whether the kernels run on a GPU or TPU (where ``auto`` checks them)."""
+        return self.platform in ("gpu", "tpu")
+
+
+def kernel_target() -> KernelTarget:
+    """The :class:`KernelTarget` of the default JAX platform: the GPU kernels on a GPU, the TPU
+    kernels on a TPU, and the TPU kernels interpreted elsewhere."""
     platform = jax.default_backend()
     if platform in _GPU_PLATFORMS:
-        return "gpu", False
+        return KernelTarget("gpu", "gpu", False)
     if platform == "tpu":
-        return "tpu", False
-    return "tpu", True
+        return KernelTarget("tpu", "tpu", False)
+    return KernelTarget(platform, "tpu", True)
 
 
-def use_pallas(implementation: str, unsupported: str | None) -> bool:
+def kernel_backend() -> tuple[str, bool]:
+    """``(backend, interpret)`` of :func:`kernel_target`."""
+    target = kernel_target()
+    return target.backend, target.interpret
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelRequest:
+    """One call's kernel, for the check: its name, input dtype and feature map, and its probe.
+
+    ``probe(target)`` runs the kernel on ``target`` and the XLA reference on a small problem of
+    the class and raises when they differ
+    (:func:`jaxbased.ops.kernel_check.compare_with_reference`). ``float32_on_gpu``: ``auto``
+    runs float32 inputs on the GPU kernel too (a kernel without matmuls, whose float32 code
+    does not spill); else they go to XLA on a GPU.
+    """
+
+    kernel: str
+    dtype: Any
+    probe: Callable[[KernelTarget], None]
+    feature_map: str | None = None
+    float32_on_gpu: bool = False
+
+    def kernel_class(self, target: KernelTarget) -> KernelClass:
+        return KernelClass(
+            target.platform, self.kernel, jnp.dtype(self.dtype).name, self.feature_map
+        )
+
+
+def use_pallas(implementation: str, unsupported: str | None, request: KernelRequest) -> bool:
     """Whether to run the kernel, given the reason it cannot (``unsupported``, or None).
 
-    ``"pallas"`` with a reason raises ``ValueError`` naming it.
+    ``"pallas"`` with a reason raises ``ValueError`` naming it, and on a device under the
+    ``check`` policy raises :class:`KernelCheckError` if ``request``'s class fails its check.
+    ``"auto"``: see the module docstring.
     """
     check_implementation(implementation)
     if implementation == "xla":
         return False
+    target = kernel_target()
     if implementation == "pallas":
         if unsupported is not None:
             raise ValueError(f"implementation='pallas' cannot run these arguments: {unsupported}")
+        if target.on_device and kernel_policy() == "check":
+            kernel_class = request.kernel_class(target)
+            verdict = check_kernel(kernel_class, lambda: request.probe(target))
+            if not verdict.passed:
+                raise KernelCheckError(
+                    f"implementation='pallas': {kernel_class.describe()} failed its check "
+                    f"against XLA: {verdict.error}"
+                )
         return True
-    _, interpret = kernel_backend()
-    return not interpret and unsupported is None
+    if not target.on_device or unsupported is not None:
+        return False
+    policy = kernel_policy()
+    if policy == "off":
+        return False
+    float32 = jnp.dtype(request.dtype) == jnp.float32
+    if target.platform == "gpu" and float32 and not request.float32_on_gpu:
+        return False  # the float32 GPU matmul kernels spill registers: XLA is the better default
+    if policy == "trust":
+        return True
+    kernel_class = request.kernel_class(target)
+    return check_kernel(kernel_class, lambda: request.probe(target)).passed
 
 
 def mesh_partition(batch: int, heads: int) -> tuple[Any, Any] | None:

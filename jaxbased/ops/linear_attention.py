@@ -24,7 +24,7 @@ Three algorithms compute the same function:
 
 ``implementation`` picks who computes the chunked algorithm (see :mod:`jaxbased.ops.dispatch`):
 the XLA ``lax.scan`` here, or the fused Pallas kernel of ``pallas_kernels.linear_attention``
-(Taylor feature maps only; its expanded features and state stay on chip).
+(every feature map; its features and state stay on chip).
 
 Arrays are batch-major: ``q, k [B, T, H, F]``, ``v [B, T, H, Dv]``. All arithmetic is in float32
 (or float64 under x64); the output has the dtype of ``v``.
@@ -32,13 +32,15 @@ Arrays are batch-major: ``q, k [B, T, H, F]``, ``v [B, T, H, Dv]``. All arithmet
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
-import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec
 from jaxtyping import Array, Float, Int
 
+from jaxbased.ops import linear_attention_xla as xla
 from jaxbased.ops._common import (
     check_algorithm,
     check_chunk_size,
@@ -46,6 +48,8 @@ from jaxbased.ops._common import (
     compute_dtype,
 )
 from jaxbased.ops.dispatch import (
+    KernelRequest,
+    KernelTarget,
     check_implementation,
     head_spec,
     kernel_backend,
@@ -55,13 +59,12 @@ from jaxbased.ops.dispatch import (
     use_pallas,
 )
 from jaxbased.ops.feature_maps import (
-    TAYLOR_FEATURE_MAPS,
     check_feature_map,
     expanded_dim,
     feature_dim_of,
     get_feature_map,
-    taylor_kernel_from_dots,
 )
+from jaxbased.ops.kernel_check import compare_with_reference
 
 ALGORITHMS: tuple[str, ...] = ("chunked", "quadratic", "recurrent")
 DEFAULT_EPS = 1e-12
@@ -96,8 +99,23 @@ def _check_inputs(q: Array, k: Array, v: Array) -> None:
         )
     if q.shape != k.shape:
         raise ValueError(f"q and k must have the same shape; got q={q.shape}, k={k.shape}")
-    if v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"v must share batch, seq and heads with q; got q={q.shape}, v={v.shape}")
+    if v.shape[:2] != q.shape[:2]:
+        raise ValueError(f"v must share batch and seq with q; got q={q.shape}, v={v.shape}")
+    if v.shape[2] % q.shape[2]:
+        raise ValueError(
+            f"q and k have {q.shape[2]} groups, which must divide the {v.shape[2]} heads of v; "
+            f"got q={q.shape}, v={v.shape}"
+        )
+
+
+def _grouped(x: Array, groups: int) -> Array:
+    """``[B, H, ...] -> [B, G, H / G, ...]`` (head ``h = g (H / G) + r``)."""
+    return x.reshape(x.shape[0], groups, x.shape[1] // groups, *x.shape[2:])
+
+
+def _ungrouped(x: Array) -> Array:
+    """The inverse of :func:`_grouped`."""
+    return x.reshape(x.shape[0], x.shape[1] * x.shape[2], *x.shape[3:])
 
 
 def discount_padding(
@@ -150,147 +168,6 @@ def _state_or_zeros(
     return LinearAttentionState(state.kv_state.astype(dtype), state.k_state.astype(dtype))
 
 
-def _decay_weights(log_decay: Array) -> tuple[Array, Array, Array, Array]:
-    """Decay factors of one block of steps from its log decays ``[B, H, C]`` (all <= 0).
-
-    With ``G_i`` the cumulative sum of log decays inside the block, returns
-    ``exp(G_i - G_j)`` for ``j <= i`` (0 above the diagonal) ``[B, H, C, C]``, the decay of the
-    incoming state at each step ``exp(G_i)`` ``[B, H, C]``, each key's decay to the block's end
-    ``exp(G_C - G_j)`` ``[B, H, C]`` and the block's total decay ``exp(G_C)`` ``[B, H]``. The
-    differences are masked to ``-inf`` above the diagonal before ``exp``: every exponent is <= 0.
-    """
-    size = log_decay.shape[-1]
-    cumulative = jnp.cumsum(log_decay, axis=-1)
-    differences = cumulative[..., :, None] - cumulative[..., None, :]
-    causal = jnp.tril(jnp.ones((size, size), bool))
-    pairwise = jnp.exp(jnp.where(causal, differences, -jnp.inf))
-    total = cumulative[..., -1]
-    return pairwise, jnp.exp(cumulative), jnp.exp(total[..., None] - cumulative), jnp.exp(total)
-
-
-def _decay_and_add(
-    state: LinearAttentionState, decay: Array | None, kv_added: Array, k_added: Array
-) -> LinearAttentionState:
-    """``S' = a S + kv_added``, ``z' = a z + k_added``: the state decayed by ``a = decay``
-    ``[B, H]`` (skipped when None), then the new keys and values added
-    (``kv_added [B, H, D', Dv]``, ``k_added [B, H, D']``)."""
-    kv_state, k_state = state
-    if decay is not None:
-        kv_state = decay[..., None, None] * kv_state
-        k_state = decay[..., None] * k_state
-    return LinearAttentionState(kv_state + kv_added, k_state + k_added)
-
-
-def _attend_block(kernel, phi_q, phi_k, v, state, eps, log_decay, normalize):
-    """Outputs of one block of tokens and the state after it, from its causal kernel matrix.
-
-    ``kernel [B, H, C, C]`` (``phi(q_i) . phi(k_j)``, zero above the diagonal and on masked
-    keys), ``phi_q, phi_k [B, H, C, D']``, ``v [B, H, C, Dv]``, ``state`` the state before the
-    block, ``log_decay`` None or ``[B, H, C]``. With a decay the kernel is weighted by
-    ``exp(G_i - G_j)``, the state read by query ``i`` by ``exp(G_i)`` and key ``j`` enters the
-    new state weighted by ``exp(G_C - G_j)``. Returns ``y [B, H, C, Dv]`` and the new state.
-    """
-    read_q, state_decay = phi_q, None
-    if log_decay is not None:
-        pairwise, query_decay, key_decay, state_decay = _decay_weights(log_decay)
-        kernel = kernel * pairwise
-        read_q = phi_q * query_decay[..., None]
-        phi_k = phi_k * key_decay[..., None]
-    numerator = jnp.einsum("bhij,bhjd->bhid", kernel, v)
-    numerator = numerator + jnp.einsum("bhif,bhfd->bhid", read_q, state.kv_state)
-    if normalize:
-        denominator = kernel.sum(-1) + jnp.einsum("bhif,bhf->bhi", read_q, state.k_state)
-        out = numerator / (denominator + eps)[..., None]
-    else:
-        out = numerator
-    new_state = _decay_and_add(
-        state, state_decay, jnp.einsum("bhjf,bhjd->bhfd", phi_k, v), phi_k.sum(2)
-    )
-    return out, new_state
-
-
-def _quadratic(q, k, v, feature_map, eps, state, log_decay=None, normalize=True):
-    # q, k: [B, H, T, F]; v: [B, H, T, Dv]; log_decay: None or [B, H, T]; all in the compute
-    # dtype.
-    phi = get_feature_map(feature_map)
-    phi_q, phi_k = phi(q), phi(k)
-    seq = q.shape[2]
-    kernel = jnp.einsum("bhif,bhjf->bhij", phi_q, phi_k)
-    kernel = jnp.where(jnp.tril(jnp.ones((seq, seq), bool)), kernel, 0.0)
-    return _attend_block(kernel, phi_q, phi_k, v, state, eps, log_decay, normalize)
-
-
-def _chunked(q, k, v, feature_map, eps, state, chunk_size, log_decay=None, normalize=True):
-    batch, heads, seq, feature_dim = q.shape
-    num_chunks = -(-seq // chunk_size)
-    padded = num_chunks * chunk_size
-    pad = ((0, 0), (0, 0), (0, padded - seq), (0, 0))
-    q, k, v = jnp.pad(q, pad), jnp.pad(k, pad), jnp.pad(v, pad)
-    valid = (jnp.arange(padded) < seq).reshape(num_chunks, chunk_size)
-    chunked_decay = ()
-    if log_decay is not None:
-        # Padded steps do not decay (log decay 0), so the final state is that of the last token.
-        log_decay = jnp.pad(log_decay, pad[:3])
-        chunked_decay = (
-            jnp.moveaxis(log_decay.reshape(batch, heads, num_chunks, chunk_size), 2, 0),
-        )
-
-    def to_chunks(x: Array) -> Array:  # [B, H, T, X] -> [N, B, H, C, X]
-        return jnp.moveaxis(x.reshape(batch, heads, num_chunks, chunk_size, x.shape[-1]), 2, 0)
-
-    phi = get_feature_map(feature_map)
-    causal = jnp.tril(jnp.ones((chunk_size, chunk_size), bool))
-    use_raw_dots = feature_map in TAYLOR_FEATURE_MAPS
-
-    def step(carry: LinearAttentionState, chunk):
-        q_c, k_c, v_c, valid_c, *log_decay_c = chunk
-        phi_q = phi(q_c)
-        phi_k = phi(k_c) * valid_c[:, None].astype(q_c.dtype)
-        if use_raw_dots:
-            dots = jnp.einsum("bhif,bhjf->bhij", q_c, k_c)
-            kernel = taylor_kernel_from_dots(dots, feature_dim)
-        else:
-            kernel = jnp.einsum("bhif,bhjf->bhij", phi_q, phi_k)
-        kernel = jnp.where(causal & valid_c[None, :], kernel, 0.0)
-        chunk_log_decay = log_decay_c[0] if log_decay_c else None
-        out, new_carry = _attend_block(
-            kernel, phi_q, phi_k, v_c, carry, eps, chunk_log_decay, normalize
-        )
-        return new_carry, out
-
-    chunks = (to_chunks(q), to_chunks(k), to_chunks(v), valid, *chunked_decay)
-    final, out = jax.lax.scan(step, state, chunks)
-    out = jnp.moveaxis(out, 0, 2).reshape(batch, heads, padded, v.shape[-1])[:, :, :seq]
-    return out, final
-
-
-def _recurrent(q, k, v, feature_map, eps, state, log_decay=None, normalize=True):
-    def step(carry: LinearAttentionState, token):
-        q_t, k_t, v_t, *log_decay_t = token
-        decay = jnp.exp(log_decay_t[0]) if log_decay_t else None
-        out, new_carry = _step(q_t, k_t, v_t, carry, feature_map, eps, decay, normalize)
-        return new_carry, out
-
-    tokens = (jnp.moveaxis(q, 2, 0), jnp.moveaxis(k, 2, 0), jnp.moveaxis(v, 2, 0))
-    if log_decay is not None:
-        tokens = (*tokens, jnp.moveaxis(log_decay, 2, 0))
-    final, out = jax.lax.scan(step, state, tokens)
-    return jnp.moveaxis(out, 0, 2), final
-
-
-def _step(q_t, k_t, v_t, state, feature_map, eps, decay=None, normalize=True):
-    # q_t, k_t: [B, H, F]; v_t: [B, H, Dv]; decay: None or a_t [B, H]. Decay the state, add the
-    # token, then read it.
-    phi = get_feature_map(feature_map)
-    phi_q, phi_k = phi(q_t), phi(k_t)
-    kv_state, k_state = _decay_and_add(state, decay, phi_k[..., :, None] * v_t[..., None, :], phi_k)
-    numerator = jnp.einsum("bhf,bhfd->bhd", phi_q, kv_state)
-    if not normalize:
-        return numerator, LinearAttentionState(kv_state, k_state)
-    denominator = jnp.einsum("bhf,bhf->bh", phi_q, k_state)
-    return numerator / (denominator + eps)[..., None], LinearAttentionState(kv_state, k_state)
-
-
 def _check_log_decay(log_decay: Array, allowed: dict[str, tuple[int, ...]]) -> Array:
     log_decay = jnp.asarray(log_decay)
     if log_decay.shape not in allowed.values():
@@ -303,8 +180,8 @@ def _check_log_decay(log_decay: Array, allowed: dict[str, tuple[int, ...]]) -> A
 
 
 def linear_attention(
-    q: Float[Array, "B T H F"],
-    k: Float[Array, "B T H F"],
+    q: Float[Array, "B T G F"],
+    k: Float[Array, "B T G F"],
     v: Float[Array, "B T H Dv"],
     *,
     feature_map: str = "taylor",
@@ -316,6 +193,7 @@ def linear_attention(
     implementation: str = "auto",
     log_decay: Float[Array, " H"] | Float[Array, "B T H"] | None = None,
     normalize: bool = True,
+    kernel_chunk_size: int | None = None,
 ) -> Float[Array, "B T H Dv"] | tuple[Float[Array, "B T H Dv"], LinearAttentionState]:
     """Causal linear attention ``y_i = sum_{j<=i} K_ij v_j / (sum_{j<=i} K_ij + eps)``.
 
@@ -324,8 +202,11 @@ def linear_attention(
     ``y_t = phi(q_t)^T S_t / (phi(q_t)^T z_t + eps)``; the initial state decays too.
 
     Args:
-      q: ``[B, T, H, F]`` queries before the feature map.
-      k: ``[B, T, H, F]`` keys before the feature map.
+      q: ``[B, T, G, F]`` queries before the feature map, one per group of heads: ``G``
+        divides ``H`` and head ``h`` reads group ``h // (H / G)`` (``G = H``: one per head,
+        BASED; ``G < H``: SSD's ``c`` shared by a group). Per-group work (the features, the
+        ``q . k`` dots) is done once per group, never repeated per head.
+      k: ``[B, T, G, F]`` keys before the feature map, grouped like ``q``.
       v: ``[B, T, H, Dv]`` values.
       feature_map: one of ``taylor``, ``taylor_symmetric``, ``elu``, ``relu``, ``identity``.
       algorithm: ``chunked`` (O(T), default), ``quadratic`` or ``recurrent``; all agree.
@@ -333,15 +214,19 @@ def linear_attention(
       eps: added to the denominator (1e-12 as in the reference's quadratic path).
       initial_state: state to continue from (keys and values seen before ``q[:, 0]``).
       return_state: also return the state after the last token (for prefill).
-      implementation: ``auto`` (the Pallas kernel on TPU/GPU when it supports the arguments,
-        else XLA), ``xla`` (the reference) or ``pallas`` (the kernel; interpreted on CPU). The
-        kernel computes the ``chunked`` algorithm for the Taylor feature maps, in float32 with
-        bfloat16 matmul operands when q, k, v are all bfloat16, with or without decay and
-        normalizer (a per-head ``[H]`` decay is broadcast to ``[B, T, H]`` for it).
+      implementation: ``auto``, ``xla`` (the reference) or ``pallas`` (the kernel; interpreted
+        on CPU); see :mod:`jaxbased.ops.dispatch` (``auto`` uses a kernel only on a device,
+        after it has passed its check). The kernel computes the ``chunked`` algorithm for every
+        feature map, in float32 with bfloat16 (GPU: also float16) matmul operands when q, k, v
+        all have that dtype, with or without decay and normalizer (a per-head ``[H]`` decay is
+        broadcast to ``[B, T, H]`` for it).
       log_decay: None (no decay), ``[H]`` (one decay per head) or ``[B, T, H]`` (per step and
         head); values <= 0 (checked when concrete).
       normalize: divide by ``phi(q_t)^T z_t + eps`` (the BASED normalizer); False returns
         ``phi(q_t)^T S_t`` (SSD, RetNet). The state holds ``z`` either way.
+      kernel_chunk_size: tokens per chunk of the kernel (None: ``chunk_size``). The chunk only
+        tiles the computation, so the two may differ (SSD keeps 256 for XLA and the kernels'
+        own default).
 
     Returns:
       ``y [B, T, H, Dv]`` in ``v.dtype``, and the final :class:`LinearAttentionState` (float32)
@@ -351,25 +236,33 @@ def linear_attention(
     check_feature_map(feature_map)
     check_algorithm(algorithm, ALGORITHMS)
     check_chunk_size(chunk_size)
+    if kernel_chunk_size is None:
+        kernel_chunk_size = chunk_size
+    check_chunk_size(kernel_chunk_size)
     if eps < 0:
         raise ValueError(f"eps={eps} must be >= 0")
     check_implementation(implementation)
-    batch, seq, heads, feature_dim = q.shape
+    batch, seq, groups, feature_dim = q.shape
+    heads = v.shape[2]
     if log_decay is not None:
         log_decay = _check_log_decay(log_decay, {"[H]": (heads,), "[B, T, H]": (batch, seq, heads)})
     if implementation != "xla" and use_pallas(
         implementation,
-        _kernel_unsupported(q, k, v, feature_map, algorithm, chunk_size, log_decay, normalize),
+        _kernel_unsupported(
+            q, k, v, feature_map, algorithm, kernel_chunk_size, log_decay, normalize
+        ),
+        _kernel_request(q, feature_map),
     ):
         out, final = _pallas(
-            q, k, v, feature_map, chunk_size, eps, initial_state, log_decay, normalize
+            q, k, v, feature_map, kernel_chunk_size, eps, initial_state, log_decay, normalize
         )
         return (out, final) if return_state else out
 
     dtype = compute_dtype(q, k, v)
     expanded = expanded_dim(feature_map, feature_dim)
     state = _state_or_zeros(initial_state, batch, heads, expanded, v.shape[-1], dtype)
-    # [B, T, H, X] -> [B, H, T, X] in the compute dtype.
+    state = (state.kv_state, state.k_state)
+    # q, k: [B, T, G, F] -> [B, G, T, F]; v: [B, T, H, Dv] -> [B, H, T, Dv].
     qh, kh, vh = (jnp.swapaxes(x, 1, 2).astype(dtype) for x in (q, k, v))
     decay = None  # [B, H, T]
     if log_decay is not None:
@@ -380,14 +273,23 @@ def linear_attention(
             else jnp.swapaxes(decay, 1, 2)
         )
 
-    if algorithm == "quadratic":
-        out, final = _quadratic(qh, kh, vh, feature_map, eps, state, decay, normalize)
-    elif algorithm == "chunked":
-        out, final = _chunked(qh, kh, vh, feature_map, eps, state, chunk_size, decay, normalize)
+    if algorithm == "recurrent":
+        out, final = xla.recurrent(qh, kh, vh, feature_map, eps, state, decay, normalize)
     else:
-        out, final = _recurrent(qh, kh, vh, feature_map, eps, state, decay, normalize)
+        # Per-head arrays split as [B, G, H / G, ...] (head h = g (H / G) + r).
+        state = tuple(_grouped(part, groups) for part in state)
+        vh = _grouped(vh, groups)
+        decay = None if decay is None else _grouped(decay, groups)
+        if algorithm == "quadratic":
+            out, final = xla.quadratic(qh, kh, vh, feature_map, eps, state, decay, normalize)
+        else:
+            out, final = xla.chunked(
+                qh, kh, vh, feature_map, eps, state, chunk_size, decay, normalize
+            )
+        out, final = _ungrouped(out), tuple(_ungrouped(part) for part in final)
 
     out = jnp.swapaxes(out, 1, 2).astype(v.dtype)
+    final = LinearAttentionState(*final)
     return (out, final) if return_state else out
 
 
@@ -410,11 +312,52 @@ def _kernel_unsupported(
     )
 
 
+def _kernel_request(q: Array, feature_map: str) -> KernelRequest:
+    dtype = jnp.dtype(q.dtype)
+    return KernelRequest(
+        "linear_attention", dtype, functools.partial(_probe, feature_map, dtype), feature_map
+    )
+
+
+def _probe(feature_map: str, dtype: jnp.dtype, target: KernelTarget) -> None:
+    """The kernel on ``target`` against the XLA path, forward and gradients, on a small problem
+    of its class: 40 tokens (two chunks of 16 and a tail), one group of two heads, ``F = 8``,
+    ``Dv = 32``, a decay per step, an initial state, normalized (positive queries and keys keep
+    the normalizer of every map away from zero)."""
+    from pallas_kernels.linear_attention import linear_attention as pallas_linear_attention
+
+    rng = np.random.default_rng(0)
+    q, k = (rng.uniform(0.1, 1.0, size=(1, 40, 1, 8)).astype(dtype) for _ in range(2))
+    v = rng.normal(size=(1, 40, 2, 32)).astype(dtype)
+    log_decay = np.log(rng.uniform(0.7, 1.0, size=(1, 40, 2))).astype(np.float32)
+    expanded = expanded_dim(feature_map, 8)
+    kv_state = (0.1 * rng.normal(size=(1, 2, expanded, 32))).astype(np.float32)
+    k_state = rng.uniform(0.0, 1.0, size=(1, 2, expanded)).astype(np.float32)
+
+    def kernel(q, k, v, log_decay, kv_state, k_state):
+        return pallas_linear_attention(
+            q, k, v, (kv_state, k_state), log_decay=log_decay, feature_map=feature_map,
+            chunk_size=16, backend=target.backend, interpret=target.interpret,
+        )  # fmt: skip
+
+    def reference(q, k, v, log_decay, kv_state, k_state):
+        y, final = linear_attention(
+            q, k, v, feature_map=feature_map, chunk_size=16, log_decay=log_decay,
+            initial_state=LinearAttentionState(kv_state, k_state), return_state=True,
+            implementation="xla",
+        )  # fmt: skip
+        return y, (final.kv_state, final.k_state)
+
+    inputs = (q, k, v, log_decay, kv_state, k_state)
+    compare_with_reference(kernel, reference, inputs, dtype.name)
+
+
 def _pallas(q, k, v, feature_map, chunk_size, eps, initial_state, log_decay, normalize):
     from pallas_kernels.linear_attention import linear_attention as pallas_linear_attention
 
     backend, interpret = kernel_backend()
-    batch, seq, heads, feature_dim = q.shape
+    batch, seq, groups, feature_dim = q.shape
+    heads = v.shape[2]
     if initial_state is not None:
         # Same shape check (and message) as the XLA path.
         expanded = expanded_dim(feature_map, feature_dim)
@@ -443,7 +386,9 @@ def _pallas(q, k, v, feature_map, chunk_size, eps, initial_state, log_decay, nor
             interpret=interpret,
         )
 
-    partition = mesh_partition(batch, heads)
+    # Heads are split over the tensor axis only where the groups are too (each shard then holds
+    # whole groups with their heads).
+    partition = mesh_partition(batch, groups)
     tokens, decay_spec, state_specs = None, None, (None, None)
     if partition is not None:
         tokens = token_spec(partition)
@@ -464,8 +409,8 @@ def _pallas(q, k, v, feature_map, chunk_size, eps, initial_state, log_decay, nor
 
 
 def linear_attention_step(
-    q: Float[Array, "B H F"],
-    k: Float[Array, "B H F"],
+    q: Float[Array, "B G F"],
+    k: Float[Array, "B G F"],
     v: Float[Array, "B H Dv"],
     state: LinearAttentionState,
     *,
@@ -478,33 +423,39 @@ def linear_attention_step(
     ``phi(k) ⊗ v`` (and ``phi(k)``), then read it with ``phi(q)`` (normalized unless
     ``normalize=False``).
 
-    ``log_decay``: None, ``[H]`` or ``[B, H]``, values <= 0. Returns the output ``[B, H, Dv]``
-    (dtype of ``v``) and the new state (dtype of the state).
+    ``q, k [B, G, F]`` (``G`` groups of heads, as in :func:`linear_attention`; ``G = H``: one per
+    head), ``v [B, H, Dv]``. ``log_decay``: None, ``[H]`` or ``[B, H]``, values <= 0. Returns
+    the output ``[B, H, Dv]`` (dtype of ``v``) and the new state (dtype of the state).
     """
     check_feature_map(feature_map)
-    if q.ndim != 3 or q.shape != k.shape or v.shape[:2] != q.shape[:2]:
+    if (
+        q.ndim != 3
+        or q.shape != k.shape
+        or v.ndim != 3
+        or v.shape[0] != q.shape[0]
+        or v.shape[1] % q.shape[1]
+    ):
         raise ValueError(
-            f"q, k must be [batch, heads, F] and v [batch, heads, Dv]; got q={q.shape}, "
-            f"k={k.shape}, v={v.shape}"
+            f"q, k must be [batch, groups, F] and v [batch, heads, Dv] with groups dividing "
+            f"heads; got q={q.shape}, k={k.shape}, v={v.shape}"
         )
     dtype = compute_dtype(q, k, v, state.kv_state)
+    batch, heads = v.shape[:2]
     decay = None
     if log_decay is not None:
-        batch, heads = q.shape[:2]
         log_decay = _check_log_decay(log_decay, {"[H]": (heads,), "[B, H]": (batch, heads)})
         decay = jnp.broadcast_to(jnp.exp(log_decay.astype(dtype)), (batch, heads))
-    out, new_state = _step(
+    out, (kv_state, k_state) = xla.step(
         q.astype(dtype),
         k.astype(dtype),
         v.astype(dtype),
-        LinearAttentionState(state.kv_state.astype(dtype), state.k_state.astype(dtype)),
+        (state.kv_state.astype(dtype), state.k_state.astype(dtype)),
         feature_map,
         eps,
         decay,
         normalize,
     )
     new_state = LinearAttentionState(
-        new_state.kv_state.astype(state.kv_state.dtype),
-        new_state.k_state.astype(state.k_state.dtype),
+        kv_state.astype(state.kv_state.dtype), k_state.astype(state.k_state.dtype)
     )
     return out.astype(v.dtype), new_state

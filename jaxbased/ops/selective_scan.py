@@ -19,14 +19,24 @@ Algorithms (all compute the same function):
 - ``associative``: one ``lax.associative_scan`` over the whole sequence (``O(B * T * D * N)``
   memory, ``O(log T)`` depth).
 
+``implementation`` picks who computes ``chunked``: the XLA scan above, or the Pallas kernel of
+``pallas_kernels.selective_scan`` (the state of a block of channels on chip for the whole
+sequence, chunks of 16 (TPU) or 8 (GPU) tokens unrolled, a checkpoint per chunk for the
+backward; its own chunk, not ``chunk_size``, which is the XLA scan's); see
+:mod:`jaxbased.ops.dispatch`.
+
 All arithmetic is in float32 (float64 under x64); ``y`` has the dtype of ``u``; states are
 ``[B, D, N]`` float32.
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec
 from jaxtyping import Array, Float
 
 from jaxbased.ops._common import (
@@ -38,6 +48,16 @@ from jaxbased.ops._common import (
     compute_dtype,
     initial_state_or_zeros,
 )
+from jaxbased.ops.dispatch import (
+    KernelRequest,
+    KernelTarget,
+    check_implementation,
+    kernel_target,
+    mesh_partition,
+    shard_kernel,
+    use_pallas,
+)
+from jaxbased.ops.kernel_check import compare_with_reference
 
 ALGORITHMS: tuple[str, ...] = ("chunked", "sequential", "associative")
 
@@ -131,6 +151,7 @@ def selective_scan(
     chunk_size: int = 64,
     initial_state: Float[Array, "B D N"] | None = None,
     return_state: bool = False,
+    implementation: str = "auto",
 ) -> Float[Array, "B T D"] | tuple[Float[Array, "B T D"], Float[Array, "B D N"]]:
     """Mamba-1's scan ``h_t = exp(delta_t a) h_{t-1} + delta_t u_t b_t^T``, ``y_t = h_t c_t``.
 
@@ -144,6 +165,8 @@ def selective_scan(
       chunk_size: tokens per chunk of ``chunked``; any length works (the tail is masked).
       initial_state: ``[B, D, N]`` state to continue from.
       return_state: also return the state after the last token.
+      implementation: who computes ``chunked``: ``auto``, ``xla`` or ``pallas`` (the kernel;
+        interpreted on CPU); the other algorithms are XLA's.
 
     Returns:
       ``y [B, T, D]`` in ``u.dtype``, and the final state ``[B, D, N]`` (float32) when
@@ -151,7 +174,15 @@ def selective_scan(
     """
     check_algorithm(algorithm, ALGORITHMS)
     check_chunk_size(chunk_size)
+    check_implementation(implementation)
     channels, state_dim = _check_shapes(u, delta, a, b, c, token_axes=2)
+    if implementation != "xla" and use_pallas(
+        implementation,
+        _kernel_unsupported(u, delta, a, b, c, algorithm),
+        _kernel_request(u),
+    ):
+        y, final = _pallas(u, delta, a, b, c, initial_state)
+        return (y, final) if return_state else y
     dtype = compute_dtype(u, delta, a, b, c)
     state = initial_state_or_zeros(
         initial_state, "[B, D, N]", (u.shape[0], channels, state_dim), dtype
@@ -166,6 +197,93 @@ def selective_scan(
         final, y = _chunked(*arguments, chunk_size)
     y = y.astype(u.dtype)
     return (y, final) if return_state else y
+
+
+def _kernel_unsupported(u, delta, a, b, c, algorithm) -> str | None:
+    from pallas_kernels.selective_scan import unsupported_reason
+
+    if algorithm != "chunked":
+        return f"the kernel computes algorithm='chunked', not {algorithm!r}"
+    return unsupported_reason(
+        u.shape,
+        a.shape[1],
+        backend=kernel_target().backend,
+        chunk_size=None,
+        dtypes=tuple(x.dtype for x in (u, delta, a, b, c)),
+    )
+
+
+def _pallas(u, delta, a, b, c, initial_state):
+    from pallas_kernels.selective_scan import selective_scan as pallas_selective_scan
+
+    target = kernel_target()
+    batch, _, channels = u.shape
+    state_dim = a.shape[1]
+    state = ()
+    if initial_state is not None:
+        state = (initial_state_or_zeros(
+            initial_state, "[B, D, N]", (batch, channels, state_dim), jnp.float32
+        ),)  # fmt: skip
+
+    def kernel(u, delta, a, b, c, *state):
+        return pallas_selective_scan(
+            u, delta, a, b, c, state[0] if state else None, backend=target.backend,
+            interpret=target.interpret,
+        )  # fmt: skip
+
+    # Batch over the data axes, channels over tensor (as the layer's conv_channels).
+    partition = mesh_partition(batch, channels)
+    specs = (None,) * 6
+    if partition is not None:
+        batch_axes, channel_axis = partition
+        channel_spec = PartitionSpec(batch_axes, None, channel_axis)
+        state_spec = PartitionSpec(batch_axes, channel_axis, None)
+        specs = (
+            channel_spec,
+            channel_spec,
+            PartitionSpec(channel_axis, None),
+            PartitionSpec(batch_axes, None, None),
+            PartitionSpec(batch_axes, None, None),
+            state_spec,
+        )
+    in_specs = specs[:5] + (specs[5:] if state else ())
+    y, final = shard_kernel(kernel, partition, in_specs, (specs[0], specs[5]))(
+        u, delta, a, b, c, *state
+    )
+    return y, final
+
+
+def _kernel_request(u: Array) -> KernelRequest:
+    dtype = jnp.dtype(u.dtype)
+    return KernelRequest(
+        "selective_scan", dtype, functools.partial(_probe, dtype), float32_on_gpu=True
+    )
+
+
+def _probe(dtype: jnp.dtype, target: KernelTarget) -> None:
+    """The kernel on ``target`` against the XLA scan, forward and gradients, on a small problem
+    of its class: 20 tokens (whole chunks and a tail), 24 channels, 5 state entries (both
+    padded), an initial state."""
+    from pallas_kernels.selective_scan import selective_scan as pallas_selective_scan
+
+    rng = np.random.default_rng(0)
+    u = rng.normal(size=(1, 20, 24)).astype(dtype)
+    delta = rng.uniform(0.01, 0.5, size=(1, 20, 24)).astype(np.float32)
+    a = -rng.uniform(0.5, 4.0, size=(24, 5)).astype(np.float32)
+    b, c = (rng.normal(size=(1, 20, 5)).astype(dtype) for _ in range(2))
+    state = rng.normal(size=(1, 24, 5)).astype(np.float32)
+
+    def kernel(u, delta, a, b, c, state):
+        return pallas_selective_scan(
+            u, delta, a, b, c, state, backend=target.backend, interpret=target.interpret
+        )
+
+    def reference(u, delta, a, b, c, state):
+        return selective_scan(
+            u, delta, a, b, c, initial_state=state, return_state=True, implementation="xla"
+        )
+
+    compare_with_reference(kernel, reference, (u, delta, a, b, c, state), dtype.name)
 
 
 def selective_scan_step(

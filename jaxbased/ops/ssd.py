@@ -11,13 +11,18 @@ reads group ``h // (H // G)``). The ``D`` skip term and the gate belong to the l
 Two algorithms compute the same function:
 
 - ``chunked``: SSD is decayed linear attention with the identity feature map and no normalizer,
-  ``q = c``, ``k = b``, ``v = dt x``, ``log_decay = dt a``; this calls
-  :func:`jaxbased.ops.linear_attention` (the chunked scan that BASED and decay attention use),
-  with its numerically stable segment sums. Any length works (the tail is masked).
+  ``q = c``, ``k = b``, ``v = dt x``, ``log_decay = dt a``, with one query/key group per
+  ``b, c`` group; this calls :func:`jaxbased.ops.linear_attention` (the chunked scan that BASED
+  and decay attention use), with its numerically stable segment sums, on the XLA path or the
+  Pallas kernel (``implementation``). Either reads ``b`` and ``c`` by group: the ``C . B`` dots
+  of a chunk are computed once per group, never repeated per head. Any length works (the tail
+  is masked).
 - ``recurrent``: ``lax.scan`` token by token, as in decoding.
 
 All arithmetic is in float32 (float64 under x64); ``y`` has the dtype of ``x``; states are
-``[B, H, P, N]`` float32.
+``[B, H, P, N]`` float32. When ``x``, ``b`` and ``c`` share one low-precision dtype (a
+bfloat16 or float16 model), ``dt x`` is rounded to it and the chunked scan gets ``c, b, dt x``
+in that dtype, so that a kernel multiplies low-precision operands (accumulating in float32).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from jaxbased.ops._common import (
     compute_dtype,
     initial_state_or_zeros,
 )
+from jaxbased.ops.dispatch import check_implementation, kernel_backend
 from jaxbased.ops.linear_attention import LinearAttentionState, linear_attention
 
 ALGORITHMS: tuple[str, ...] = ("chunked", "recurrent")
@@ -67,16 +73,32 @@ def _check_shapes(x, dt, a, b, c, token_axes: int) -> tuple[int, int, int, int]:
     return heads, head_dim, groups, state_dim
 
 
-def _heads_from_groups(array: Array, heads: int) -> Array:
-    # [..., G, N] -> [..., H, N]: head h reads group h // (H // G).
-    return jnp.repeat(array, heads // array.shape[-2], axis=-2)
+def _default_kernel_chunk_size() -> int:
+    from pallas_kernels.linear_attention import DEFAULT_CHUNK_SIZE
+
+    return DEFAULT_CHUNK_SIZE[kernel_backend()[0]]
+
+
+def _operand_dtype(x: Array, b: Array, c: Array, dtype: jnp.dtype) -> jnp.dtype:
+    """``x``'s dtype when ``x, b, c`` share one low-precision float dtype, else ``dtype``."""
+    low = {jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)}
+    if jnp.dtype(x.dtype) in low and x.dtype == b.dtype == c.dtype:
+        return jnp.dtype(x.dtype)
+    return dtype
 
 
 def _step(x_t, dt_t, a, b_t, c_t, state):
-    # x_t [B, H, P], dt_t [B, H], a [H], b_t, c_t [B, H, N], state [B, H, P, N].
-    decay = jnp.exp(dt_t * a)
-    state = decay[..., None, None] * state + (dt_t[..., None] * x_t)[..., None] * b_t[..., None, :]
-    return jnp.einsum("bhpn,bhn->bhp", state, c_t), state
+    # x_t [B, H, P], dt_t [B, H], a [H], b_t, c_t [B, G, N] (read by group), state
+    # [B, H, P, N]: heads split as [B, G, H / G, ...].
+    batch, heads, head_dim = x_t.shape
+    groups = b_t.shape[1]
+    grouped = (batch, groups, heads // groups)
+    decay = jnp.exp(dt_t * a).reshape(grouped)
+    inputs = (dt_t[..., None] * x_t).reshape(*grouped, head_dim)
+    state = state.reshape(*grouped, *state.shape[2:])
+    state = decay[..., None, None] * state + inputs[..., None] * b_t[:, :, None, None, :]
+    y = jnp.einsum("bgrpn,bgn->bgrp", state, c_t)
+    return y.reshape(x_t.shape), state.reshape(batch, heads, *state.shape[3:])
 
 
 def ssd(
@@ -90,6 +112,8 @@ def ssd(
     algorithm: str = "chunked",
     initial_state: Float[Array, "B H P N"] | None = None,
     return_state: bool = False,
+    implementation: str = "auto",
+    kernel_chunk_size: int | None = None,
 ) -> Float[Array, "B T H P"] | tuple[Float[Array, "B T H P"], Float[Array, "B H P N"]]:
     """Mamba-2's scan ``h_t = exp(dt_t a) h_{t-1} + dt_t x_t b_t^T``, ``y_t = h_t c_t``.
 
@@ -103,12 +127,19 @@ def ssd(
       algorithm: ``chunked`` (default; the decayed linear-attention scan) or ``recurrent``.
       initial_state: ``[B, H, P, N]`` state to continue from.
       return_state: also return the state after the last token.
+      implementation: who computes the ``chunked`` algorithm: ``auto``, ``xla`` or ``pallas``
+        (the linear-attention kernel with the identity map; see
+        :func:`jaxbased.ops.linear_attention`). ``recurrent`` is always XLA.
+      kernel_chunk_size: the kernel's chunk (None: its default for the platform, 64 on TPU
+        and 16 on GPU, where Mamba-2's ``N = 128`` state compiles without register spills;
+        ``chunk_size`` tiles the XLA scan).
 
     Returns:
       ``y [B, T, H, P]`` in ``x.dtype``, and the final state ``[B, H, P, N]`` (float32) when
       ``return_state`` is set. Values of ``a`` and ``dt`` are checked when concrete.
     """
     check_algorithm(algorithm, ALGORITHMS)
+    check_implementation(implementation)
     check_chunk_size(chunk_size)
     heads, head_dim, _, state_dim = _check_shapes(x, dt, a, b, c, token_axes=2)
     batch = x.shape[0]
@@ -117,24 +148,25 @@ def ssd(
         initial_state, "[B, H, P, N]", (batch, heads, head_dim, state_dim), dtype
     )
     x_, dt_, a_ = (jnp.asarray(arr, dtype) for arr in (x, dt, a))
-    b_heads = _heads_from_groups(jnp.asarray(b, dtype), heads)
-    c_heads = _heads_from_groups(jnp.asarray(c, dtype), heads)
 
     if algorithm == "chunked":
         # The linear-attention state is [B, H, N, P] (keys x values); ours is [B, H, P, N].
         carried = LinearAttentionState(
             jnp.swapaxes(state, -1, -2), jnp.zeros((batch, heads, state_dim), dtype)
         )
+        operand_dtype = _operand_dtype(x, b, c, dtype)
         y, final = linear_attention(
-            c_heads,
-            b_heads,
-            dt_[..., None] * x_,
+            jnp.asarray(c, operand_dtype),
+            jnp.asarray(b, operand_dtype),
+            (dt_[..., None] * x_).astype(operand_dtype),
             feature_map="identity",
             chunk_size=chunk_size,
             initial_state=carried,
             return_state=True,
+            implementation=implementation,
             log_decay=dt_ * a_,
             normalize=False,
+            kernel_chunk_size=kernel_chunk_size or _default_kernel_chunk_size(),
         )
         final_state = jnp.swapaxes(final.kv_state, -1, -2)
     else:
@@ -143,7 +175,8 @@ def ssd(
             y_t, carry = _step(*token[:2], a_, *token[2:], carry)
             return carry, y_t
 
-        tokens = tuple(jnp.moveaxis(arr, 1, 0) for arr in (x_, dt_, b_heads, c_heads))
+        b_, c_ = (jnp.asarray(arr, dtype) for arr in (b, c))
+        tokens = tuple(jnp.moveaxis(arr, 1, 0) for arr in (x_, dt_, b_, c_))
         final_state, y = jax.lax.scan(step, state, tokens)
         y = jnp.moveaxis(y, 0, 1)
     y = y.astype(x.dtype)
@@ -169,8 +202,8 @@ def ssd_step(
         x.astype(dtype),
         dt.astype(dtype),
         a.astype(dtype),
-        _heads_from_groups(b.astype(dtype), heads),
-        _heads_from_groups(c.astype(dtype), heads),
+        b.astype(dtype),
+        c.astype(dtype),
         state.astype(dtype),
     )
     return y.astype(x.dtype), new_state.astype(state.dtype)

@@ -30,13 +30,17 @@ at 8k slots.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, Int
 
 from jaxbased.ops.dispatch import (
+    KernelRequest,
+    KernelTarget,
     check_implementation,
     kernel_backend,
     mesh_partition,
@@ -44,6 +48,7 @@ from jaxbased.ops.dispatch import (
     token_spec,
     use_pallas,
 )
+from jaxbased.ops.kernel_check import compare_with_reference
 
 DEFAULT_BLOCK_SIZE = 128
 FULL_ATTENTION_BLOCK_SIZE = 512
@@ -244,7 +249,7 @@ def sliding_window_attention(
         raise ValueError(f"block_size={block_size!r} must be a positive integer")
     check_implementation(implementation)
     if implementation != "xla" and use_pallas(
-        implementation, _kernel_unsupported(q, k, v, window, block_size)
+        implementation, _kernel_unsupported(q, k, v, window, block_size), _kernel_request(q)
     ):
         return _pallas(q, k, v, window, scale, block_size)
     seq, head_dim = q.shape[1], q.shape[-1]
@@ -274,6 +279,30 @@ def _kernel_unsupported(q, k, v, window, block_size) -> str | None:
         backend=backend,
         dtypes=(q.dtype, k.dtype, v.dtype),
     )
+
+
+def _kernel_request(q: Array) -> KernelRequest:
+    dtype = jnp.dtype(q.dtype)
+    return KernelRequest("window_attention", dtype, functools.partial(_probe, dtype))
+
+
+def _probe(dtype: jnp.dtype, target: KernelTarget) -> None:
+    """The kernel on ``target`` against the XLA path, forward and gradients, on a small problem
+    of its class: 80 tokens (a partial last block on GPU), 2 heads of 32, a window of 33."""
+    from pallas_kernels.window_attention import window_attention
+
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.normal(size=(1, 80, 2, 32)).astype(dtype) for _ in range(3))
+
+    def kernel(q, k, v):
+        return window_attention(
+            q, k, v, window=33, backend=target.backend, interpret=target.interpret
+        )
+
+    def reference(q, k, v):
+        return sliding_window_attention(q, k, v, window=33, implementation="xla")
+
+    compare_with_reference(kernel, reference, (q, k, v), dtype.name)
 
 
 def _pallas(q, k, v, window, scale, block_size):

@@ -1,4 +1,4 @@
-"""One kernel call of chunked Taylor linear attention, shared by the TPU and GPU kernels.
+"""One kernel call of chunked linear attention, shared by the TPU and GPU kernels.
 
 Its static parameters (:class:`ChunkedCall`), the state's conversion to and from the kernels'
 padded row layout, the order of the kernels' inputs, the residuals the backward kernels read,
@@ -17,7 +17,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels._common import pad_axis
-from pallas_kernels.linear_attention._layout import TaylorLayout
+from pallas_kernels.linear_attention._features import (
+    ChunkFeatures,
+    ElementwiseSegment,
+    Factors,
+    TaylorSegment,
+)
+from pallas_kernels.linear_attention._layout import FeatureLayout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,9 +36,11 @@ class ChunkedCall:
       value_dim: ``Dv``; padded_value_dim: ``Dv`` padded as the backend wants it.
       eps, operand_dtype, normalize, interpret: from the op's config.
       has_initial_state, has_decay: which optional inputs this call has.
+      heads_per_group: ``H / G``: head ``h`` reads the queries and keys of group
+        ``h // (H / G)`` (1: one group per head).
     """
 
-    layout: TaylorLayout
+    layout: FeatureLayout
     seq_len: int
     chunk_size: int
     num_chunks: int
@@ -44,6 +52,7 @@ class ChunkedCall:
     has_initial_state: bool
     has_decay: bool
     interpret: Any
+    heads_per_group: int
 
     @classmethod
     def create(
@@ -55,6 +64,7 @@ class ChunkedCall:
         *,
         has_initial_state: bool,
         has_decay: bool,
+        heads_per_group: int,
         **extra: Any,
     ):
         """From a ``LinearAttentionConfig`` and the shapes (``extra``: a backend's own fields)."""
@@ -71,8 +81,26 @@ class ChunkedCall:
             has_initial_state=has_initial_state,
             has_decay=has_decay,
             interpret=config.interpret,
+            heads_per_group=heads_per_group,
             **extra,
         )
+
+    def group_of(self, head):
+        """The query/key group that head ``head`` (a grid index) reads. Truncating division
+        (``lax.div``; grid indices are >= 0): Python's ``//`` lowers to a floor with a sign
+        correction, which Mosaic's lowering of ``sign`` cannot do without a TPU attached."""
+        if self.heads_per_group == 1:
+            return head
+        return lax.div(head, jnp.asarray(self.heads_per_group, head.dtype))
+
+    def sum_over_groups(self, x: jax.Array, axis: int) -> jax.Array:
+        """Per-head ``dq``/``dk`` ``[..., H, ...]`` -> per group ``[..., G, ...]``: the heads of a
+        group share its queries and keys, so their cotangents add up."""
+        if self.heads_per_group == 1:
+            return x
+        shape = list(x.shape)
+        shape[axis : axis + 1] = [shape[axis] // self.heads_per_group, self.heads_per_group]
+        return x.reshape(shape).sum(axis + 1)
 
     @property
     def rows(self) -> int:
@@ -94,15 +122,33 @@ class ChunkedCall:
         k = self.layout.from_rows(k[:, :, 0, :], axis=2)
         return kv, k
 
+    @property
+    def factor_count(self) -> int:
+        """Weight inputs of the feature map: 5 for the Taylor expansion, none elementwise."""
+        return 5 if self.layout.is_taylor else 0
+
     def factor_arrays(self) -> list[jax.Array]:
-        """The feature map's ``left, right, left_bias, right_bias, scale`` (kernel inputs)."""
+        """The Taylor map's ``left, right, left_bias, right_bias, scale`` (kernel inputs), or
+        nothing for an elementwise map."""
         return [jnp.asarray(a) for a in self.layout.factors()]
 
     def factor_specs(self) -> list[pl.BlockSpec]:
         """Whole-array blocks of :meth:`factor_arrays`, the same for every grid point."""
+        if not self.factor_count:
+            return []
         feature_dim, rows = self.layout.padded_feature_dim, self.rows
         shapes = [(feature_dim, rows)] * 2 + [(1, rows)] * 3
         return [pl.BlockSpec(shape, lambda *grid: (0, 0)) for shape in shapes]
+
+    def features(self, segment_factors: list[Factors]) -> ChunkFeatures:
+        """In a kernel: the call's :class:`ChunkFeatures` from each segment's loaded Taylor
+        weights (an empty list for an elementwise map)."""
+        layout = self.layout
+        if layout.is_taylor:
+            segments = tuple(TaylorSegment(f, self.operand_dtype) for f in segment_factors)
+        else:
+            segments = (ElementwiseSegment(layout.feature_map, layout.feature_dim),)
+        return ChunkFeatures(segments, layout.feature_dim, self.operand_dtype)
 
     def key_valid(self, start) -> jax.Array | None:
         """In a kernel: ``[C, 1]`` bool, token ``start + i`` is before ``T`` (None when every
@@ -134,7 +180,7 @@ def split_kernel_refs(call: ChunkedCall, refs: list, reads_initial_state: bool =
     initial-state refs (empty if none), the remaining refs)``, as :func:`kernel_inputs` orders
     them."""
     decay_ref = refs.pop(0) if call.has_decay else None
-    factor_refs, refs = refs[:5], refs[5:]
+    factor_refs, refs = refs[: call.factor_count], refs[call.factor_count :]
     initial_refs = ()
     if call.has_initial_state and reads_initial_state:
         initial_refs, refs = refs[:2], refs[2:]

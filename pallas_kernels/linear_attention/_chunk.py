@@ -1,16 +1,13 @@
-"""The per-chunk math of the fused Taylor kernels on loaded tiles, shared by TPU and GPU.
+"""The per-chunk math of the linear-attention kernels on loaded tiles, shared by TPU and GPU.
 
 Everything here runs inside a kernel on ``jnp`` values of one chunk of ``C`` tokens: the
-feature expansion ``phi(x) = scale * (x @ left + left_bias) * (x @ right + right_bias)`` (the
-weights of :meth:`._layout.TaylorLayout.factors`) and its transpose, the chunk's decay factors,
-the intra-chunk kernel ``1 + s + s**2 / 2`` from raw ``F``-dim dots, and one chunk of the
-forward scan, of the ``dq`` scan and of the reverse ``dk, dv`` scan. The expanded ``[C, rows]``
-tiles exist only on chip.
+chunk's decay factors and one chunk of the forward scan, of the ``dq`` scan and of the reverse
+``dk, dv`` scan. The feature map (fused Taylor expansion or elementwise) and the intra-chunk
+kernel ``A`` come from :mod:`._features`; the expanded ``[C, rows]`` tiles exist only on chip.
 """
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import jax
@@ -18,18 +15,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels._common import matmul, row_to_column
-from pallas_kernels.feature_map_layout import taylor_kernel_from_scores
-
-
-class Factors(NamedTuple):
-    """One segment's expansion weights as loaded tiles: ``left, right [Fp, rows]``,
-    ``left_bias, right_bias, scale [1, rows]`` (float32)."""
-
-    left: jax.Array
-    right: jax.Array
-    left_bias: jax.Array
-    right_bias: jax.Array
-    scale: jax.Array
+from pallas_kernels.linear_attention._features import ChunkFeatures, Segment, causal_mask
 
 
 class SegmentState(NamedTuple):
@@ -73,53 +59,6 @@ def chunk_decay(cumulative: jax.Array) -> ChunkDecay:
     return ChunkDecay(weights, jnp.exp(column), jnp.exp(last - column), jnp.exp(last))
 
 
-def expand(x: jax.Array, factors: Factors, operand_dtype: jnp.dtype) -> jax.Array:
-    """``phi(x)`` for one segment: ``[C, Fp] -> [C, rows]`` float32 (see module docstring)."""
-    left = matmul(x, factors.left, operand_dtype) + factors.left_bias
-    right = matmul(x, factors.right, operand_dtype) + factors.right_bias
-    return factors.scale * left * right
-
-
-def expand_transpose(
-    x: jax.Array, cotangent: jax.Array, factors: Factors, operand_dtype: jnp.dtype
-) -> jax.Array:
-    """Pull back ``d phi(x) [C, rows]`` to ``dx [C, Fp]`` float32.
-
-    ``phi = scale * a * b`` with ``a = x @ left + left_bias``, ``b = x @ right + right_bias``:
-    ``dx = (g * scale * b) @ left.T + (g * scale * a) @ right.T``.
-    """
-    left = matmul(x, factors.left, operand_dtype) + factors.left_bias
-    right = matmul(x, factors.right, operand_dtype) + factors.right_bias
-    scaled = cotangent * factors.scale
-    return matmul(scaled * right, factors.left, operand_dtype, transpose_rhs=True) + matmul(
-        scaled * left, factors.right, operand_dtype, transpose_rhs=True
-    )
-
-
-def causal_mask(chunk_size: int) -> jax.Array:
-    """``[C, C]`` bool, true where key ``j <= `` query ``i``."""
-    rows = lax.broadcasted_iota(jnp.int32, (chunk_size, chunk_size), 0)
-    cols = lax.broadcasted_iota(jnp.int32, (chunk_size, chunk_size), 1)
-    return cols <= rows
-
-
-def intra_chunk_kernel(
-    q: jax.Array,
-    k: jax.Array,
-    feature_dim: int,
-    operand_dtype: jnp.dtype,
-    decay: ChunkDecay | None = None,
-) -> tuple[jax.Array, jax.Array]:
-    """``s = q k^T / sqrt(F)`` and the causal kernel ``A = 1 + s + s**2 / 2`` (zero above the
-    diagonal, times ``exp(g_i - g_j)`` with decay), both ``[C, C]`` float32, from raw
-    ``F``-dim dots (no expansion needed)."""
-    scores = matmul(q, k, operand_dtype, transpose_rhs=True) * (1.0 / math.sqrt(feature_dim))
-    kernel = taylor_kernel_from_scores(scores)
-    if decay is not None:
-        return scores, kernel * decay.weights
-    return scores, jnp.where(causal_mask(q.shape[0]), kernel, 0.0)
-
-
 def kernel_cotangent(
     d_numerator: jax.Array,
     d_denominator: jax.Array | None,
@@ -127,7 +66,7 @@ def kernel_cotangent(
     operand_dtype: jnp.dtype,
     decay: ChunkDecay | None,
 ) -> jax.Array:
-    """``d(1 + s + s**2 / 2)_ij = (dN_i . v_j + dD_i)`` times the causal (decay) weight."""
+    """``dA_ij = (dN_i . v_j + dD_i)`` times the causal (decay) weight."""
     d_kernel = matmul(d_numerator, v, operand_dtype, transpose_rhs=True)
     if d_denominator is not None:
         d_kernel = d_kernel + d_denominator
@@ -140,14 +79,14 @@ def advance_state(
     state: SegmentState,
     k: jax.Array,
     v: jax.Array,
-    factors: Factors,
+    segment: Segment,
     operand_dtype: jnp.dtype,
     key_valid: jax.Array | None,
     decay: ChunkDecay | None,
 ) -> SegmentState:
     """The state after the chunk: ``S' = a S + (w phi(k))^T v``, ``z' = a z + sum w phi(k)``
     (``a = exp(g_last)``, ``w_j = exp(g_last - g_j)``; both 1 without decay)."""
-    key_features = expand(k, factors, operand_dtype)
+    key_features = segment.features(k)
     if key_valid is not None:
         key_features = jnp.where(key_valid, key_features, 0.0)
     kv, k_sum = state
@@ -165,11 +104,9 @@ def chunk_forward(
     k: jax.Array,
     v: jax.Array,
     states: list[SegmentState],
-    factors: list[Factors],
+    features: ChunkFeatures,
     *,
-    feature_dim: int,
     eps: float,
-    operand_dtype: jnp.dtype,
     key_valid: jax.Array | None,
     decay: ChunkDecay | None = None,
     normalize: bool = True,
@@ -178,6 +115,7 @@ def chunk_forward(
 
     Args:
       q, k: ``[C, Fp]``; v: ``[C, Dv_block]``; states: the state before the chunk.
+      features: the call's feature map.
       key_valid: ``[C, 1]`` bool (tokens past the sequence end are false) or None.
       decay: the chunk's :class:`ChunkDecay`, or None for no decay.
       normalize: divide by the denominator (else ``y = N``).
@@ -187,16 +125,17 @@ def chunk_forward(
       ``N_i = sum_j A_ij v_j + exp(g_i) phi(q_i) S``, ``den [C, 1]`` float32
       (``sum_j A_ij + exp(g_i) phi(q_i) . z``, without eps), and the state after the chunk.
     """
-    _, kernel = intra_chunk_kernel(q, k, feature_dim, operand_dtype, decay)
+    operand_dtype = features.operand_dtype
+    _, kernel = features.kernel(q, k, None if decay is None else decay.weights)
     state_numerator = state_denominator = 0.0
     new_states = []
-    for state, factor in zip(states, factors, strict=True):
-        query_features = expand(q, factor, operand_dtype)
+    for state, segment in zip(states, features.segments, strict=True):
+        query_features = segment.features(q)
         state_numerator = state_numerator + matmul(query_features, state.kv, operand_dtype)
         state_denominator = state_denominator + jnp.sum(
             query_features * state.k, axis=1, keepdims=True
         )
-        new_states.append(advance_state(state, k, v, factor, operand_dtype, key_valid, decay))
+        new_states.append(advance_state(state, k, v, segment, operand_dtype, key_valid, decay))
     if decay is not None:
         state_numerator = state_numerator * decay.query_scale
         state_denominator = state_denominator * decay.query_scale
@@ -226,33 +165,31 @@ def chunk_backward_query(
     d_numerator: jax.Array,
     d_denominator: jax.Array | None,
     states: list[SegmentState],
-    factors: list[Factors],
+    features: ChunkFeatures,
     *,
-    feature_dim: int,
-    operand_dtype: jnp.dtype,
     key_valid: jax.Array | None,
     decay: ChunkDecay | None = None,
 ) -> tuple[jax.Array, list[SegmentState]]:
     """``dq [C, Fp]`` of one chunk (forward order), and the state after the chunk.
 
-    ``dA_ij = dN_i . v_j + dD_i`` (j <= i, times the decay weight),
-    ``dq_i = sum_j dA_ij (1 + s_ij) k_j / sqrt(F)`` plus the pull-back of
-    ``d phi(q_i) = exp(g_i) (S dN_i + z dD_i)`` through the feature map. ``d_denominator`` is
-    None without the normalizer.
+    ``dA_ij = dN_i . v_j + dD_i`` (j <= i, times the decay weight) pulled back through the
+    intra-chunk kernel (Taylor: ``dq_i = sum_j dA_ij (1 + s_ij) k_j / sqrt(F)``), plus the
+    pull-back of ``d phi(q_i) = exp(g_i) (S dN_i + z dD_i)`` through the feature map.
+    ``d_denominator`` is None without the normalizer.
     """
-    scores, _ = intra_chunk_kernel(q, k, feature_dim, operand_dtype)
+    operand_dtype = features.operand_dtype
+    residual = features.query_residual(q, k)
     d_kernel = kernel_cotangent(d_numerator, d_denominator, v, operand_dtype, decay)
-    d_scores = d_kernel * (1.0 + scores) * (1.0 / math.sqrt(feature_dim))
-    dq = matmul(d_scores, k, operand_dtype)
+    dq = features.query_pullback(q, k, residual, d_kernel)
     new_states = []
-    for state, factor in zip(states, factors, strict=True):
+    for state, segment in zip(states, features.segments, strict=True):
         d_features = matmul(d_numerator, state.kv, operand_dtype, transpose_rhs=True)
         if d_denominator is not None:
             d_features = d_features + d_denominator * state.k
         if decay is not None:
             d_features = d_features * decay.query_scale
-        dq = dq + expand_transpose(q, d_features, factor, operand_dtype)
-        new_states.append(advance_state(state, k, v, factor, operand_dtype, key_valid, decay))
+        dq = dq + segment.pullback(q, d_features)
+        new_states.append(advance_state(state, k, v, segment, operand_dtype, key_valid, decay))
     return dq, new_states
 
 
@@ -263,10 +200,8 @@ def chunk_backward_key_value(
     d_numerator: jax.Array,
     d_denominator: jax.Array | None,
     d_states: list[SegmentState],
-    factors: list[Factors],
+    features: ChunkFeatures,
     *,
-    feature_dim: int,
-    operand_dtype: jnp.dtype,
     decay: ChunkDecay | None = None,
 ) -> tuple[jax.Array, jax.Array, list[SegmentState], jax.Array | None]:
     """``dk [C, Fp]`` and ``dv [C, Dv_block]`` of one chunk (reverse order).
@@ -280,19 +215,19 @@ def chunk_backward_key_value(
     normalizer's ``sum_i A_ij dD_i + w_j phi(k_j) . dz`` (see ``log_decay_cotangent``); None
     without decay.
     """
-    scores, kernel = intra_chunk_kernel(q, k, feature_dim, operand_dtype, decay)
+    operand_dtype = features.operand_dtype
+    residual, kernel = features.kernel(q, k, None if decay is None else decay.weights)
     dv = matmul(kernel, d_numerator, operand_dtype, transpose_lhs=True)
     d_kernel = kernel_cotangent(d_numerator, d_denominator, v, operand_dtype, decay)
-    d_scores = d_kernel * (1.0 + scores) * (1.0 / math.sqrt(feature_dim))
-    dk = matmul(d_scores, q, operand_dtype, transpose_lhs=True)
+    dk = features.key_pullback(q, k, residual, d_kernel)
     key_term = None
     if decay is not None and d_denominator is not None:
         key_term = row_to_column(jnp.sum(kernel * d_denominator, axis=0, keepdims=True))
     new_states = []
-    for d_state, factor in zip(d_states, factors, strict=True):
-        key_features = expand(k, factor, operand_dtype)
+    for d_state, segment in zip(d_states, features.segments, strict=True):
+        key_features = segment.features(k)
         d_key_features = matmul(v, d_state.kv, operand_dtype, transpose_rhs=True) + d_state.k
-        query_features = expand(q, factor, operand_dtype)
+        query_features = segment.features(q)
         d_kv, d_k = d_state
         if decay is not None:
             key_features = key_features * decay.key_scale
@@ -302,7 +237,7 @@ def chunk_backward_key_value(
             normalizer_term = jnp.sum(key_features * d_state.k, axis=1, keepdims=True)
             key_term = normalizer_term if key_term is None else key_term + normalizer_term
         dv = dv + matmul(key_features, d_state.kv, operand_dtype)
-        dk = dk + expand_transpose(k, d_key_features, factor, operand_dtype)
+        dk = dk + segment.pullback(k, d_key_features)
         d_kv = d_kv + matmul(query_features, d_numerator, operand_dtype, transpose_lhs=True)
         if d_denominator is not None:
             d_k = d_k + jnp.sum(query_features * d_denominator, axis=0, keepdims=True)

@@ -1,4 +1,12 @@
-"""State and feature layout of the fused Taylor expansion: feature order, padded state rows.
+"""State and feature layout of the kernels' feature maps: feature order, padded state rows.
+
+Two kinds of map (:data:`pallas_kernels.feature_map_layout.ELEMENTWISE_FEATURE_MAPS` and the
+Taylor maps):
+
+- ``elu``, ``relu``, ``identity``: one feature per input, ``D' = F``; the state has ``F`` rows
+  padded like the queries' lanes (TPU: a multiple of 8; GPU: a power of two >= 16). The kernels
+  apply the map elementwise on chip (no weights).
+- the Taylor maps, below.
 
 The kernels compute with the symmetric (upper-triangle) form of the second-order features,
 ``D' = 1 + F + F (F + 1) / 2`` (153 rows for F = 16 instead of 273): index 0 is the constant 1,
@@ -14,7 +22,7 @@ and a bias) and a scale,
     phi(x) = scale * (x @ left + left_bias) * (x @ right + right_bias)        [C, rows]
 
 (constant: ``1 * 1``; linear ``i``: ``x_i * 1``; pair ``(i, j)``: ``x_i * x_j``);
-:meth:`TaylorLayout.factors` builds those weights, :func:`._chunk.expand` applies them.
+:meth:`FeatureLayout.factors` builds those weights, :func:`._chunk.expand` applies them.
 
 State rows are grouped in *segments* (each a run of consecutive features padded to a size the
 hardware likes): one segment of ``round_up(D', 128)`` rows on TPU; on GPU (Triton) a few segments
@@ -32,7 +40,12 @@ import numpy as np
 from jax import lax
 
 from pallas_kernels._common import next_power_of_two, round_up
-from pallas_kernels.feature_map_layout import expanded_dim, symmetric_pairs
+from pallas_kernels.feature_map_layout import (
+    ELEMENTWISE_FEATURE_MAPS,
+    TAYLOR_FEATURE_MAPS,
+    expanded_dim,
+    symmetric_pairs,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,23 +66,30 @@ class Segment:
 
 
 @dataclasses.dataclass(frozen=True)
-class TaylorLayout:
-    """Sizes of the fused (symmetric) Taylor expansion for one feature dim and backend.
+class FeatureLayout:
+    """Sizes of a kernel feature map for one feature dim and backend.
 
     Attributes:
+      feature_map: the map the kernels compute: ``taylor_symmetric`` (for both Taylor maps),
+        ``elu``, ``relu`` or ``identity``.
       feature_dim: ``F``, the raw query/key dim.
-      padded_feature_dim: ``F`` padded for the hardware (Triton: a power of two >= 16).
+      padded_feature_dim: ``F`` padded for the hardware (the queries' and keys' lanes).
       segments: the state row groups (see the module docstring).
     """
 
+    feature_map: str
     feature_dim: int
     padded_feature_dim: int
     segments: tuple[Segment, ...]
 
     @property
+    def is_taylor(self) -> bool:
+        return self.feature_map == "taylor_symmetric"
+
+    @property
     def expanded_dim(self) -> int:
-        """``D' = 1 + F + F (F + 1) / 2``."""
-        return expanded_dim("taylor_symmetric", self.feature_dim)
+        """``D'``: ``1 + F + F (F + 1) / 2`` (Taylor) or ``F``."""
+        return expanded_dim(self.feature_map, self.feature_dim)
 
     @property
     def rows(self) -> int:
@@ -77,7 +97,10 @@ class TaylorLayout:
         return sum(segment.rows for segment in self.segments)
 
     def factors(self) -> tuple[np.ndarray, ...]:
-        """``left, right [Fp, rows]`` and ``left_bias, right_bias, scale [1, rows]``, float32."""
+        """Taylor: ``left, right [Fp, rows]`` and ``left_bias, right_bias, scale [1, rows]``,
+        float32; elementwise maps need no weights (empty)."""
+        if not self.is_taylor:
+            return ()
         rows = self.rows
         left = np.zeros((self.padded_feature_dim, rows), np.float32)
         right = np.zeros_like(left)
@@ -149,16 +172,38 @@ def _power_of_two_segments(total: int, minimum: int = 16, tail: int = 32) -> lis
     return sizes
 
 
-def make_layout(feature_dim: int, backend: str) -> TaylorLayout:
-    """The symmetric :class:`TaylorLayout` of ``feature_dim`` for ``backend`` (``tpu``/``gpu``)."""
+def kernel_feature_map(feature_map: str) -> str:
+    """The map the kernels compute for ``feature_map``: both Taylor maps run the symmetric
+    expansion; the elementwise maps run as they are."""
+    if feature_map in TAYLOR_FEATURE_MAPS:
+        return "taylor_symmetric"
+    if feature_map in ELEMENTWISE_FEATURE_MAPS:
+        return feature_map
+    allowed = ", ".join((*TAYLOR_FEATURE_MAPS, *ELEMENTWISE_FEATURE_MAPS))
+    raise ValueError(f"feature_map={feature_map!r} has no kernel; allowed: {allowed}")
+
+
+def make_layout(feature_map: str, feature_dim: int, backend: str) -> FeatureLayout:
+    """The :class:`FeatureLayout` of ``feature_map`` at ``feature_dim`` for ``backend``
+    (``tpu``/``gpu``); the Taylor maps get the symmetric expansion."""
+    feature_map = kernel_feature_map(feature_map)
+    if feature_map != "taylor_symmetric":
+        if backend == "tpu":
+            padded = round_up(feature_dim, 8)
+        else:
+            padded = next_power_of_two(feature_dim, 16)
+        segment = Segment(0, feature_dim, 0, padded)
+        return FeatureLayout(feature_map, feature_dim, padded, (segment,))
     total = expanded_dim("taylor_symmetric", feature_dim)
     if backend == "tpu":
         segments = (Segment(0, total, 0, round_up(total, 128)),)
-        return TaylorLayout(feature_dim, feature_dim, segments)
+        return FeatureLayout(feature_map, feature_dim, feature_dim, segments)
     segments = []
     start = offset = 0
     for size in _power_of_two_segments(total):
         count = min(size, total - start)
         segments.append(Segment(start, count, offset, size))
         start, offset = start + count, offset + size
-    return TaylorLayout(feature_dim, next_power_of_two(feature_dim, 16), tuple(segments))
+    return FeatureLayout(
+        feature_map, feature_dim, next_power_of_two(feature_dim, 16), tuple(segments)
+    )

@@ -1,4 +1,4 @@
-"""GPU kernels (Pallas' Triton lowering) of chunked causal Taylor linear attention.
+"""GPU kernels (Pallas' Triton lowering) of chunked causal linear attention.
 
 Why Triton and not Mosaic GPU: with JAX 0.10 both exist, but Mosaic GPU programs warpgroups of
 Hopper/Blackwell (``wgmma``/``tcgen05``) and needs a different kernel per architecture, while
@@ -43,7 +43,6 @@ from pallas_kernels.linear_attention._call import (
     split_kernel_refs,
 )
 from pallas_kernels.linear_attention._chunk import (
-    Factors,
     SegmentState,
     chunk_backward_key_value,
     chunk_backward_query,
@@ -51,6 +50,7 @@ from pallas_kernels.linear_attention._chunk import (
     chunk_forward,
     output_cotangents,
 )
+from pallas_kernels.linear_attention._features import ChunkFeatures, Factors
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +66,12 @@ class _Static(ChunkedCall):
 
 
 def _static(
-    config: Any, seq_len: int, value_dim: int, has_initial_state: bool, has_decay: bool
+    config: Any,
+    seq_len: int,
+    value_dim: int,
+    has_initial_state: bool,
+    has_decay: bool,
+    heads_per_group: int,
 ) -> _Static:
     padded_value_dim = next_power_of_two(value_dim, 16)
     return _Static.create(
@@ -76,6 +81,7 @@ def _static(
         padded_value_dim,
         has_initial_state=has_initial_state,
         has_decay=has_decay,
+        heads_per_group=heads_per_group,
         value_block=min(config.value_block_size or 32, padded_value_dim),
         num_warps=config.num_warps or (4 if config.chunk_size <= 32 else 8),
     )
@@ -88,12 +94,14 @@ def _to_kernel(x: jax.Array, static: _Static, width: int) -> jax.Array:
 
 # Block specs -------------------------------------------------------------------------------------
 def _row_specs(static: _Static, width: int, blocked: bool) -> pl.BlockSpec:
-    """Whole (padded) sequence of one (batch, head); ``blocked``: one value block of it."""
+    """Whole (padded) sequence of one (batch, head): ``blocked``, one value block of a head's
+    values; else the ``width`` lanes of the queries or keys of the head's group."""
     if blocked:
         return pl.BlockSpec(
             (None, static.padded_seq, None, static.value_block), lambda b, h, j: (b, 0, h, j)
         )
-    return pl.BlockSpec((None, static.padded_seq, None, width), lambda b, h, j: (b, 0, h, 0))
+    shape = (None, static.padded_seq, None, width)
+    return pl.BlockSpec(shape, lambda b, h, j: (b, 0, static.group_of(h), 0))
 
 
 def _per_token_spec(static: _Static) -> pl.BlockSpec:
@@ -119,12 +127,13 @@ def _compiler_params(static: _Static):
 
 
 # Inside the kernels ------------------------------------------------------------------------------
-def _load_factors(static: _Static, refs) -> list[Factors]:
+def _load_features(static: _Static, refs) -> ChunkFeatures:
     factors = []
-    for segment in static.layout.segments:
-        columns = pl.ds(segment.row_offset, segment.rows)
-        factors.append(Factors(*(ref[:, columns] for ref in refs)))
-    return factors
+    if refs:
+        for segment in static.layout.segments:
+            columns = pl.ds(segment.row_offset, segment.rows)
+            factors.append(Factors(*(ref[:, columns] for ref in refs)))
+    return static.features(factors)
 
 
 def _load_states(static: _Static, kv_ref, k_ref, k_scale=None) -> list[SegmentState]:
@@ -180,7 +189,7 @@ def _forward_kernel(*refs, static: _Static):
     q_ref, k_ref, v_ref, *refs = refs
     decay_ref, factor_refs, initial_refs, refs = split_kernel_refs(static, refs)
     y_ref, denominator_ref, final_kv_ref, final_k_ref = refs
-    factors = _load_factors(static, factor_refs)
+    features = _load_features(static, factor_refs)
     first_value_block = pl.program_id(2) == 0
 
     def body(chunk, states):
@@ -190,10 +199,8 @@ def _forward_kernel(*refs, static: _Static):
             k_ref[tokens, :],
             v_ref[tokens, :],
             states,
-            factors,
-            feature_dim=static.layout.feature_dim,
+            features,
             eps=static.eps,
-            operand_dtype=static.operand_dtype,
             key_valid=static.key_valid(start),
             decay=_load_decay(static, decay_ref, tokens),
             normalize=static.normalize,
@@ -218,16 +225,22 @@ def forward(
     initial_state: tuple[jax.Array, jax.Array] | None,
     log_decay: jax.Array | None,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array], Residuals]:
-    """Forward kernel for ``config`` (a ``LinearAttentionConfig``). ``q, k [B, T, H, F]``,
-    ``v [B, T, H, Dv]``; ``initial_state`` is None or ``(kv [B, H, D', Dv], k [B, H, D'])``;
+    """Forward kernel for ``config`` (a ``LinearAttentionConfig``). ``q, k [B, T, G, F]``
+    (``G`` divides ``H``), ``v [B, T, H, Dv]``; ``initial_state`` is None or
+    ``(kv [B, H, D', Dv], k [B, H, D'])``;
     ``log_decay`` None or ``[B, T, H]`` float32.
 
     Returns ``y [B, T, H, Dv]``, the final state ``(kv, k)`` float32 and the residuals.
     """
+    batch, _, heads, _ = v.shape
     static = _static(
-        config, q.shape[1], v.shape[-1], initial_state is not None, log_decay is not None
+        config,
+        q.shape[1],
+        v.shape[-1],
+        initial_state is not None,
+        log_decay is not None,
+        heads // q.shape[2],
     )
-    batch, _, heads, _ = q.shape
     padded_feature_dim = static.layout.padded_feature_dim
     q_kernel = _to_kernel(q, static, padded_feature_dim)
     k_kernel = _to_kernel(k, static, padded_feature_dim)
@@ -301,7 +314,7 @@ def _cotangents(static: _Static, dy_ref, y_dot_dy_ref, denominator_ref, tokens, 
 def _backward_query_kernel(*refs, static: _Static):
     q_ref, k_ref, v_ref, dy_ref, y_dot_dy_ref, denominator_ref, *refs = refs
     decay_ref, factor_refs, initial_refs, (dq_ref,) = split_kernel_refs(static, refs)
-    factors = _load_factors(static, factor_refs)
+    features = _load_features(static, factor_refs)
     normalizer_scale = (pl.program_id(2) == 0).astype(jnp.float32)
 
     def body(chunk, states):
@@ -316,9 +329,7 @@ def _backward_query_kernel(*refs, static: _Static):
             d_numerator,
             d_denominator,
             states,
-            factors,
-            feature_dim=static.layout.feature_dim,
-            operand_dtype=static.operand_dtype,
+            features,
             key_valid=static.key_valid(start),
             decay=_load_decay(static, decay_ref, tokens),
         )
@@ -331,7 +342,7 @@ def _backward_query_kernel(*refs, static: _Static):
 def _backward_key_value_kernel(*refs, static: _Static):
     q_ref, k_ref, v_ref, dy_ref, y_dot_dy_ref, denominator_ref, *refs = refs
     decay_ref, factor_refs, _, refs = split_kernel_refs(static, refs, reads_initial_state=False)
-    factors = _load_factors(static, factor_refs)
+    features = _load_features(static, factor_refs)
     final_d_kv_ref, final_d_k_ref, dk_ref, dv_ref, *refs = refs
     key_term_ref = refs.pop(0) if static.has_decay else None
     initial_d_kv_ref, initial_d_k_ref = refs
@@ -350,9 +361,7 @@ def _backward_key_value_kernel(*refs, static: _Static):
             d_numerator,
             d_denominator,
             d_states,
-            factors,
-            feature_dim=static.layout.feature_dim,
-            operand_dtype=static.operand_dtype,
+            features,
             decay=_load_decay(static, decay_ref, tokens),
         )
         dk_ref[tokens, :] = dk
@@ -377,14 +386,16 @@ def backward(
     ``(d_kv [B, H, D', Dv], d_k [B, H, D'])`` float32 and ``d log_decay [B, T, H]`` float32
     (None without decay).
     """
+    batch, _, heads, _ = dy.shape
+    padded_feature_dim = residuals.q.shape[-1]
     static = _static(
         config,
         dy.shape[1],
         dy.shape[-1],
         residuals.initial_state is not None,
         residuals.cumulative_decay is not None,
+        heads // residuals.q.shape[2],
     )
-    batch, _, heads, padded_feature_dim = residuals.q.shape
     dy_kernel = _to_kernel(dy, static, static.padded_value_dim)
     y_dot_dy = jnp.sum(dy.astype(jnp.float32) * residuals.y.astype(jnp.float32), axis=-1)
     y_dot_dy = pad_axis(jnp.swapaxes(y_dot_dy, 1, 2), 2, static.padded_seq)  # [B, H, T_pad]
@@ -460,8 +471,9 @@ def backward(
     def unpad(x: jax.Array, width: int) -> jax.Array:
         return x[:, : static.seq_len, :, :width].astype(static.operand_dtype)
 
-    dq = unpad(dq_partial.sum(0), feature_dim)
-    dk = unpad(dk_partial.sum(0), feature_dim)
+    # Partial dq, dk per value block and head, summed over both (heads of a group share q, k).
+    dq = unpad(static.sum_over_groups(dq_partial.sum(0), 2), feature_dim)
+    dk = unpad(static.sum_over_groups(dk_partial.sum(0), 2), feature_dim)
     dv = unpad(dv_kernel, static.value_dim)
     d_initial = static.state_from_kernel(d_initial_kv, d_initial_k.sum(0))
     d_log_decay = None

@@ -1,4 +1,4 @@
-"""Mosaic TPU kernels of chunked causal Taylor linear attention (forward, dq, dk/dv).
+"""Mosaic TPU kernels of chunked causal linear attention (forward, dq, dk/dv).
 
 Grid ``(B, H, N)`` over batch, heads and chunks of ``C`` tokens. The chunk axis is sequential
 ("arbitrary"); the state ``S [rows, Dp]`` and normalizer ``z [1, rows]`` (float32) live in VMEM
@@ -36,7 +36,6 @@ from pallas_kernels.linear_attention._call import (
     split_kernel_refs,
 )
 from pallas_kernels.linear_attention._chunk import (
-    Factors,
     SegmentState,
     chunk_backward_key_value,
     chunk_backward_query,
@@ -44,12 +43,18 @@ from pallas_kernels.linear_attention._chunk import (
     chunk_forward,
     output_cotangents,
 )
+from pallas_kernels.linear_attention._features import ChunkFeatures, Factors
 
 SUBLANES = 8
 
 
 def _static(
-    config: Any, seq_len: int, value_dim: int, has_initial_state: bool, has_decay: bool
+    config: Any,
+    seq_len: int,
+    value_dim: int,
+    has_initial_state: bool,
+    has_decay: bool,
+    heads_per_group: int,
 ) -> ChunkedCall:
     return ChunkedCall.create(
         config,
@@ -58,6 +63,7 @@ def _static(
         tpu_lane_width(value_dim),
         has_initial_state=has_initial_state,
         has_decay=has_decay,
+        heads_per_group=heads_per_group,
     )
 
 
@@ -91,9 +97,15 @@ def _chunk_index(static: ChunkedCall, reverse: bool):
     return (lambda n: last - n) if reverse else (lambda n: n)
 
 
-def _chunk_spec(static: ChunkedCall, width: int, reverse: bool = False) -> pl.BlockSpec:
+def _chunk_spec(
+    static: ChunkedCall, width: int, reverse: bool = False, grouped: bool = False
+) -> pl.BlockSpec:
+    """One chunk of a head's ``[B, H, T_pad, width]`` array, or (``grouped``) of its group's
+    ``[B, G, T_pad, width]`` queries or keys."""
     chunk = _chunk_index(static, reverse)
-    return pl.BlockSpec((None, None, static.chunk_size, width), lambda b, h, n: (b, h, chunk(n), 0))
+    head = static.group_of if grouped else (lambda h: h)
+    shape = (None, None, static.chunk_size, width)
+    return pl.BlockSpec(shape, lambda b, h, n: (b, head(h), chunk(n), 0))
 
 
 def _rows_spec(static: ChunkedCall, reverse: bool = False) -> pl.BlockSpec:
@@ -130,8 +142,8 @@ def _state_scratch(static: ChunkedCall) -> list:
 
 
 # Inside the kernels ------------------------------------------------------------------------------
-def _load_factors(refs) -> list[Factors]:
-    return [Factors(*(ref[...] for ref in refs))]
+def _load_features(static: ChunkedCall, refs) -> ChunkFeatures:
+    return static.features([Factors(*(ref[...] for ref in refs))] if refs else [])
 
 
 def _load_decay(static: ChunkedCall, decay_ref):
@@ -165,10 +177,8 @@ def _forward_kernel(*refs, static: ChunkedCall):
         k_ref[...],
         v_ref[...],
         [SegmentState(kv_scratch[...], k_scratch[...])],
-        _load_factors(factor_refs),
-        feature_dim=static.layout.feature_dim,
+        _load_features(static, factor_refs),
         eps=static.eps,
-        operand_dtype=static.operand_dtype,
         key_valid=static.key_valid(chunk * static.chunk_size),
         decay=_load_decay(static, decay_ref),
         normalize=static.normalize,
@@ -194,15 +204,21 @@ def forward(
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array], Residuals]:
     """Forward kernel for ``config`` (a ``LinearAttentionConfig``).
 
-    ``q, k [B, T, H, F]``, ``v [B, T, H, Dv]``; ``initial_state`` is None or
+    ``q, k [B, T, G, F]`` (G divides H), ``v [B, T, H, Dv]``; ``initial_state`` is None or
     ``(kv [B, H, D', Dv], k [B, H, D'])``; ``log_decay`` None or ``[B, T, H]`` float32.
     Returns ``y [B, T, H, Dv]``, the final state ``(kv, k)`` float32 and the residuals for
     :func:`backward`.
     """
+    batch, _, heads, _ = v.shape
     static = _static(
-        config, q.shape[1], v.shape[-1], initial_state is not None, log_decay is not None
+        config,
+        q.shape[1],
+        v.shape[-1],
+        initial_state is not None,
+        log_decay is not None,
+        heads // q.shape[2],
     )
-    batch, _, heads, feature_dim = q.shape
+    feature_dim = static.layout.padded_feature_dim
     q_kernel = _to_kernel(q, static, feature_dim)
     k_kernel = _to_kernel(k, static, feature_dim)
     v_kernel = _to_kernel(v, static, static.padded_value_dim)
@@ -216,8 +232,8 @@ def forward(
     inputs, in_specs = kernel_inputs(
         static,
         [
-            (q_kernel, _chunk_spec(static, feature_dim)),
-            (k_kernel, _chunk_spec(static, feature_dim)),
+            (q_kernel, _chunk_spec(static, feature_dim, grouped=True)),
+            (k_kernel, _chunk_spec(static, feature_dim, grouped=True)),
             (v_kernel, _chunk_spec(static, static.padded_value_dim)),
         ],
         None if decay_kernel is None else (decay_kernel, _rows_spec(static)),
@@ -289,9 +305,7 @@ def _backward_query_kernel(*refs, static: ChunkedCall):
         d_numerator,
         d_denominator,
         [SegmentState(kv_scratch[...], k_scratch[...])],
-        _load_factors(factor_refs),
-        feature_dim=static.layout.feature_dim,
-        operand_dtype=static.operand_dtype,
+        _load_features(static, factor_refs),
         key_valid=static.key_valid(chunk * static.chunk_size),
         decay=_load_decay(static, decay_ref),
     )
@@ -321,9 +335,7 @@ def _backward_key_value_kernel(*refs, static: ChunkedCall):
         d_numerator,
         d_denominator,
         [SegmentState(d_kv_scratch[...], d_k_scratch[...])],
-        _load_factors(factor_refs),
-        feature_dim=static.layout.feature_dim,
-        operand_dtype=static.operand_dtype,
+        _load_features(static, factor_refs),
         decay=_load_decay(static, decay_ref),
     )
     dk_ref[...] = dk.astype(dk_ref.dtype)
@@ -351,22 +363,29 @@ def backward(
     dtype, ``[B, T, H, X]``), the initial state's cotangent ``(d_kv, d_k)`` float32 and
     ``d log_decay [B, T, H]`` float32 (None without decay).
     """
+    batch, _, heads, _ = dy.shape
     static = _static(
         config,
         dy.shape[1],
         dy.shape[-1],
         residuals.initial_state is not None,
         residuals.cumulative_decay is not None,
+        heads // residuals.q.shape[1],
     )
-    batch, heads, _, feature_dim = residuals.q.shape
+    feature_dim = residuals.q.shape[-1]
+    # dq, dk per head; float32 when the heads of a group are summed afterwards.
+    per_head_features = jax.ShapeDtypeStruct(
+        (batch, heads, static.padded_seq, feature_dim),
+        jnp.float32 if static.heads_per_group > 1 else static.operand_dtype,
+    )
     dy_kernel = _to_kernel(dy, static, static.padded_value_dim)
     grid = (batch, heads, static.num_chunks)
 
     def inputs_and_specs(reverse: bool, initial_state):
         value = _chunk_spec(static, static.padded_value_dim, reverse)
         operands = [
-            (residuals.q, _chunk_spec(static, feature_dim, reverse)),
-            (residuals.k, _chunk_spec(static, feature_dim, reverse)),
+            (residuals.q, _chunk_spec(static, feature_dim, reverse, grouped=True)),
+            (residuals.k, _chunk_spec(static, feature_dim, reverse, grouped=True)),
             (residuals.v, value),
             (residuals.y, value),
             (dy_kernel, value),
@@ -383,7 +402,7 @@ def backward(
         grid=grid,
         in_specs=query_specs,
         out_specs=_chunk_spec(static, feature_dim),
-        out_shape=jax.ShapeDtypeStruct(residuals.q.shape, static.operand_dtype),
+        out_shape=per_head_features,
         scratch_shapes=_state_scratch(static),
         compiler_params=_compiler_params(),
         interpret=static.interpret,
@@ -407,7 +426,7 @@ def backward(
             *_state_specs(static),
         ],
         out_shape=[
-            jax.ShapeDtypeStruct(residuals.k.shape, static.operand_dtype),
+            per_head_features,
             jax.ShapeDtypeStruct(residuals.v.shape, static.operand_dtype),
             *(jax.ShapeDtypeStruct(shape, jnp.float32) for _, shape in key_term_outputs),
             *_state_shapes(static, batch, heads),
@@ -418,8 +437,10 @@ def backward(
         name="based_linear_attention_backward_key_value",
     )(*key_value_inputs)
 
-    dq = _from_kernel(dq_kernel, static, feature_dim, static.operand_dtype)
-    dk = _from_kernel(dk_kernel, static, feature_dim, static.operand_dtype)
+    feature_dim, dtype = static.layout.feature_dim, per_head_features.dtype
+    dq = static.sum_over_groups(_from_kernel(dq_kernel, static, feature_dim, dtype), 2)
+    dk = static.sum_over_groups(_from_kernel(dk_kernel, static, feature_dim, dtype), 2)
+    dq, dk = dq.astype(static.operand_dtype), dk.astype(static.operand_dtype)
     dv = _from_kernel(dv_kernel, static, static.value_dim, static.operand_dtype)
     d_log_decay = None
     if static.has_decay:

@@ -149,13 +149,13 @@ def window_attention(
       num_warps: GPU tuning.
 
     Returns ``[B, T, H, Dv]`` in ``v.dtype``. Scores, softmax and accumulation are float32;
-    matmul operands are bfloat16 when all inputs are, else float32.
+    matmul operands are bfloat16 when all inputs are (float16 on GPU likewise), else float32.
     """
     backend, interpret = check_call(
         unsupported_reason, q, k, v, backend, interpret, window=window, block_size=block_size
     )
     seq_len, head_dim = q.shape[1], q.shape[-1]
-    operand_dtype = compute_dtype(q, k, v)
+    operand_dtype = compute_dtype(q, k, v, backend=backend)
     config = WindowAttentionConfig(
         backend=backend,
         seq_len=seq_len,
