@@ -15,6 +15,7 @@ import pytest
 
 from jaxbased import LanguageModel, ModelConfig
 from jaxbased.config import hybrid_layer_pattern
+from jaxbased import layer_layout
 from jaxbased.layer_layout import (
     SCANNED_LAYERS,
     convert_layout,
@@ -217,6 +218,8 @@ def test_pattern_without_repeat_runs_unrolled_with_one_log_line(caplog):
     pattern = ("mamba2", "attention", "mlp", "attention")
     config = MODELS["hybrid"].replace(num_layers=4, layer_pattern=pattern, scan_layers=True)
     model = LanguageModel(config)
+    # Logged once per pattern and process: forget an earlier test's log of the same pattern.
+    layer_layout._log_unrolled_fallback.cache_clear()
     with caplog.at_level(logging.INFO):
         variables = jax.eval_shape(lambda: model.init(jax.random.key(0), _tokens()[:, :4]))
     assert sorted(variables["params"]) == sorted(
