@@ -13,9 +13,8 @@ import numpy as np
 import optax
 import pytest
 
-from jaxbased import LanguageModel, ModelConfig
+from jaxbased import LanguageModel, ModelConfig, layer_layout
 from jaxbased.config import hybrid_layer_pattern
-from jaxbased import layer_layout
 from jaxbased.layer_layout import (
     SCANNED_LAYERS,
     convert_layout,
