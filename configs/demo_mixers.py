@@ -16,8 +16,10 @@ rate per layer).
 
 import ml_collections
 
-from configs.demo import get_config as demo_config
 from jaxbased.config import ModelConfig
+from jaxbased.config_files import sibling_get_config
+
+demo_config = sibling_get_config(__file__, "demo")
 
 _WIDTH = dict(vocab_size=257, d_model=128, mlp={"inner_dim": 256, "multiple_of": 64})
 _ATTENTION = {"heads": 4, "rotary_fraction": 0.5}

@@ -30,8 +30,10 @@ The SSM runs add roughly 25-35 CPU-minutes to the 15-minute default sweep, so th
 
 import ml_collections
 
-from configs.mqar_cpu import get_config as default_cpu_config
+from jaxbased.config_files import sibling_get_config
 from jaxbased.mqar.sweep import model_group
+
+default_cpu_config = sibling_get_config(__file__, "mqar_cpu")
 
 
 def get_config() -> ml_collections.ConfigDict:

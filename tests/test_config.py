@@ -1,9 +1,13 @@
 import dataclasses
 import importlib
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from jaxbased import PRESETS, ModelConfig, based_layer_pattern
+from jaxbased.config_files import sibling_get_config
 from jaxbased.layers import MIXERS, BasedConfig, MixerConfig
 
 
@@ -109,3 +113,33 @@ def test_config_files_match_the_presets(preset):
     assert ModelConfig.from_dict(config.model) == ModelConfig.from_preset(preset)
     config.model.sliding_window.window = 64  # as --config.model.sliding_window.window=64 would
     assert ModelConfig.from_dict(config.model).sliding_window.window == 64
+
+
+@pytest.mark.parametrize("name", ["mqar_cpu_all", "demo_mixers"])
+def test_config_files_that_build_on_others_load_from_any_directory(name, tmp_path):
+    # As a console script reads them: by path, from another working directory, with neither
+    # the repository root nor `configs` importable.
+    root = Path(__file__).resolve().parents[1]
+    script = (
+        "import importlib.util, sys\n"
+        "sys.path = [p for p in sys.path if p not in ('', {root!r})]\n"
+        "spec = importlib.util.spec_from_file_location('config', {path!r})\n"
+        "module = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(module)\n"
+        "config = module.get_config(*{args!r})\n"
+        "print(type(config).__name__)\n"
+    ).format(
+        root=str(root),
+        path=str(root / "configs" / f"{name}.py"),
+        args=("cca",) if name == "demo_mixers" else (),
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "ConfigDict"
+
+
+def test_sibling_config_names_a_missing_file(tmp_path):
+    with pytest.raises(ValueError, match=r"nowhere\.py"):
+        sibling_get_config(str(tmp_path / "here.py"), "nowhere")
