@@ -107,6 +107,8 @@ class ServingMetrics:
             ("requests_total", "requests answered, by outcome"),
             ("prompt_tokens_total", "prompt tokens prefilled"),
             ("generation_tokens_total", "tokens generated"),
+            ("http_requests_total", "completion requests admitted, by route"),
+            ("http_errors_total", "requests refused with an error, by HTTP status"),
         ):
             self._counter_help[name] = text
 
