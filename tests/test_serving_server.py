@@ -299,3 +299,38 @@ def test_sigterm_finishes_the_running_request_and_exits_0(served):
     assert served.process.wait(60) == 0, served.log.read_text()[-3000:]
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{served.url}/health", timeout=2)
+
+
+class ChatByteTokenizer(ByteTokenizer):
+    """Bytes with a chat template: each message on its own line after its role."""
+
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
+        return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+
+
+def test_chat_completions_with_a_template(served):
+    from fastapi.testclient import TestClient
+
+    from jaxbased.serving import Engine, EngineConfig
+    from jaxbased.serving.app import Server, create_app
+
+    tokenizer = ChatByteTokenizer()
+    # The server's sizes: the programs come from the compilation cache its process filled.
+    config = EngineConfig(num_slots=3, max_len=MAX_LEN, max_queue=2, prefill_chunk=32)
+    engine = Engine(served.model, served.params, config, decode_text=tokenizer.decode,
+                    eos_id=tokenizer.eos_id)  # fmt: skip
+    messages = [{"role": "user", "content": "hi"}]
+    prompt = tokenizer.apply_chat_template(messages)
+    expected = TOKENIZER.decode(served.expected(prompt, 8).tokens[0])
+    with TestClient(create_app(Server(engine, tokenizer, model_name=MODEL_NAME))) as http:
+        body = {"model": MODEL_NAME, "messages": messages, "max_tokens": 8, "temperature": 0}
+        done = http.post("/v1/chat/completions", json=body).json()
+        assert done["object"] == "chat.completion"
+        assert done["choices"][0]["message"] == {"role": "assistant", "content": expected}
+        with http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as reply:
+            chunks = [json.loads(line[6:]) for line in reply.iter_lines()
+                      if line.startswith("data: {")]  # fmt: skip
+        assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+        assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == expected
+        bad = http.post("/v1/chat/completions", json={"model": MODEL_NAME, "messages": []})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "messages"
