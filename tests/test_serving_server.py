@@ -91,7 +91,7 @@ def served(tmp_path_factory):
     log = folder / "server.log"
     command = [
         sys.executable, "-m", "jaxbased.cli.serve", f"--workdir={workdir}", f"--port={port}",
-        "--num_slots=3", f"--max_len={MAX_LEN}", "--max_queue=2", "--prefill_chunk=32",
+        "--num_slots=3", f"--max_len={MAX_LEN}", "--max_queue=2", "--prefill_chunk=16",
         f"--max_body_bytes={MAX_BODY}", "--shutdown_timeout=30",
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -316,14 +316,14 @@ def test_chat_completions_with_a_template(served):
 
     tokenizer = ChatByteTokenizer()
     # The server's sizes: the programs come from the compilation cache its process filled.
-    config = EngineConfig(num_slots=3, max_len=MAX_LEN, max_queue=2, prefill_chunk=32)
+    config = EngineConfig(num_slots=3, max_len=MAX_LEN, max_queue=2, prefill_chunk=16)
     engine = Engine(served.model, served.params, config, decode_text=tokenizer.decode,
                     eos_id=tokenizer.eos_id)  # fmt: skip
     messages = [{"role": "user", "content": "hi"}]
     prompt = tokenizer.apply_chat_template(messages)
-    expected = TOKENIZER.decode(served.expected(prompt, 8).tokens[0])
+    expected = TOKENIZER.decode(served.expected(prompt, 12).tokens[0])
     with TestClient(create_app(Server(engine, tokenizer, model_name=MODEL_NAME))) as http:
-        body = {"model": MODEL_NAME, "messages": messages, "max_tokens": 8, "temperature": 0}
+        body = {"model": MODEL_NAME, "messages": messages, "max_tokens": 12, "temperature": 0}
         done = http.post("/v1/chat/completions", json=body).json()
         assert done["object"] == "chat.completion"
         assert done["choices"][0]["message"] == {"role": "assistant", "content": expected}
