@@ -25,8 +25,9 @@ from tests.conftest import init_model
 TOKENIZER = ByteTokenizer()
 EOS = TOKENIZER.eos_id
 # One whole-prompt bucket (16) and prompts longer than the 16-token chunk: few shapes to compile.
-ENGINE = EngineConfig(num_slots=8, max_len=64, max_queue=64, prefill_token_budget=64,
-                      prefill_chunk=16)  # fmt: skip
+ENGINE = EngineConfig(
+    num_slots=8, max_len=64, max_queue=64, prefill_token_budget=64, prefill_chunk=16
+)
 MAX_TOKENS = (6, 10)
 STOPS = ((), ("e",), ("ab", "\n"))
 
@@ -40,8 +41,9 @@ def tiny_config(kind: str) -> ModelConfig:
             "based_tiny", num_layers=3, layer_pattern=based_layer_pattern(3, (1,), (2,)), **common
         )
     if kind == "transformer":
-        return ModelConfig.from_preset("attn_tiny", num_layers=2, layer_pattern=("attention",) * 2,
-                                       **common)  # fmt: skip
+        return ModelConfig.from_preset(
+            "attn_tiny", num_layers=2, layer_pattern=("attention",) * 2, **common
+        )
     pattern = hybrid_layer_pattern("M*-")
     return ModelConfig.from_preset(
         "mamba2_hybrid_tiny", num_layers=len(pattern), layer_pattern=pattern, **common
@@ -77,8 +79,13 @@ def test_fifty_concurrent_requests_equal_generate_alone_and_never_retrace(served
     model, params, engine = served
     rng = np.random.default_rng(0)
     traces_after_warmup = engine.trace_counts()
-    assert traces_after_warmup == {"prefill": 1, "extend": 1, "insert": 1, "first_tokens": 1,
-                                   "decode": 1}  # fmt: skip
+    assert traces_after_warmup == {
+        "prefill": 1,
+        "extend": 1,
+        "insert": 1,
+        "first_tokens": 1,
+        "decode": 1,
+    }
     requests = []
     for index in range(50):
         # lengths 1..32 (generate's buckets 16 and 32), one in three prefilled in chunks
@@ -116,12 +123,14 @@ def test_seeded_sampling_is_reproducible_and_equals_generate(based_engine):
     first = engine.complete(prompt, sampling)
     second = engine.complete(prompt, sampling)
     assert first.token_ids == second.token_ids
-    expected = generate(model, params, [prompt] * 3, max_new_tokens=8, return_logprobs=True,
-                        **settings)  # fmt: skip
+    expected = generate(
+        model, params, [prompt] * 3, max_new_tokens=8, return_logprobs=True, **settings
+    )
     assert first.token_ids == expected.tokens
     np.testing.assert_allclose(first.logprobs[0], expected.logprobs[0], atol=1e-5)
-    other = engine.complete(prompt, SamplingParams(max_tokens=8, ignore_eos=True,
-                                                   **{**settings, "seed": 8}))  # fmt: skip
+    other = engine.complete(
+        prompt, SamplingParams(max_tokens=8, ignore_eos=True, **{**settings, "seed": 8})
+    )
     assert other.token_ids[0] != first.token_ids[0]
 
 
@@ -130,8 +139,9 @@ def test_cancel_frees_the_slot_and_the_queue_is_bounded(based_engine):
     small = EngineConfig(num_slots=1, max_len=64, max_queue=2, prefill_chunk=16)
     engine = Engine(model, params, small, decode_text=TOKENIZER.decode, eos_id=EOS)
     running = Completion(1)
-    long_request = Request([1, 2, 3], SamplingParams(max_tokens=60, temperature=0,
-                                                    ignore_eos=True), running)  # fmt: skip
+    long_request = Request(
+        [1, 2, 3], SamplingParams(max_tokens=60, temperature=0, ignore_eos=True), running
+    )
     queued = [Completion(1) for _ in range(2)]
     engine.submit(long_request)
     engine.submit(

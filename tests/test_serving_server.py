@@ -90,10 +90,18 @@ def served(tmp_path_factory):
     port = free_port()
     log = folder / "server.log"
     command = [
-        sys.executable, "-m", "jaxbased.cli.serve", f"--workdir={workdir}", f"--port={port}",
-        "--num_slots=3", f"--max_len={MAX_LEN}", "--max_queue=2", "--prefill_chunk=16",
-        f"--max_body_bytes={MAX_BODY}", "--shutdown_timeout=30",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "jaxbased.cli.serve",
+        f"--workdir={workdir}",
+        f"--port={port}",
+        "--num_slots=3",
+        f"--max_len={MAX_LEN}",
+        "--max_queue=2",
+        "--prefill_chunk=16",
+        f"--max_body_bytes={MAX_BODY}",
+        "--shutdown_timeout=30",
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     with open(log, "w") as output:
         process = subprocess.Popen(command, cwd=REPO, env=env, stdout=output, stderr=output)
@@ -118,15 +126,17 @@ def test_completions_equal_generate_streamed_or_not(served):
     prompt = "Once upon a time"
     expected = served.expected(prompt, 12)
     text = TOKENIZER.decode(expected.tokens[0])
-    done = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=12,
-                                     temperature=0)  # fmt: skip
+    done = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=12, temperature=0)
     assert done.choices[0].text == text
     assert done.choices[0].finish_reason == ("stop" if expected.stopped[0] else "length")
     assert done.usage.prompt_tokens == len(prompt)
     assert done.usage.completion_tokens == len(expected.tokens[0])
 
-    chunks = list(client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=12,
-                                            temperature=0, stream=True))  # fmt: skip
+    chunks = list(
+        client.completions.create(
+            model=MODEL_NAME, prompt=prompt, max_tokens=12, temperature=0, stream=True
+        )
+    )
     assert "".join(chunk.choices[0].text for chunk in chunks) == text
     assert chunks[-1].choices[0].finish_reason == done.choices[0].finish_reason
 
@@ -140,8 +150,15 @@ def test_n_seeded_samples_stop_strings_and_logprobs(served):
     client = served.client()
     prompt = "The cat"
     sampled = served.expected(prompt, 12, n=3, temperature=0.8, top_k=50, seed=5)
-    done = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=12, n=3,
-                                     temperature=0.8, extra_body={"top_k": 50}, seed=5)  # fmt: skip
+    done = client.completions.create(
+        model=MODEL_NAME,
+        prompt=prompt,
+        max_tokens=12,
+        n=3,
+        temperature=0.8,
+        extra_body={"top_k": 50},
+        seed=5,
+    )
     assert [choice.text for choice in sorted(done.choices, key=lambda c: c.index)] == [
         TOKENIZER.decode(tokens) for tokens in sampled.tokens
     ]
@@ -150,16 +167,19 @@ def test_n_seeded_samples_stop_strings_and_logprobs(served):
     text = TOKENIZER.decode(greedy.tokens[0])
     stop = text[4:6]
     assert len(stop) == 2
-    cut = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=12,
-                                    temperature=0, stop=[stop, "never"])  # fmt: skip
+    cut = client.completions.create(
+        model=MODEL_NAME, prompt=prompt, max_tokens=12, temperature=0, stop=[stop, "never"]
+    )
     assert cut.choices[0].text == text[: text.find(stop)]
     assert cut.choices[0].finish_reason == "stop"
-    streamed = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=12,
-                                         temperature=0, stop=stop, stream=True)  # fmt: skip
+    streamed = client.completions.create(
+        model=MODEL_NAME, prompt=prompt, max_tokens=12, temperature=0, stop=stop, stream=True
+    )
     assert "".join(chunk.choices[0].text for chunk in streamed) == text[: text.find(stop)]
 
-    scored = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=12,
-                                       temperature=0, logprobs=2)  # fmt: skip
+    scored = client.completions.create(
+        model=MODEL_NAME, prompt=prompt, max_tokens=12, temperature=0, logprobs=2
+    )
     logprobs = scored.choices[0].logprobs
     np.testing.assert_allclose(logprobs.token_logprobs, greedy.logprobs[0], atol=1e-4)
     assert all(len(top) <= 2 for top in logprobs.top_logprobs)
@@ -194,8 +214,14 @@ def metric(served, name: str) -> float:
 def test_a_client_that_disconnects_mid_stream_frees_its_slot(served):
     cancelled = 'jaxbased_serve_requests_total{outcome="cancelled"}'
     before = metric(served, cancelled)
-    body = {"model": MODEL_NAME, "prompt": "a", "max_tokens": MAX_LEN - 1, "temperature": 0,
-            "stream": True, "ignore_eos": True}  # fmt: skip
+    body = {
+        "model": MODEL_NAME,
+        "prompt": "a",
+        "max_tokens": MAX_LEN - 1,
+        "temperature": 0,
+        "stream": True,
+        "ignore_eos": True,
+    }
     with (
         httpx.Client(timeout=30) as http,
         http.stream("POST", f"{served.url}/v1/completions", json=body) as response,
@@ -262,8 +288,13 @@ def test_bad_requests_get_json_errors_while_a_good_one_completes(served):
 
 def test_a_full_queue_answers_429(served):
     # 3 slots and a queue of 2: of 9 long requests at once, some must wait and some be refused.
-    body = {"model": MODEL_NAME, "prompt": "q", "max_tokens": 100, "temperature": 0,
-            "ignore_eos": True}  # fmt: skip
+    body = {
+        "model": MODEL_NAME,
+        "prompt": "q",
+        "max_tokens": 100,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
 
     def post(_):
         return httpx.post(f"{served.url}/v1/completions", json=body, timeout=120)
@@ -281,8 +312,14 @@ def test_a_full_queue_answers_429(served):
 
 
 def test_sigterm_finishes_the_running_request_and_exits_0(served):
-    body = {"model": MODEL_NAME, "prompt": "z", "max_tokens": 100, "temperature": 0,
-            "stream": True, "ignore_eos": True}  # fmt: skip
+    body = {
+        "model": MODEL_NAME,
+        "prompt": "z",
+        "max_tokens": 100,
+        "temperature": 0,
+        "stream": True,
+        "ignore_eos": True,
+    }
     texts = []
     with (
         httpx.Client(timeout=60) as http,
@@ -317,8 +354,9 @@ def test_chat_completions_with_a_template(served):
     tokenizer = ChatByteTokenizer()
     # The server's sizes: the programs come from the compilation cache its process filled.
     config = EngineConfig(num_slots=3, max_len=MAX_LEN, max_queue=2, prefill_chunk=16)
-    engine = Engine(served.model, served.params, config, decode_text=tokenizer.decode,
-                    eos_id=tokenizer.eos_id)  # fmt: skip
+    engine = Engine(
+        served.model, served.params, config, decode_text=tokenizer.decode, eos_id=tokenizer.eos_id
+    )
     messages = [{"role": "user", "content": "hi"}]
     prompt = tokenizer.apply_chat_template(messages)
     expected = TOKENIZER.decode(served.expected(prompt, 12).tokens[0])
@@ -328,8 +366,9 @@ def test_chat_completions_with_a_template(served):
         assert done["object"] == "chat.completion"
         assert done["choices"][0]["message"] == {"role": "assistant", "content": expected}
         with http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as reply:
-            chunks = [json.loads(line[6:]) for line in reply.iter_lines()
-                      if line.startswith("data: {")]  # fmt: skip
+            chunks = [
+                json.loads(line[6:]) for line in reply.iter_lines() if line.startswith("data: {")
+            ]
         assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
         assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == expected
         bad = http.post("/v1/chat/completions", json={"model": MODEL_NAME, "messages": []})

@@ -41,6 +41,7 @@ from jaxbased.serving.engine import (
     Request,
     TokenEvent,
 )
+from jaxbased.serving.metrics import ServingMetrics
 from jaxbased.serving.protocol import ApiError
 
 #: How often a non-streaming request checks whether its client is still there.
@@ -101,33 +102,41 @@ class Server:
         self.created = int(time.time())
 
     @property
-    def metrics(self):
+    def metrics(self) -> ServingMetrics:
+        """The engine's metrics (the API counts its requests and errors there too)."""
         return self.engine.metrics
 
     def chat_template(self) -> Callable[[list[dict[str, str]]], str] | None:
+        """The tokenizer's ``apply_chat_template``, or None when it has none."""
         template = getattr(self.tokenizer, "apply_chat_template", None)
         return template if callable(template) else None
 
     # -- reading requests ------------------------------------------------------------------
 
     async def read_body(self, http: HttpRequest) -> dict[str, Any]:
+        """The request's JSON object, read up to ``max_body_bytes`` (413 beyond)."""
         length = http.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
             raise ApiError(
-                413, f"the request body has {length} bytes; at most {self.max_body_bytes} are "
-                "allowed", code="request_too_large",
-            )  # fmt: skip
+                413,
+                f"the request body has {length} bytes; at most {self.max_body_bytes} are allowed",
+                code="request_too_large",
+            )
         raw = bytearray()
         async for piece in http.stream():
             raw += piece
             if len(raw) > self.max_body_bytes:
                 raise ApiError(
-                    413, f"the request body is over {self.max_body_bytes} bytes",
+                    413,
+                    f"the request body is over {self.max_body_bytes} bytes",
                     code="request_too_large",
-                )  # fmt: skip
+                )
         return protocol.parse_json_object(bytes(raw))
 
-    def submit(self, ids: list[int], settings: protocol.CompletionSettings) -> tuple:
+    def submit(
+        self, ids: list[int], settings: protocol.CompletionSettings
+    ) -> tuple[Request, _RequestStream]:
+        """Queue a request on the engine; the engine's refusals as ApiErrors (400, 429, 503)."""
         loop = asyncio.get_running_loop()
         stream = _RequestStream(loop)
         request = Request(ids, settings.sampling, stream)

@@ -46,13 +46,14 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from jaxtyping import Array, Float, Int
 
-from jaxbased.generation import MIN_BUCKET, _unbox_params, bucket_length
+from jaxbased.generation import MIN_BUCKET, bucket_length
 from jaxbased.model import LanguageModel, ModelCache
 from jaxbased.serving.metrics import ServingMetrics
 
@@ -350,6 +351,15 @@ def choose_tokens(
     return tokens, chosen, top_ids.astype(jnp.int32), top_values
 
 
+def params_collection(params: Any) -> Any:
+    """The ``params`` collection, unboxed: what ``generate`` accepts (boxed or not, or
+    ``{"params": ...}``) in the form ``model.apply({"params": ...})`` takes."""
+    params = nn.meta.unbox(params)
+    if isinstance(params, dict) and set(params) == {"params"}:
+        params = params["params"]
+    return params
+
+
 def _batch_axes(model: LanguageModel, max_len: int) -> Any:
     """The batch axis of every leaf of the model's cache (where 1 and 2 rows differ)."""
     one = jax.eval_shape(lambda: model.init_cache(1, max_len))
@@ -455,8 +465,9 @@ class Engine:
 
     Args:
       model: a :class:`~jaxbased.LanguageModel` (only its config is used).
-      params: its parameters (the ``params`` collection, boxed or not, or ``{"params": ...}``;
-        sharded on a mesh or not, as :func:`jaxbased.generate` takes them).
+      params: its parameters (the ``params`` collection, boxed or not, or ``{"params": ...}``,
+        as :func:`jaxbased.generate` takes them). The compiled programs take them as they
+        are placed; the slots' cache is built unsharded.
       config: the engine's sizes.
       decode_text: token ids -> text (the tokenizer's ``decode``), for stop strings and the
         streamed text; None keeps only token ids (stop strings are then refused).
@@ -480,7 +491,7 @@ class Engine:
     ) -> None:
         config = EngineConfig() if config is None else config
         self.model = model
-        self.params = _unbox_params(params)
+        self.params = params_collection(params)
         self.config = config
         self.vocab_size = model.config.vocab_size
         self.decode_text = decode_text

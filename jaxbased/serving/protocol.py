@@ -71,9 +71,10 @@ def _integer(body: dict, name: str, default: int | None, minimum: int | None = N
         return default
     if isinstance(value, bool) or not isinstance(value, int):
         raise ApiError(
-            400, f"{name} must be an integer; got {json.dumps(value)} ({_type_name(value)})",
+            400,
+            f"{name} must be an integer; got {json.dumps(value)} ({_type_name(value)})",
             param=name,
-        )  # fmt: skip
+        )
     if minimum is not None and value < minimum:
         raise ApiError(400, f"{name}={value} must be >= {minimum}", param=name)
     return value
@@ -85,9 +86,10 @@ def _number(body: dict, name: str, default: float) -> float:
         return default
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise ApiError(
-            400, f"{name} must be a finite number; got {json.dumps(value)} ({_type_name(value)})",
+            400,
+            f"{name} must be a finite number; got {json.dumps(value)} ({_type_name(value)})",
             param=name,
-        )  # fmt: skip
+        )
     return float(value)
 
 
@@ -107,14 +109,16 @@ def _stop_strings(body: dict) -> tuple[str, ...]:
     stops = [stop] if isinstance(stop, str) else stop
     if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
         raise ApiError(
-            400, f"stop must be a non-empty string or a list of them; got {json.dumps(stop)}",
+            400,
+            f"stop must be a non-empty string or a list of them; got {json.dumps(stop)}",
             param="stop",
-        )  # fmt: skip
+        )
     if len(stops) > MAX_STOP_STRINGS:
         raise ApiError(
-            400, f"stop holds {len(stops)} strings; at most {MAX_STOP_STRINGS} are allowed",
+            400,
+            f"stop holds {len(stops)} strings; at most {MAX_STOP_STRINGS} are allowed",
             param="stop",
-        )  # fmt: skip
+        )
     return tuple(stops)
 
 
@@ -159,9 +163,10 @@ def prompt_ids(
         bad = [t for t in prompt if not 0 <= t < vocab_size]
         if bad:
             raise ApiError(
-                400, f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab_size})",
+                400,
+                f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab_size})",
                 param="prompt",
-            )  # fmt: skip
+            )
         return list(prompt), False
     if (
         isinstance(prompt, list)
@@ -169,9 +174,10 @@ def prompt_ids(
         and all(isinstance(p, str | list) for p in prompt)
     ):
         raise ApiError(
-            400, f"prompt holds {len(prompt)} prompts; this server takes one per request",
+            400,
+            f"prompt holds {len(prompt)} prompts; this server takes one per request",
             param="prompt",
-        )  # fmt: skip
+        )
     raise ApiError(
         400,
         f"prompt must be a string or a list of token ids; got {_type_name(prompt)}",
@@ -250,9 +256,10 @@ def chat_messages(body: dict) -> list[dict[str, str]]:
             and isinstance(message.get("content"), str)
         ):
             raise ApiError(
-                400, f"messages[{index}] must be an object with string role and content",
+                400,
+                f"messages[{index}] must be an object with string role and content",
                 param="messages",
-            )  # fmt: skip
+            )
         checked.append({"role": message["role"], "content": message["content"]})
     return checked
 
