@@ -31,7 +31,13 @@ import numpy as np
 
 from jaxbased.config import ModelConfig
 from jaxbased.model import LanguageModel
-from jaxbased.sharding import LOGICAL_RULES, MESH_AXES, resolve_mesh_shape
+from jaxbased.sharding import (
+    LOGICAL_RULES,
+    MESH_AXES,
+    SEQUENCE_AXIS,
+    mesh_sizes_as_given,
+    resolve_mesh_shape,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,15 +76,17 @@ class MemoryPlan:
 
 def _mesh_sizes(mesh_shape: Mapping[str, int] | Sequence[int], device_count: int | None) -> dict:
     if device_count is None:
-        sizes = (
-            [int(mesh_shape[axis]) for axis in MESH_AXES]
-            if hasattr(mesh_shape, "keys")
-            else [int(size) for size in mesh_shape]
-        )
+        sizes = mesh_sizes_as_given(mesh_shape)
         if any(size < 1 for size in sizes):
             raise ValueError(f"mesh {sizes}: give every size (no -1) when planning")
         device_count = math.prod(sizes)
-    return dict(zip(MESH_AXES, resolve_mesh_shape(mesh_shape, device_count), strict=True))
+    mesh = dict(zip(MESH_AXES, resolve_mesh_shape(mesh_shape, device_count), strict=True))
+    if mesh[SEQUENCE_AXIS] > 1:
+        raise ValueError(
+            f"mesh {mesh}: the planner does not yet divide activations over "
+            f"{SEQUENCE_AXIS}={mesh[SEQUENCE_AXIS]}; plan with {SEQUENCE_AXIS}=1"
+        )
+    return mesh
 
 
 def _shard_bytes(abstract_boxed: Any, mesh: dict[str, int]) -> int:

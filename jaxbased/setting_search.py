@@ -25,7 +25,7 @@ from jaxbased.activation_model import ActivationModel, fit_activation_model, par
 from jaxbased.config import REMAT_POLICIES, ModelConfig
 from jaxbased.layer_layout import find_repeating_unit
 from jaxbased.planning import plan_memory
-from jaxbased.sharding import MESH_AXES
+from jaxbased.sharding import MESH_AXES, SEQUENCE_AXIS, mesh_sizes_as_given
 
 #: Memory of common accelerators (bytes per device, as the device reports its total).
 DEVICE_MEMORY_PRESETS: MappingProxyType[str, int] = MappingProxyType(
@@ -185,13 +185,12 @@ def search_settings(
     ``models`` (one fitted :class:`ActivationModel` per remat setting) are fitted when not
     given (four probe compiles per setting for a scanned pattern).
     """
-    sizes = (
-        [int(mesh_shape[axis]) for axis in MESH_AXES]
-        if isinstance(mesh_shape, Mapping)
-        else [int(size) for size in mesh_shape]
-    )
-    if len(sizes) != len(MESH_AXES) or any(size < 1 for size in sizes):
-        raise ValueError(f"mesh={sizes} must give {len(MESH_AXES)} sizes >= 1 ({MESH_AXES})")
+    sizes = mesh_sizes_as_given(mesh_shape)
+    if any(size < 1 for size in sizes) or sizes[MESH_AXES.index(SEQUENCE_AXIS)] != 1:
+        raise ValueError(
+            f"mesh={sizes} must give sizes >= 1 for {MESH_AXES}, with {SEQUENCE_AXIS}=1 (the "
+            "search does not yet plan sequence parallelism)"
+        )
     if not 0 < memory_fraction <= 1:
         raise ValueError(f"memory_fraction={memory_fraction} must be in (0, 1]")
     if device_memory <= 0:

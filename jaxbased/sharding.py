@@ -1,11 +1,15 @@
 """Device meshes and the rules that map logical axis names to mesh axes.
 
-The mesh has three axes, ``("data", "fsdp", "tensor")``:
+The mesh has four axes, ``("data", "fsdp", "tensor", "sequence")``:
 
 - ``data``: pure data parallelism (batch split, parameters replicated);
 - ``fsdp``: batch split *and* parameters / optimizer state split along their ``embed`` axis
   (fully sharded data parallelism, gathered by XLA where used);
-- ``tensor``: heads, MLP and conv channels and the vocabulary split (tensor parallelism).
+- ``tensor``: heads, MLP and conv channels and the vocabulary split (tensor parallelism);
+- ``sequence``: the time axis of activations split into contiguous slices (sequence
+  parallelism; parameters replicated over it). The mixers exchange only what crosses a slice
+  boundary (:mod:`jaxbased.ops.sequence_parallel`, docs/sequence_parallelism.md). Size 1 (the
+  default) changes nothing.
 
 Parameters carry logical names (``nn.with_logical_partitioning`` in the layers); ``LOGICAL_RULES``
 maps them to mesh axes. A dimension that a mesh axis does not divide is left unsplit on that axis
@@ -23,8 +27,10 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES: tuple[str, str, str] = ("data", "fsdp", "tensor")
+MESH_AXES: tuple[str, str, str, str] = ("data", "fsdp", "tensor", "sequence")
 BATCH_AXES: tuple[str, str] = ("data", "fsdp")
+#: The mesh axis that splits the time axis of activations.
+SEQUENCE_AXIS = "sequence"
 
 #: Logical axis name -> mesh axes. Names not listed are replicated.
 LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
@@ -43,23 +49,35 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
-def resolve_mesh_shape(
-    shape: Mapping[str, int] | Sequence[int], device_count: int
-) -> tuple[int, ...]:
-    """Sizes of ``(data, fsdp, tensor)``; one size may be -1 (fill the remaining devices).
-
-    A mesh may use fewer devices than there are (the first ones). Raises ``ValueError`` naming
-    the shape when it needs more than ``device_count``.
-    """
+def mesh_sizes_as_given(shape: Mapping[str, int] | Sequence[int]) -> list[int]:
+    """Sizes of ``MESH_AXES`` as written, before -1 is filled: a mapping names some axes (a
+    missing one is 1), a sequence gives ``(data, fsdp, tensor)`` or all four sizes (three:
+    ``sequence`` is 1). Raises ``ValueError`` naming an unknown axis or a wrong count."""
     if isinstance(shape, Mapping) or hasattr(shape, "keys"):  # a dict or a ConfigDict
         unknown = sorted(set(shape.keys()) - set(MESH_AXES))
         if unknown:
             raise ValueError(f"mesh has unknown axes {unknown}; allowed: {MESH_AXES}")
-        sizes = [int(shape[axis]) if axis in shape else 1 for axis in MESH_AXES]
-    else:
-        sizes = [int(size) for size in shape]
+        return [int(shape[axis]) if axis in shape else 1 for axis in MESH_AXES]
+    sizes = [int(size) for size in shape]
+    if len(sizes) == len(MESH_AXES) - 1:
+        sizes.append(1)
     if len(sizes) != len(MESH_AXES):
-        raise ValueError(f"mesh shape {sizes} must give sizes for {MESH_AXES}")
+        raise ValueError(
+            f"mesh shape {sizes} must give sizes for {MESH_AXES} (or the first three of them)"
+        )
+    return sizes
+
+
+def resolve_mesh_shape(
+    shape: Mapping[str, int] | Sequence[int], device_count: int
+) -> tuple[int, ...]:
+    """Sizes of ``(data, fsdp, tensor, sequence)``; one size may be -1 (fill the remaining
+    devices). ``shape`` is read by :func:`mesh_sizes_as_given`.
+
+    A mesh may use fewer devices than there are (the first ones). Raises ``ValueError`` naming
+    the shape when it needs more than ``device_count``.
+    """
+    sizes = mesh_sizes_as_given(shape)
     if any(size == 0 or size < -1 for size in sizes) or sizes.count(-1) > 1:
         raise ValueError(f"mesh shape {sizes}: sizes must be >= 1, with at most one -1 (fill)")
     known = math.prod(size for size in sizes if size != -1)
@@ -78,8 +96,8 @@ def resolve_mesh_shape(
 def make_mesh(
     shape: Mapping[str, int] | Sequence[int], devices: Sequence[Any] | None = None
 ) -> Mesh:
-    """A ``("data", "fsdp", "tensor")`` mesh over the first devices of ``devices`` (default:
-    all)."""
+    """A ``("data", "fsdp", "tensor", "sequence")`` mesh over the first devices of ``devices``
+    (default: all)."""
     devices = list(jax.devices() if devices is None else devices)
     sizes = resolve_mesh_shape(shape, len(devices))
     chosen = devices[: math.prod(sizes)]

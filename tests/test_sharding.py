@@ -125,7 +125,7 @@ def test_two_processes_train_like_one(corpus, tmp_path):  # noqa: F811
 
 
 def test_mesh_shapes_are_checked():
-    assert resolve_mesh_shape({"data": -1, "fsdp": 2, "tensor": 1}, 8) == (4, 2, 1)
+    assert resolve_mesh_shape({"data": -1, "fsdp": 2, "tensor": 1}, 8) == (4, 2, 1, 1)
     with pytest.raises(ValueError, match="needs 16 devices; 8 are available"):
         resolve_mesh_shape((4, 4, 1), 8)
     with pytest.raises(ValueError, match="at most one -1"):

@@ -192,12 +192,19 @@ def shard_kernel(
 
 
 def constrain_batch(x: jax.Array) -> jax.Array:
-    """Keep the leading (batch) axis of an activation split over the active mesh's batch axes.
+    """Keep the leading (batch) axis of an activation split over the active mesh's batch axes,
+    and its time axis (the second) over ``sequence`` when the mesh has that axis larger than one
+    and it divides ``T`` (:mod:`jaxbased.ops.sequence_parallel`).
 
-    Used at block boundaries so that XLA never gathers the batch; a no-op without a mesh or
-    when the batch does not divide."""
+    Used at block boundaries so that XLA never gathers the batch or the sequence; a no-op
+    without a mesh or when nothing divides."""
+    from jaxbased.ops.sequence_parallel import constrain_sequence
+
     partition = mesh_partition(x.shape[0], 1)
-    if partition is None or partition[0] is None:
-        return x
-    spec = PartitionSpec(partition[0], *([None] * (x.ndim - 1)))
+    batch_axes = None if partition is None else partition[0]
+    spec = constrain_sequence(x, batch_axes)
+    if spec is None:
+        if batch_axes is None:
+            return x
+        spec = PartitionSpec(batch_axes, *([None] * (x.ndim - 1)))
     return jax.lax.with_sharding_constraint(x, spec)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from jaxbased.ops.sequence_parallel import sequence_layout, short_conv_sharded
+
 
 def _check_weight(weight: Array, channels: int) -> int:
     if weight.ndim != 2 or weight.shape[1] != channels:
@@ -50,6 +52,9 @@ def short_conv(
         raise ValueError(f"x must be [batch, seq, channels]; got {x.shape}")
     batch, seq, channels = x.shape
     kernel_size = _check_weight(weight, channels)
+    layout = sequence_layout(batch, seq, channels)
+    if layout is not None and initial_state is None and not return_state:
+        return short_conv_sharded(x, weight, layout)
     if initial_state is None:
         initial_state = init_short_conv_state(batch, kernel_size, channels, x.dtype)
     elif initial_state.shape != (batch, kernel_size - 1, channels):

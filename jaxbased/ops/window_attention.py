@@ -49,6 +49,11 @@ from jaxbased.ops.dispatch import (
     use_pallas,
 )
 from jaxbased.ops.kernel_check import compare_with_reference
+from jaxbased.ops.sequence_parallel import (
+    check_sequence_implementation,
+    sequence_layout,
+    window_attention_sharded,
+)
 
 DEFAULT_BLOCK_SIZE = 128
 FULL_ATTENTION_BLOCK_SIZE = 512
@@ -189,16 +194,27 @@ def _full_flash(q, k, v, block_size):
     return out[:, :, :seq]
 
 
-def _windowed_blocks(q, k, v, window, block_size):
+def _windowed_blocks(q, k, v, window, block_size, earlier=None, has_earlier=None):
+    """Windowed attention of head-major ``q [B, H, T, D]`` (scaled) over ``k, v``.
+
+    ``earlier``: None, or the ``window - 1`` keys and values ``[B, H, window - 1, D]`` before
+    ``k[:, :, 0]`` (a sequence shard's halo), seen where the scalar ``has_earlier`` is true.
+    """
     batch, heads, seq, head_dim = q.shape
     value_dim = v.shape[-1]
     num_blocks = -(-seq // block_size)
     padded = num_blocks * block_size
     lookback = -(-(window - 1) // block_size)  # previous key blocks a query block needs
     q = jnp.pad(q, ((0, 0), (0, 0), (0, padded - seq), (0, 0)))
-    key_pad = ((0, 0), (0, 0), (lookback * block_size, padded - seq), (0, 0))
-    k = jnp.pad(k, key_pad).reshape(batch, heads, lookback + num_blocks, block_size, head_dim)
-    v = jnp.pad(v, key_pad).reshape(batch, heads, lookback + num_blocks, block_size, value_dim)
+    if earlier is None:
+        key_pad = ((0, 0), (0, 0), (lookback * block_size, padded - seq), (0, 0))
+        k, v = jnp.pad(k, key_pad), jnp.pad(v, key_pad)
+    else:
+        key_pad = ((0, 0), (0, 0), (lookback * block_size - (window - 1), padded - seq), (0, 0))
+        k = jnp.pad(jnp.concatenate([earlier[0], k], axis=2), key_pad)
+        v = jnp.pad(jnp.concatenate([earlier[1], v], axis=2), key_pad)
+    k = k.reshape(batch, heads, lookback + num_blocks, block_size, head_dim)
+    v = v.reshape(batch, heads, lookback + num_blocks, block_size, value_dim)
     # Key block j of query block i is padded block i + j, i.e. original block i - lookback + j.
     k_seen = jnp.concatenate([k[:, :, j : j + num_blocks] for j in range(lookback + 1)], axis=3)
     v_seen = jnp.concatenate([v[:, :, j : j + num_blocks] for j in range(lookback + 1)], axis=3)
@@ -209,7 +225,10 @@ def _windowed_blocks(q, k, v, window, block_size):
     key_pos = (
         block_start - lookback * block_size + jnp.arange((lookback + 1) * block_size)[None, None]
     )
-    mask = (key_pos >= 0) & (key_pos <= query_pos) & (query_pos - key_pos < window)
+    seen = key_pos >= 0
+    if earlier is not None:
+        seen = seen | has_earlier
+    mask = seen & (key_pos <= query_pos) & (query_pos - key_pos < window)
 
     scores = jnp.einsum("bhnqd,bhnkd->bhnqk", q_blocks, k_seen)
     scores = jnp.where(mask, scores, -jnp.inf)
@@ -248,6 +267,12 @@ def sliding_window_attention(
     if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
         raise ValueError(f"block_size={block_size!r} must be a positive integer")
     check_implementation(implementation)
+    layout = sequence_layout(q.shape[0], q.shape[1], q.shape[2])
+    if layout is not None and window is not None:
+        check_sequence_implementation("sliding_window_attention", implementation)
+        return window_attention_sharded(
+            q, k, v, layout, window=window, scale=scale, block_size=block_size
+        )
     if implementation != "xla" and use_pallas(
         implementation, _kernel_unsupported(q, k, v, window, block_size), _kernel_request(q)
     ):
@@ -264,6 +289,35 @@ def sliding_window_attention(
     else:
         block = block_size if block_size is not None else FULL_ATTENTION_BLOCK_SIZE
         out = _full_direct(qh, kh, vh, None) if seq <= block else _full_flash(qh, kh, vh, block)
+    return jnp.swapaxes(out, 1, 2).astype(v.dtype)
+
+
+def windowed_attention_with_history(
+    q: Float[Array, "B T H D"],
+    k: Float[Array, "B T H D"],
+    v: Float[Array, "B T H Dv"],
+    earlier: tuple[Float[Array, "B W H D"], Float[Array, "B W H Dv"]] | None,
+    has_earlier: Array,
+    *,
+    window: int,
+    scale: float | None = None,
+    block_size: int | None = None,
+) -> Float[Array, "B T H Dv"]:
+    """:func:`sliding_window_attention` (XLA) of a slice of a longer sequence: ``earlier`` holds
+    the ``W = window - 1`` keys and values just before ``k[:, 0]`` (None when ``window`` is 1),
+    which the first queries see where the boolean scalar ``has_earlier`` is true (elsewhere the
+    slice is the sequence's start). Returns ``[B, T, H, Dv]`` in ``v.dtype``."""
+    _check_inputs(q, k, v)
+    _check_window(window)
+    head_dim = q.shape[-1]
+    scale = head_dim**-0.5 if scale is None else scale
+    dtype = jnp.result_type(jnp.float32, q.dtype, k.dtype, v.dtype)
+    qh, kh, vh = (jnp.swapaxes(x, 1, 2).astype(dtype) for x in (q, k, v))
+    qh = qh * jnp.asarray(scale, dtype)
+    if earlier is not None:
+        earlier = tuple(jnp.swapaxes(x, 1, 2).astype(dtype) for x in earlier)
+    block = block_size if block_size is not None else min(DEFAULT_BLOCK_SIZE, window)
+    out = _windowed_blocks(qh, kh, vh, window, block, earlier, has_earlier)
     return jnp.swapaxes(out, 1, 2).astype(v.dtype)
 
 

@@ -60,8 +60,9 @@ def train_defaults(**overrides: Any) -> ml_collections.ConfigDict:
 
 
 def mesh_defaults(**overrides: Any) -> ml_collections.ConfigDict:
-    """Device mesh ``(data, fsdp, tensor)``; one size may be -1 (all remaining devices)."""
-    values = dict(data=-1, fsdp=1, tensor=1)
+    """Device mesh ``(data, fsdp, tensor, sequence)``; one size may be -1 (all remaining
+    devices). ``sequence`` splits each sequence's tokens (docs/sequence_parallelism.md)."""
+    values = dict(data=-1, fsdp=1, tensor=1, sequence=1)
     values.update(overrides)
     return ml_collections.ConfigDict(values)
 

@@ -31,7 +31,14 @@ from jaxbased.data.token_store import TokenDataset, write_token_dataset
 from jaxbased.data.tokenizers import ByteTokenizer
 from jaxbased.layer_layout import convert_layout, is_stacked
 from jaxbased.model import LanguageModel, count_parameters
-from jaxbased.sharding import batch_sharding, logical_shardings, make_mesh, with_shardings
+from jaxbased.sequence_sharding import check_sequence_sharding
+from jaxbased.sharding import (
+    SEQUENCE_AXIS,
+    batch_sharding,
+    logical_shardings,
+    make_mesh,
+    with_shardings,
+)
 from jaxbased.training.checkpointing import TOKENIZER_SUBDIR, Checkpointer, check_compatible
 from jaxbased.training.flops import flops_per_token, measure_matmul_peak
 from jaxbased.training.metrics import MetricsWriter
@@ -242,6 +249,7 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) ->
     is_writer = process_index == 0
 
     mesh = make_mesh(config.mesh)
+    check_sequence_sharding(model_config, mesh.shape[SEQUENCE_AXIS], data_config.seq_len)
     if data_config.batch_size % (process_count * train_config.grad_accum_steps):
         raise ValueError(
             f"data.batch_size={data_config.batch_size} must be divisible by process_count * "
