@@ -61,6 +61,20 @@ def unknown_name(kind: str, value: str, allowed: Sequence[str], prefix: str = ""
     )
 
 
+def check_model_source(workdir: str | None, checkpoint: str | None) -> None:
+    """Usage errors for a command that loads a model from exactly one of ``--workdir`` (a train.py
+    or jaxbased-convert workdir, which holds ``checkpoints/``) or ``--checkpoint`` (a folder)."""
+    if (workdir is None) == (checkpoint is None):
+        raise UsageError("give exactly one of --workdir or --checkpoint")
+    if workdir is not None and not (pathlib.Path(workdir) / "checkpoints").is_dir():
+        raise UsageError(
+            f"--workdir={workdir} holds no checkpoints/ folder (not a train.py or "
+            "jaxbased-convert workdir)"
+        )
+    if checkpoint is not None and not pathlib.Path(checkpoint).is_dir():
+        raise UsageError(f"--checkpoint={checkpoint} is not a folder")
+
+
 def debug_requested(argv: Sequence[str] | None = None) -> bool:
     """``--verbose`` on the command line or ``JAXBASED_DEBUG`` set to a true value."""
     argv = sys.argv if argv is None else argv

@@ -33,15 +33,7 @@ _OUTPUT = flags.DEFINE_string("output", None, "also write the result as JSON her
 
 def check_flags() -> None:
     """Usage errors for flags that cannot work, before the model is loaded."""
-    if (_WORKDIR.value is None) == (_CHECKPOINT.value is None):
-        raise errors.UsageError("give exactly one of --workdir or --checkpoint")
-    if _WORKDIR.value is not None and not (pathlib.Path(_WORKDIR.value) / "checkpoints").is_dir():
-        raise errors.UsageError(
-            f"--workdir={_WORKDIR.value} holds no checkpoints/ folder (not a train.py or "
-            "jaxbased-convert workdir)"
-        )
-    if _CHECKPOINT.value is not None and not pathlib.Path(_CHECKPOINT.value).is_dir():
-        raise errors.UsageError(f"--checkpoint={_CHECKPOINT.value} is not a folder")
+    errors.check_model_source(_WORKDIR.value, _CHECKPOINT.value)
     if not (pathlib.Path(_DATA.value) / "metadata.json").is_file():
         raise errors.UsageError(
             f"--data={_DATA.value} is not a prepared dataset (no metadata.json; make one with "

@@ -51,15 +51,7 @@ _SHUTDOWN_TIMEOUT = flags.DEFINE_float(
 
 def check_flags() -> None:
     """Usage errors for flags that cannot work, before the model is loaded."""
-    if (_WORKDIR.value is None) == (_CHECKPOINT.value is None):
-        raise errors.UsageError("give exactly one of --workdir or --checkpoint")
-    if _WORKDIR.value is not None and not (pathlib.Path(_WORKDIR.value) / "checkpoints").is_dir():
-        raise errors.UsageError(
-            f"--workdir={_WORKDIR.value} holds no checkpoints/ folder (not a train.py or "
-            "jaxbased-convert workdir)"
-        )
-    if _CHECKPOINT.value is not None and not pathlib.Path(_CHECKPOINT.value).is_dir():
-        raise errors.UsageError(f"--checkpoint={_CHECKPOINT.value} is not a folder")
+    errors.check_model_source(_WORKDIR.value, _CHECKPOINT.value)
     if not 0 <= _PORT.value < 65536:
         raise errors.UsageError(f"--port={_PORT.value} must be in [0, 65535]")
     for name, value, minimum in (
