@@ -34,10 +34,16 @@ from jaxtyping import Array, Float, Int
 from jaxbased.config import ModelConfig
 from jaxbased.layer_layout import LAYER_AXIS, ScanPlan, scan_plan
 from jaxbased.layers.common import make_norm, normal_init
-from jaxbased.layers.mixer import METRICS_COLLECTION, Mixer, takes_layer_index
+from jaxbased.layers.mixer import (
+    METRICS_COLLECTION,
+    Mixer,
+    accepts_recycled_attention,
+    takes_layer_index,
+)
 from jaxbased.layers.mlp import GatedMLP
 from jaxbased.layers.registry import MIXERS, build_mixer
 from jaxbased.ops.dispatch import constrain_batch
+from jaxbased.ops.recycled_attention import RecycledAttentionPolicy
 
 #: A layer's decode cache: an instance of its mixer's registered ``cache_type``.
 LayerCache = Any
@@ -51,7 +57,9 @@ class ModelCache:
       (``jaxbased.layers.registry.MIXERS[name].cache_type``). A scanned model
       (``config.scan_layers``) has one cache per head layer, then one per position of its
       repeating unit, every leaf stacked ``[repeats, ...]`` over the unit's repeats, then one
-      per remainder layer.
+      per remainder layer. Under a Recycled Attention policy (``prefill(...,
+      recycled_attention=...)``) full-attention layers hold a
+      :class:`~jaxbased.ops.recycled_attention.RecycledKVCache` instead.
     positions: ``[B]`` int32, the position the next token of each row takes.
     """
 
@@ -117,8 +125,14 @@ class Block(nn.Module):
         max_len: int,
         lengths: Int[Array, " B"] | None = None,
         layer_index: Array | int | None = None,
+        recycled_attention: RecycledAttentionPolicy | None = None,
     ) -> tuple[Array, LayerCache]:
-        h, cache = self.mixer.prefill(self.norm1(x), max_len, lengths, **self._index(layer_index))
+        """``recycled_attention`` goes to a mixer that accepts it (full attention); others
+        ignore it."""
+        extra = self._index(layer_index)
+        if recycled_attention is not None and accepts_recycled_attention(self.mixer):
+            extra["recycled_attention"] = recycled_attention
+        h, cache = self.mixer.prefill(self.norm1(x), max_len, lengths, **extra)
         return self._mlp(self._add(x, h)), cache
 
     def decode_step(
@@ -187,10 +201,11 @@ class RepeatedUnit(nn.Module):
         max_len: int,
         lengths: Int[Array, " B"] | None,
         first: Array,
+        recycled_attention: RecycledAttentionPolicy | None = None,
     ) -> tuple[Array, tuple[LayerCache, ...]]:
         caches = []
         for j, block in enumerate(self.block):
-            x, cache = block.prefill(x, max_len, lengths, first + j)
+            x, cache = block.prefill(x, max_len, lengths, first + j, recycled_attention)
             caches.append(cache)
         return x, tuple(caches)
 
@@ -319,6 +334,7 @@ class LanguageModel(nn.Module):
         max_len: int,
         lengths: Int[Array, " B"] | None = None,
         last_logits_only: bool = False,
+        recycled_attention: RecycledAttentionPolicy | None = None,
     ) -> tuple[Float[Array, "B T V"] | Float[Array, "B V"], ModelCache]:
         """Forward over prompts ``[B, T]`` and the caches after them.
 
@@ -332,6 +348,10 @@ class LanguageModel(nn.Module):
 
         ``last_logits_only``: return only each row's logits at its last valid position, ``[B, V]``
         (skips the ``[B, T, V]`` head, which dominates memory for long prompts).
+
+        ``recycled_attention``: full-attention layers decode under this Recycled Attention
+        policy; their caches are then
+        :class:`~jaxbased.ops.recycled_attention.RecycledKVCache` (docs/recycled_attention.md).
         """
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be [batch, seq]; got shape {tokens.shape}")
@@ -345,16 +365,17 @@ class LanguageModel(nn.Module):
         x = self._embed(tokens)
         caches = []
         head, tail = self._unrolled_blocks()
+        policy = recycled_attention
         for block in head:
-            x, cache = block.prefill(x, max_len, lengths)
+            x, cache = block.prefill(x, max_len, lengths, recycled_attention=policy)
             caches.append(cache)
         if self._plan is not None:
             x, unit_caches = self._scan_unit(
-                lambda unit, x, xs: unit.prefill(x, max_len, lengths, xs[0]), x, None
+                lambda unit, x, xs: unit.prefill(x, max_len, lengths, xs[0], policy), x, None
             )
             caches.extend(unit_caches)
         for block in tail:
-            x, cache = block.prefill(x, max_len, lengths)
+            x, cache = block.prefill(x, max_len, lengths, recycled_attention=policy)
             caches.append(cache)
         positions = jnp.full((batch,), seq, jnp.int32) if lengths is None else lengths
         if last_logits_only:

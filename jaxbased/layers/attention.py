@@ -4,7 +4,9 @@ see docs/mixers/attention.md.
 ``q, k, v = qkv_proj(x)`` (one kernel ``[d, 3, H, D]``, rows [Q | K | V] of the reference's
 ``Wqkv``), rotary on the leading ``rotary_dim`` channels of q and k, causal softmax over the
 last ``window`` keys (all keys when ``window`` is None), ``out_proj``; no biases. Decode cache: a
-:class:`~jaxbased.ops.KVCache` ring buffer with ``window`` slots (``max_len`` for full attention).
+:class:`~jaxbased.ops.KVCache` ring buffer with ``window`` slots (``max_len`` for full attention);
+full attention under a Recycled Attention policy keeps a
+:class:`~jaxbased.ops.recycled_attention.RecycledKVCache` instead (docs/recycled_attention.md).
 """
 
 from __future__ import annotations
@@ -23,6 +25,12 @@ from jaxbased.layers.mixer import (
     require_divides,
     require_positive,
     require_positive_int,
+)
+from jaxbased.ops.recycled_attention import (
+    RecycledAttentionPolicy,
+    RecycledKVCache,
+    init_recycled_cache,
+    recycled_attention_step,
 )
 from jaxbased.ops.rotary import apply_rotary
 from jaxbased.ops.window_attention import (
@@ -102,6 +110,11 @@ class SlidingWindowAttention(StateSizeFromCache, nn.Module):
     def window(self) -> int | None:
         return self.config.window
 
+    @property
+    def accepts_recycled_attention(self) -> bool:
+        """Whether ``prefill`` takes a Recycled Attention policy: full attention only."""
+        return self.config.window is None
+
     def setup(self) -> None:
         config, context = self.config, self.context
         heads, head_dim = config.heads, config.head_dim(context.d_model)
@@ -127,37 +140,73 @@ class SlidingWindowAttention(StateSizeFromCache, nn.Module):
         )
 
     def _project(self, x: Array) -> tuple[Array, Array, Array]:
+        q, k, v, _ = self._project_with_raw_query(x)
+        return q, k, v
+
+    def _project_with_raw_query(self, x: Array) -> tuple[Array, Array, Array, Array]:
+        """Rotated q and k, v, and q before rotary, each ``[B, T, H, D]``."""
         seq = x.shape[1]
         qkv = self.qkv_proj(x)
         positions = jnp.arange(seq, dtype=jnp.int32)
         q = self._rotate(qkv[:, :, 0], positions)
         k = self._rotate(qkv[:, :, 1], positions)
-        return q, k, qkv[:, :, 2]
+        return q, k, qkv[:, :, 2], qkv[:, :, 0]
 
     def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
         q, k, v = self._project(x)
         return self.out_proj(self._attention(q, k, v))
 
     def prefill(
-        self, x: Float[Array, "B T D"], max_len: int, lengths: Int[Array, " B"] | None = None
-    ) -> tuple[Float[Array, "B T D"], KVCache]:
+        self,
+        x: Float[Array, "B T D"],
+        max_len: int,
+        lengths: Int[Array, " B"] | None = None,
+        recycled_attention: RecycledAttentionPolicy | None = None,
+    ) -> tuple[Float[Array, "B T D"], KVCache | RecycledKVCache]:
         """Forward over a prompt at positions ``0 .. T-1``; also returns the filled ring buffer.
 
         ``lengths [B]``: valid tokens per row of right-padded prompts; padding never enters the
         cache (its slots keep position -1), and valid outputs never see it (causal).
+
+        ``recycled_attention`` (full attention only): return a
+        :class:`~jaxbased.ops.recycled_attention.RecycledKVCache` whose recycled set comes from
+        the attention probabilities of each row's last prompt token.
         """
-        q, k, v = self._project(x)
+        q, k, v, raw_q = self._project_with_raw_query(x)
         y = self.out_proj(self._attention(q, k, v))
-        return y, fill_kv_cache(k, v, self._capacity(max_len), lengths)
+        cache = fill_kv_cache(k, v, self._capacity(max_len), lengths)
+        if recycled_attention is None:
+            return y, cache
+        if not self.accepts_recycled_attention:
+            raise ValueError(
+                f"Recycled Attention needs full attention; this layer has window={self.window}"
+            )
+        batch, seq = x.shape[:2]
+        last = (
+            jnp.full((batch,), seq - 1, jnp.int32)
+            if lengths is None
+            else jnp.asarray(lengths, jnp.int32) - 1
+        )
+        index = last[:, None, None, None]
+        last_q = jnp.take_along_axis(q, index, axis=1)[:, 0]
+        last_raw_q = jnp.take_along_axis(raw_q, index, axis=1)[:, 0]
+        return y, init_recycled_cache(cache, last_q, last_raw_q, recycled_attention)
 
     def decode_step(
-        self, x: Float[Array, "B D"], cache: KVCache, position: Int[Array, " B"]
-    ) -> tuple[Float[Array, "B D"], KVCache]:
-        """One token per row at absolute ``position [B]``."""
+        self,
+        x: Float[Array, "B D"],
+        cache: KVCache | RecycledKVCache,
+        position: Int[Array, " B"],
+    ) -> tuple[Float[Array, "B D"], KVCache | RecycledKVCache]:
+        """One token per row at absolute ``position [B]`` (a full or recycled step when the
+        cache is a :class:`~jaxbased.ops.recycled_attention.RecycledKVCache`)."""
         qkv = self.qkv_proj(x)  # [B, 3, H, D]
         rows_positions = position[:, None]
         q = self._rotate(qkv[:, None, 0], rows_positions)[:, 0]
         k = self._rotate(qkv[:, None, 1], rows_positions)[:, 0]
+        if isinstance(cache, RecycledKVCache):
+            y, cache = recycled_attention_step(q, k, qkv[:, 2], qkv[:, 0], cache, position)
+            return self.out_proj(y), cache
         y, cache = sliding_window_attention_step(
             q, k, qkv[:, 2], cache, position, window=self.window
         )

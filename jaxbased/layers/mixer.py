@@ -198,6 +198,18 @@ def takes_layer_index(mixer: Any) -> bool:
     return bool(getattr(mixer, TAKES_LAYER_INDEX, False))
 
 
+#: Name of a mixer property: when True, the mixer's ``prefill`` takes
+#: ``recycled_attention=`` (a ``RecycledAttentionPolicy``) and then returns a cache whose
+#: ``decode_step`` follows that policy (full softmax attention only; docs/recycled_attention.md).
+ACCEPTS_RECYCLED_ATTENTION = "accepts_recycled_attention"
+
+
+def accepts_recycled_attention(mixer: Any) -> bool:
+    """Whether the mixer module ``mixer`` (an instance, bound or not) decodes under a Recycled
+    Attention policy."""
+    return getattr(mixer, ACCEPTS_RECYCLED_ATTENTION, False) is True
+
+
 @runtime_checkable
 class Mixer(Protocol):
     """What the model calls on every mixer (a Flax module with ``config`` and ``context``).
