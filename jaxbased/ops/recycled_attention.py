@@ -288,7 +288,9 @@ def recycled_attention_step(
     """One decode step of a full-attention layer under the cache's policy.
 
     Args:
-      q, k: ``[B, H, D]``, rotary applied at ``position``; v: ``[B, H, Dv]``.
+      q: ``[B, H, D]``, rotary applied at ``position``.
+      k: ``[B, H, D]``, rotary applied at ``position``.
+      v: ``[B, H, Dv]``.
       raw_query: ``[B, H, D]``, the query before rotary (for the similarity rule).
       cache: the layer's :class:`RecycledKVCache`.
       position: ``[B]`` int32, the new token's position in each row.
