@@ -5,13 +5,20 @@ the refresh of a full step and a recycled step agree with NumPy float64; the sim
 fires when the query turns away; bad policies and models without full attention are errors.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxbased import LanguageModel, ModelConfig, RecycledAttentionPolicy, generate
-from jaxbased.generation import recycled_attention_layers, teacher_forced_logprobs
+from jaxbased.generation import (
+    _DecodeMode,
+    _programs_for,
+    recycled_attention_layers,
+    teacher_forced_logprobs,
+)
 from jaxbased.ops.recycled_attention import (
     RecycledKVCache,
     recycled_attention_step,
@@ -101,18 +108,49 @@ def test_a_small_set_changes_the_output(transformer):
     assert result.full_attention_steps.tolist() == [3, 3]  # full at steps 5, 10, 15
 
 
+def forward_logprobs(model, params, tokens):
+    """``[T - 1]`` float64: ``log p(tokens[0, t] | tokens[0, :t])`` for ``t >= 1`` from the
+    training forward (one row)."""
+    logits = np.asarray(model.apply({"params": params}, jnp.asarray(tokens)), np.float64)
+    logits = logits[0, :-1, : model.config.vocab_size]
+    log_z = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    return logits[np.arange(len(logits)), tokens[0, 1:]] - log_z
+
+
 def test_teacher_forced_logprobs_match_the_full_forward(transformer):
     model, params = transformer
     tokens = np.asarray(prompts([24], seed=3), np.int32)
-    logits = np.asarray(model.apply({"params": params}, jnp.asarray(tokens)), np.float64)
-    logits = logits[0, :, : model.config.vocab_size]
-    log_z = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
-    reference = (logits[np.arange(23), tokens[0, 1:]] - log_z[:23])[9:]  # tokens 10 .. 23
+    reference = forward_logprobs(model, params, tokens)[9:]  # tokens 10 .. 23
     covering = teacher_forced_logprobs(
         model, params, tokens, 10, recycled_attention=RecycledAttentionPolicy(top_k=24, stride=4)
     )
     np.testing.assert_allclose(covering.logprobs[0], reference, atol=1e-4)
     assert covering.full_attention_steps.tolist() == [3, 3]  # 13 decode steps: 4, 8, 12
+
+
+def test_local_only_equals_a_sliding_window_of_k_keys():
+    # One attention layer: its keys and values come from the embeddings alone, so the cache is
+    # the same however the prompt was attended, and decoding over the last K positions is the
+    # sliding_window mixer (same parameters) with window K.
+    k = 5
+    config = tiny_config("transformer").replace(num_layers=1, layer_pattern=("attention",))
+    model, params = init_model(config)
+    window = LanguageModel(
+        config.replace(
+            layer_pattern=("sliding_window",),
+            sliding_window={**config.attention.to_dict(), "window": k},
+        )
+    )
+    tokens = np.asarray(prompts([20], seed=4), np.int32)
+    reference = forward_logprobs(window, params, tokens)[8:]  # tokens 9 .. 19
+    full_attention = forward_logprobs(model, params, tokens)[8:]
+    assert np.abs(full_attention - reference)[1:].max() > 1e-2  # the window matters here
+    local = teacher_forced_logprobs(
+        model, params, tokens, 9, recycled_attention=RecycledAttentionPolicy.local_only(k)
+    )
+    # the first scored token comes from the (full-attention) prefill; the rest are decoded
+    np.testing.assert_allclose(local.logprobs[0, 1:], reference[1:], atol=1e-4)
+    assert local.full_attention_steps.tolist() == [0]
 
 
 def test_the_choice_of_step_is_a_lax_cond(transformer):
@@ -127,6 +165,44 @@ def test_the_choice_of_step_is_a_lax_cond(transformer):
         lambda c: model.apply({"params": params}, tokens[:, 0], c, method=LanguageModel.decode_step)
     )(cache)
     assert str(jaxpr).count("cond[") == 2  # one per layer
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_the_decode_loop_does_not_copy_the_full_caches(transformer, batch):
+    # A recycled step must not cost a read and write of the whole KV cache: the new key and
+    # value are written outside the lax.cond, whose branches only read the cache.
+    model, params = transformer
+    programs = _programs_for(model)
+    policy = RecycledAttentionPolicy(top_k=4, stride=3, similarity_threshold=0.5)
+    logits, cache = programs.prefill(
+        params,
+        jnp.zeros((batch, 16), jnp.int32),
+        jnp.array([5, 16][:batch], jnp.int32),
+        max_len=48,
+        recycled_attention=policy,
+    )
+    lowered = programs.decode.lower(
+        params,
+        cache,
+        logits,
+        jax.random.key(0),
+        jnp.float32(1),
+        jnp.float32(1),
+        jnp.zeros((model.config.padded_vocab_size,), bool),
+        jnp.int32(-1),
+        mode=_DecodeMode(32, True, 0, False, False),
+    )
+    hlo = lowered.compile().as_text()
+    full = {leaf.shape for leaf in jax.tree.leaves(cache.layers) if leaf.ndim == 4}
+    assert full == {(batch, 4, 48, 16)}
+    smallest = min(np.prod(shape) for shape in full)
+    copied = [
+        dims
+        for shape in re.findall(r"= [a-z0-9]+\[([0-9,]*)\]\{[0-9,]*\} copy\(", hlo)
+        if np.prod(dims := tuple(int(d) for d in shape.split(",") if d)) >= smallest
+    ]
+    assert not copied, f"the decode loop copies cache-sized buffers: {copied}"
+    assert "input_output_alias" in hlo.splitlines()[0]  # the donated caches are reused
 
 
 # -- the selection, the refresh and the recycled step against NumPy float64 ------------------
