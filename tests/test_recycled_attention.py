@@ -5,7 +5,10 @@ the refresh of a full step and a recycled step agree with NumPy float64; the sim
 fires when the query turns away; bad policies and models without full attention are errors.
 """
 
+import pathlib
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +31,7 @@ from jaxbased.ops.recycled_attention import (
 from jaxbased.ops.window_attention import KVCache
 from tests.conftest import init_model
 
+REPO = pathlib.Path(__file__).resolve().parents[1]
 NEW_TOKENS = 20
 #: Unrolled and scanned Transformer++ and a BASED + attention hybrid, all tiny.
 MODELS = {
@@ -411,3 +415,65 @@ def test_a_policy_must_be_a_policy(transformer):
     model, params = transformer
     with pytest.raises(ValueError, match=r"recycled_attention=4 must be a RecycledAttentionPolicy"):
         generate(model, params, [[1, 2]], max_new_tokens=2, recycled_attention=4)
+
+
+# -- jaxbased-generate --------------------------------------------------------------------------
+
+
+def cli_policy(**values):
+    """``jaxbased-generate``'s policy for these ``--recycled_*`` flag values (in process)."""
+    from absl import flags
+    from absl.testing import flagsaver
+
+    from jaxbased.cli import generate as cli
+
+    was_parsed = flags.FLAGS.is_parsed()
+    with flagsaver.flagsaver(**values):
+        if not was_parsed:
+            flags.FLAGS.mark_as_parsed()
+        try:
+            return cli.recycled_attention_policy()
+        finally:
+            if not was_parsed:
+                flags.FLAGS.unparse_flags()
+
+
+def test_the_cli_flags_build_the_policy():
+    assert cli_policy() is None  # --recycled_top_k=0: off
+    assert cli_policy(
+        recycled_top_k=3,
+        recycled_stride=4,
+        recycled_similarity_threshold=0.5,
+        recycled_check_every=2,
+        recycled_head_selection="first_head",
+    ) == RecycledAttentionPolicy(
+        top_k=3, stride=4, similarity_threshold=0.5, check_every=2, head_selection="first_head"
+    )
+
+
+@pytest.mark.parametrize(
+    "values,message",
+    [
+        ({"recycled_top_k": -2}, "--recycled_top_k=-2 must be >= 1 (0: Recycled Attention off)"),
+        ({"recycled_stride": 0}, "--recycled_stride=0 must be an integer >= 1"),
+        ({"recycled_similarity_threshold": 1.5}, "--recycled_similarity_threshold=1.5 must be"),
+        ({"recycled_check_every": 0}, "--recycled_check_every=0 must be an integer >= 1"),
+        ({"recycled_head_selection": "best"}, "--recycled_head_selection='best' is not known"),
+    ],
+)
+def test_the_cli_names_the_flag_of_a_bad_value(values, message):
+    from jaxbased.cli.errors import UsageError
+
+    with pytest.raises(UsageError) as raised:
+        cli_policy(**{"recycled_top_k": 4, **values})
+    assert message in str(raised.value)
+
+
+def test_a_bad_flag_value_is_a_one_line_usage_error(tmp_path):
+    command = [
+        sys.executable, "-m", "jaxbased.cli.generate", f"--workdir={tmp_path}", "--prompt=a",
+        "--recycled_top_k=4", "--recycled_stride=0",
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip() == "error: --recycled_stride=0 must be an integer >= 1"
