@@ -33,12 +33,13 @@ from tests.conftest import init_model
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NEW_TOKENS = 20
-#: Unrolled and scanned Transformer++ and a BASED + attention hybrid, all tiny.
+#: Unrolled and scanned Transformer++ and a BaseConv + attention hybrid, all tiny.
 MODELS = {
     "transformer": {"layer_pattern": ("attention",) * 2},
     "transformer_scanned": {"layer_pattern": ("attention",) * 2, "scan_layers": True},
-    "hybrid": {"layer_pattern": ("based", "attention")},
+    "hybrid": {"layer_pattern": ("base_conv", "attention")},
 }
+RAGGED_PROMPTS = (11, 5)
 
 
 def tiny_config(name: str) -> ModelConfig:
@@ -50,7 +51,7 @@ def tiny_config(name: str) -> ModelConfig:
 def model_and_baseline(request):
     """A tiny model, two ragged prompts and their greedy generation under full attention."""
     model, params = init_model(tiny_config(request.param))
-    rows = prompts([11, 5])  # ragged: the rows' sets start with different numbers of tokens
+    rows = prompts(RAGGED_PROMPTS)  # ragged: the rows' sets start with different numbers of tokens
     return model, params, rows, greedy(model, params, rows)
 
 
@@ -105,7 +106,7 @@ def test_stride_one_equals_full_attention(model_and_baseline):
 def test_a_small_set_changes_the_output(transformer):
     # The two equalities above are not vacuous: with K = 2 the recycled steps see less.
     model, params = transformer
-    rows = prompts([11])
+    rows = prompts(RAGGED_PROMPTS)  # the baseline's shapes: its compiled programs are reused
     expected = greedy(model, params, rows)
     result = greedy(model, params, rows, RecycledAttentionPolicy(top_k=2, stride=5))
     assert np.abs(result.logprobs[0] - expected.logprobs[0]).max() > 1e-2
