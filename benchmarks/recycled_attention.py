@@ -158,11 +158,11 @@ def policies(settings: dict) -> list[tuple[str, Any]]:
 
 
 def measure(config: Any, params: Any, tokens: np.ndarray, settings: dict) -> list[dict]:
-    from jaxbased import LanguageModel
+    from jaxbased import LanguageModel, RecycledAttentionPolicy
     from jaxbased.generation import check_recycled_attention, teacher_forced_logprobs
 
     model = LanguageModel(config)
-    check_recycled_attention(config, policies(settings)[1][1])  # a model with full attention
+    check_recycled_attention(config, RecycledAttentionPolicy(top_k=1))  # has full attention
     prompt_length = tokens.shape[1] - settings["scored_tokens"]
     steps = settings["scored_tokens"] - 1
     results = []

@@ -447,8 +447,14 @@ def test_the_cli_flags_build_the_policy():
         recycled_similarity_threshold=0.5,
         recycled_check_every=2,
         recycled_head_selection="first_head",
+        recycled_pool_size=3,
     ) == RecycledAttentionPolicy(
-        top_k=3, stride=4, similarity_threshold=0.5, check_every=2, head_selection="first_head"
+        top_k=3,
+        stride=4,
+        similarity_threshold=0.5,
+        check_every=2,
+        head_selection="first_head",
+        pool_size=3,
     )
 
 
@@ -460,6 +466,7 @@ def test_the_cli_flags_build_the_policy():
         ({"recycled_similarity_threshold": 1.5}, "--recycled_similarity_threshold=1.5 must be"),
         ({"recycled_check_every": 0}, "--recycled_check_every=0 must be an integer >= 1"),
         ({"recycled_head_selection": "best"}, "--recycled_head_selection='best' is not known"),
+        ({"recycled_pool_size": 2}, "--recycled_pool_size=2 must be an odd integer >= 1"),
     ],
 )
 def test_the_cli_names_the_flag_of_a_bad_value(values, message):

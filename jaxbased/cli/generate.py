@@ -17,7 +17,8 @@ token so that it excludes compilation.
 ``--recycled_top_k=K`` (> 0) decodes the full-attention layers under Recycled Attention
 (docs/recycled_attention.md): most steps attend only the ``K`` keys per head that the last full
 step attended to most; ``--recycled_stride``, ``--recycled_similarity_threshold``,
-``--recycled_check_every`` and ``--recycled_head_selection`` are the policy's other fields.
+``--recycled_check_every``, ``--recycled_head_selection`` and ``--recycled_pool_size`` are the
+policy's other fields.
 """
 
 from __future__ import annotations
@@ -62,6 +63,9 @@ _RECYCLED_HEAD_SELECTION = flags.DEFINE_string(
     "recycled_head_selection",
     "group_max",
     "Recycled Attention: how the kept keys are chosen: group_max, first_head or recent",
+)
+_RECYCLED_POOL_SIZE = flags.DEFINE_integer(
+    "recycled_pool_size", 5, "Recycled Attention: group_max's max-pool width in positions (odd)"
 )
 
 
@@ -204,6 +208,7 @@ def recycled_attention_policy():
             similarity_threshold=_RECYCLED_THRESHOLD.value,
             check_every=_RECYCLED_CHECK_EVERY.value,
             head_selection=_RECYCLED_HEAD_SELECTION.value,
+            pool_size=_RECYCLED_POOL_SIZE.value,
         )
     except ValueError as error:  # the message starts with the field name
         raise errors.UsageError(f"--recycled_{error}") from error
@@ -319,6 +324,7 @@ COMMAND = command.Command(
                 "recycled_similarity_threshold",
                 "recycled_check_every",
                 "recycled_head_selection",
+                "recycled_pool_size",
             ),
         ),
     ),
