@@ -310,6 +310,11 @@ class ModelFields:
         return tuple(pairs)
 
     @property
+    def attention_map_layers(self) -> tuple[int, ...]:
+        """The full-attention layers (those that can anchor or share EchoAtt probabilities)."""
+        return tuple(layer for layer in range(self.num_layers) if self._can_share(layer))
+
+    @property
     def attention_anchors(self) -> dict[int, int]:
         """EchoAtt: ``{sharing layer: its anchor layer}`` (empty without sharing)."""
         return dict(self.attention_sharing)

@@ -149,6 +149,31 @@ class Block(nn.Module):
             return self._mlp(self._add(x, h)), probabilities
         return self._mlp(self._add(x, out))
 
+    @property
+    def has_attention_map(self) -> bool:
+        """Whether this layer attends by causal softmax probabilities over all earlier tokens
+        (its own, or an anchor's when it shares): what
+        :meth:`with_attention_probabilities` returns."""
+        return getattr(self.config, self.mixer_name).supports_attention_sharing()
+
+    def with_attention_probabilities(
+        self,
+        x: Float[Array, "B T D"],
+        shared_probabilities: Float[Array, "B H T T"] | None = None,
+    ) -> tuple[Float[Array, "B T D"], Float[Array, "B H T T"] | None]:
+        """The block's output and the attention probabilities ``[B, H, T, T]`` (float32) its
+        mixer applied: computed for a full-attention layer, the anchor's for a sharing one,
+        None for other mixers (EchoAtt's similarity analysis, docs/echoatt.md)."""
+        extra = self._index(None)
+        if self.layer_index in self.config.attention_anchors:
+            h = self.mixer(self.norm1(x), shared_probabilities=shared_probabilities, **extra)
+            probabilities = shared_probabilities
+        elif self.has_attention_map:
+            h, probabilities = self.mixer(self.norm1(x), return_probabilities=True, **extra)
+        else:
+            h, probabilities = self.mixer(self.norm1(x), **extra), None
+        return self._mlp(self._add(x, h)), probabilities
+
     def prefill(
         self,
         x: Float[Array, "B T D"],
@@ -357,6 +382,32 @@ class LanguageModel(nn.Module):
         for block in tail:
             x = run(block, x)
         return x
+
+    def attention_probabilities(
+        self, tokens: Int[Array, "B T"]
+    ) -> tuple[Float[Array, "B H T T"], ...]:
+        """The causal softmax probabilities ``[B, H, T, T]`` (float32) of every layer that has
+        them (``config.attention_map_layers``, in order); unrolled models only. EchoAtt's
+        similarity analysis (docs/echoatt.md).
+
+        Call it as ``model.apply(variables, tokens, method="attention_probabilities")``.
+        """
+        if self._plan is not None:
+            raise ValueError("attention_probabilities needs an unrolled model (scan_layers=False)")
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be [batch, seq]; got shape {tokens.shape}")
+        x = self._embed(tokens)
+        head, _ = self._unrolled_blocks()
+        probabilities: dict[int, Array] = {}
+        maps = []
+        for block in head:
+            x, block_map = block.with_attention_probabilities(
+                x, self._anchor_input(block, probabilities)
+            )
+            if block_map is not None:
+                probabilities[block.layer_index] = block_map
+                maps.append(block_map)
+        return tuple(maps)
 
     def with_block_outputs(
         self, tokens: Int[Array, "B T"]

@@ -30,46 +30,6 @@ def tokens_for(batch: int, seq: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, size=(batch, seq)).astype(np.int32)
 
 
-def numpy_forward(params, tokens, config: ModelConfig) -> np.ndarray:
-    """Logits ``[B, T, V]`` in float64: Transformer++ where a sharing layer ``j`` with anchor
-    ``a`` outputs ``out_proj_j(P_a · v_proj_j(x))``, ``P_a`` the anchor's causal softmax."""
-    anchors = config.attention_anchors
-    section = config.attention
-    embedding = np.asarray(params["embedding"], np.float64)
-    x = embedding[tokens]
-    batch, seq, d_model = x.shape
-    heads, rotary_dim = section.heads, section.rotary_dim(d_model)
-    causal = np.tril(np.ones((seq, seq), bool))
-    probabilities = {}
-    for i in range(config.num_layers):
-        layer = params[f"layers_{i}"]
-        mixer = layer["mixer"]
-        h = ref.rms_norm(x, np.asarray(layer["norm1"]["weight"], np.float64), config.norm_eps)
-        if i in anchors:
-            v = ref._linear(h, ref._flat_out(mixer["v_proj"]["kernel"]))
-            v = v.reshape(batch, seq, heads, -1)
-            p = probabilities[anchors[i]]
-        else:
-            qkv = ref._linear(h, ref._flat_out(mixer["qkv_proj"]["kernel"]))
-            q, k, v = (part.reshape(batch, seq, heads, -1) for part in np.split(qkv, 3, -1))
-            q = ref.rotary(q, range(seq), rotary_dim, section.rotary_base)
-            k = ref.rotary(k, range(seq), rotary_dim, section.rotary_base)
-            scores = np.einsum("bihd,bjhd->bhij", q, k) / np.sqrt(q.shape[-1])
-            scores = np.where(causal, scores, -np.inf)
-            p = np.exp(scores - scores.max(-1, keepdims=True))
-            p = p / p.sum(-1, keepdims=True)
-            probabilities[i] = p
-        y = np.einsum("bhij,bjhd->bihd", p, v).reshape(batch, seq, -1)
-        out_kernel = np.asarray(mixer["out_proj"]["kernel"], np.float64).reshape(-1, d_model)
-        x = x + ref._linear(y, out_kernel)
-        normed = ref.rms_norm(x, np.asarray(layer["norm2"]["weight"], np.float64), config.norm_eps)
-        both = ref._linear(normed, ref._flat_out(layer["mlp"]["fc1"]["kernel"]))
-        value, gate = np.split(both, 2, -1)
-        x = x + ref._linear(value * ref.silu(gate), layer["mlp"]["fc2"]["kernel"])
-    x = ref.rms_norm(x, np.asarray(params["final_norm"]["weight"], np.float64), config.norm_eps)
-    return x @ embedding.T
-
-
 @pytest.fixture(scope="module")
 def sharing_model():
     return init_model(tiny_config(attention_sharing=SHARING))
@@ -140,7 +100,7 @@ def test_no_sharing_is_transformer_plus_plus():
         np.testing.assert_array_equal(got, want)
     logits = model.apply({"params": params}, jnp.asarray(tokens))
     np.testing.assert_array_equal(logits, base_model.apply({"params": base_params}, tokens))
-    reference = numpy_forward(params, tokens, model.config)
+    reference = ref.shared_attention_model_forward(params, tokens, model.config)[0]
     np.testing.assert_allclose(np.asarray(logits, np.float64), reference, atol=2e-4)
 
 
@@ -159,7 +119,7 @@ def test_sharing_forward_matches_numpy(sharing_model):
     model, params = sharing_model
     tokens = tokens_for(2, 12, seed=1)
     logits = model.apply({"params": params}, jnp.asarray(tokens))
-    reference = numpy_forward(params, tokens, model.config)
+    reference = ref.shared_attention_model_forward(params, tokens, model.config)[0]
     np.testing.assert_allclose(np.asarray(logits, np.float64), reference, atol=2e-4)
     # not vacuous: the same parameters read as their own attention would differ
     base_model, base_params = init_model(tiny_config())
