@@ -117,6 +117,22 @@ class CalibrationResult:
         return dataclasses.asdict(self)
 
 
+def calibration_windows(tokens: Any, num_sequences: int, seq_len: int) -> Int[np.ndarray, "N T"]:
+    """The first ``num_sequences`` consecutive, non-overlapping windows of ``seq_len`` tokens
+    of a 1-D token array (NumPy or a TensorStore view), as int32 ``[N, seq_len]``; fewer when
+    the array is shorter. ``ValueError`` when it holds less than one window."""
+    available = int(tokens.shape[0]) // seq_len
+    if available < 1:
+        raise ValueError(
+            f"calibration needs at least seq_len={seq_len} tokens; the data has {tokens.shape[0]}"
+        )
+    count = min(num_sequences, available)
+    window = tokens[: count * seq_len]
+    if hasattr(window, "read"):  # a TensorStore view
+        window = window.read().result()
+    return np.asarray(window, np.int32).reshape(count, seq_len)
+
+
 def calibrate(
     config: ModelConfig,
     float_params: Any,
