@@ -161,7 +161,9 @@ def run(config, params, dataset, settings: dict[str, Any]) -> list[dict[str, Any
             model = QuantizedLanguageModel(
                 unrolled_config(config), arithmetic=arithmetic, hadamard=hadamard
             )
-            model_params = quantize_parameters(folded, calibration.activation_scales(observer))
+            model_params = quantize_parameters(
+                config, folded, calibration.activation_scales(observer)
+            )
         evaluated = evaluate_perplexity(
             model,
             model_params,

@@ -209,3 +209,53 @@ def test_other_model_families_and_widths_are_refused_with_one_clear_error():
         QuantizationSettings(ssm_input_observer="mse")
     with pytest.raises(ValueError, match="calibration sequences"):
         calibrate(CONFIG, {}, np.zeros((0, 4), np.int32))
+
+
+# Mamba-2, in a model that mixes both kinds of layer ------------------------------------------
+MIXED = ModelConfig.from_preset(
+    "mamba2_tiny",
+    d_model=32,
+    num_layers=2,
+    layer_pattern=("mamba2", "mamba"),
+    init_std=0.1,
+    mamba={"state_dim": 8, "chunk_size": 16},
+    mamba2={"state_dim": 16, "head_dim": 16, "chunk_size": 8},
+)
+
+
+@pytest.fixture(scope="module")
+def mixed(setup):
+    model, params = init_model(MIXED, seed=5)
+    _, _, calibration, tokens = setup
+    quantized = quantize_model(MIXED, params, calibration, QuantizationSettings())
+    return model, params, quantized, tokens
+
+
+def test_mamba2_rotation_folded_without_quantization_is_the_float_model(mixed):
+    _, params, _, tokens = mixed
+    folded = fold_hadamard(MIXED, params)
+    assert "norm_weight" in folded["layers_0"]["mixer"]
+    float_model = QuantizedLanguageModel(MIXED, arithmetic="float", hadamard=True)
+    expected = model_forward(params, tokens, MIXED)  # float64, mamba_ssm's Mamba2 math
+    assert relative_error(logits(float_model, folded, tokens), expected) < 1e-5
+
+
+def test_mamba2_int8_and_fake_agree_and_decode_continues_the_prefill(mixed):
+    float_model, float_params, (model, params, calibration), tokens = mixed
+    assert set(calibration.min_max["layers_0"]) == {
+        "in_proj_input", "in_proj_output", "ssm_input", "ssm_bc", "out_proj_input",
+    }  # fmt: skip
+    assert params["layers_0"]["mixer"]["in_proj_kernel"].dtype == np.int8
+    fake = QuantizedLanguageModel(MIXED, arithmetic="fake", hadamard=True)
+    full = logits(model, params, tokens)
+    assert relative_error(full, logits(fake, params, tokens)) < 1e-5
+    assert 0 < relative_error(full, logits(float_model, float_params, tokens)) < 0.05
+    variables = {"params": params}
+    prefill = jax.jit(lambda v, x: model.apply(v, x, 12, method="prefill"))
+    decode = jax.jit(lambda v, x, c: model.apply(v, x, c, method="decode_step"))
+    step_logits, cache = prefill(variables, jnp.asarray(tokens[:, :9]))
+    assert cache.layers[0].conv_state.dtype == jnp.int8
+    np.testing.assert_allclose(step_logits, full[:, :9], rtol=1e-4, atol=1e-4)
+    for t in range(9, 12):
+        step, cache = decode(variables, jnp.asarray(tokens[:, t]), cache)
+        np.testing.assert_allclose(step, full[:, t], rtol=1e-4, atol=1e-4)

@@ -1,4 +1,4 @@
-"""``jaxbased-quantize``: static 8-bit quantization of a Mamba model (Quamba), written as a
+"""``jaxbased-quantize``: static 8-bit quantization of a Mamba / Mamba-2 model (Quamba), as a
 quantized workdir that ``jaxbased-generate`` runs (docs/quantization.md).
 
     jaxbased-quantize --workdir=workdirs/mamba --calibration_data=data/pile \\
@@ -171,8 +171,9 @@ COMMAND = command.Command(
         "builtin_data --output_workdir=workdirs/mamba-int8 --num_sequences=64 --seq_len=256",
         "jaxbased-generate --workdir=workdirs/mamba-int8 --prompt='Once upon a time'",
     ),
-    notes="Only models whose every layer is a Mamba (mamba) mixer are quantized; any other "
-    "family is refused. Weights of in_proj, conv, x_proj, dt_proj and out_proj become int8 "
+    notes="Only models whose every layer is a Mamba (mamba) or Mamba-2 (mamba2) mixer are "
+    "quantized; any other family is refused. Weights of in_proj, conv, x_proj, dt_proj and "
+    "out_proj become int8 "
     "(per-tensor scales), activations get static per-tensor scales from calibration; the "
     "embedding, head, norms and the scan's state stay float32.",
     groups=(

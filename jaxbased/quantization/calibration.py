@@ -4,7 +4,7 @@
 The calibration model is the ``float`` arithmetic of :class:`QuantizedLanguageModel` (the float
 model, with the Hadamard rotation folded when asked, so that ``out_proj``'s input is observed
 after the rotation). Each batch of calibration sequences runs through it once; every layer's
-activations at :data:`~jaxbased.quantization.mamba.ACTIVATION_POINTS` are reduced inside the
+activation points (:data:`~jaxbased.quantization.mamba.SCHEMES`) are reduced inside the
 compiled forward to the observers' statistics, which the observers then accumulate on the host.
 Every point gets a min-max scale; the SSM input also gets the percentile-EMA one, and
 :class:`QuantizationSettings` says which of its two scales the int8 model uses.
@@ -23,8 +23,8 @@ from jaxtyping import Int
 from jaxbased.config import ModelConfig
 from jaxbased.quantization.int8 import ARITHMETICS
 from jaxbased.quantization.mamba import (
-    ACTIVATION_POINTS,
     CALIBRATION_COLLECTION,
+    SCHEMES,
     QuantizedLanguageModel,
     check_quantizable,
     fold_hadamard,
@@ -170,6 +170,10 @@ def calibrate(
             result[layer]["ssm_input_percentile"] = tail.statistic(points["ssm_input"][0])
         return result
 
+    points_of = {
+        f"layers_{index}": SCHEMES[name].activation_points
+        for index, name in enumerate(config.layer_pattern)
+    }
     observers: dict[str, dict[str, MinMaxObserver]] = {}
     percentiles: dict[str, PercentileObserver] = {}
     batches = 0
@@ -178,9 +182,9 @@ def calibrate(
         batches += 1
         for layer, points in found.items():
             layer_observers = observers.setdefault(
-                layer, {point: MinMaxObserver() for point in ACTIVATION_POINTS}
+                layer, {point: MinMaxObserver() for point in points_of[layer]}
             )
-            for point in ACTIVATION_POINTS:
+            for point in points_of[layer]:
                 layer_observers[point].observe(points[point])
             percentiles.setdefault(layer, PercentileObserver(percentile, momentum)).observe(
                 points["ssm_input_percentile"]
@@ -188,7 +192,7 @@ def calibrate(
     order = sorted(observers, key=lambda name: int(name.split("_")[1]))
     return CalibrationResult(
         min_max={
-            layer: {point: observers[layer][point].scale() for point in ACTIVATION_POINTS}
+            layer: {point: observers[layer][point].scale() for point in points_of[layer]}
             for layer in order
         },
         percentile={layer: percentiles[layer].scale() for layer in order},
@@ -210,7 +214,7 @@ def quantize_model(
 
     Returns the model of ``settings`` (unrolled), its parameters (float ones for
     ``arithmetic="float"``) and the calibration. Raises ``ValueError`` for a model that is not
-    an all-Mamba one.
+    made of Mamba / Mamba-2 layers only.
     """
     check_quantizable(config, settings.hadamard)
     folded = fold_hadamard(config, params, settings.hadamard)
@@ -226,4 +230,5 @@ def quantize_model(
     if settings.arithmetic == "float":
         return settings.model(config), folded, calibration
     scales = calibration.activation_scales(settings.ssm_input_observer)
-    return settings.model(config), quantize_parameters(folded, scales), calibration
+    quantized = quantize_parameters(unrolled_config(config), folded, scales)
+    return settings.model(config), quantized, calibration

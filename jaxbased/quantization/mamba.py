@@ -1,7 +1,8 @@
-"""Static 8-bit Mamba (Quamba, docs/quantization.md): the quantized mixer, the language model
-built from it, and the conversion of a float Mamba's parameters.
+"""Static 8-bit Mamba and Mamba-2 (Quamba, docs/quantization.md): the quantized mixers, the
+language model built from them, and the conversion of a float model's parameters.
 
-One layer, every tensor marked ``[q]`` rounded to int8 with one static per-tensor scale from
+Mamba-2's quantized layer is :class:`QuantizedMamba2` (its docstring has its steps). One Mamba-1
+layer, every tensor marked ``[q]`` rounded to int8 with one static per-tensor scale from
 calibration (``q(v) = clip(round(v / s_v), -127, 127)``), weights ``W`` int8 with
 ``s_W = max|W| / 127``:
 
@@ -39,13 +40,15 @@ from jaxtyping import Array, Float, Int
 
 from jaxbased.config import ModelConfig
 from jaxbased.layer_layout import convert_layout
-from jaxbased.layers.common import make_norm, normal_init, valid_mask
+from jaxbased.layers.common import make_norm, normal_init, rms_normalize, valid_mask
 from jaxbased.layers.mamba import MambaCache, MambaConfig
+from jaxbased.layers.mamba2 import Mamba2Cache, Mamba2Config
 from jaxbased.layers.mixer import MixerContext
 from jaxbased.layers.mlp import GatedMLP
 from jaxbased.model import Block, LanguageModel, ModelCache
 from jaxbased.ops.selective_scan import selective_scan, selective_scan_step
 from jaxbased.ops.short_conv import short_conv
+from jaxbased.ops.ssd import ssd, ssd_step
 from jaxbased.quantization.hadamard import hadamard_matrix, rotate, supports_hadamard
 from jaxbased.quantization.int8 import (
     ARITHMETICS,
@@ -55,48 +58,89 @@ from jaxbased.quantization.int8 import (
 )
 from jaxbased.quantization.observers import weight_scale
 
+
+@dataclasses.dataclass(frozen=True)
+class LayerScheme:
+    """What the quantized form of one mixer holds.
+
+    Attributes:
+      activation_points: the activations with a static scale, in the order they occur.
+      quantized_weights: the int8 weights (each with a ``{name}_scale``), shaped as the float
+        mixer's.
+      float_parameters: the parameters kept float32.
+    """
+
+    activation_points: tuple[str, ...]
+    quantized_weights: tuple[str, ...]
+    float_parameters: tuple[str, ...]
+
+
+#: The quantized form of each mixer this module quantizes (docs/quantization.md).
+SCHEMES: dict[str, LayerScheme] = {
+    "mamba": LayerScheme(
+        activation_points=(
+            "in_proj_input",
+            "in_proj_output",
+            "ssm_input",
+            "x_proj_output",
+            "dt_proj_output",
+            "out_proj_input",
+        ),
+        quantized_weights=(
+            "in_proj_kernel",
+            "conv_weight",
+            "x_proj_kernel",
+            "dt_proj_kernel",
+            "out_proj_kernel",
+        ),
+        float_parameters=("conv_bias", "dt_bias", "A_log", "D"),
+    ),
+    "mamba2": LayerScheme(
+        activation_points=(
+            "in_proj_input",
+            "in_proj_output",
+            "ssm_input",
+            "ssm_bc",
+            "out_proj_input",
+        ),
+        quantized_weights=("in_proj_kernel", "conv_weight", "out_proj_kernel"),
+        float_parameters=("conv_bias", "dt_bias", "A_log", "D", "norm_weight"),
+    ),
+}
 #: Mixers this module quantizes.
-SUPPORTED_MIXERS: tuple[str, ...] = ("mamba",)
-#: The activations that get a static scale, in the order they occur in a layer.
-ACTIVATION_POINTS: tuple[str, ...] = (
-    "in_proj_input",
-    "in_proj_output",
-    "ssm_input",
-    "x_proj_output",
-    "dt_proj_output",
-    "out_proj_input",
-)
-#: The int8 weights (each with a ``{name}_scale``): their shapes are those of the float Mamba.
-QUANTIZED_WEIGHTS: tuple[str, ...] = (
-    "in_proj_kernel",
-    "conv_weight",
-    "x_proj_kernel",
-    "dt_proj_kernel",
-    "out_proj_kernel",
-)
-#: The float32 parameters of a quantized layer.
-FLOAT_PARAMETERS: tuple[str, ...] = ("conv_bias", "dt_bias", "A_log", "D")
+SUPPORTED_MIXERS: tuple[str, ...] = tuple(SCHEMES)
+#: Mamba-1's activation points, weights and float parameters (``SCHEMES["mamba"]``).
+ACTIVATION_POINTS = SCHEMES["mamba"].activation_points
+QUANTIZED_WEIGHTS = SCHEMES["mamba"].quantized_weights
+FLOAT_PARAMETERS = SCHEMES["mamba"].float_parameters
 #: The collection the ``float`` arithmetic records the observed activations in.
 CALIBRATION_COLLECTION = "calibration"
 
 
+def inner_width(config: ModelConfig, mixer: str) -> int:
+    """The inner width ``E`` of ``mixer``'s layers in ``config`` (the rotation's width)."""
+    return getattr(config, mixer).inner_dim(config.d_model)
+
+
 def check_quantizable(config: ModelConfig, hadamard: bool = True) -> None:
     """``ValueError`` (one message, naming what is wrong and what is allowed) unless every layer
-    of ``config`` is a Mamba mixer and, with ``hadamard``, its inner width has a Hadamard
-    matrix."""
+    of ``config`` is a Mamba or Mamba-2 mixer and, with ``hadamard``, their inner width has a
+    Hadamard matrix."""
     others = sorted(set(config.layer_pattern) - set(SUPPORTED_MIXERS))
     if others:
         raise ValueError(
             f"quantization supports models whose every layer is one of {list(SUPPORTED_MIXERS)}; "
             f"this model's layer pattern also has {others}"
         )
-    inner = config.mamba.inner_dim(config.d_model)
-    if hadamard and not supports_hadamard(inner):
-        raise ValueError(
-            f"the Hadamard rotation needs an inner width of 2^k, 12·2^k, 20·2^k or 40·2^k; "
-            f"this model's is {inner} (expand {config.mamba.expand} x d_model "
-            f"{config.d_model}): quantize without the rotation (hadamard=False)"
-        )
+    for mixer in sorted(set(config.layer_pattern)):
+        inner = inner_width(config, mixer)
+        if hadamard and not supports_hadamard(inner):
+            raise ValueError(
+                f"the Hadamard rotation needs an inner width of 2^k, 12·2^k, 20·2^k or 40·2^k; "
+                f"this model's {mixer} layers have {inner} (expand "
+                f"{getattr(config, mixer).expand} x d_model {config.d_model}): quantize without "
+                "the rotation (hadamard=False)"
+            )
 
 
 def _check_arithmetic(arithmetic: str) -> None:
@@ -104,59 +148,41 @@ def _check_arithmetic(arithmetic: str) -> None:
         raise ValueError(f"arithmetic={arithmetic!r} is not known; allowed: {ARITHMETICS}")
 
 
-class QuantizedMamba(nn.Module):
-    """A Mamba-1 layer with int8 weights and activations (the module doc): ``[B, T, d] ->
-    [B, T, d]`` float32, with ``prefill``, ``decode_step`` and ``init_cache`` as a mixer.
+class _QuantizedStateSpace(nn.Module):
+    """What the quantized Mamba and Mamba-2 layers share: their parameters (int8 weights with
+    scales, float32 rest, one scale per activation point; float32 weights and no scales under
+    ``arithmetic="float"``), the quantization points, the quantized matmul and conv."""
 
-    Parameters (``E`` inner, ``R`` time-step rank, ``N`` state, ``K`` conv taps): int8 (float32
-    under ``arithmetic="float"``) ``in_proj_kernel [d, 2, E]``, ``conv_weight [K, E]``,
-    ``x_proj_kernel [E, R + 2N]``, ``dt_proj_kernel [R, E]``, ``out_proj_kernel [E, d]``
-    (with the rotation folded in when ``hadamard``), each with a float32 scalar
-    ``{name}_scale``; float32 ``conv_bias [E]``, ``dt_bias [E]``, ``A_log [E, N]``,
-    ``D [E]``; a float32 scalar ``{point}_scale`` per entry of :data:`ACTIVATION_POINTS`. The
-    ``float`` arithmetic has no scales.
-    """
-
-    config: MambaConfig
-    context: MixerContext
-    arithmetic: str = "int8"
-    hadamard: bool = True
+    #: The key of :data:`SCHEMES` a subclass quantizes.
+    mixer_name = ""
 
     @property
     def quantized(self) -> bool:
         return self.arithmetic != "float"
 
+    @property
+    def scheme(self) -> LayerScheme:
+        return SCHEMES[self.mixer_name]
+
+    def _parameter_shapes(self) -> dict[str, tuple[int, ...]]:
+        raise NotImplementedError
+
     def setup(self) -> None:
         _check_arithmetic(self.arithmetic)
-        config, d_model = self.config, self.context.d_model
-        inner, rank = config.inner_dim(d_model), config.time_step_rank(d_model)
-        state = config.state_dim
-        shapes = {
-            "in_proj_kernel": (d_model, 2, inner),
-            "conv_weight": (config.conv_kernel_size, inner),
-            "x_proj_kernel": (inner, rank + 2 * state),
-            "dt_proj_kernel": (rank, inner),
-            "out_proj_kernel": (inner, d_model),
-        }
+        shapes, scheme = self._parameter_shapes(), self.scheme
         kernel_dtype = jnp.int8 if self.quantized else jnp.float32
         self.weights = {
-            name: self.param(name, lambda key, shape: jnp.zeros(shape, kernel_dtype), shape)
-            for name, shape in shapes.items()
-        }
-        float_shapes = {
-            "conv_bias": (inner,),
-            "dt_bias": (inner,),
-            "A_log": (inner, state),
-            "D": (inner,),
+            name: self.param(name, lambda key, shape: jnp.zeros(shape, kernel_dtype), shapes[name])
+            for name in scheme.quantized_weights
         }
         self.floats = {
-            name: self.param(name, lambda key, shape: jnp.zeros(shape, jnp.float32), shape)
-            for name, shape in float_shapes.items()
+            name: self.param(name, lambda key, shape: jnp.zeros(shape, jnp.float32), shapes[name])
+            for name in scheme.float_parameters
         }
-        scale_names = [f"{name}_scale" for name in (*QUANTIZED_WEIGHTS, *ACTIVATION_POINTS)]
+        names = (*scheme.quantized_weights, *scheme.activation_points)
         self.scales = {
-            name: self.param(name, lambda key: jnp.ones((), jnp.float32))
-            for name in (scale_names if self.quantized else ())
+            f"{name}_scale": self.param(f"{name}_scale", lambda key: jnp.ones((), jnp.float32))
+            for name in (names if self.quantized else ())
         }
 
     # The quantization points ---------------------------------------------------------------
@@ -224,7 +250,42 @@ class QuantizedMamba(nn.Module):
             state = jnp.take_along_axis(padded, index[:, :, None], axis=1)
         return out, state
 
-    # The layer -------------------------------------------------------------------------------
+
+class QuantizedMamba(_QuantizedStateSpace):
+    """A Mamba-1 layer with int8 weights and activations (the module doc): ``[B, T, d] ->
+    [B, T, d]`` float32, with ``prefill``, ``decode_step`` and ``init_cache`` as a mixer.
+
+    Parameters (``E`` inner, ``R`` time-step rank, ``N`` state, ``K`` conv taps): int8 (float32
+    under ``arithmetic="float"``) ``in_proj_kernel [d, 2, E]``, ``conv_weight [K, E]``,
+    ``x_proj_kernel [E, R + 2N]``, ``dt_proj_kernel [R, E]``, ``out_proj_kernel [E, d]``
+    (with the rotation folded in when ``hadamard``), each with a float32 scalar
+    ``{name}_scale``; float32 ``conv_bias [E]``, ``dt_bias [E]``, ``A_log [E, N]``,
+    ``D [E]``; a float32 scalar ``{point}_scale`` per activation point of
+    ``SCHEMES["mamba"]``. The ``float`` arithmetic has no scales.
+    """
+
+    config: MambaConfig
+    context: MixerContext
+    arithmetic: str = "int8"
+    hadamard: bool = True
+    mixer_name = "mamba"
+
+    def _parameter_shapes(self) -> dict[str, tuple[int, ...]]:
+        config, d_model = self.config, self.context.d_model
+        inner, rank = config.inner_dim(d_model), config.time_step_rank(d_model)
+        state = config.state_dim
+        return {
+            "in_proj_kernel": (d_model, 2, inner),
+            "conv_weight": (config.conv_kernel_size, inner),
+            "x_proj_kernel": (inner, rank + 2 * state),
+            "dt_proj_kernel": (rank, inner),
+            "out_proj_kernel": (inner, d_model),
+            "conv_bias": (inner,),
+            "dt_bias": (inner,),
+            "A_log": (inner, state),
+            "D": (inner,),
+        }
+
     def _run(
         self,
         x: Array,
@@ -314,9 +375,161 @@ class QuantizedMamba(nn.Module):
         )
 
 
+class QuantizedMamba2(_QuantizedStateSpace):
+    """A Mamba-2 (SSD) layer with int8 weights and activations: ``[B, T, d] -> [B, T, d]``.
+
+    With ``C = E + 2 G N`` conv channels and ``H`` heads:
+
+        p = q(q(x) · q(W_in))                   [q] in_proj_input, in_proj_output (one scale)
+        z, xbc, dt = split(p)
+        s = silu(conv(xbc; q(W_conv)) + conv_bias)
+        u, (b, c) = q(s[:E]), q(s[E:])           [q] ssm_input, ssm_bc
+        y = ssd(u, softplus(dt + dt_bias), -exp(A_log), b, c) + D u        (float32)
+        y_H = q(rmsnorm_groups(y silu(z)) · w_norm · H / sqrt(E))          [q] out_proj_input
+        out = y_H · q(Hᵀ / sqrt(E) · W_out)
+
+    Parameters: int8 ``in_proj_kernel [d, E + C + H]``, ``conv_weight [K, C]``,
+    ``out_proj_kernel [E, d]`` with their scales; float32 ``conv_bias [C]``, ``dt_bias [H]``,
+    ``A_log [H]``, ``D [H]``, ``norm_weight [E]``; one scale per activation point of
+    ``SCHEMES["mamba2"]``. The decode cache keeps the conv inputs as int8 codes.
+    """
+
+    config: Mamba2Config
+    context: MixerContext
+    arithmetic: str = "int8"
+    hadamard: bool = True
+    mixer_name = "mamba2"
+
+    def _parameter_shapes(self) -> dict[str, tuple[int, ...]]:
+        config, d_model = self.config, self.context.d_model
+        inner, heads = config.inner_dim(d_model), config.heads(d_model)
+        channels = config.conv_channels(d_model)
+        return {
+            "in_proj_kernel": (d_model, inner + channels + heads),
+            "conv_weight": (config.conv_kernel_size, channels),
+            "out_proj_kernel": (inner, d_model),
+            "conv_bias": (channels,),
+            "dt_bias": (heads,),
+            "A_log": (heads,),
+            "D": (heads,),
+            "norm_weight": (inner,),
+        }
+
+    def _run(
+        self,
+        x: Array,
+        cache: Mamba2Cache | None,
+        lengths: Array | None,
+        single_step: bool,
+    ) -> tuple[Array, Mamba2Cache]:
+        """``x [B, T, d]`` (``T = 1`` for ``single_step``) -> (output ``[B, T, d]``, cache)."""
+        config, d_model = self.config, self.context.d_model
+        inner, channels = config.inner_dim(d_model), config.conv_channels(d_model)
+        heads, groups, state = config.heads(d_model), config.groups, config.state_dim
+        codes, values = self._observe("in_proj_input", x)
+        projected = self._linear("in_proj_input", codes, values, "in_proj_kernel")
+        projected_codes, projected = self._observe("in_proj_output", projected)
+        gate = projected[..., :inner]
+        dt = projected[..., inner + channels :]
+        conv_out, conv_state = self._conv(
+            None if projected_codes is None else projected_codes[..., inner : inner + channels],
+            projected[..., inner : inner + channels],
+            None if cache is None else cache.conv_state,
+            lengths,
+        )
+        activated = jax.nn.silu(conv_out + self.floats["conv_bias"])
+        _, u = self._observe("ssm_input", activated[..., :inner])
+        _, bc = self._observe("ssm_bc", activated[..., inner:])
+        lead = u.shape[:-1]
+        u = u.reshape(*lead, heads, config.head_dim)
+        b = bc[..., : groups * state].reshape(*lead, groups, state)
+        c = bc[..., groups * state :].reshape(*lead, groups, state)
+        dt = jax.nn.softplus(dt + self.floats["dt_bias"])
+        a = -jnp.exp(self.floats["A_log"])
+        if single_step:
+            y, ssm_state = ssd_step(u[:, 0], dt[:, 0], a, b[:, 0], c[:, 0], cache.ssm_state)
+            y = y[:, None]
+        else:
+            mask = valid_mask(lengths, x.shape[1])
+            if mask is not None:  # dt = 0 leaves the state untouched: padding never enters
+                dt = jnp.where(mask[..., None], dt, 0.0)
+            y, ssm_state = ssd(
+                u,
+                dt,
+                a,
+                b,
+                c,
+                chunk_size=config.chunk_size,
+                return_state=True,
+                implementation=self.context.implementation,
+            )
+        y = y + self.floats["D"][:, None] * u
+        gated = y.reshape(*lead, inner) * jax.nn.silu(gate)
+        grouped = gated.reshape(*lead, groups, inner // groups)
+        normed = rms_normalize(grouped, self.context.norm_eps).reshape(gated.shape)
+        normed = normed * self.floats["norm_weight"]
+        if self.hadamard:
+            normed = rotate(normed)
+        y_codes, normed = self._observe("out_proj_input", normed)
+        out = self._linear("out_proj_input", y_codes, normed, "out_proj_kernel")
+        return out, Mamba2Cache(conv_state, ssm_state)
+
+    def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
+        return self._run(x, None, None, single_step=False)[0]
+
+    def prefill(
+        self, x: Float[Array, "B T D"], max_len: int, lengths: Int[Array, " B"] | None = None
+    ) -> tuple[Float[Array, "B T D"], Mamba2Cache]:
+        """Forward over a prompt and the cache after it (padding never enters the cache)."""
+        del max_len
+        return self._run(x, None, lengths, single_step=False)
+
+    def decode_step(
+        self, x: Float[Array, "B D"], cache: Mamba2Cache, position: Int[Array, " B"]
+    ) -> tuple[Float[Array, "B D"], Mamba2Cache]:
+        """One token per row (``position`` unused)."""
+        del position
+        out, cache = self._run(x[:, None], cache, None, single_step=True)
+        return out[:, 0], cache
+
+    def init_cache(self, batch_size: int, max_len: int) -> Mamba2Cache:
+        """Zeros: conv inputs ``[B, K - 1, C]`` (int8 codes; float32 under ``float``) and the
+        float32 state ``[B, H, P, N]``. Works on an unbound module."""
+        del max_len
+        config, d_model = self.config, self.context.d_model
+        conv_dtype = jnp.int8 if self.quantized else jnp.float32
+        return Mamba2Cache(
+            jnp.zeros(
+                (batch_size, config.conv_kernel_size - 1, config.conv_channels(d_model)),
+                conv_dtype,
+            ),
+            jnp.zeros(
+                (batch_size, config.heads(d_model), config.head_dim, config.state_dim),
+                jnp.float32,
+            ),
+        )
+
+
+#: The quantized module of each supported mixer.
+QUANTIZED_MIXERS: dict[str, type[_QuantizedStateSpace]] = {
+    "mamba": QuantizedMamba,
+    "mamba2": QuantizedMamba2,
+}
+
+
+def quantized_mixer(
+    config: ModelConfig, index: int, arithmetic: str, hadamard: bool, **kwargs: Any
+) -> _QuantizedStateSpace:
+    """The quantized module of layer ``index`` of ``config`` (``kwargs``: e.g. ``parent``)."""
+    name = config.layer_pattern[index]
+    return QUANTIZED_MIXERS[name](
+        getattr(config, name), config.layer_context(index), arithmetic, hadamard, **kwargs
+    )
+
+
 class QuantizedBlock(Block):
-    """:class:`jaxbased.model.Block` whose mixer is a :class:`QuantizedMamba` (the norms and
-    an MLP, if any, stay float)."""
+    """:class:`jaxbased.model.Block` whose mixer is a :class:`QuantizedMamba` or
+    :class:`QuantizedMamba2` (the norms and an MLP, if any, stay float)."""
 
     arithmetic: str = "int8"
     hadamard: bool = True
@@ -324,9 +537,7 @@ class QuantizedBlock(Block):
     def setup(self) -> None:
         config = self.config
         self.norm1 = make_norm(config.norm, config.d_model, config.norm_eps, config.compute_dtype)
-        self.mixer = QuantizedMamba(
-            config.mamba, config.layer_context(self.layer_index), self.arithmetic, self.hadamard
-        )
+        self.mixer = quantized_mixer(config, self.layer_index, self.arithmetic, self.hadamard)
         if config.use_mlp:
             self.norm2 = make_norm(
                 config.norm, config.d_model, config.norm_eps, config.compute_dtype
@@ -335,7 +546,7 @@ class QuantizedBlock(Block):
 
 
 class QuantizedLanguageModel(LanguageModel):
-    """:class:`jaxbased.model.LanguageModel` of :class:`QuantizedMamba` layers (unrolled):
+    """:class:`jaxbased.model.LanguageModel` of quantized Mamba / Mamba-2 layers (unrolled):
     the same methods (``__call__``, ``prefill``, ``decode_step``, ``init_cache``), so that
     :func:`jaxbased.generation.generate` runs it as it is.
 
@@ -373,13 +584,9 @@ class QuantizedLanguageModel(LanguageModel):
             raise ValueError(f"batch_size={batch_size} must be >= 1")
         config = self.config
         layers = tuple(
-            QuantizedMamba(
-                config.mamba,
-                config.layer_context(index),
-                self.arithmetic,
-                self.hadamard,
-                parent=None,
-            ).init_cache(batch_size, max_len)
+            quantized_mixer(config, index, self.arithmetic, self.hadamard, parent=None).init_cache(
+                batch_size, max_len
+            )
             for index in range(config.num_layers)
         )
         return ModelCache(layers=layers, positions=jnp.zeros((batch_size,), jnp.int32))
@@ -389,6 +596,21 @@ class QuantizedLanguageModel(LanguageModel):
 def unrolled_config(config: ModelConfig) -> ModelConfig:
     """``config`` with ``scan_layers=False`` (the layout quantized models use)."""
     return config.replace(scan_layers=False) if config.scan_layers else config
+
+
+def _float_weights(mixer_name: str, mixer: dict[str, Any]) -> dict[str, np.ndarray]:
+    """A float mixer's weights under the quantized layer's names (float64)."""
+    names = {"in_proj_kernel": ("in_proj", "kernel"), "conv_weight": ("conv_weight",)}
+    if mixer_name == "mamba":
+        names |= {"x_proj_kernel": ("x_proj", "kernel"), "dt_proj_kernel": ("dt_proj_kernel",)}
+    names["out_proj_kernel"] = ("out_proj", "kernel")
+    weights = {}
+    for name, path in names.items():
+        node = mixer
+        for part in path:
+            node = node[part]
+        weights[name] = np.asarray(node, np.float64)
+    return weights
 
 
 def fold_hadamard(config: ModelConfig, params: Any, hadamard: bool = True) -> dict[str, Any]:
@@ -402,55 +624,59 @@ def fold_hadamard(config: ModelConfig, params: Any, hadamard: bool = True) -> di
     unrolled = unrolled_config(config)
     params = convert_layout(nn.meta.unbox(params), unrolled)
     params = jax.tree.map(np.asarray, params)
-    inner = config.mamba.inner_dim(config.d_model)
-    rotation = hadamard_matrix(inner).astype(np.float64) / np.sqrt(inner) if hadamard else None
     folded: dict[str, Any] = {}
     for key, value in params.items():
         if not key.startswith("layers_"):
             folded[key] = value
             continue
+        mixer_name = config.layer_pattern[int(key.split("_")[1])]
         block = {name: part for name, part in value.items() if name != "mixer"}
         mixer = value["mixer"]
-        out_proj = np.asarray(mixer["out_proj"]["kernel"], np.float64)
-        if rotation is not None:
-            out_proj = rotation.T @ out_proj
+        weights = _float_weights(mixer_name, mixer)
+        if hadamard:
+            inner = inner_width(config, mixer_name)
+            rotation = hadamard_matrix(inner).astype(np.float64) / np.sqrt(inner)
+            weights["out_proj_kernel"] = rotation.T @ weights["out_proj_kernel"]
         block["mixer"] = {
-            "in_proj_kernel": np.asarray(mixer["in_proj"]["kernel"], np.float32),
-            "conv_weight": np.asarray(mixer["conv_weight"], np.float32),
-            "x_proj_kernel": np.asarray(mixer["x_proj"]["kernel"], np.float32),
-            "dt_proj_kernel": np.asarray(mixer["dt_proj_kernel"], np.float32),
-            "out_proj_kernel": out_proj.astype(np.float32),
-            **{name: np.asarray(mixer[name], np.float32) for name in FLOAT_PARAMETERS},
+            **{name: weight.astype(np.float32) for name, weight in weights.items()},
+            **{
+                name: np.asarray(mixer[name], np.float32)
+                for name in SCHEMES[mixer_name].float_parameters
+            },
         }
         folded[key] = block
     return folded
 
 
 def quantize_parameters(
-    float_params: dict[str, Any], activation_scales: dict[str, dict[str, float]]
+    config: ModelConfig,
+    float_params: dict[str, Any],
+    activation_scales: dict[str, dict[str, float]],
 ) -> dict[str, Any]:
-    """The int8 parameters of ``QuantizedLanguageModel(arithmetic="int8" or "fake")`` from the
-    ``float`` arithmetic's parameters (:func:`fold_hadamard`) and the activation scales of
-    calibration (``{"layers_{i}": {point: scale}}``, one per :data:`ACTIVATION_POINTS`).
+    """The int8 parameters of ``QuantizedLanguageModel(config, arithmetic="int8" or "fake")``
+    from the ``float`` arithmetic's parameters (:func:`fold_hadamard`) and the activation
+    scales of calibration (``{"layers_{i}": {point: scale}}``, one per activation point of the
+    layer's :data:`SCHEMES` entry).
 
-    Each weight of :data:`QUANTIZED_WEIGHTS` becomes ``quantize(W, max|W| / 127)`` with its
-    scale beside it; everything else is kept.
+    Each quantized weight becomes ``quantize(W, max|W| / 127)`` with its scale beside it;
+    everything else is kept.
     """
     quantized: dict[str, Any] = {}
     for key, value in float_params.items():
         if not key.startswith("layers_"):
             quantized[key] = value
             continue
+        scheme = SCHEMES[config.layer_pattern[int(key.split("_")[1])]]
         mixer = dict(value["mixer"])
-        for name in QUANTIZED_WEIGHTS:
+        for name in scheme.quantized_weights:
             scale = weight_scale(mixer[name])
             mixer[name] = np.asarray(quantize(mixer[name], scale))
             mixer[f"{name}_scale"] = np.float32(scale)
         layer_scales = activation_scales[key]
-        missing = [point for point in ACTIVATION_POINTS if point not in layer_scales]
+        missing = [point for point in scheme.activation_points if point not in layer_scales]
         if missing:
             raise ValueError(f"{key}: no calibrated scale for {missing}")
-        for point in ACTIVATION_POINTS:
+        for point in scheme.activation_points:
             mixer[f"{point}_scale"] = np.float32(layer_scales[point])
         quantized[key] = {**value, "mixer": mixer}
     return quantized
