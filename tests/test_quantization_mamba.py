@@ -259,3 +259,21 @@ def test_mamba2_int8_and_fake_agree_and_decode_continues_the_prefill(mixed):
     for t in range(9, 12):
         step, cache = decode(variables, jnp.asarray(tokens[:, t]), cache)
         np.testing.assert_allclose(step, full[:, t], rtol=1e-4, atol=1e-4)
+
+
+def test_the_serving_engine_runs_the_int8_model_as_generate_does(setup, int8_model):
+    from jaxbased.serving import Engine, EngineConfig, SamplingParams
+
+    _, _, _, tokens = setup
+    model, params, _ = int8_model
+    prompt = [int(token) for token in tokens[1, :7]]
+    engine = Engine(model, params, EngineConfig(num_slots=2, max_len=32, prefill_chunk=0))
+    engine.start()
+    try:
+        served = engine.complete(
+            prompt, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+        )
+    finally:
+        engine.stop(timeout=10)
+    expected = generate(model, params, [prompt], max_new_tokens=4, temperature=0.0)
+    assert served.token_ids[0] == list(expected.tokens[0])

@@ -53,6 +53,10 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "replace an existing --output
 def check_flags() -> None:
     """Usage errors for flags that cannot work, before the model is loaded."""
     errors.check_model_source(_WORKDIR.value, _CHECKPOINT.value)
+    if _WORKDIR.value is not None and (pathlib.Path(_WORKDIR.value) / "quantized").is_dir():
+        raise errors.UsageError(
+            f"--workdir={_WORKDIR.value} is already quantized: give the float model's workdir"
+        )
     if not (pathlib.Path(_CALIBRATION_DATA.value) / "metadata.json").is_file():
         raise errors.UsageError(
             f"--calibration_data={_CALIBRATION_DATA.value} is not a prepared dataset (no "
