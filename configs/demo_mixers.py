@@ -7,11 +7,13 @@ tokens. The argument after the colon picks the model:
     train.py --config=configs/demo_mixers.py:cca          --workdir=workdirs/demo_cca
     train.py --config=configs/demo_mixers.py:transnormer  --workdir=workdirs/demo_transnormer
     train.py --config=configs/demo_mixers.py:seqboat      --workdir=workdirs/demo_seqboat
+    train.py --config=configs/demo_mixers.py:mamba        --workdir=workdirs/demo_mamba
 
 Parameters (d_model 128, byte vocabulary of 257): BASED 1.05M (the demo's model), Transformer++
 and CCA 1.02M (6 layers; CCA: groups of 16, local window 64), TransNormerLLM 1.12M (6 layers,
 SGLU 256), SeqBoat 0.96M (7 layers without MLP, z 64, h 256, window 65; it logs its activation
-rate per layer).
+rate per layer), Mamba 0.95M (8 layers without MLP, state 16: the model that
+``benchmarks/quamba_ablation.py`` quantizes).
 """
 
 import ml_collections
@@ -49,6 +51,7 @@ MODELS = {
         scale_embedding=True,
         seqboat={"attention_dim": 64, "value_dim": 256, "window": 65},
     ),
+    "mamba": dict(num_layers=8, layer_pattern=("mamba",) * 8, use_mlp=False),
 }
 
 

@@ -261,10 +261,21 @@ class _Programs:
 _PROGRAMS: dict[tuple[type, Any], _Programs] = {}
 
 
+def _module_fields(model: LanguageModel) -> dict[str, Any]:
+    """The fields that define ``model`` (``config``, and those a subclass adds, such as a
+    quantized model's arithmetic), without Flax's ``parent`` and ``name``."""
+    return {
+        field.name: getattr(model, field.name)
+        for field in dataclasses.fields(model)
+        if field.init and field.name not in ("parent", "name")
+    }
+
+
 def _programs_for(model: LanguageModel) -> _Programs:
-    key = (type(model), model.config)
+    fields = _module_fields(model)
+    key = (type(model), tuple(fields.items()))
     if key not in _PROGRAMS:
-        _PROGRAMS[key] = _Programs(type(model)(config=model.config))
+        _PROGRAMS[key] = _Programs(type(model)(**fields))
     return _PROGRAMS[key]
 
 

@@ -63,13 +63,19 @@ def unknown_name(kind: str, value: str, allowed: Sequence[str], prefix: str = ""
 
 def check_model_source(workdir: str | None, checkpoint: str | None) -> None:
     """Usage errors for a command that loads a model from exactly one of ``--workdir`` (a train.py
-    or jaxbased-convert workdir, which holds ``checkpoints/``) or ``--checkpoint`` (a folder)."""
+    or jaxbased-convert workdir, which holds ``checkpoints/``, or a jaxbased-quantize one, which
+    holds ``quantized/quantization.json``) or ``--checkpoint`` (a folder)."""
     if (workdir is None) == (checkpoint is None):
         raise UsageError("give exactly one of --workdir or --checkpoint")
-    if workdir is not None and not (pathlib.Path(workdir) / "checkpoints").is_dir():
+    quantized = (pathlib.Path(workdir or "") / "quantized" / "quantization.json").is_file()
+    if (
+        workdir is not None
+        and not quantized
+        and not (pathlib.Path(workdir) / "checkpoints").is_dir()
+    ):
         raise UsageError(
-            f"--workdir={workdir} holds no checkpoints/ folder (not a train.py or "
-            "jaxbased-convert workdir)"
+            f"--workdir={workdir} holds no checkpoints/ folder (not a train.py, "
+            "jaxbased-convert or jaxbased-quantize workdir)"
         )
     if checkpoint is not None and not pathlib.Path(checkpoint).is_dir():
         raise UsageError(f"--checkpoint={checkpoint} is not a folder")

@@ -8,7 +8,8 @@
 
 The prompt comes from ``--prompt``, the words after the flags, ``--prompt_file`` (``-`` is
 stdin), or stdin when it is not a terminal. The model config, parameters and tokenizer are read
-from the workdir's latest complete checkpoint (or ``--step``). With one sample the text is
+from the workdir's latest complete checkpoint (or ``--step``), or from a quantized workdir of
+``jaxbased-quantize`` (docs/quantization.md). With one sample the text is
 printed as it is produced (from inside the compiled decode loop); several samples are decoded as
 one batch and printed at the end. Speeds go to stderr: the prefill (compilation included on this
 first call) and the decode rate in tokens per second, timed from the first to the last streamed
@@ -162,13 +163,20 @@ def read_prompt(words: list[str]) -> str:
 
 
 def check_workdir(workdir: str) -> None:
-    """A usage error unless ``workdir`` is a folder with a ``checkpoints/`` folder (nothing is
-    created when it is not)."""
+    """A usage error unless ``workdir`` is a folder with a ``checkpoints/`` folder, or a
+    quantized workdir of ``jaxbased-quantize`` (nothing is created when it is not)."""
+    from jaxbased.quantization.workdir import is_quantized_workdir
     from jaxbased.training.checkpointing import CHECKPOINT_SUBDIR
 
     path = pathlib.Path(workdir)
     if not path.is_dir():
         raise errors.UsageError(f"--workdir={workdir} does not exist")
+    if is_quantized_workdir(path):
+        if _STEP.value is not None:
+            raise errors.UsageError(
+                f"--workdir={workdir} is a quantized workdir (one model, no steps): drop --step"
+            )
+        return
     if not (path / CHECKPOINT_SUBDIR).is_dir():
         raise errors.UsageError(
             f"--workdir={workdir} holds no {CHECKPOINT_SUBDIR}/ folder: not a train.py or "
@@ -223,9 +231,15 @@ def main(argv: list[str]) -> None:
     # Imported here so that --help and usage errors answer without loading JAX and Orbax.
     from jaxbased.generation import generate
     from jaxbased.model import LanguageModel
+    from jaxbased.quantization.workdir import is_quantized_workdir, load_quantized_workdir
     from jaxbased.training.checkpointing import load_for_inference
 
-    config, params, tokenizer = load_for_inference(_WORKDIR.value, _STEP.value)
+    if is_quantized_workdir(_WORKDIR.value):
+        model, params, tokenizer, _ = load_quantized_workdir(_WORKDIR.value)
+        config = model.config
+    else:
+        config, params, tokenizer = load_for_inference(_WORKDIR.value, _STEP.value)
+        model = LanguageModel(config)
     prompt_ids = tokenizer.encode(prompt)
     if not prompt_ids:
         raise errors.UsageError("the prompt encodes to no tokens")
@@ -243,7 +257,7 @@ def main(argv: list[str]) -> None:
         sys.stdout.flush()
     try:
         result = generate(
-            LanguageModel(config),
+            model,
             params,
             [prompt_ids] * _NUM_SAMPLES.value,
             max_new_tokens=_MAX_NEW.value,
@@ -299,7 +313,8 @@ COMMAND = command.Command(
     ),
     notes="The prompt comes from --prompt, the words after the flags, --prompt_file, or stdin "
     "when it is not a terminal. The model, parameters and tokenizer are read from the "
-    "workdir's newest intact checkpoint (a damaged newer one is skipped with a warning). "
+    "workdir's newest intact checkpoint (a damaged newer one is skipped with a warning), or from "
+    "a quantized workdir of jaxbased-quantize. "
     "Speeds go to stderr.",
     groups=(
         ("model", ("workdir", "step")),

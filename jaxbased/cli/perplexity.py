@@ -3,10 +3,11 @@
     jaxbased-perplexity --workdir=workdirs/based-360m --data=data/pile-val --seq_len=2048
     jaxbased-perplexity --checkpoint=based-360m/ --data=data/pile-val --max_tokens=1000000
 
-The model comes from a ``train.py`` / ``jaxbased-convert`` workdir or a released checkpoint
-folder; the data from ``jaxbased-prepare-data`` (tokenized with the model's tokenizer: GPT-2 for
-the released models). Windows are those of :mod:`jaxbased.evaluation.perplexity`. The result is
-printed as one JSON line (and written to ``--output`` when given).
+The model comes from a ``train.py`` / ``jaxbased-convert`` / ``jaxbased-quantize`` workdir or a
+released checkpoint folder; the data from ``jaxbased-prepare-data`` (tokenized with the model's
+tokenizer: GPT-2 for the released models). Windows are those of
+:mod:`jaxbased.evaluation.perplexity`. The result is printed as one JSON line (and written to
+``--output`` when given).
 """
 
 from __future__ import annotations
@@ -51,12 +52,11 @@ def main(argv: list[str]) -> None:
         raise errors.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     check_flags()
     from jaxbased.data.token_store import TokenDataset
-    from jaxbased.evaluation import evaluate_perplexity, load_model
-    from jaxbased.model import LanguageModel
+    from jaxbased.evaluation import evaluate_perplexity, load_inference_model
 
     overrides = {} if _DTYPE.value is None else {"dtype": _DTYPE.value}
     try:
-        config, params, _ = load_model(
+        model, params, _ = load_inference_model(
             workdir=_WORKDIR.value, checkpoint=_CHECKPOINT.value, step=_STEP.value, **overrides
         )
     except ValueError as error:
@@ -64,7 +64,7 @@ def main(argv: list[str]) -> None:
     dataset = TokenDataset.open(_DATA.value)
     start = time.perf_counter()
     result = evaluate_perplexity(
-        LanguageModel(config),
+        model,
         params,
         dataset,
         split=_SPLIT.value,

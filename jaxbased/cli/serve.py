@@ -3,11 +3,11 @@
     jaxbased-serve --workdir=workdirs/demo
     jaxbased-serve --checkpoint=based-360m/ --num_slots=16 --max_len=2048 --port=8000
 
-Loads the model and tokenizer of a ``train.py`` / ``jaxbased-convert`` workdir (or a released
-checkpoint folder, imported on the fly), compiles every program of the engine, then serves
-``/v1/completions``, ``/v1/chat/completions``, ``/v1/models``, ``/health`` and ``/metrics`` on
-uvicorn. SIGTERM or Ctrl-C stops admitting requests, lets the running ones finish for up to
-``--shutdown_timeout`` seconds, cancels the rest, and exits 0.
+Loads the model and tokenizer of a ``train.py`` / ``jaxbased-convert`` / ``jaxbased-quantize``
+workdir (or a released checkpoint folder, imported on the fly), compiles every program of the
+engine, then serves ``/v1/completions``, ``/v1/chat/completions``, ``/v1/models``, ``/health``
+and ``/metrics`` on uvicorn. SIGTERM or Ctrl-C stops admitting requests, lets the running ones
+finish for up to ``--shutdown_timeout`` seconds, cancels the rest, and exits 0.
 """
 
 from __future__ import annotations
@@ -76,8 +76,7 @@ def main(argv: list[str]) -> None:
     # serve extra) first, so that its absence is reported before the model loads.
     import uvicorn  # noqa: F401
 
-    from jaxbased.evaluation import load_model
-    from jaxbased.model import LanguageModel
+    from jaxbased.evaluation import load_inference_model
     from jaxbased.serving.app import Server, create_app
     from jaxbased.serving.engine import Engine, EngineConfig
 
@@ -89,7 +88,7 @@ def main(argv: list[str]) -> None:
             prefill_token_budget=_PREFILL_BUDGET.value,
             prefill_chunk=_PREFILL_CHUNK.value if _PREFILL_CHUNK.value <= _MAX_LEN.value else 0,
         )
-        config, params, tokenizer = load_model(
+        model, params, tokenizer = load_inference_model(
             workdir=_WORKDIR.value,
             checkpoint=_CHECKPOINT.value,
             step=_STEP.value,
@@ -99,8 +98,9 @@ def main(argv: list[str]) -> None:
         raise errors.UsageError(str(error)) from error
     folder = pathlib.Path(_WORKDIR.value or _CHECKPOINT.value).resolve()
     model_name = _MODEL_NAME.value or folder.name
+    config = model.config
     engine = Engine(
-        LanguageModel(config),
+        model,
         params,
         engine_config,
         decode_text=tokenizer.decode,

@@ -6,10 +6,11 @@
   generation with stop strings on token ids (what lm-eval asks of a model).
 - :mod:`jaxbased.evaluation.lm_eval_model`: the ``--model jaxbased`` of lm-evaluation-harness
   (imports ``lm_eval``); ``python -m jaxbased.evaluation`` runs lm-eval's command line with it.
-- :func:`load_model`: a workdir or a released checkpoint folder, with its tokenizer.
+- :func:`load_model`: a workdir or a released checkpoint folder, with its tokenizer;
+  :func:`load_inference_model`: the same, or a quantized workdir, as a model to run.
 """
 
-from jaxbased.evaluation.loading import load_model
+from jaxbased.evaluation.loading import load_inference_model, load_model
 from jaxbased.evaluation.perplexity import (
     PerplexityResult,
     evaluate_perplexity,
@@ -21,6 +22,7 @@ __all__ = [
     "LanguageModelScorer",
     "PerplexityResult",
     "evaluate_perplexity",
+    "load_inference_model",
     "load_model",
     "perplexity_of_tokens",
     "rolling_windows",

@@ -7,9 +7,10 @@ lm-eval's command line, so that ``--model jaxbased`` works there::
         --model_args workdir=workdirs/based-360m,batch_size=8 --tasks swde,fda,squad_completion
 
 Model arguments (``--model_args k=v,...``): ``workdir`` (a ``train.py`` / ``jaxbased-convert``
-workdir) or ``checkpoint`` (a released folder, imported on the fly); ``step``,
-``tokenizer_file``, ``batch_size`` (8), ``max_length`` (2048: contexts keep their last tokens),
-``max_gen_toks`` (256, the default when a task gives none), ``dtype``, ``implementation``.
+workdir, or a ``jaxbased-quantize`` one) or ``checkpoint`` (a released folder, imported on the
+fly); ``step``, ``tokenizer_file``, ``batch_size`` (8), ``max_length`` (2048: contexts keep
+their last tokens), ``max_gen_toks`` (256, the default when a task gives none), ``dtype``,
+``implementation``.
 
 The three request kinds go to :class:`~jaxbased.evaluation.scoring.LanguageModelScorer`; text is
 tokenized here with the model's tokenizer (GPT-2 for the released checkpoints). An empty
@@ -25,9 +26,8 @@ from typing import Any
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
-from jaxbased.evaluation.loading import load_model
+from jaxbased.evaluation.loading import load_inference_model
 from jaxbased.evaluation.scoring import LanguageModelScorer
-from jaxbased.model import LanguageModel
 
 MAX_GEN_TOKS_NAMES = ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens")
 
@@ -62,17 +62,17 @@ class JaxBasedLM(TemplateLM):
             for name, value in (("dtype", dtype), ("implementation", implementation))
             if value is not None
         }
-        config, params, tokenizer = load_model(
+        model, params, tokenizer = load_inference_model(
             workdir=workdir,
             checkpoint=checkpoint,
             step=None if step is None else int(step),
             tokenizer_file=tokenizer_file,
             **overrides,
         )
-        self.config, self.tokenizer = config, tokenizer
+        self.config, self.tokenizer = model.config, tokenizer
         self._max_gen_toks = int(max_gen_toks)
         self.scorer = LanguageModelScorer(
-            LanguageModel(config),
+            model,
             params,
             tokenizer,
             batch_size=_batch_size(batch_size),

@@ -1,0 +1,1 @@
+"""Post-training quantization: static 8-bit Mamba (Quamba), docs/quantization.md."""
