@@ -422,21 +422,14 @@ def test_a_policy_must_be_a_policy(transformer):
 
 
 def cli_policy(**values):
-    """``jaxbased-generate``'s policy for these ``--recycled_*`` flag values (in process)."""
-    from absl import flags
-    from absl.testing import flagsaver
+    """``jaxbased-generate``'s policy for these ``--recycled_*`` flag values, defaults as the
+    flags' (the flag-free builder, so that no absl flags are defined in this process)."""
+    from jaxbased.cli.recycled_flags import policy_from_flag_values
 
-    from jaxbased.cli import generate as cli
-
-    was_parsed = flags.FLAGS.is_parsed()
-    with flagsaver.flagsaver(**values):
-        if not was_parsed:
-            flags.FLAGS.mark_as_parsed()
-        try:
-            return cli.recycled_attention_policy()
-        finally:
-            if not was_parsed:
-                flags.FLAGS.unparse_flags()
+    values.setdefault("recycled_top_k", 0)
+    return policy_from_flag_values(
+        **{name.removeprefix("recycled_"): value for name, value in values.items()}
+    )
 
 
 def test_the_cli_flags_build_the_policy():
@@ -485,3 +478,30 @@ def test_a_bad_flag_value_is_a_one_line_usage_error(tmp_path):
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=120)
     assert done.returncode == 2
     assert done.stderr.strip() == "error: --recycled_stride=0 must be an integer >= 1"
+
+
+def test_the_flag_defaults_are_the_builders_defaults():
+    """The builder's keyword defaults stand in for the flags' in the tests above; a fresh
+    process reads the flags' own defaults so that the two cannot drift apart."""
+    import inspect
+    import json
+
+    from jaxbased.cli.recycled_flags import policy_from_flag_values
+
+    script = (
+        "import json; from absl import flags; import jaxbased.cli.generate;"
+        "print(json.dumps({name: flags.FLAGS[name].default for name in flags.FLAGS"
+        " if name.startswith('recycled_')}))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    flag_defaults = json.loads(done.stdout)
+    parameters = inspect.signature(policy_from_flag_values).parameters
+    builder_defaults = {
+        f"recycled_{name}": parameter.default
+        for name, parameter in parameters.items()
+        if parameter.default is not inspect.Parameter.empty
+    }
+    assert flag_defaults == {"recycled_top_k": 0, **builder_defaults}

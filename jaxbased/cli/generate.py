@@ -31,7 +31,7 @@ import time
 import numpy as np
 from absl import flags, logging
 
-from jaxbased.cli import command, errors
+from jaxbased.cli import command, errors, recycled_flags
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "train.py run directory", required=True)
 _STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: the newest intact one)")
@@ -201,25 +201,14 @@ def check_sampling_flags() -> None:
 def recycled_attention_policy():
     """The ``RecycledAttentionPolicy`` of the ``--recycled_*`` flags (None when
     ``--recycled_top_k=0``); a usage error naming the flag of a bad value."""
-    if _RECYCLED_TOP_K.value == 0:
-        return None
-    if _RECYCLED_TOP_K.value < 0:
-        raise errors.UsageError(
-            f"--recycled_top_k={_RECYCLED_TOP_K.value} must be >= 1 (0: Recycled Attention off)"
-        )
-    from jaxbased.ops.recycled_attention import RecycledAttentionPolicy
-
-    try:
-        return RecycledAttentionPolicy(
-            top_k=_RECYCLED_TOP_K.value,
-            stride=_RECYCLED_STRIDE.value,
-            similarity_threshold=_RECYCLED_THRESHOLD.value,
-            check_every=_RECYCLED_CHECK_EVERY.value,
-            head_selection=_RECYCLED_HEAD_SELECTION.value,
-            pool_size=_RECYCLED_POOL_SIZE.value,
-        )
-    except ValueError as error:  # the message starts with the field name
-        raise errors.UsageError(f"--recycled_{error}") from error
+    return recycled_flags.policy_from_flag_values(
+        top_k=_RECYCLED_TOP_K.value,
+        stride=_RECYCLED_STRIDE.value,
+        similarity_threshold=_RECYCLED_THRESHOLD.value,
+        check_every=_RECYCLED_CHECK_EVERY.value,
+        head_selection=_RECYCLED_HEAD_SELECTION.value,
+        pool_size=_RECYCLED_POOL_SIZE.value,
+    )
 
 
 def main(argv: list[str]) -> None:
