@@ -231,7 +231,7 @@ def init_recycled_cache(
     )
 
 
-def _write(full: KVCache, k: Array, v: Array, position: Array) -> KVCache:
+def write_token(full: KVCache, k: Array, v: Array, position: Array) -> KVCache:
     """``k, v [B, H, D]`` into slot ``position % S`` of every row (in place, as in
     :func:`sliding_window_attention_step`: one scatter of ``B * H`` rows)."""
     batch, heads, capacity, head_dim = full.keys.shape
@@ -275,6 +275,73 @@ def full_step_due(cache: RecycledKVCache, raw_query: Float[Array, "B H D"]) -> t
     return due, steps
 
 
+def full_attention_with_refresh(
+    q: Float[Array, "B H D"],
+    full: KVCache,
+    position: Int[Array, " B"],
+    set_size: int,
+    policy: RecycledAttentionPolicy,
+    scale: float,
+) -> tuple[Float[Array, "B H Dv"], Int[Array, "B H K"], Float[Array, "B H K"]]:
+    """A full step's arithmetic for every row: attention of ``q`` over every filled slot of
+    ``full`` at or before ``position`` (as :func:`sliding_window_attention_step` with
+    ``window=None``), and the refreshed set of ``set_size`` slots chosen from its
+    probabilities. Returns the output (float32 or wider), the set's slots and scores."""
+    batch, heads, head_dim = q.shape
+    capacity = full.slot_positions.shape[1]
+    dtype = jnp.result_type(jnp.float32, q.dtype, full.keys.dtype)
+    mask = (full.slot_positions >= 0) & (full.slot_positions <= position[:, None])
+    row_mask = jnp.repeat(mask, heads, axis=0)
+    keys = full.keys.reshape(batch * heads, capacity, head_dim)
+    values = full.values.reshape(batch * heads, capacity, -1)
+    row_q = q.reshape(batch * heads, head_dim).astype(dtype) * scale
+    logits = jnp.einsum("rd,rsd->rs", row_q, keys.astype(dtype))
+    logits = jnp.where(row_mask, logits, -jnp.inf)
+    weights = jnp.where(row_mask, jax.nn.softmax(logits, axis=-1), 0.0)
+    out = jnp.einsum("rs,rsd->rd", weights, values.astype(dtype))
+    scores = selection_scores(
+        weights.reshape(batch, heads, capacity),
+        full.slot_positions,
+        kv_heads=heads,
+        head_selection=policy.head_selection,
+        pool_size=policy.pool_size,
+    )
+    slots, set_scores = select_recycled_slots(scores, set_size)
+    return out.reshape(batch, heads, -1), slots, set_scores
+
+
+def attention_over_set(
+    q: Float[Array, "B H D"],
+    full: KVCache,
+    position: Int[Array, " B"],
+    slots: Int[Array, "B H K"],
+    scores: Float[Array, "B H K"],
+    scale: float,
+) -> tuple[Float[Array, "B H Dv"], Int[Array, "B H K"], Float[Array, "B H K"]]:
+    """A recycled step's arithmetic for every row: the new token (already written into
+    ``full`` at ``position``) replaces the lowest-scored entry of each head's set, with score
+    ``1 + position``, then ``q`` attends the set's entries of finite score only. Returns the
+    output (float32 or wider), the set's new slots and scores."""
+    batch, heads, _ = q.shape
+    capacity = full.slot_positions.shape[1]
+    dtype = jnp.result_type(jnp.float32, q.dtype, full.keys.dtype)
+    evicted = jnp.argmin(scores, axis=-1)  # [B, H]
+    row = jnp.arange(batch)[:, None]
+    head = jnp.arange(heads)[None, :]
+    new_slot = jnp.broadcast_to((position % capacity)[:, None], (batch, heads))
+    slots = slots.at[row, head, evicted].set(new_slot)
+    new_score = jnp.broadcast_to(1.0 + position.astype(jnp.float32)[:, None], (batch, heads))
+    scores = scores.at[row, head, evicted].set(new_score)
+    index = slots[..., None]  # [B, H, K, 1]
+    keys = jnp.take_along_axis(full.keys, index, axis=2).astype(dtype)
+    values = jnp.take_along_axis(full.values, index, axis=2).astype(dtype)
+    mask = scores > -jnp.inf
+    logits = jnp.einsum("bhd,bhkd->bhk", q.astype(dtype) * scale, keys)
+    logits = jnp.where(mask, logits, -jnp.inf)
+    weights = jnp.where(mask, jax.nn.softmax(logits, axis=-1), 0.0)
+    return jnp.einsum("bhk,bhkd->bhd", weights, values), slots, scores
+
+
 def recycled_attention_step(
     q: Float[Array, "B H D"],
     k: Float[Array, "B H D"],
@@ -299,36 +366,19 @@ def recycled_attention_step(
     written into the full cache outside the ``lax.cond``, so that the branches only read the
     big buffers and return the small set (no copy of the cache per step).
     """
-    batch, heads, head_dim = q.shape
+    batch, _, head_dim = q.shape
     scale = head_dim**-0.5 if scale is None else scale
     policy = cache.policy
     position = jnp.asarray(position, jnp.int32).reshape(batch)
-    full = _write(cache.full, k, v, position)
-    capacity = full.slot_positions.shape[1]
+    full = write_token(cache.full, k, v, position)
     do_full, steps = full_step_due(cache, raw_query)
-    dtype = jnp.result_type(jnp.float32, q.dtype, full.keys.dtype)
 
     def full_step(_: None) -> tuple[Array, ...]:
-        # The arithmetic of sliding_window_attention_step(window=None), plus the refresh.
-        mask = (full.slot_positions >= 0) & (full.slot_positions <= position[:, None])
-        row_mask = jnp.repeat(mask, heads, axis=0)
-        keys = full.keys.reshape(batch * heads, capacity, head_dim)
-        values = full.values.reshape(batch * heads, capacity, -1)
-        row_q = q.reshape(batch * heads, head_dim).astype(dtype) * scale
-        logits = jnp.einsum("rd,rsd->rs", row_q, keys.astype(dtype))
-        logits = jnp.where(row_mask, logits, -jnp.inf)
-        weights = jnp.where(row_mask, jax.nn.softmax(logits, axis=-1), 0.0)
-        out = jnp.einsum("rs,rsd->rd", weights, values.astype(dtype))
-        scores = selection_scores(
-            weights.reshape(batch, heads, capacity),
-            full.slot_positions,
-            kv_heads=heads,
-            head_selection=policy.head_selection,
-            pool_size=policy.pool_size,
+        out, slots, set_scores = full_attention_with_refresh(
+            q, full, position, cache.slots.shape[-1], policy, scale
         )
-        slots, set_scores = select_recycled_slots(scores, cache.slots.shape[-1])
         return (
-            out.reshape(batch, heads, -1),
+            out,
             slots,
             set_scores,
             raw_query.astype(jnp.float32),
@@ -337,22 +387,9 @@ def recycled_attention_step(
         )
 
     def recycled_step(_: None) -> tuple[Array, ...]:
-        # The new token replaces the lowest-scored entry of each head's set.
-        evicted = jnp.argmin(cache.scores, axis=-1)  # [B, H]
-        row = jnp.arange(batch)[:, None]
-        head = jnp.arange(heads)[None, :]
-        new_slot = jnp.broadcast_to((position % capacity)[:, None], (batch, heads))
-        slots = cache.slots.at[row, head, evicted].set(new_slot)
-        new_score = jnp.broadcast_to(1.0 + position.astype(jnp.float32)[:, None], (batch, heads))
-        set_scores = cache.scores.at[row, head, evicted].set(new_score)
-        index = slots[..., None]  # [B, H, K, 1]
-        keys = jnp.take_along_axis(full.keys, index, axis=2).astype(dtype)
-        values = jnp.take_along_axis(full.values, index, axis=2).astype(dtype)
-        mask = set_scores > -jnp.inf
-        logits = jnp.einsum("bhd,bhkd->bhk", q.astype(dtype) * scale, keys)
-        logits = jnp.where(mask, logits, -jnp.inf)
-        weights = jnp.where(mask, jax.nn.softmax(logits, axis=-1), 0.0)
-        out = jnp.einsum("bhk,bhkd->bhd", weights, values)
+        out, slots, set_scores = attention_over_set(
+            q, full, position, cache.slots, cache.scores, scale
+        )
         return out, slots, set_scores, cache.full_query, steps, cache.full_steps
 
     out, slots, set_scores, full_query, steps, full_steps = jax.lax.cond(
@@ -374,10 +411,13 @@ __all__ = [
     "HEAD_SELECTIONS",
     "RecycledAttentionPolicy",
     "RecycledKVCache",
+    "attention_over_set",
+    "full_attention_with_refresh",
     "full_step_due",
     "init_recycled_cache",
     "query_similarity",
     "recycled_attention_step",
     "select_recycled_slots",
     "selection_scores",
+    "write_token",
 ]
