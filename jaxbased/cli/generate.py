@@ -45,29 +45,7 @@ _SEED = flags.DEFINE_integer("seed", 0, "sampling seed")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "continuations of the prompt (one batch)")
 _STOP_AT_EOS = flags.DEFINE_bool("stop_at_eos", True, "end a sample at the end-of-text token")
 _ECHO_PROMPT = flags.DEFINE_bool("echo_prompt", True, "print the prompt before the continuation")
-_RECYCLED_TOP_K = flags.DEFINE_integer(
-    "recycled_top_k", 0, "Recycled Attention: keys per head on a recycled step (0: off)"
-)
-_RECYCLED_STRIDE = flags.DEFINE_integer(
-    "recycled_stride", 10, "Recycled Attention: a full-attention step every this many tokens"
-)
-_RECYCLED_THRESHOLD = flags.DEFINE_float(
-    "recycled_similarity_threshold",
-    None,
-    "Recycled Attention: also a full step when the query's cosine similarity to the last full "
-    "step's query falls below this, in [-1, 1] (default: off)",
-)
-_RECYCLED_CHECK_EVERY = flags.DEFINE_integer(
-    "recycled_check_every", 5, "Recycled Attention: steps between two similarity checks"
-)
-_RECYCLED_HEAD_SELECTION = flags.DEFINE_string(
-    "recycled_head_selection",
-    "group_max",
-    "Recycled Attention: how the kept keys are chosen: group_max, first_head or recent",
-)
-_RECYCLED_POOL_SIZE = flags.DEFINE_integer(
-    "recycled_pool_size", 5, "Recycled Attention: group_max's max-pool width in positions (odd)"
-)
+_RECYCLED = recycled_flags.define_flags()
 
 
 class StepTimer:
@@ -201,14 +179,7 @@ def check_sampling_flags() -> None:
 def recycled_attention_policy():
     """The ``RecycledAttentionPolicy`` of the ``--recycled_*`` flags (None when
     ``--recycled_top_k=0``); a usage error naming the flag of a bad value."""
-    return recycled_flags.policy_from_flag_values(
-        top_k=_RECYCLED_TOP_K.value,
-        stride=_RECYCLED_STRIDE.value,
-        similarity_threshold=_RECYCLED_THRESHOLD.value,
-        check_every=_RECYCLED_CHECK_EVERY.value,
-        head_selection=_RECYCLED_HEAD_SELECTION.value,
-        pool_size=_RECYCLED_POOL_SIZE.value,
-    )
+    return _RECYCLED.policy()
 
 
 def main(argv: list[str]) -> None:
@@ -320,17 +291,7 @@ COMMAND = command.Command(
                 "stop_at_eos",
             ),
         ),
-        (
-            "recycled attention",
-            (
-                "recycled_top_k",
-                "recycled_stride",
-                "recycled_similarity_threshold",
-                "recycled_check_every",
-                "recycled_head_selection",
-                "recycled_pool_size",
-            ),
-        ),
+        ("recycled attention", recycled_flags.FLAG_NAMES),
     ),
     required=("workdir",),
 )

@@ -8,6 +8,10 @@ workdir (or a released checkpoint folder, imported on the fly), compiles every p
 engine, then serves ``/v1/completions``, ``/v1/chat/completions``, ``/v1/models``, ``/health``
 and ``/metrics`` on uvicorn. SIGTERM or Ctrl-C stops admitting requests, lets the running ones
 finish for up to ``--shutdown_timeout`` seconds, cancels the rest, and exits 0.
+
+``--recycled_top_k=K`` (> 0) decodes the full-attention layers under Recycled Attention, each
+slot on its own schedule (docs/recycled_attention.md, docs/serving.md); the other
+``--recycled_*`` flags are those of ``jaxbased-generate``.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from types import FrameType
 
 from absl import flags, logging
 
-from jaxbased.cli import command, errors
+from jaxbased.cli import command, errors, recycled_flags
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "train.py or jaxbased-convert workdir")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "released checkpoint folder")
@@ -47,6 +51,13 @@ _MAX_BODY = flags.DEFINE_integer("max_body_bytes", 1 << 20, "larger request bodi
 _SHUTDOWN_TIMEOUT = flags.DEFINE_float(
     "shutdown_timeout", 30.0, "seconds running requests get to finish on SIGTERM"
 )
+_RECYCLED = recycled_flags.define_flags()
+
+
+def recycled_attention_policy():
+    """The ``RecycledAttentionPolicy`` of the ``--recycled_*`` flags (None when
+    ``--recycled_top_k=0``); a usage error naming the flag of a bad value."""
+    return _RECYCLED.policy()
 
 
 def check_flags() -> None:
@@ -66,6 +77,7 @@ def check_flags() -> None:
             raise errors.UsageError(f"--{name}={value} must be >= {minimum}")
     if _SHUTDOWN_TIMEOUT.value < 0:
         raise errors.UsageError(f"--shutdown_timeout={_SHUTDOWN_TIMEOUT.value} must be >= 0")
+    recycled_attention_policy()
 
 
 def main(argv: list[str]) -> None:
@@ -87,6 +99,7 @@ def main(argv: list[str]) -> None:
             max_queue=_MAX_QUEUE.value,
             prefill_token_budget=_PREFILL_BUDGET.value,
             prefill_chunk=_PREFILL_CHUNK.value if _PREFILL_CHUNK.value <= _MAX_LEN.value else 0,
+            recycled_attention=recycled_attention_policy(),
         )
         model, params, tokenizer = load_inference_model(
             workdir=_WORKDIR.value,
@@ -99,13 +112,16 @@ def main(argv: list[str]) -> None:
     folder = pathlib.Path(_WORKDIR.value or _CHECKPOINT.value).resolve()
     model_name = _MODEL_NAME.value or folder.name
     config = model.config
-    engine = Engine(
-        model,
-        params,
-        engine_config,
-        decode_text=tokenizer.decode,
-        eos_id=tokenizer.eos_id,
-    )
+    try:
+        engine = Engine(
+            model,
+            params,
+            engine_config,
+            decode_text=tokenizer.decode,
+            eos_id=tokenizer.eos_id,
+        )
+    except ValueError as error:  # e.g. a Recycled Attention policy for a model without attention
+        raise errors.UsageError(str(error)) from error
     logging.info(
         "model %r: %d layers (%s), d_model %d; %d slots of up to %d tokens; compiling",
         model_name,
@@ -163,6 +179,7 @@ COMMAND = command.Command(
         "jaxbased-serve --workdir=workdirs/demo",
         "jaxbased-serve --workdir=workdirs/demo --num_slots=16 --max_len=1024 --port=8001",
         "jaxbased-serve --checkpoint=based-360m/ --tokenizer_file=gpt2.tiktoken",
+        "jaxbased-serve --workdir=workdirs/demo_transformer --recycled_top_k=256",
     ),
     notes="Routes: POST /v1/completions, POST /v1/chat/completions (tokenizers with a chat "
     "template), GET /v1/models, /health, /metrics (Prometheus). Every program is compiled "
@@ -172,6 +189,7 @@ COMMAND = command.Command(
         ("model", ("workdir", "checkpoint", "step", "tokenizer_file", "model_name")),
         ("server", ("host", "port", "max_body_bytes", "shutdown_timeout", "default_max_tokens")),
         ("engine", ("num_slots", "max_len", "max_queue", "prefill_chunk", "prefill_token_budget")),
+        ("recycled attention", recycled_flags.FLAG_NAMES),
     ),
 )
 

@@ -6,7 +6,9 @@ see docs/mixers/attention.md.
 last ``window`` keys (all keys when ``window`` is None), ``out_proj``; no biases. Decode cache: a
 :class:`~jaxbased.ops.KVCache` ring buffer with ``window`` slots (``max_len`` for full attention);
 full attention under a Recycled Attention policy keeps a
-:class:`~jaxbased.ops.recycled_attention.RecycledKVCache` instead (docs/recycled_attention.md).
+:class:`~jaxbased.ops.recycled_attention.RecycledKVCache` instead (docs/recycled_attention.md),
+or in the serving engine its per-row form, a
+:class:`~jaxbased.ops.recycled_attention_slots.SlotRecycledKVCache`.
 
 EchoAtt (docs/echoatt.md): a full-attention layer that shares an anchor layer's probabilities
 (``MixerContext.shares_attention``) has ``v_proj`` and ``out_proj`` only, and a values-only
@@ -37,6 +39,10 @@ from jaxbased.ops.recycled_attention import (
     RecycledKVCache,
     init_recycled_cache,
     recycled_attention_step,
+)
+from jaxbased.ops.recycled_attention_slots import (
+    SlotRecycledKVCache,
+    slot_recycled_attention_step,
 )
 from jaxbased.ops.rotary import apply_rotary
 from jaxbased.ops.shared_attention import (
@@ -278,13 +284,14 @@ class SlidingWindowAttention(StateSizeFromCache, nn.Module):
     def decode_step(
         self,
         x: Float[Array, "B D"],
-        cache: KVCache | RecycledKVCache | ValueCache,
+        cache: KVCache | RecycledKVCache | SlotRecycledKVCache | ValueCache,
         position: Int[Array, " B"],
         shared_probabilities: Float[Array, "B H S"] | None = None,
         return_probabilities: bool = False,
     ) -> tuple[Any, ...]:
         """One token per row at absolute ``position [B]`` (a full or recycled step when the
-        cache is a :class:`~jaxbased.ops.recycled_attention.RecycledKVCache`).
+        cache is a :class:`~jaxbased.ops.recycled_attention.RecycledKVCache`, decided per row
+        for a :class:`~jaxbased.ops.recycled_attention_slots.SlotRecycledKVCache`).
 
         EchoAtt: a sharing layer takes its anchor's ``shared_probabilities [B, H, S]`` over the
         cache slots; with ``return_probabilities`` an anchor returns ``(y, cache, P)``."""
@@ -298,6 +305,9 @@ class SlidingWindowAttention(StateSizeFromCache, nn.Module):
         k = self._rotate(qkv[:, None, 1], rows_positions)[:, 0]
         if isinstance(cache, RecycledKVCache):
             y, cache = recycled_attention_step(q, k, qkv[:, 2], qkv[:, 0], cache, position)
+            return self.out_proj(y), cache
+        if isinstance(cache, SlotRecycledKVCache):
+            y, cache = slot_recycled_attention_step(q, k, qkv[:, 2], qkv[:, 0], cache, position)
             return self.out_proj(y), cache
         if return_probabilities:
             self._check_anchor()

@@ -25,6 +25,15 @@ attention keeps a ring of ``window`` keys, and full attention's keys are bounded
 4. **finish**: a sequence that produced a stop token, a stop string or ``max_tokens`` tokens
    frees its slot in the same iteration, and the next iteration may admit into it.
 
+Recycled Attention (``EngineConfig.recycled_attention``, docs/recycled_attention.md): the
+full-attention layers keep a :class:`~jaxbased.ops.recycled_attention_slots.SlotRecycledKVCache`
+per slot, with a schedule of its own, reset when a request is inserted into the slot: each
+slot takes the steps that ``generate(..., recycled_attention=policy)`` takes for its prompt
+alone. The full-attention pass over the cache runs on a decode step when some occupied slot is
+due for it (the due slots take it, the others their recycled step); the steps of a chunked
+prefill are all full, so that a prompt's last token chooses the first set, as in a whole
+prefill.
+
 Compiled programs: one prefill per prompt bucket, one chunk extension, one first-token
 sampler, one slot insertion and one decode step. :meth:`Engine.warmup` compiles all of them,
 after which a steady server never traces or compiles again (:meth:`Engine.trace_counts`).
@@ -53,8 +62,15 @@ import numpy as np
 from absl import logging
 from jaxtyping import Array, Float, Int
 
-from jaxbased.generation import MIN_BUCKET, bucket_length
+from jaxbased.generation import MIN_BUCKET, bucket_length, check_recycled_attention
 from jaxbased.model import LanguageModel, ModelCache
+from jaxbased.ops.recycled_attention import RecycledAttentionPolicy
+from jaxbased.ops.recycled_attention_slots import (
+    SlotRecycledKVCache,
+    empty_slot_cache,
+    set_row_flags,
+    to_slot_caches,
+)
 from jaxbased.serving.metrics import ServingMetrics
 
 #: Alternatives per token that ``logprobs`` may ask for (OpenAI's limit).
@@ -91,6 +107,9 @@ class EngineConfig:
       prefill_chunk: prompts longer than this are prefilled in pieces of this many tokens,
         one per iteration; 0 prefills every prompt whole. A power of two >= 16 and <=
         ``max_len``, or 0.
+      recycled_attention: decode the full-attention layers under this Recycled Attention
+        policy, each slot on its own schedule (docs/recycled_attention.md); None: plain
+        full attention.
     """
 
     num_slots: int = 8
@@ -98,6 +117,7 @@ class EngineConfig:
     max_queue: int = 64
     prefill_token_budget: int = 2048
     prefill_chunk: int = 512
+    recycled_attention: RecycledAttentionPolicy | None = None
 
     def __post_init__(self) -> None:
         _check_int("num_slots", self.num_slots, 1)
@@ -110,6 +130,11 @@ class EngineConfig:
             raise ValueError(
                 f"prefill_chunk={chunk} must be 0 (prefill prompts whole) or a power of two "
                 f">= {MIN_BUCKET} and <= max_len={self.max_len}"
+            )
+        policy = self.recycled_attention
+        if policy is not None and not isinstance(policy, RecycledAttentionPolicy):
+            raise TypeError(
+                f"recycled_attention={policy!r} must be a RecycledAttentionPolicy or None"
             )
 
 
@@ -360,10 +385,11 @@ def params_collection(params: Any) -> Any:
     return params
 
 
-def _batch_axes(model: LanguageModel, max_len: int) -> Any:
-    """The batch axis of every leaf of the model's cache (where 1 and 2 rows differ)."""
-    one = jax.eval_shape(lambda: model.init_cache(1, max_len))
-    two = jax.eval_shape(lambda: model.init_cache(2, max_len))
+def _batch_axes(init_cache: Callable[[int], ModelCache]) -> Any:
+    """The batch axis of every leaf of the cache ``init_cache(rows)`` (where 1 and 2 rows
+    differ)."""
+    one = jax.eval_shape(lambda: init_cache(1))
+    two = jax.eval_shape(lambda: init_cache(2))
 
     def axis(a: jax.ShapeDtypeStruct, b: jax.ShapeDtypeStruct) -> int:
         differing = [i for i, (x, y) in enumerate(zip(a.shape, b.shape, strict=True)) if x != y]
@@ -378,11 +404,13 @@ class _Programs:
     """The engine's jitted programs for one model and engine size. ``traces`` counts how often
     each was traced (a trace precedes every compilation)."""
 
-    def __init__(self, model: LanguageModel, config: EngineConfig) -> None:
+    def __init__(self, model: LanguageModel, config: EngineConfig, params: Any) -> None:
         self.model = model
         self.config = config
+        self.policy = config.recycled_attention
         self.vocab_size = model.config.vocab_size
-        self.batch_axes = _batch_axes(model, config.max_len)
+        self._params_shape = jax.eval_shape(lambda: params)
+        self.batch_axes = _batch_axes(self.init_cache)
         self.traces: collections.Counter[str] = collections.Counter()
         self.prefill = jax.jit(self._prefill)
         self.extend = jax.jit(self._extend, donate_argnums=(1,))
@@ -390,18 +418,42 @@ class _Programs:
         self.first_tokens = jax.jit(self._first_tokens)
         self.decode = jax.jit(self._decode, donate_argnums=(1,))
 
-    def _prefill(
-        self, params: Any, tokens: Int[Array, "1 T"], lengths: Int[Array, " 1"]
-    ) -> tuple[Float[Array, "1 V"], ModelCache]:
-        self.traces["prefill"] += 1
-        return self.model.apply(
+    def init_cache(self, rows: int) -> ModelCache:
+        """An empty cache of ``rows`` slots; under a policy, its full-attention layers hold
+        empty :class:`SlotRecycledKVCache` (found by the structure of a prefill's cache)."""
+        plain = self.model.init_cache(rows, self.config.max_len)
+        if self.policy is None:
+            return plain
+        tokens = jax.ShapeDtypeStruct((rows, 1), jnp.int32)
+        lengths = jax.ShapeDtypeStruct((rows,), jnp.int32)
+        _, structure = jax.eval_shape(self._apply_prefill, self._params_shape, tokens, lengths)
+        layers = tuple(
+            empty_slot_cache(layer, self.policy)
+            if isinstance(shape, SlotRecycledKVCache)
+            else layer
+            for layer, shape in zip(plain.layers, structure.layers, strict=True)
+        )
+        return ModelCache(layers=layers, positions=plain.positions)
+
+    def _apply_prefill(
+        self, params: Any, tokens: Int[Array, "B T"], lengths: Int[Array, " B"]
+    ) -> tuple[Float[Array, "B V"], ModelCache]:
+        logits, cache = self.model.apply(
             {"params": params},
             tokens,
             self.config.max_len,
             lengths,
             True,
+            self.policy,
             method=LanguageModel.prefill,
         )
+        return logits, to_slot_caches(cache)
+
+    def _prefill(
+        self, params: Any, tokens: Int[Array, "1 T"], lengths: Int[Array, " 1"]
+    ) -> tuple[Float[Array, "1 V"], ModelCache]:
+        self.traces["prefill"] += 1
+        return self._apply_prefill(params, tokens, lengths)
 
     def _extend(
         self,
@@ -412,12 +464,16 @@ class _Programs:
         count: Int[Array, ""],
     ) -> tuple[Float[Array, "1 V"], ModelCache]:
         """Feed the first ``count`` of ``tokens`` to a one-row cache, one decode step each;
-        the logits after the last one (``logits`` if ``count`` is 0) and the cache."""
+        the logits after the last one (``logits`` if ``count`` is 0) and the cache. Under a
+        policy every step is a full one (``force_full``), so the set after the prompt comes
+        from its last token, and the full steps of the prompt are not counted."""
         self.traces["extend"] += 1
 
         def step(carry: tuple, inputs: tuple) -> tuple[tuple, None]:
             cache, logits = carry
             token, index = inputs
+            if self.policy is not None:
+                cache = set_row_flags(cache, force_full=True)
             new_logits, new_cache = self.model.apply(
                 {"params": params}, token[None], cache, method=LanguageModel.decode_step
             )
@@ -427,6 +483,8 @@ class _Programs:
 
         indices = jnp.arange(tokens.shape[1], dtype=jnp.int32)
         (cache, logits), _ = jax.lax.scan(step, (cache, logits), (tokens[0], indices))
+        if self.policy is not None:
+            cache = set_row_flags(cache, force_full=False, clear_full_steps=True)
         return logits, cache
 
     def _insert(self, cache: ModelCache, one: ModelCache, slot: Array) -> ModelCache:
@@ -447,9 +505,18 @@ class _Programs:
         )
 
     def _decode(
-        self, params: Any, cache: ModelCache, tokens: Int[Array, " S"], *sampling: Array
+        self,
+        params: Any,
+        cache: ModelCache,
+        tokens: Int[Array, " S"],
+        occupied: Int[Array, " S"],
+        *sampling: Array,
     ) -> tuple:
+        """One step of every slot; ``occupied [S]`` bool marks the slots holding a sequence
+        (under a policy only they can cause the full-attention pass)."""
         self.traces["decode"] += 1
+        if self.policy is not None:
+            cache = set_row_flags(cache, active=occupied)
         logits, cache = self.model.apply(
             {"params": params}, tokens, cache, method=LanguageModel.decode_step
         )
@@ -497,11 +564,12 @@ class Engine:
         self.decode_text = decode_text
         self.eos_id = eos_id
         self.metrics = ServingMetrics() if metrics is None else metrics
-        self._programs = _Programs(model, config)
+        check_recycled_attention(model.config, config.recycled_attention)
+        self._programs = _Programs(model, config, self.params)
         self._request_ids = itertools.count()
 
         slots = config.num_slots
-        self._cache = model.init_cache(slots, config.max_len)
+        self._cache = self._programs.init_cache(slots)
         self._tokens = np.zeros((slots,), np.int32)
         self._key_data = np.zeros((slots, 2), np.uint32)
         self._steps = np.zeros((slots,), np.int32)
@@ -730,8 +798,9 @@ class Engine:
         self._cache = self._programs.insert(self._cache, one, jnp.asarray(slot, jnp.int32))
 
     def _run_decode(self) -> tuple[np.ndarray, ...]:
+        occupied = np.array([owner is not None for owner in self._owners])
         *outputs, self._cache = self._programs.decode(
-            self.params, self._cache, self._tokens, *self._sampling_arrays()
+            self.params, self._cache, self._tokens, occupied, *self._sampling_arrays()
         )
         return jax.device_get(tuple(outputs))
 
