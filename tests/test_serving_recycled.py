@@ -8,6 +8,7 @@ tokens of generate(..., recycled_attention=policy) on their prompt alone, and wi
 the context, or stride 1, the tokens of plain full attention; nothing retraces.
 """
 
+import re
 import subprocess
 import sys
 
@@ -219,6 +220,32 @@ def test_a_scanned_model_serves_under_the_policy():
     prompts = [TOKENIZER.encode("the recycled cat"), TOKENIZER.encode("sat on")]
     served, _, _ = run_concurrently(model, params, POLICY, prompts, MAX_TOKENS)
     assert served == [alone(model, params, prompt, MAX_TOKENS, POLICY) for prompt in prompts]
+
+
+def test_the_decode_step_copies_no_cache_sized_buffer(transformer):
+    """The engine's step writes the new key and value outside the lax.cond, whose branches
+    only read the slots' KV caches, and reuses the donated cache in place."""
+    model, params, _, _ = transformer
+    config = EngineConfig(num_slots=2, max_len=MAX_LEN, prefill_chunk=16, recycled_attention=POLICY)
+    engine = Engine(model, params, config)
+    programs, cache = engine._programs, engine._cache
+    hlo = (
+        programs.decode.lower(
+            engine.params, cache, engine._tokens, np.ones(2, bool), *engine._sampling_arrays()
+        )
+        .compile()
+        .as_text()
+    )
+    full = {leaf.shape for leaf in jax.tree.leaves(cache.layers) if leaf.ndim == 4}
+    assert full == {(2, 4, MAX_LEN, 16)}
+    smallest = min(np.prod(shape) for shape in full)
+    copied = [
+        dims
+        for shape in re.findall(r"= [a-z0-9]+\[([0-9,]*)\]\{[0-9,]*\} copy\(", hlo)
+        if np.prod(dims := tuple(int(d) for d in shape.split(",") if d)) >= smallest
+    ]
+    assert not copied, f"the decode step copies cache-sized buffers: {copied}"
+    assert "input_output_alias" in hlo.splitlines()[0]
 
 
 def test_bad_settings_are_errors():
