@@ -24,12 +24,14 @@ run. Perplexity is ``exp(-mean log p)`` over every scored token.
 Usage (from the repository root)::
 
     python train.py --config=configs/demo_mixers.py:transformer \\
-        --workdir=workdirs/demo_transformer --config.data.seq_len=4096
+        --workdir=workdirs/demo_transformer --config.data.seq_len=4096 \\
+        --config.data.batch_size=1 --config.model.remat=full --config.train.num_steps=160
     python benchmarks/recycled_attention.py --workdir=workdirs/demo_transformer --context=4096
     python benchmarks/recycled_attention.py --quick --output=/tmp/ra.json  # tiny random model
 
 (The demo recipe trains on 256-token sequences; a model meant for 4k contexts should see them in
-training, hence ``--config.data.seq_len``.)
+training, hence ``--config.data.seq_len``; one sequence per step with remat keeps a step within
+a few GB on a CPU. BENCHMARKS.md gives the full command that was run.)
 
 The data is ``--data`` (a ``jaxbased-prepare-data`` folder), else the workdir's own built-in
 corpus (``builtin_data/``, what ``train.py`` made from the demo corpus); validation split. The
