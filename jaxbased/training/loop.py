@@ -207,7 +207,8 @@ def train(
                     )
                     if step == last_distill_step and step < num_steps:
                         logging.info(
-                            "step %d is the last distillation step; language-model training from step %d",
+                            "step %d is the last distillation step; language-model training from "
+                            "step %d",
                             step,
                             step + 1,
                         )
