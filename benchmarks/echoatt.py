@@ -19,8 +19,10 @@ Steps:
    ``--ablation_fraction``, that student trained on the language-model loss only
    (``distill.steps=0``).
 4. Per model: the evaluation loss (``train.py``'s final evaluation: ``eval_batches`` validation
-   batches), the parameter count, and greedy decode ms/token of ``jaxbased.generate`` (one run
-   after a compiling run, every model in this process one after another, so side by side).
+   batches), the parameter count, and greedy decode ms/token of ``jaxbased.generate`` for each
+   ``--decode_cases`` prompt length and batch (the best of ``--decode_repeats`` runs after a
+   compiling one; every model in this process one after another, so side by side).
+   ``--decode_only`` times the decoding of the runs of an existing ``--output`` again.
 
 Usage (from the repository root)::
 
@@ -59,9 +61,16 @@ flags.DEFINE_float("final_learning_rate", 1e-4, "Final (cosine) learning rate.")
 flags.DEFINE_integer("warmup_steps", 10, "Warm-up steps.")
 flags.DEFINE_float("ablation_fraction", 0.5, "Also train this student without distillation.")
 flags.DEFINE_integer("similarity_sequences", 16, "Validation rows of the similarity.")
-flags.DEFINE_integer("decode_prompt", 256, "Prompt tokens of the decode timing.")
+flags.DEFINE_list(
+    "decode_cases", ["256x1", "256x8", "2048x8"], "Decode timings: PROMPT_TOKENS x BATCH each."
+)
 flags.DEFINE_integer("decode_tokens", 256, "Tokens decoded per timing run.")
-flags.DEFINE_list("decode_batches", ["1", "8"], "Batch sizes of the decode timing.")
+flags.DEFINE_integer("decode_repeats", 3, "Timed decode runs per case (the best is kept).")
+flags.DEFINE_bool(
+    "decode_only",
+    False,
+    "Only time the decoding again, of the runs --output already lists (updates it).",
+)
 flags.DEFINE_string("output", "benchmarks/results/echoatt.json", "The JSON ('' for none).")
 flags.DEFINE_string(
     "figure", "benchmarks/results/echoatt_similarity.png", "The similarity heat map (PNG)."
@@ -173,23 +182,65 @@ def similarity_of_teacher(teacher_workdir: pathlib.Path, config) -> dict[str, An
     }
 
 
-def decode_ms_per_token(workdir: pathlib.Path, prompt: np.ndarray) -> dict[str, float]:
-    """Greedy decode ms/token of the workdir's model at each batch of ``--decode_batches``
-    (``jaxbased.generate``'s decode time over ``--decode_tokens`` steps; the run after a
-    compiling one)."""
+def decode_cases() -> list[tuple[int, int]]:
+    """``--decode_cases`` as ``(prompt tokens, batch)`` pairs."""
+    cases = []
+    for case in FLAGS.decode_cases:
+        prompt, _, batch = case.partition("x")
+        if not (prompt.isdigit() and batch.isdigit() and int(prompt) > 0 and int(batch) > 0):
+            raise app.UsageError(f"--decode_cases: {case!r} is not PROMPT_TOKENS x BATCH")
+        cases.append((int(prompt), int(batch)))
+    return cases
+
+
+def case_key(prompt: int, batch: int) -> str:
+    return f"prompt_{prompt}_batch_{batch}"
+
+
+def decode_ms_per_token(workdir: pathlib.Path, tokens: np.ndarray) -> dict[str, float]:
+    """Greedy decode ms/token of the workdir's model for each of :func:`decode_cases`: the
+    first ``prompt`` of ``tokens`` as every row's prompt, ``jaxbased.generate``'s decode time
+    over ``--decode_tokens`` steps, the best of ``--decode_repeats`` runs after a compiling
+    one."""
     from jaxbased import LanguageModel, generate
     from jaxbased.training.checkpointing import load_for_inference
 
     config, params, _ = load_for_inference(workdir)
     model = LanguageModel(config)
     timings = {}
-    for batch in (int(b) for b in FLAGS.decode_batches):
-        prompts = np.repeat(prompt[None], batch, axis=0)
+    for prompt, batch in decode_cases():
+        prompts = np.repeat(tokens[None, :prompt], batch, axis=0)
         arguments = dict(max_new_tokens=FLAGS.decode_tokens, temperature=0.0)
         generate(model, params, prompts, **arguments)  # compiles
-        result = generate(model, params, prompts, **arguments)
-        timings[f"batch_{batch}"] = 1000 * result.decode_seconds / FLAGS.decode_tokens
+        best = min(
+            generate(model, params, prompts, **arguments).decode_seconds
+            for _ in range(FLAGS.decode_repeats)
+        )
+        timings[case_key(prompt, batch)] = 1000 * best / FLAGS.decode_tokens
     return timings
+
+
+def decode_prompt_tokens(validation: Sequence[np.ndarray]) -> np.ndarray:
+    """The validation tokens, row after row (inputs only), long enough for every case."""
+    tokens = np.concatenate([row[:-1] for batch in validation for row in batch]).astype(np.int32)
+    longest = max(prompt for prompt, _ in decode_cases())
+    if len(tokens) < longest:
+        raise app.UsageError(f"--decode_cases: the validation data has only {len(tokens)} tokens")
+    return tokens
+
+
+def measure_decoding(rows: list[dict], tokens: np.ndarray) -> dict[str, Any]:
+    """Time every row's model (one after another, in this process) and the conditions."""
+    started = time.monotonic()
+    for row in rows:
+        row["decode_ms_per_token"] = decode_ms_per_token(pathlib.Path(row["workdir"]), tokens)
+    return {
+        "cases": [list(case) for case in decode_cases()],
+        "tokens": FLAGS.decode_tokens,
+        "repeats": FLAGS.decode_repeats,
+        "load_average_after": os.getloadavg(),
+        "wall_seconds": time.monotonic() - started,
+    }
 
 
 def train_run(name: str, config, workdir: pathlib.Path) -> dict[str, Any]:
@@ -210,7 +261,8 @@ def train_run(name: str, config, workdir: pathlib.Path) -> dict[str, Any]:
     }
 
 
-def markdown(rows: list[dict], batches: Sequence[str]) -> str:
+def markdown(rows: list[dict]) -> str:
+    cases = decode_cases()
     header = [
         "model",
         "shared layers",
@@ -218,7 +270,7 @@ def markdown(rows: list[dict], batches: Sequence[str]) -> str:
         "eval loss at start",
         "eval loss",
         "accuracy",
-        *[f"decode ms/token, batch {b}" for b in batches],
+        *[f"decode ms/token, prompt {p}, batch {b}" for p, b in cases],
     ]
     lines = [
         "shared layers: sharing layer:anchor",
@@ -235,10 +287,31 @@ def markdown(rows: list[dict], batches: Sequence[str]) -> str:
             "-" if start is None else f"{start:.3f}",
             f"{row['eval_loss']:.3f}",
             f"{row['eval_accuracy']:.3f}",
-            *[f"{row['decode_ms_per_token'][f'batch_{b}']:.2f}" for b in batches],
+            *[f"{row['decode_ms_per_token'][case_key(p, b)]:.2f}" for p, b in cases],
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def decode_again() -> None:
+    """``--decode_only``: time the decoding of the runs in ``--output`` again and update it."""
+    import json
+
+    from jaxbased.data.pipeline import validation_batches
+    from jaxbased.data.token_store import TokenDataset
+
+    payload = json.loads(pathlib.Path(FLAGS.output).read_text())
+    settings = payload["settings"]
+    validation = validation_batches(
+        TokenDataset.open(pathlib.Path(settings["teacher_workdir"]) / "builtin_data"),
+        seq_len=settings["seq_len"],
+        batch_size=settings["batch_size"],
+        max_batches=settings["eval_batches"],
+    )
+    payload["decode"] = measure_decoding(payload["rows"], decode_prompt_tokens(validation))
+    payload["decode_machine"] = machine_info()
+    print(markdown(payload["rows"]))
+    write_json_atomic(FLAGS.output, payload)
 
 
 def main(argv: Sequence[str]) -> None:
@@ -248,6 +321,9 @@ def main(argv: Sequence[str]) -> None:
     from jaxbased.data.token_store import TokenDataset
     from jaxbased.training.checkpointing import load_for_inference
 
+    if FLAGS.decode_only:
+        decode_again()
+        return
     began = time.monotonic()
     teacher_workdir = pathlib.Path(FLAGS.teacher_workdir).absolute()
     root = pathlib.Path(FLAGS.workdir).absolute()
@@ -316,7 +392,6 @@ def main(argv: Sequence[str]) -> None:
         row.update(share_fraction=float(fraction), distill_steps=distill_steps)
         rows.append(row)
 
-    prompt = validation[0][0, : FLAGS.decode_prompt].astype(np.int32)
     for row in rows:
         config = load_for_inference(row["workdir"])[0]
         row["attention_sharing"] = [list(pair) for pair in config.attention_sharing]
@@ -328,8 +403,8 @@ def main(argv: Sequence[str]) -> None:
                 row["attention_sharing"],
                 expected,
             )
-        row["decode_ms_per_token"] = decode_ms_per_token(pathlib.Path(row["workdir"]), prompt)
-    table = markdown(rows, FLAGS.decode_batches)
+    decode = measure_decoding(rows, decode_prompt_tokens(validation))
+    table = markdown(rows)
     print(table)
     if FLAGS.output:
         write_json_atomic(
@@ -348,10 +423,8 @@ def main(argv: Sequence[str]) -> None:
                     "batch_size": base.data.batch_size,
                     "seq_len": base.data.seq_len,
                     "eval_batches": base.train.eval_batches,
-                    "decode_prompt": FLAGS.decode_prompt,
-                    "decode_tokens": FLAGS.decode_tokens,
-                    "decode_batches": [int(b) for b in FLAGS.decode_batches],
                 },
+                "decode": decode,
                 "similarity": similarity,
                 "rows": rows,
                 "wall_seconds": time.monotonic() - began,
