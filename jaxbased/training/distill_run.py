@@ -366,10 +366,12 @@ def make_distillation(
     batch_sharding: Any,
     mesh: jax.sharding.Mesh,
     start_step: int,
+    num_steps: int,
 ) -> Distillation:
     """The run's :class:`Distillation` from step ``start_step`` on: the teacher's parameters
     placed on ``mesh`` (sharded by their logical names, as the student's) and the compiled
-    distillation step, or neither when ``start_step >= settings.steps``."""
+    distillation step, or neither when ``start_step >= settings.steps``. ``num_steps``
+    (``train.num_steps``) only bounds the steps the log announces."""
     sharing = model.config.attention_sharing
     if start_step >= settings.steps:
         return Distillation(settings.steps, teacher.workdir, sharing, None, None)
@@ -396,7 +398,7 @@ def make_distillation(
         "distillation: steps %d..%d from the teacher in %s (student sharing %s, hidden states "
         "compared after layers %s), then language-model training",
         start_step + 1,
-        settings.steps,
+        min(settings.steps, num_steps),
         teacher.workdir,
         list(sharing),
         list(block_boundaries(model.config)),

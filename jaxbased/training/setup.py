@@ -424,6 +424,7 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) ->
             batch_sharding=data_sharding,
             mesh=mesh,
             start_step=int(state.step),
+            num_steps=train_config.num_steps,
         )
     logging.info(
         "mesh %s over %d devices in %d processes",
