@@ -8,7 +8,10 @@ d_model 64 and state sizes matched to BASED's F = 8 / F = 16 (about 2.5k and 9k 
   8,960 floats for the two layers), scanned with the sequential algorithm (on CPU, at T <= 256,
   several times faster per training step than the chunked associative scan; the same function);
 - ``mamba2`` (SSD), the same model, with state dim 8 and 32, head dim 32 (4 heads), chunk 64
-  (2,912 and 9,344 floats for the two layers);
+  (2,912 and 9,344 floats for the two layers); ``mamba2_long`` is its state-dim-8 model on
+  twice the budget (8 epochs, 4000 steps, the cosine over all of them): on the 4-epoch budget
+  of the other rows Mamba-2 stays near chance, on a longer one it learns recall
+  (BENCHMARKS.md);
 - ``decay_attention`` (RetNet-style fixed decay per head), one head of key dim 64;
 - ``cca_attention`` (pooled core tokens + a local window, one head, no rotary as Zoology's
   attention): its state at the 256-token test length is ``2 d (s + g + 256 / g)`` floats, at
@@ -49,6 +52,12 @@ def get_config() -> ml_collections.ConfigDict:
         "mamba2",
         dict(d_model=(64,), state_dim=(8, 32)),
         fixed=dict(head_dim=32, chunk_size=64),
+    )
+    config.models.mamba2_long = model_group(
+        "mamba2",
+        dict(d_model=(64,), state_dim=(8,)),
+        fixed=dict(head_dim=32, chunk_size=64),
+        train=dict(max_epochs=8),
     )
     config.models.decay_attention = model_group(
         "decay_attention", dict(d_model=(64,)), fixed=dict(heads=1)
