@@ -277,3 +277,18 @@ def test_the_serving_engine_runs_the_int8_model_as_generate_does(setup, int8_mod
         engine.stop(timeout=10)
     expected = generate(model, params, [prompt], max_new_tokens=4, temperature=0.0)
     assert served.token_ids[0] == list(expected.tokens[0])
+
+
+def test_a_scanned_model_is_folded_into_the_unrolled_layout(setup):
+    from jaxbased.layer_layout import convert_layout
+
+    _, params, _, _ = setup
+    scanned = CONFIG.replace(scan_layers=True)
+    stacked = convert_layout(params, scanned)
+    assert "layers_0" not in stacked  # really the stacked layout
+    folded, expected = fold_hadamard(scanned, stacked), fold_hadamard(CONFIG, params)
+    assert sorted(folded) == sorted(expected)
+    for got, want in zip(jax.tree.leaves(folded), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match="unrolled"):
+        QuantizedLanguageModel(scanned).init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32))
