@@ -3,10 +3,12 @@
 Same protocol, data, training budget and learning rate (3e-3) as ``mqar_cpu.py``; adds, at
 d_model 64 and state sizes matched to BASED's F = 8 / F = 16 (about 2.5k and 9k floats):
 
-- ``mamba`` (Mamba-1) with state dim 16 and 64 (``d_inner * N`` floats plus its conv inputs),
-  scanned with the sequential algorithm (on CPU, at T <= 256, several times faster per training
-  step than the chunked associative scan; the same function);
-- ``mamba2`` (SSD) with state dim 16 and 64, head dim 32 (4 heads), chunk 64;
+- ``mamba`` (Mamba-1) in Zoology's state-space model (two Mamba blocks, RMSNorm, no BaseConv)
+  with state dim 8 and 32 (per layer ``d_inner * N`` floats plus its conv inputs: 2,816 and
+  8,960 floats for the two layers), scanned with the sequential algorithm (on CPU, at T <= 256,
+  several times faster per training step than the chunked associative scan; the same function);
+- ``mamba2`` (SSD), the same model, with state dim 8 and 32, head dim 32 (4 heads), chunk 64
+  (2,912 and 9,344 floats for the two layers);
 - ``decay_attention`` (RetNet-style fixed decay per head), one head of key dim 64;
 - ``cca_attention`` (pooled core tokens + a local window, one head, no rotary as Zoology's
   attention): its state at the 256-token test length is ``2 d (s + g + 256 / g)`` floats, at
@@ -40,12 +42,12 @@ def get_config() -> ml_collections.ConfigDict:
     config = default_cpu_config()
     config.models.mamba = model_group(
         "mamba",
-        dict(d_model=(64,), state_dim=(16, 64)),
+        dict(d_model=(64,), state_dim=(8, 32)),
         fixed=dict(scan_algorithm="sequential"),
     )
     config.models.mamba2 = model_group(
         "mamba2",
-        dict(d_model=(64,), state_dim=(16, 64)),
+        dict(d_model=(64,), state_dim=(8, 32)),
         fixed=dict(head_dim=32, chunk_size=64),
     )
     config.models.decay_attention = model_group(

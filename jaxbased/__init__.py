@@ -12,7 +12,7 @@ from jaxbased.config import (
     based_layer_pattern,
     hybrid_layer_pattern,
 )
-from jaxbased.generation import GenerationResult, generate
+from jaxbased.generation import GenerationResult, RecycledAttentionPolicy, generate
 from jaxbased.model import LanguageModel, ModelCache, count_parameters
 from jaxbased.presets import PRESETS
 
@@ -25,6 +25,7 @@ __all__ = [
     "LanguageModel",
     "ModelCache",
     "ModelConfig",
+    "RecycledAttentionPolicy",
     "based_layer_pattern",
     "count_parameters",
     "generate",

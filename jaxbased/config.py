@@ -125,6 +125,13 @@ class ModelFields:
         block (TransNormerLLM v1); the tied head reads the unscaled embedding.
       residual_activation: applied to the residual stream after each mixer is added:
         ``none`` or ``silu`` (SeqBoat's ``silu(x + mixer(norm(x)))``).
+      attention_sharing: EchoAtt (docs/echoatt.md): layers that reuse an anchor layer's
+        attention probabilities and have no query/key projections of their own. Given as a
+        mapping ``{sharing layer: anchor layer or None}``, a list of sharing layers, or a list of
+        ``(sharing layer, anchor layer)`` pairs; a missing (None) anchor is the nearest earlier
+        full-attention layer that does not share. Stored as sorted ``(sharer, anchor)`` pairs.
+        Both layers must be full attention, the anchor earlier and not sharing itself; layer 0
+        cannot share; not with ``scan_layers``. Empty (default): no sharing.
     """
 
     vocab_size: int = 50257
@@ -142,6 +149,7 @@ class ModelFields:
     scan_layers: bool = False
     scale_embedding: bool = False
     residual_activation: str = "none"
+    attention_sharing: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self) -> None:
         pattern = self.layer_pattern
@@ -203,6 +211,118 @@ class ModelFields:
                 getattr(self, name).validate(context)
             except ValueError as error:
                 raise ValueError(f"{name}.{error}") from None
+        object.__setattr__(
+            self, "attention_sharing", self._checked_attention_sharing(self.attention_sharing)
+        )
+
+    def _can_share(self, layer: int) -> bool:
+        """Whether layer ``layer``'s mixer computes full causal softmax attention."""
+        name = self.layer_pattern[layer]
+        return getattr(self, name).supports_attention_sharing()
+
+    def _checked_attention_sharing(self, value: Any) -> tuple[tuple[int, int], ...]:
+        """``attention_sharing`` as sorted ``(sharer, anchor)`` pairs, default anchors filled
+        in; ``ValueError`` naming the value otherwise."""
+        field = f"attention_sharing={value!r}"
+        if value is None:
+            return ()
+        if isinstance(value, str):
+            raise ValueError(f"{field} must be a mapping or a list of layer indices or pairs")
+        if isinstance(value, Mapping):
+            items = list(value.items())
+        elif isinstance(value, Iterable):
+            items = []
+            for entry in value:
+                if isinstance(entry, Iterable) and not isinstance(entry, str):
+                    entry = tuple(entry)
+                    if len(entry) != 2:
+                        raise ValueError(f"{field}: {entry!r} is not a (sharer, anchor) pair")
+                    items.append(entry)
+                else:
+                    items.append((entry, None))
+        else:
+            raise ValueError(f"{field} must be a mapping or a list of layer indices or pairs")
+        if not items:
+            return ()
+        if self.scan_layers:
+            raise ValueError(
+                f"{field} cannot be combined with scan_layers=True (the anchor's probabilities "
+                "would have to cross the scanned unit); set scan_layers=False"
+            )
+
+        def index(raw: Any, role: str) -> int:
+            if isinstance(raw, str) and raw.strip().lstrip("-").isdigit():
+                raw = int(raw)
+            if isinstance(raw, bool) or not isinstance(raw, int):
+                raise ValueError(f"{field}: {role} {raw!r} is not a layer index")
+            if not 0 <= raw < self.num_layers:
+                raise ValueError(
+                    f"{field}: {role} {raw} is outside the layers 0..{self.num_layers - 1}"
+                )
+            return raw
+
+        requested: dict[int, int | None] = {}
+        for raw_sharer, raw_anchor in items:
+            sharer = index(raw_sharer, "sharing layer")
+            if sharer in requested:
+                raise ValueError(f"{field}: layer {sharer} is listed twice")
+            anchor = None if raw_anchor is None else index(raw_anchor, "anchor layer")
+            requested[sharer] = anchor
+        for sharer in sorted(requested):
+            if sharer == 0:
+                raise ValueError(
+                    f"{field}: layer 0 cannot share attention; it has no earlier layer to copy from"
+                )
+            if not self._can_share(sharer):
+                raise ValueError(
+                    f"{field}: layer {sharer} is a {self.layer_pattern[sharer]!r} layer; only "
+                    "full-attention layers can share attention probabilities"
+                )
+        pairs = []
+        for sharer, anchor in sorted(requested.items()):
+            if anchor is None:
+                earlier = [
+                    layer
+                    for layer in range(sharer - 1, -1, -1)
+                    if self._can_share(layer) and layer not in requested
+                ]
+                if not earlier:
+                    raise ValueError(
+                        f"{field}: layer {sharer} has no earlier full-attention layer that does "
+                        "not share, to take as its anchor"
+                    )
+                anchor = earlier[0]
+            elif anchor >= sharer:
+                raise ValueError(
+                    f"{field}: the anchor {anchor} of layer {sharer} must be an earlier layer"
+                )
+            elif not self._can_share(anchor):
+                raise ValueError(
+                    f"{field}: the anchor {anchor} of layer {sharer} is a "
+                    f"{self.layer_pattern[anchor]!r} layer; an anchor must be full attention"
+                )
+            elif anchor in requested:
+                raise ValueError(
+                    f"{field}: the anchor {anchor} of layer {sharer} shares attention itself; "
+                    "an anchor must compute its own"
+                )
+            pairs.append((sharer, anchor))
+        return tuple(pairs)
+
+    @property
+    def attention_map_layers(self) -> tuple[int, ...]:
+        """The full-attention layers (those that can anchor or share EchoAtt probabilities)."""
+        return tuple(layer for layer in range(self.num_layers) if self._can_share(layer))
+
+    @property
+    def attention_anchors(self) -> dict[int, int]:
+        """EchoAtt: ``{sharing layer: its anchor layer}`` (empty without sharing)."""
+        return dict(self.attention_sharing)
+
+    @property
+    def anchor_layers(self) -> tuple[int, ...]:
+        """EchoAtt: the layers whose probabilities some later layer reuses, ascending."""
+        return tuple(sorted(set(self.attention_anchors.values())))
 
     # Derived -------------------------------------------------------------------------------
     @property
@@ -227,7 +347,11 @@ class ModelFields:
         """:attr:`mixer_context` of layer ``layer_index`` (its ``layer_index`` set)."""
         if not 0 <= layer_index < self.num_layers:
             raise ValueError(f"layer_index={layer_index} is outside 0..{self.num_layers - 1}")
-        return dataclasses.replace(self.mixer_context, layer_index=layer_index)
+        return dataclasses.replace(
+            self.mixer_context,
+            layer_index=layer_index,
+            shares_attention=layer_index in self.attention_anchors,
+        )
 
     @property
     def padded_vocab_size(self) -> int:
@@ -260,6 +384,7 @@ class ModelFields:
         """Every field as plain values, each section a nested dict (JSON-ready)."""
         values = dataclasses.asdict(self)
         values["layer_pattern"] = tuple(self.layer_pattern)
+        values["attention_sharing"] = tuple(tuple(pair) for pair in self.attention_sharing)
         return values
 
     @classmethod

@@ -35,6 +35,13 @@ host round trip, tokens arrive in order as soon as each step is done. The price 
 loop waits for the callback, so it should be quick (printing text is). A single compiled
 trampoline dispatches to the current callback by id, so a new callback function does not
 recompile.
+
+Recycled Attention (``recycled_attention=RecycledAttentionPolicy(top_k=...)``,
+docs/recycled_attention.md): the full-attention layers keep their whole KV cache and decode most
+steps over a recycled set of ``top_k`` keys per head, refreshed from the attention probabilities
+of a full step every ``stride`` steps (or when the query drifts). It is part of the cache's
+structure, so each policy compiles its own prefill and decode loop once; the choice between a
+full and a recycled step is a ``lax.cond`` per layer inside the loop.
 """
 
 from __future__ import annotations
@@ -53,7 +60,10 @@ import numpy as np
 from jax.experimental import io_callback
 from jaxtyping import Array, Int
 
-from jaxbased.model import LanguageModel, ModelCache
+from jaxbased.config import ModelConfig
+from jaxbased.layers.mixer import accepts_recycled_attention
+from jaxbased.model import LanguageModel, ModelCache, layer_mixer
+from jaxbased.ops.recycled_attention import RecycledAttentionPolicy, RecycledKVCache
 from jaxbased.sampling import check_sampling_arguments, sample
 
 #: Prompt lengths are padded up to powers of two from this one ...
@@ -79,6 +89,9 @@ class GenerationResult:
       prefill_seconds, decode_seconds: wall time of the two compiled programs (compilation
         included on a first call).
       cache_bytes: bytes of the decoding cache pytree (every layer's cache plus positions).
+      full_attention_steps: under Recycled Attention, ``[L]`` int32, the full steps each
+        full-attention layer took while decoding (in cache order: a scanned unit's layers
+        grouped by unit position); None without a policy.
     """
 
     tokens: list[list[int]]
@@ -90,6 +103,7 @@ class GenerationResult:
     prefill_seconds: float
     decode_seconds: float
     cache_bytes: int
+    full_attention_steps: np.ndarray | None = None
 
     @property
     def total_generated(self) -> int:
@@ -126,14 +140,27 @@ class _Programs:
 
     def __init__(self, model: LanguageModel) -> None:
         self.model = model
-        self.prefill = jax.jit(self._prefill, static_argnames=("max_len",))
+        self.prefill = jax.jit(self._prefill, static_argnames=("max_len", "recycled_attention"))
         self.decode = jax.jit(self._decode, static_argnames=("mode",), donate_argnames=("cache",))
+        self.forced_decode = jax.jit(self._forced_decode, donate_argnames=("cache",))
 
     def _prefill(
-        self, params: Any, tokens: Array, lengths: Array, *, max_len: int
+        self,
+        params: Any,
+        tokens: Array,
+        lengths: Array,
+        *,
+        max_len: int,
+        recycled_attention: RecycledAttentionPolicy | None = None,
     ) -> tuple[Array, ModelCache]:
         return self.model.apply(
-            {"params": params}, tokens, max_len, lengths, True, method=LanguageModel.prefill
+            {"params": params},
+            tokens,
+            max_len,
+            lengths,
+            True,
+            recycled_attention,
+            method=LanguageModel.prefill,
         )
 
     def _decode(
@@ -204,6 +231,31 @@ class _Programs:
         carry = (step0 + 1, token, cache, tokens_out, logprobs_out, done)
         _, _, cache, tokens_out, logprobs_out, done = jax.lax.while_loop(keep_going, body, carry)
         return tokens_out, logprobs_out, done, cache
+
+    def _forced_decode(
+        self, params: Any, cache: ModelCache, first_logits: Array, tokens: Array
+    ) -> tuple[Array, ModelCache]:
+        """Log-probabilities of ``tokens [B, N]`` fed one by one (teacher forcing): the first
+        from ``first_logits``, token ``n`` from the step that consumed token ``n - 1``."""
+        model, config = self.model, self.model.config
+        real_vocab = jnp.arange(first_logits.shape[-1]) < config.vocab_size
+
+        def logprob(logits: Array, token: Array) -> Array:
+            logits = jnp.where(real_vocab, logits.astype(jnp.float32), -jnp.inf)
+            log_probs = jax.nn.log_softmax(logits, axis=-1)
+            return jnp.take_along_axis(log_probs, token[:, None], axis=-1)[:, 0]
+
+        def body(cache: ModelCache, pair: tuple[Array, Array]) -> tuple[ModelCache, Array]:
+            previous, token = pair
+            logits, cache = model.apply(
+                {"params": params}, previous, cache, method=LanguageModel.decode_step
+            )
+            return cache, logprob(logits, token)
+
+        first = logprob(first_logits, tokens[:, 0])
+        pairs = (jnp.swapaxes(tokens[:, :-1], 0, 1), jnp.swapaxes(tokens[:, 1:], 0, 1))
+        cache, rest = jax.lax.scan(body, cache, pairs)
+        return jnp.concatenate([first[:, None], jnp.swapaxes(rest, 0, 1)], axis=1), cache
 
 
 _PROGRAMS: dict[tuple[type, Any], _Programs] = {}
@@ -291,6 +343,39 @@ def _tree_bytes(tree: Any) -> int:
     return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(tree))
 
 
+def recycled_attention_layers(config: ModelConfig) -> tuple[int, ...]:
+    """The layers (0-based) that decode under a Recycled Attention policy: full attention."""
+    return tuple(
+        index
+        for index, name in enumerate(config.layer_pattern)
+        if accepts_recycled_attention(layer_mixer(config, name, index, parent=None))
+    )
+
+
+def check_recycled_attention(config: ModelConfig, policy: RecycledAttentionPolicy | None) -> None:
+    """``ValueError`` unless ``policy`` is None or a policy and the model has full-attention
+    layers to apply it to."""
+    if policy is None:
+        return
+    if not isinstance(policy, RecycledAttentionPolicy):
+        raise ValueError(f"recycled_attention={policy!r} must be a RecycledAttentionPolicy or None")
+    if not recycled_attention_layers(config):
+        raise ValueError(
+            "recycled_attention needs full-attention layers ('attention' in the layer "
+            f"pattern); this model has layer_pattern={tuple(config.layer_pattern)}"
+        )
+
+
+def full_attention_steps(cache: ModelCache) -> np.ndarray:
+    """``[L]`` int32: the full steps each Recycled Attention layer of ``cache`` took."""
+    counts = [
+        np.ravel(np.asarray(layer.full_steps))
+        for layer in cache.layers
+        if isinstance(layer, RecycledKVCache)
+    ]
+    return np.concatenate(counts).astype(np.int32) if counts else np.zeros((0,), np.int32)
+
+
 # ----------------------------------------------------------------------------------------------
 # The entry point
 
@@ -308,6 +393,7 @@ def generate(
     stop_tokens: Sequence[int] = (),
     return_logprobs: bool = False,
     callback: Callback | None = None,
+    recycled_attention: RecycledAttentionPolicy | None = None,
 ) -> GenerationResult:
     """Continue each prompt with up to ``max_new_tokens`` sampled tokens.
 
@@ -325,11 +411,14 @@ def generate(
       return_logprobs: also return each generated token's log-probability.
       callback: ``callback(step, tokens)`` is called on the host after each step with that
         step's ``[B]`` int32 tokens (``-1`` for rows already stopped), in order.
+      recycled_attention: decode the full-attention layers under this Recycled Attention
+        policy (None: plain full attention); the model needs at least one such layer.
 
     Returns a :class:`GenerationResult`. Raises ``ValueError`` on invalid arguments.
     """
     config = model.config
     check_sampling_arguments(temperature, top_k, top_p)
+    check_recycled_attention(config, recycled_attention)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int | np.integer):
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0")
     if max_new_tokens < 0:
@@ -379,13 +468,14 @@ def generate(
             jnp.asarray(tokens),
             jnp.asarray(lengths),
             max_len=tokens.shape[1] + int(max_new_tokens),
+            recycled_attention=recycled_attention,
         )
         jax.block_until_ready(first_logits)
         prefill_seconds = time.perf_counter() - start
         cache_bytes = _tree_bytes(cache)
 
         start = time.perf_counter()
-        token_array, logprob_array, stopped, _ = programs.decode(
+        token_array, logprob_array, stopped, final_cache = programs.decode(
             params,
             cache,
             first_logits,
@@ -398,6 +488,7 @@ def generate(
         )
         token_array, logprob_array, stopped = jax.device_get((token_array, logprob_array, stopped))
         decode_seconds = time.perf_counter() - start
+        full_steps = None if recycled_attention is None else full_attention_steps(final_cache)
     finally:
         if callback is not None:
             with _CALLBACK_LOCK:
@@ -418,6 +509,91 @@ def generate(
         prefill_seconds=prefill_seconds,
         decode_seconds=decode_seconds,
         cache_bytes=cache_bytes,
+        full_attention_steps=full_steps,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherForcedResult:
+    """What :func:`teacher_forced_logprobs` returns (host NumPy arrays).
+
+    Attributes:
+      logprobs: ``[B, N]`` float32, ``log p(tokens[b, P + n] | tokens[b, :P + n])`` through the
+        decode path (prefill of the first ``P`` tokens, then one decode step per token).
+      prefill_seconds, decode_seconds: wall time of the two compiled programs (compilation
+        included on a first call).
+      full_attention_steps: as in :class:`GenerationResult` (None without a policy).
+    """
+
+    logprobs: np.ndarray
+    prefill_seconds: float
+    decode_seconds: float
+    full_attention_steps: np.ndarray | None
+
+    @property
+    def perplexity(self) -> float:
+        """``exp(-mean(logprobs))`` over every row and position."""
+        return float(np.exp(-np.mean(self.logprobs.astype(np.float64))))
+
+
+def teacher_forced_logprobs(
+    model: LanguageModel,
+    params: Any,
+    tokens: Int[np.ndarray, "B T"] | Int[Array, "B T"],
+    prompt_length: int,
+    *,
+    recycled_attention: RecycledAttentionPolicy | None = None,
+) -> TeacherForcedResult:
+    """Score ``tokens[:, prompt_length:]`` given what precedes them, through the decode path.
+
+    The first ``P = prompt_length`` tokens of each row are prefilled; then every later token is
+    fed by one decode step (as :func:`generate` would, but with the given tokens instead of
+    sampled ones), so a decode policy such as ``recycled_attention`` acts on every scored token
+    but the first (which the prefill's logits score).
+
+    Args:
+      tokens: ``[B, T]`` int token ids in ``[0, vocab_size)``; ``1 <= P < T``.
+      prompt_length: ``P``.
+      recycled_attention: as in :func:`generate`.
+
+    Returns a :class:`TeacherForcedResult` with ``[B, T - P]`` log-probabilities.
+    """
+    config = model.config
+    check_recycled_attention(config, recycled_attention)
+    array = np.asarray(tokens)
+    if array.ndim != 2 or array.dtype.kind not in "iu":
+        raise ValueError(f"tokens must be a [batch, seq] integer array; got {array.shape}")
+    if isinstance(prompt_length, bool) or not 1 <= int(prompt_length) < array.shape[1]:
+        raise ValueError(
+            f"prompt_length={prompt_length!r} must be in [1, {array.shape[1] - 1}] for "
+            f"{array.shape[1]} tokens"
+        )
+    if array.min() < 0 or array.max() >= config.vocab_size:
+        raise ValueError(f"token ids must be in [0, {config.vocab_size})")
+    prompt_length = int(prompt_length)
+    programs = _programs_for(model)
+    params = _unbox_params(params)
+    batch, seq = array.shape
+    array = jnp.asarray(array, jnp.int32)
+    start = time.perf_counter()
+    first_logits, cache = programs.prefill(
+        params,
+        array[:, :prompt_length],
+        jnp.full((batch,), prompt_length, jnp.int32),
+        max_len=seq,
+        recycled_attention=recycled_attention,
+    )
+    jax.block_until_ready(first_logits)
+    prefill_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    logprobs, cache = programs.forced_decode(params, cache, first_logits, array[:, prompt_length:])
+    logprobs = np.asarray(jax.device_get(logprobs), np.float32)
+    decode_seconds = time.perf_counter() - start
+    return TeacherForcedResult(
+        logprobs=logprobs,
+        prefill_seconds=prefill_seconds,
+        decode_seconds=decode_seconds,
+        full_attention_steps=(None if recycled_attention is None else full_attention_steps(cache)),
     )
 
 
@@ -433,7 +609,13 @@ def decode_cache_bytes(model: LanguageModel, batch_size: int, max_len: int) -> i
 
 __all__ = [
     "GenerationResult",
+    "RecycledAttentionPolicy",
+    "TeacherForcedResult",
     "bucket_length",
+    "check_recycled_attention",
     "decode_cache_bytes",
+    "full_attention_steps",
     "generate",
+    "recycled_attention_layers",
+    "teacher_forced_logprobs",
 ]

@@ -19,6 +19,9 @@ layer's parameters) and at run time, passed to the mixers that take it
 (``jaxbased.layers.mixer.takes_layer_index``); under the scan the run-time index is a scanned
 input, so layers whose constants depend on their index still share one body
 (docs/model.md#layer-index).
+
+EchoAtt (``config.attention_sharing``, docs/echoatt.md): an anchor block also returns its
+attention probabilities, and the layer loop hands them to the blocks that share them.
 """
 
 from __future__ import annotations
@@ -34,10 +37,17 @@ from jaxtyping import Array, Float, Int
 from jaxbased.config import ModelConfig
 from jaxbased.layer_layout import LAYER_AXIS, ScanPlan, scan_plan
 from jaxbased.layers.common import make_norm, normal_init
-from jaxbased.layers.mixer import METRICS_COLLECTION, Mixer, takes_layer_index
+from jaxbased.layers.mixer import (
+    METRICS_COLLECTION,
+    Mixer,
+    accepts_recycled_attention,
+    takes_layer_index,
+)
 from jaxbased.layers.mlp import GatedMLP
 from jaxbased.layers.registry import MIXERS, build_mixer
 from jaxbased.ops.dispatch import constrain_batch
+from jaxbased.ops.recycled_attention import RecycledAttentionPolicy
+from jaxbased.ops.shared_attention import ValueCache
 
 #: A layer's decode cache: an instance of its mixer's registered ``cache_type``.
 LayerCache = Any
@@ -51,7 +61,12 @@ class ModelCache:
       (``jaxbased.layers.registry.MIXERS[name].cache_type``). A scanned model
       (``config.scan_layers``) has one cache per head layer, then one per position of its
       repeating unit, every leaf stacked ``[repeats, ...]`` over the unit's repeats, then one
-      per remainder layer.
+      per remainder layer. A layer that shares an anchor's attention probabilities
+      (EchoAtt, ``config.attention_sharing``) holds a
+      :class:`~jaxbased.ops.shared_attention.ValueCache` (values only). Under a Recycled
+      Attention policy (``prefill(...,
+      recycled_attention=...)``) full-attention layers hold a
+      :class:`~jaxbased.ops.recycled_attention.RecycledKVCache` instead.
     positions: ``[B]`` int32, the position the next token of each row takes.
     """
 
@@ -105,11 +120,59 @@ class Block(nn.Module):
         x = x + h.astype(x.dtype)
         return jax.nn.silu(x) if self.config.residual_activation == "silu" else x
 
+    @property
+    def is_attention_anchor(self) -> bool:
+        """EchoAtt: a later layer reuses this layer's attention probabilities, so every method
+        also returns them (last)."""
+        return self.layer_index in self.config.anchor_layers
+
+    def _sharing(self, shared_probabilities: Array | None) -> dict[str, Any]:
+        """The EchoAtt keyword arguments of this layer's mixer."""
+        if self.layer_index in self.config.attention_anchors:
+            return {"shared_probabilities": shared_probabilities}
+        if self.is_attention_anchor:
+            return {"return_probabilities": True}
+        return {}
+
     def __call__(
-        self, x: Float[Array, "B T D"], layer_index: Array | int | None = None
-    ) -> Float[Array, "B T D"]:
-        h = self.mixer(self.norm1(x), **self._index(layer_index))
-        return self._mlp(self._add(x, h))
+        self,
+        x: Float[Array, "B T D"],
+        layer_index: Array | int | None = None,
+        shared_probabilities: Float[Array, "B H T T"] | None = None,
+    ) -> Float[Array, "B T D"] | tuple[Float[Array, "B T D"], Float[Array, "B H T T"]]:
+        """The block's output; an EchoAtt anchor also returns its attention probabilities
+        ``[B, H, T, T]``, a sharing layer takes its anchor's as ``shared_probabilities``."""
+        extra = self._index(layer_index) | self._sharing(shared_probabilities)
+        out = self.mixer(self.norm1(x), **extra)
+        if self.is_attention_anchor:
+            h, probabilities = out
+            return self._mlp(self._add(x, h)), probabilities
+        return self._mlp(self._add(x, out))
+
+    @property
+    def has_attention_map(self) -> bool:
+        """Whether this layer attends by causal softmax probabilities over all earlier tokens
+        (its own, or an anchor's when it shares): what
+        :meth:`with_attention_probabilities` returns."""
+        return getattr(self.config, self.mixer_name).supports_attention_sharing()
+
+    def with_attention_probabilities(
+        self,
+        x: Float[Array, "B T D"],
+        shared_probabilities: Float[Array, "B H T T"] | None = None,
+    ) -> tuple[Float[Array, "B T D"], Float[Array, "B H T T"] | None]:
+        """The block's output and the attention probabilities ``[B, H, T, T]`` (float32) its
+        mixer applied: computed for a full-attention layer, the anchor's for a sharing one,
+        None for other mixers (EchoAtt's similarity analysis, docs/echoatt.md)."""
+        extra = self._index(None)
+        if self.layer_index in self.config.attention_anchors:
+            h = self.mixer(self.norm1(x), shared_probabilities=shared_probabilities, **extra)
+            probabilities = shared_probabilities
+        elif self.has_attention_map:
+            h, probabilities = self.mixer(self.norm1(x), return_probabilities=True, **extra)
+        else:
+            h, probabilities = self.mixer(self.norm1(x), **extra), None
+        return self._mlp(self._add(x, h)), probabilities
 
     def prefill(
         self,
@@ -117,9 +180,16 @@ class Block(nn.Module):
         max_len: int,
         lengths: Int[Array, " B"] | None = None,
         layer_index: Array | int | None = None,
-    ) -> tuple[Array, LayerCache]:
-        h, cache = self.mixer.prefill(self.norm1(x), max_len, lengths, **self._index(layer_index))
-        return self._mlp(self._add(x, h)), cache
+        recycled_attention: RecycledAttentionPolicy | None = None,
+        shared_probabilities: Float[Array, "B H T T"] | None = None,
+    ) -> tuple[Any, ...]:
+        """``(x, cache)`` (and an EchoAtt anchor's probabilities last). ``recycled_attention``
+        goes to a mixer that accepts it (full attention); others ignore it."""
+        extra = self._index(layer_index) | self._sharing(shared_probabilities)
+        if recycled_attention is not None and accepts_recycled_attention(self.mixer):
+            extra["recycled_attention"] = recycled_attention
+        h, cache, *probabilities = self.mixer.prefill(self.norm1(x), max_len, lengths, **extra)
+        return (self._mlp(self._add(x, h)), cache, *probabilities)
 
     def decode_step(
         self,
@@ -127,11 +197,12 @@ class Block(nn.Module):
         cache: LayerCache,
         position: Int[Array, " B"],
         layer_index: Array | int | None = None,
-    ) -> tuple[Array, LayerCache]:
-        h, cache = self.mixer.decode_step(
-            self.norm1(x), cache, position, **self._index(layer_index)
-        )
-        return self._mlp(self._add(x, h)), cache
+        shared_probabilities: Float[Array, "B H S"] | None = None,
+    ) -> tuple[Any, ...]:
+        """``(x, cache)`` (and an EchoAtt anchor's probabilities over its cache slots last)."""
+        extra = self._index(layer_index) | self._sharing(shared_probabilities)
+        h, cache, *probabilities = self.mixer.decode_step(self.norm1(x), cache, position, **extra)
+        return (self._mlp(self._add(x, h)), cache, *probabilities)
 
 
 #: ``config.remat`` -> the ``jax.checkpoint`` policy of each block (None: no remat). ``minimal``
@@ -187,10 +258,11 @@ class RepeatedUnit(nn.Module):
         max_len: int,
         lengths: Int[Array, " B"] | None,
         first: Array,
+        recycled_attention: RecycledAttentionPolicy | None = None,
     ) -> tuple[Array, tuple[LayerCache, ...]]:
         caches = []
         for j, block in enumerate(self.block):
-            x, cache = block.prefill(x, max_len, lengths, first + j)
+            x, cache = block.prefill(x, max_len, lengths, first + j, recycled_attention)
             caches.append(cache)
         return x, tuple(caches)
 
@@ -278,18 +350,77 @@ class LanguageModel(nn.Module):
         firsts = plan.start + len(plan.unit) * jnp.arange(plan.repeats, dtype=jnp.int32)
         return scan(self.scanned_layers, carry, (firsts, xs))
 
-    def _hidden(self, tokens: Array) -> Array:
+    def _anchor_input(self, block: nn.Module, probabilities: dict[int, Array]) -> Array | None:
+        """EchoAtt: the probabilities of ``block``'s anchor layer (None: it does not share)."""
+        anchor = self.config.attention_anchors.get(block.layer_index)
+        return None if anchor is None else probabilities[anchor]
+
+    def _hidden(self, tokens: Array, block_outputs: list[Array] | None = None) -> Array:
+        """The residual stream after the last block ``[B, T, D]``; each unrolled block's
+        output is appended to ``block_outputs`` when given."""
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be [batch, seq]; got shape {tokens.shape}")
         x = constrain_batch(self._embed(tokens))
         head, tail = self._unrolled_blocks()
+        probabilities: dict[int, Array] = {}  # EchoAtt: anchor layer -> its probabilities
+
+        def run(block: nn.Module, x: Array) -> Array:
+            out = block(x, None, self._anchor_input(block, probabilities))
+            if block.is_attention_anchor:
+                out, probabilities[block.layer_index] = out
+            out = constrain_batch(out)
+            if block_outputs is not None:
+                block_outputs.append(out)
+            return out
+
         for block in head:
-            x = constrain_batch(block(x))
+            x = run(block, x)
         if self._plan is not None:
+            if block_outputs is not None:
+                raise ValueError("block outputs need an unrolled model (scan_layers=False)")
             x, _ = self._scan_unit(lambda unit, x, xs: (unit(x, xs[0]), None), x, None)
         for block in tail:
-            x = constrain_batch(block(x))
+            x = run(block, x)
         return x
+
+    def attention_probabilities(
+        self, tokens: Int[Array, "B T"]
+    ) -> tuple[Float[Array, "B H T T"], ...]:
+        """The causal softmax probabilities ``[B, H, T, T]`` (float32) of every layer that has
+        them (``config.attention_map_layers``, in order); unrolled models only. EchoAtt's
+        similarity analysis (docs/echoatt.md).
+
+        Call it as ``model.apply(variables, tokens, method="attention_probabilities")``.
+        """
+        if self._plan is not None:
+            raise ValueError("attention_probabilities needs an unrolled model (scan_layers=False)")
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be [batch, seq]; got shape {tokens.shape}")
+        x = self._embed(tokens)
+        head, _ = self._unrolled_blocks()
+        probabilities: dict[int, Array] = {}
+        maps = []
+        for block in head:
+            x, block_map = block.with_attention_probabilities(
+                x, self._anchor_input(block, probabilities)
+            )
+            if block_map is not None:
+                probabilities[block.layer_index] = block_map
+                maps.append(block_map)
+        return tuple(maps)
+
+    def with_block_outputs(
+        self, tokens: Int[Array, "B T"]
+    ) -> tuple[Float[Array, "B T V"], tuple[Float[Array, "B T D"], ...]]:
+        """Logits ``[B, T, V]`` and every block's output (the residual stream after layer
+        ``i``, ``[B, T, D]`` float32, one per layer); unrolled models only. Used by
+        distillation (docs/echoatt.md).
+
+        Call it as ``model.apply(variables, tokens, method="with_block_outputs")``.
+        """
+        block_outputs: list[Array] = []
+        x = self._hidden(tokens, block_outputs)
+        return self._logits(x), tuple(block_outputs)
 
     def __call__(self, tokens: Int[Array, "B T"]) -> Float[Array, "B T V"]:
         """Logits for every position of ``tokens [B, T]``."""
@@ -319,6 +450,7 @@ class LanguageModel(nn.Module):
         max_len: int,
         lengths: Int[Array, " B"] | None = None,
         last_logits_only: bool = False,
+        recycled_attention: RecycledAttentionPolicy | None = None,
     ) -> tuple[Float[Array, "B T V"] | Float[Array, "B V"], ModelCache]:
         """Forward over prompts ``[B, T]`` and the caches after them.
 
@@ -332,6 +464,10 @@ class LanguageModel(nn.Module):
 
         ``last_logits_only``: return only each row's logits at its last valid position, ``[B, V]``
         (skips the ``[B, T, V]`` head, which dominates memory for long prompts).
+
+        ``recycled_attention``: full-attention layers decode under this Recycled Attention
+        policy; their caches are then
+        :class:`~jaxbased.ops.recycled_attention.RecycledKVCache` (docs/recycled_attention.md).
         """
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be [batch, seq]; got shape {tokens.shape}")
@@ -345,17 +481,36 @@ class LanguageModel(nn.Module):
         x = self._embed(tokens)
         caches = []
         head, tail = self._unrolled_blocks()
-        for block in head:
-            x, cache = block.prefill(x, max_len, lengths)
+        policy = recycled_attention
+        if policy is not None and self.config.attention_sharing:
+            raise ValueError(
+                "recycled_attention does not combine with attention_sharing (EchoAtt); decode "
+                "this model without a Recycled Attention policy"
+            )
+        probabilities: dict[int, Array] = {}  # EchoAtt: anchor layer -> its probabilities
+
+        def run(block: nn.Module, x: Array) -> Array:
+            x, cache, *anchor = block.prefill(
+                x,
+                max_len,
+                lengths,
+                recycled_attention=policy,
+                shared_probabilities=self._anchor_input(block, probabilities),
+            )
+            if anchor:
+                probabilities[block.layer_index] = anchor[0]
             caches.append(cache)
+            return x
+
+        for block in head:
+            x = run(block, x)
         if self._plan is not None:
             x, unit_caches = self._scan_unit(
-                lambda unit, x, xs: unit.prefill(x, max_len, lengths, xs[0]), x, None
+                lambda unit, x, xs: unit.prefill(x, max_len, lengths, xs[0], policy), x, None
             )
             caches.extend(unit_caches)
         for block in tail:
-            x, cache = block.prefill(x, max_len, lengths)
-            caches.append(cache)
+            x = run(block, x)
         positions = jnp.full((batch,), seq, jnp.int32) if lengths is None else lengths
         if last_logits_only:
             x = jnp.take_along_axis(x, (positions - 1)[:, None, None], axis=1)[:, 0]
@@ -371,9 +526,22 @@ class LanguageModel(nn.Module):
         new_caches = []
         layer_caches = list(cache.layers)
         head, tail = self._unrolled_blocks()
-        for block, layer_cache in zip(head, layer_caches[: len(head)], strict=True):
-            x, layer_cache = block.decode_step(x, layer_cache, cache.positions)
+        probabilities: dict[int, Array] = {}  # EchoAtt: anchor layer -> [B, H, S]
+
+        def run(block: nn.Module, x: Array, layer_cache: LayerCache) -> Array:
+            x, layer_cache, *anchor = block.decode_step(
+                x,
+                layer_cache,
+                cache.positions,
+                shared_probabilities=self._anchor_input(block, probabilities),
+            )
+            if anchor:
+                probabilities[block.layer_index] = anchor[0]
             new_caches.append(layer_cache)
+            return x
+
+        for block, layer_cache in zip(head, layer_caches[: len(head)], strict=True):
+            x = run(block, x, layer_cache)
         layer_caches = layer_caches[len(head) :]
         if self._plan is not None:
             period = len(self._plan.unit)
@@ -385,8 +553,7 @@ class LanguageModel(nn.Module):
             )
             new_caches.extend(unit_caches)
         for block, layer_cache in zip(tail, layer_caches, strict=True):
-            x, layer_cache = block.decode_step(x, layer_cache, cache.positions)
-            new_caches.append(layer_cache)
+            x = run(block, x, layer_cache)
         return self._logits(x), ModelCache(tuple(new_caches), cache.positions + 1)
 
     def init_cache(self, batch_size: int, max_len: int) -> ModelCache:
@@ -401,7 +568,10 @@ class LanguageModel(nn.Module):
             layer_mixer(config, name, index, parent=None).init_cache(batch_size, max_len)
             for index, name in enumerate(config.layer_pattern)
         )
-        for name, layer in zip(config.layer_pattern, layers, strict=True):
+        sharing = config.attention_anchors
+        for index, (name, layer) in enumerate(zip(config.layer_pattern, layers, strict=True)):
+            if index in sharing and isinstance(layer, ValueCache):  # EchoAtt: values only
+                continue
             if not isinstance(layer, MIXERS[name].cache_type):  # a mixer that broke its contract
                 raise TypeError(
                     f"mixer {name!r} built a {type(layer).__name__} cache; its registry entry "

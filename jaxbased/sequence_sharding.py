@@ -24,8 +24,17 @@ from absl import logging
 from jaxbased.ops.sequence_parallel import SEQUENCE_IMPLEMENTATIONS
 
 #: Mixers whose forward and backward split the time axis, each passing only what crosses a
-#: slice boundary (``mlp`` acts on each token alone).
-SEQUENCE_SHARDED_MIXERS: tuple[str, ...] = ("based", "sliding_window", "base_conv", "mlp")
+#: slice boundary (``mlp`` acts on each token alone): the linear-attention family through the
+#: (decayed) state prefix, the windows and short convs through a halo.
+SEQUENCE_SHARDED_MIXERS: tuple[str, ...] = (
+    "based",
+    "sliding_window",
+    "base_conv",
+    "mlp",
+    "decay_attention",
+    "transnormer",
+    "mamba2",
+)
 
 
 def _divisors(number: int) -> list[int]:
@@ -35,12 +44,14 @@ def _divisors(number: int) -> list[int]:
 def halo_tokens(config: Any) -> dict[str, int]:
     """``{mixer: tokens a slice needs from the previous slice}`` for the used mixers that reach
     back a fixed number of tokens (``sliding_window``: ``window - 1``; ``base_conv``:
-    ``kernel_size - 1``)."""
+    ``kernel_size - 1``; ``mamba2``: its short conv's ``conv_kernel_size - 1``)."""
     halos = {}
     if "sliding_window" in config.layer_pattern:
         halos["sliding_window"] = config.sliding_window.window - 1
     if "base_conv" in config.layer_pattern:
         halos["base_conv"] = config.base_conv.kernel_size - 1
+    if "mamba2" in config.layer_pattern:
+        halos["mamba2"] = config.mamba2.conv_kernel_size - 1
     return halos
 
 

@@ -206,6 +206,49 @@ def model_forward(params, tokens, config):
     return x @ embedding.T
 
 
+def shared_attention_model_forward(params, tokens, config):
+    """EchoAtt (a Transformer++ with RMSNorm and a gated MLP, every layer full attention):
+    logits ``[B, T, V]`` in float64, where a sharing layer ``j`` with anchor ``a`` outputs
+    ``out_proj_j(P_a · v_proj_j(x))``, ``P_a`` the anchor's causal softmax; and every layer's
+    probabilities ``{layer: [B, H, T, T]}`` (a sharing layer's are its anchor's)."""
+    anchors = config.attention_anchors
+    section = config.attention
+    embedding = np.asarray(params["embedding"], np.float64)
+    x = embedding[tokens]
+    batch, seq, d_model = x.shape
+    heads, rotary_dim = section.heads, section.rotary_dim(d_model)
+    causal = np.tril(np.ones((seq, seq), bool))
+    probabilities = {}
+    for i in range(config.num_layers):
+        layer = params[f"layers_{i}"]
+        mixer = layer["mixer"]
+        h = rms_norm(x, np.asarray(layer["norm1"]["weight"], np.float64), config.norm_eps)
+        if i in anchors:
+            v = _linear(h, _flat_out(mixer["v_proj"]["kernel"]))
+            v = v.reshape(batch, seq, heads, -1)
+            p = probabilities[anchors[i]]
+        else:
+            qkv = _linear(h, _flat_out(mixer["qkv_proj"]["kernel"]))
+            q, k, v = (part.reshape(batch, seq, heads, -1) for part in np.split(qkv, 3, -1))
+            if rotary_dim:
+                q = rotary(q, range(seq), rotary_dim, section.rotary_base)
+                k = rotary(k, range(seq), rotary_dim, section.rotary_base)
+            scores = np.einsum("bihd,bjhd->bhij", q, k) / np.sqrt(q.shape[-1])
+            scores = np.where(causal, scores, -np.inf)
+            p = np.exp(scores - scores.max(-1, keepdims=True))
+            p = p / p.sum(-1, keepdims=True)
+        probabilities[i] = p
+        y = np.einsum("bhij,bjhd->bihd", p, v).reshape(batch, seq, -1)
+        out_kernel = np.asarray(mixer["out_proj"]["kernel"], np.float64).reshape(-1, d_model)
+        x = x + _linear(y, out_kernel)
+        normed = rms_norm(x, np.asarray(layer["norm2"]["weight"], np.float64), config.norm_eps)
+        both = _linear(normed, _flat_out(layer["mlp"]["fc1"]["kernel"]))
+        value, gate = np.split(both, 2, -1)
+        x = x + _linear(value * silu(gate), layer["mlp"]["fc2"]["kernel"])
+    x = rms_norm(x, np.asarray(params["final_norm"]["weight"], np.float64), config.norm_eps)
+    return x @ embedding.T, probabilities
+
+
 # Decay linear attention, SSD (Mamba-2) and the selective scan (Mamba-1) ------------------------
 def decayed_linear_attention(
     q, k, v, log_decay, feature_map="taylor", normalize=True, eps=1e-12, kv_state=None, k_state=None

@@ -41,6 +41,19 @@ BASED_MODEL = dict(
     sliding_window=dict(heads=4, window=8),
     mlp=dict(inner_dim=64),
 )
+#: The decayed linear-attention family (RetNet decay, Mamba-2's SSD, TransNormerLLM with LRPE in
+#: its first layer) on the same length: per-head and per-step decays across slices.
+DECAY_MODEL = dict(
+    vocab_size=64,
+    d_model=32,
+    num_layers=3,
+    layer_pattern=("decay_attention", "mamba2", "transnormer"),
+    decay_attention=dict(heads=4, chunk_size=16),
+    mamba2=dict(state_dim=8, head_dim=16, chunk_size=16),
+    transnormer=dict(heads=4, chunk_size=16),
+)
+#: Meshes the decay model runs on (one compile each).
+DECAY_MODEL_MESHES = [(2, 1, 1, 4)]
 
 
 def relative_error(actual, expected) -> float:
@@ -61,6 +74,7 @@ def mesh_name(shape) -> str:
 def op_cases() -> dict:
     """Value and gradients of each sharded op under every mesh vs no mesh."""
     from jaxbased.ops import linear_attention, short_conv, sliding_window_attention
+    from jaxbased.ops.ssd import ssd
     from jaxbased.sharding import make_mesh
 
     rng = np.random.default_rng(0)
@@ -72,8 +86,27 @@ def op_cases() -> dict:
     q, k = normal(batch, SEQ_LEN, heads, 4, scale=0.5), normal(batch, SEQ_LEN, heads, 4, scale=0.5)
     v = normal(batch, SEQ_LEN, heads, 8)
     x, weight = normal(batch, SEQ_LEN, 16), normal(3, 16)
+    head_decay = jnp.asarray(np.log([0.5, 0.8, 0.95, 0.999]), jnp.float32)  # per head
+    # SSD: 4 heads of 8 channels reading 2 groups of B and C, per-step decays exp(dt a).
+    ssd_x, ssd_b, ssd_c = (
+        normal(batch, SEQ_LEN, heads, 8),
+        normal(batch, SEQ_LEN, 2, 4),
+        normal(batch, SEQ_LEN, 2, 4),
+    )
+    ssd_dt = jnp.asarray(rng.uniform(0.05, 0.6, (batch, SEQ_LEN, heads)), jnp.float32)
+    ssd_a = jnp.asarray([-0.5, -1.0, -2.0, -4.0], jnp.float32)
     ops = {
         "linear_attention": (lambda q, k, v: linear_attention(q, k, v, chunk_size=16), (q, k, v)),
+        "decay_attention": (
+            lambda q, k, v, d: linear_attention(
+                q, k, v, chunk_size=16, log_decay=d, normalize=False
+            ),
+            (q, k, v, head_decay),
+        ),
+        "ssd": (
+            lambda x, dt, b, c: ssd(x, dt, ssd_a, b, c, chunk_size=16),
+            (ssd_x, ssd_dt, ssd_b, ssd_c),
+        ),
         "sliding_window": (lambda q, k, v: sliding_window_attention(q, k, v, window=9), (q, k, v)),
         "short_conv": (short_conv, (x, weight)),
     }
@@ -102,20 +135,20 @@ def model_loss_and_grads(model: LanguageModel, params, batch):
     return jax.value_and_grad(loss)(params)
 
 
-def model_cases() -> dict:
-    """A BASED model's loss and gradients on every mesh vs one device."""
+def model_cases(fields: dict = BASED_MODEL, meshes: list = MODEL_MESHES) -> dict:
+    """A model's loss and gradients on every mesh vs one device."""
     from flax import linen as nn
 
     from jaxbased.sharding import LOGICAL_RULES, batch_sharding, logical_shardings, make_mesh
 
-    model = LanguageModel(ModelConfig.from_dict(BASED_MODEL))
+    model = LanguageModel(ModelConfig.from_dict(fields))
     boxed = model.init(jax.random.key(0), jnp.zeros((1, SEQ_LEN), jnp.int32))["params"]
     params = nn.meta.unbox(boxed)
     batch = jnp.asarray(np.random.default_rng(1).integers(0, 64, size=(4, SEQ_LEN + 1)), jnp.int32)
     step = jax.jit(lambda params, batch: model_loss_and_grads(model, params, batch))
     expected_loss, expected_grads = step(params, batch)
     report: dict = {"loss": {}, "grads": {}}
-    for shape in MODEL_MESHES:
+    for shape in meshes:
         mesh = make_mesh(shape)
         shardings = logical_shardings(jax.eval_shape(lambda: boxed), mesh)
         with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
@@ -246,6 +279,7 @@ if __name__ == "__main__":
     for name, case in [
         ("ops", op_cases),
         ("model", model_cases),
+        ("decay_model", lambda: model_cases(DECAY_MODEL, DECAY_MODEL_MESHES)),
         ("hlo", hlo_cases),
         ("bad_input", lambda: bad_input_cases(data_path)),
     ]:

@@ -162,8 +162,12 @@ def test_batches_come_segment_by_segment():
 def test_every_mixer_builds_an_mqar_model(mixer):
     sizes = {"based.feature_dim": 4, "sliding_window.window": 8}
     config = mqar_model_config(mixer, d_model=32, vocab_size=96, **sizes)
-    assert config.layer_pattern == ("base_conv", mixer)
-    assert config.num_layers == 2 and not config.use_mlp and config.norm == "layernorm"
+    if mixer in ("mamba", "mamba2", "base_conv"):  # Zoology's state-space model: the mixer twice
+        assert config.layer_pattern == (mixer, mixer)
+    else:
+        assert config.layer_pattern == ("base_conv", mixer)
+    norm = "rmsnorm" if mixer in ("mamba", "mamba2") else "layernorm"
+    assert config.num_layers == 2 and not config.use_mlp and config.norm == norm
     params = init_params(config, seed=0)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 96, (2, 24)), jnp.int32)
     logits = jax.jit(LanguageModel(config).apply)({"params": params}, tokens)
@@ -222,15 +226,21 @@ def test_softmax_attention_state_sizes_are_the_spec_formulas():
     for window in (8, 64, 1024):
         sliding = mqar_model_config("sliding_window", d_model=128, window=window)
         assert state_size(sliding, 4096).mixer == 2 * window * 128
-    assert state_size(mqar_model_config("base_conv", d_model=64), 256).mixer == 2 * 2 * 64
+    # BaseConv only: both layers are the mixer under test, each keeping 2 inputs of 2d channels
+    assert state_size(mqar_model_config("base_conv", d_model=64), 256).mixer == 2 * (2 * 2 * 64)
 
 
-def test_mamba_state_size_is_the_spec_formula_plus_its_conv():
+def test_mamba_state_size_is_the_spec_formula_plus_its_conv_in_both_layers():
     config = mqar_model_config("mamba", d_model=64, state_dim=16)
     inner = config.mamba.expand * 64
     ssm = inner * 16  # docs/mqar.md: d_inner * d_state
     conv = (config.mamba.conv_kernel_size - 1) * inner  # its short conv's last K-1 inputs
-    assert state_size(config, 256).mixer == ssm + conv
+    size = state_size(config, 256)
+    assert size.mixer == size.total == 2 * (ssm + conv)  # two Mamba layers, no BaseConv
+    config2 = mqar_model_config("mamba2", d_model=64, state_dim=8, head_dim=32)
+    heads, groups = 128 // 32, config2.mamba2.groups
+    conv2 = (config2.mamba2.conv_kernel_size - 1) * (128 + 2 * groups * 8)  # over x, B, C
+    assert state_size(config2, 256).mixer == 2 * (heads * 32 * 8 + conv2)
 
 
 # Training ----------------------------------------------------------------------------------

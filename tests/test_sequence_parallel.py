@@ -18,7 +18,13 @@ from jaxbased.ops.sequence_parallel import exclusive_prefix_rounds
 from jaxbased.sequence_sharding import check_sequence_sharding
 from jaxbased.sharding import resolve_mesh_shape
 from jaxbased.training.configs import mesh_defaults
-from tests.sequence_worker import BASED_MODEL, HLO_MESHES, MODEL_MESHES, OP_MESHES
+from tests.sequence_worker import (
+    BASED_MODEL,
+    DECAY_MODEL_MESHES,
+    HLO_MESHES,
+    MODEL_MESHES,
+    OP_MESHES,
+)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-5  # relative, float32
@@ -43,7 +49,9 @@ def name(mesh) -> str:
     return "x".join(map(str, mesh))
 
 
-@pytest.mark.parametrize("op", ["linear_attention", "sliding_window", "short_conv"])
+@pytest.mark.parametrize(
+    "op", ["linear_attention", "decay_attention", "ssd", "sliding_window", "short_conv"]
+)
 def test_sharded_ops_equal_one_device(report, op):
     for mesh in OP_MESHES:
         assert report["ops"][op][name(mesh)] <= TOLERANCE, (op, mesh, report["ops"][op])
@@ -53,6 +61,13 @@ def test_based_model_loss_and_gradients_equal_one_device(report):
     for mesh in MODEL_MESHES:
         assert report["model"]["loss"][name(mesh)] <= TOLERANCE, mesh
         assert report["model"]["grads"][name(mesh)] <= TOLERANCE, mesh
+
+
+def test_decay_model_loss_and_gradients_equal_one_device(report):
+    # decay_attention, mamba2 (SSD and its short conv) and transnormer (LRPE in its first layer)
+    for mesh in DECAY_MODEL_MESHES:
+        assert report["decay_model"]["loss"][name(mesh)] <= TOLERANCE, mesh
+        assert report["decay_model"]["grads"][name(mesh)] <= TOLERANCE, mesh
 
 
 def test_train_step_holds_only_the_designed_collectives(report):
@@ -102,9 +117,13 @@ def test_unshardable_mixers_and_implementations_are_refused():
     based = ModelConfig.from_dict(BASED_MODEL)
     check_sequence_sharding(based, 1, 7)  # sequence 1: anything goes
     check_sequence_sharding(based, 8, 72)
-    mamba = ModelConfig.from_dict(dict(BASED_MODEL, layer_pattern=("based", "mamba2", "mlp")))
-    with pytest.raises(ValueError, match=r"mixers \['mamba2'\] that cannot split"):
+    mamba = ModelConfig.from_dict(dict(BASED_MODEL, layer_pattern=("based", "mamba", "mlp")))
+    with pytest.raises(ValueError, match=r"mixers \['mamba'\] that cannot split"):
         check_sequence_sharding(mamba, 2, 64)
+    mamba2 = ModelConfig.from_dict(dict(BASED_MODEL, layer_pattern=("based", "mamba2", "mlp")))
+    check_sequence_sharding(mamba2, 8, 72)  # 9-token slices hold the conv's 3 inputs
+    with pytest.raises(ValueError, match="mamba2 needs the 3 tokens"):
+        check_sequence_sharding(mamba2, 8, 16)
     pallas = based.replace(implementation="pallas")
     with pytest.raises(ValueError, match="implementation='pallas' cannot split"):
         check_sequence_sharding(pallas, 2, 64)

@@ -4,6 +4,7 @@
     jaxbased-generate --workdir=workdirs/demo --prompt_file=prompt.txt --max_new_tokens=500
     echo "Once upon a time" | jaxbased-generate --workdir=workdirs/demo --temperature=0
     jaxbased-generate --workdir=workdirs/demo --num_samples=4 Once upon a time
+    jaxbased-generate --workdir=workdirs/demo --recycled_top_k=256 --recycled_stride=10 Once
 
 The prompt comes from ``--prompt``, the words after the flags, ``--prompt_file`` (``-`` is
 stdin), or stdin when it is not a terminal. The model config, parameters and tokenizer are read
@@ -13,6 +14,12 @@ printed as it is produced (from inside the compiled decode loop); several sample
 one batch and printed at the end. Speeds go to stderr: the prefill (compilation included on this
 first call) and the decode rate in tokens per second, timed from the first to the last streamed
 token so that it excludes compilation.
+
+``--recycled_top_k=K`` (> 0) decodes the full-attention layers under Recycled Attention
+(docs/recycled_attention.md): most steps attend only the ``K`` keys per head that the last full
+step attended to most; ``--recycled_stride``, ``--recycled_similarity_threshold``,
+``--recycled_check_every``, ``--recycled_head_selection`` and ``--recycled_pool_size`` are the
+policy's other fields.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import time
 import numpy as np
 from absl import flags, logging
 
-from jaxbased.cli import command, errors
+from jaxbased.cli import command, errors, recycled_flags
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "train.py run directory", required=True)
 _STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: the newest intact one)")
@@ -38,6 +45,29 @@ _SEED = flags.DEFINE_integer("seed", 0, "sampling seed")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "continuations of the prompt (one batch)")
 _STOP_AT_EOS = flags.DEFINE_bool("stop_at_eos", True, "end a sample at the end-of-text token")
 _ECHO_PROMPT = flags.DEFINE_bool("echo_prompt", True, "print the prompt before the continuation")
+_RECYCLED_TOP_K = flags.DEFINE_integer(
+    "recycled_top_k", 0, "Recycled Attention: keys per head on a recycled step (0: off)"
+)
+_RECYCLED_STRIDE = flags.DEFINE_integer(
+    "recycled_stride", 10, "Recycled Attention: a full-attention step every this many tokens"
+)
+_RECYCLED_THRESHOLD = flags.DEFINE_float(
+    "recycled_similarity_threshold",
+    None,
+    "Recycled Attention: also a full step when the query's cosine similarity to the last full "
+    "step's query falls below this, in [-1, 1] (default: off)",
+)
+_RECYCLED_CHECK_EVERY = flags.DEFINE_integer(
+    "recycled_check_every", 5, "Recycled Attention: steps between two similarity checks"
+)
+_RECYCLED_HEAD_SELECTION = flags.DEFINE_string(
+    "recycled_head_selection",
+    "group_max",
+    "Recycled Attention: how the kept keys are chosen: group_max, first_head or recent",
+)
+_RECYCLED_POOL_SIZE = flags.DEFINE_integer(
+    "recycled_pool_size", 5, "Recycled Attention: group_max's max-pool width in positions (odd)"
+)
 
 
 class StepTimer:
@@ -168,8 +198,22 @@ def check_sampling_flags() -> None:
             raise errors.UsageError(f"--{name}={value} must be {allowed}")
 
 
+def recycled_attention_policy():
+    """The ``RecycledAttentionPolicy`` of the ``--recycled_*`` flags (None when
+    ``--recycled_top_k=0``); a usage error naming the flag of a bad value."""
+    return recycled_flags.policy_from_flag_values(
+        top_k=_RECYCLED_TOP_K.value,
+        stride=_RECYCLED_STRIDE.value,
+        similarity_threshold=_RECYCLED_THRESHOLD.value,
+        check_every=_RECYCLED_CHECK_EVERY.value,
+        head_selection=_RECYCLED_HEAD_SELECTION.value,
+        pool_size=_RECYCLED_POOL_SIZE.value,
+    )
+
+
 def main(argv: list[str]) -> None:
     check_sampling_flags()
+    policy = recycled_attention_policy()
     check_workdir(_WORKDIR.value)
     prompt = read_prompt(argv[1:])
 
@@ -212,6 +256,7 @@ def main(argv: list[str]) -> None:
             seed=_SEED.value,
             stop_tokens=(tokenizer.eos_id,) if _STOP_AT_EOS.value else (),
             callback=timer,
+            recycled_attention=policy,
         )
     except ValueError as error:  # bad sampling arguments: a usage error, not a traceback
         raise errors.UsageError(str(error)) from error
@@ -236,6 +281,13 @@ def main(argv: list[str]) -> None:
         file=sys.stderr,
         flush=True,
     )
+    if result.full_attention_steps is not None:
+        print(
+            "[Recycled Attention: full-attention steps per layer while decoding: "
+            f"{result.full_attention_steps.tolist()}]",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 COMMAND = command.Command(
@@ -266,6 +318,17 @@ COMMAND = command.Command(
                 "seed",
                 "num_samples",
                 "stop_at_eos",
+            ),
+        ),
+        (
+            "recycled attention",
+            (
+                "recycled_top_k",
+                "recycled_stride",
+                "recycled_similarity_threshold",
+                "recycled_check_every",
+                "recycled_head_selection",
+                "recycled_pool_size",
             ),
         ),
     ),

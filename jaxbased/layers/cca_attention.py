@@ -315,6 +315,11 @@ class CCAAttention(SlidingWindowAttention):
     def window(self) -> int | None:
         return None
 
+    @property
+    def accepts_recycled_attention(self) -> bool:
+        """Recycled Attention is for plain full attention, not CCA's pooled cache."""
+        return False
+
     def _attention(self, q: Array, k: Array, v: Array) -> Array:
         config = self.config
         return cca_attention(

@@ -42,6 +42,10 @@ class MixerContext:
         parameters or the cache (with a matching :meth:`MixerConfig.layer_variant`). In a
         scanned unit it is the layer of the unit's first repeat; a mixer whose values (not
         shapes) depend on the layer reads the run-time index instead (:data:`TAKES_LAYER_INDEX`).
+      shares_attention: this layer reuses an earlier anchor layer's attention probabilities
+        (EchoAtt, ``ModelConfig.attention_sharing``, docs/echoatt.md): it has no query or key
+        projection. Only set for mixers whose config
+        :meth:`~MixerConfig.supports_attention_sharing`.
     """
 
     d_model: int = 1024
@@ -51,6 +55,7 @@ class MixerContext:
     norm_eps: float = 1e-5
     implementation: str = "auto"
     layer_index: int = 0
+    shares_attention: bool = False
 
     @property
     def compute_dtype(self) -> jnp.dtype:
@@ -93,6 +98,12 @@ class MixerConfig:
         body (``jaxbased.layer_layout``); values that only differ per layer (a decay computed
         from the index) need no variant, the run-time ``layer_index`` carries them."""
         del layer_index, num_layers
+
+    def supports_attention_sharing(self) -> bool:
+        """Whether a layer of this mixer can be an EchoAtt anchor or sharer: it computes causal
+        softmax probabilities over all earlier tokens (full attention), which a sharing layer
+        reuses with its own values (docs/echoatt.md). False unless a mixer says otherwise."""
+        return False
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a plain dict (JSON-ready)."""
@@ -196,6 +207,18 @@ TAKES_LAYER_INDEX = "takes_layer_index"
 def takes_layer_index(mixer: Any) -> bool:
     """Whether ``mixer`` (a module or its class) takes the run-time ``layer_index``."""
     return bool(getattr(mixer, TAKES_LAYER_INDEX, False))
+
+
+#: Name of a mixer property: when True, the mixer's ``prefill`` takes
+#: ``recycled_attention=`` (a ``RecycledAttentionPolicy``) and then returns a cache whose
+#: ``decode_step`` follows that policy (full softmax attention only; docs/recycled_attention.md).
+ACCEPTS_RECYCLED_ATTENTION = "accepts_recycled_attention"
+
+
+def accepts_recycled_attention(mixer: Any) -> bool:
+    """Whether the mixer module ``mixer`` (an instance, bound or not) decodes under a Recycled
+    Attention policy."""
+    return getattr(mixer, ACCEPTS_RECYCLED_ATTENTION, False) is True
 
 
 @runtime_checkable

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array
 
 
@@ -57,7 +58,7 @@ def check_not_positive(name: str, values: Array) -> None:
     """
     if isinstance(values, jax.core.Tracer):
         return
-    largest = float(jnp.max(values)) if jnp.size(values) else 0.0
+    largest = float(np.max(np.asarray(values))) if np.size(values) else 0.0
     if not largest <= 0:
         raise ValueError(f"{name} must be <= 0 everywhere; its largest value is {largest}")
 
@@ -67,6 +68,6 @@ def check_not_negative(name: str, values: Array) -> None:
     values only, like :func:`check_not_positive`."""
     if isinstance(values, jax.core.Tracer):
         return
-    smallest = float(jnp.min(values)) if jnp.size(values) else 0.0
+    smallest = float(np.min(np.asarray(values))) if np.size(values) else 0.0
     if not smallest >= 0:
         raise ValueError(f"{name} must be >= 0 everywhere; its smallest value is {smallest}")

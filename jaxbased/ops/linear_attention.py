@@ -251,15 +251,15 @@ def linear_attention(
     heads = v.shape[2]
     if log_decay is not None:
         log_decay = _check_log_decay(log_decay, {"[H]": (heads,), "[B, T, H]": (batch, seq, heads)})
-    # A time-split mesh: the sequence-parallel form where it exists (plain normalized
-    # attention from a zero state); other arguments run below and XLA places the data.
+    # A time-split mesh: the sequence-parallel form from a zero state (with or without decay
+    # and normalizer); prefill (an initial or returned state) runs below and XLA places the
+    # data.
     layout = sequence_layout(batch, seq, groups)
-    sharded_form = initial_state is None and log_decay is None and normalize
-    if layout is not None and sharded_form and not return_state:
+    if layout is not None and initial_state is None and not return_state:
         check_sequence_implementation("linear_attention", implementation)
         return linear_attention_sharded(
             q, k, v, layout, feature_map=feature_map, algorithm=algorithm,
-            chunk_size=chunk_size, eps=eps,
+            chunk_size=chunk_size, eps=eps, log_decay=log_decay, normalize=normalize,
         )  # fmt: skip
     if implementation != "xla" and use_pallas(
         implementation,

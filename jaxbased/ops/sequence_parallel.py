@@ -6,14 +6,17 @@ tokens (shard ``s`` holds tokens ``s L .. (s + 1) L - 1``). Each op below runs i
 ``jax.shard_map`` on its slice and passes to its neighbours only what crosses a slice boundary
 (docs/sequence_parallelism.md):
 
-- :func:`linear_attention_sharded` (causal linear attention with the BASED normalizer): each
+- :func:`linear_attention_sharded` (causal linear attention with the BASED normalizer, and the
+  decayed, unnormalised form of RetNet, TransNormerLLM and Mamba-2's SSD): each
   shard scans its slice from a zero state, with a column of ones appended to the values so that
   the same scan yields the normalizer: ``n_i = sum_{j<=i, j in slice} phi(q_i).phi(k_j) [v_j, 1]``
   and the slice's final state ``S = sum_j phi(k_j) ⊗ [v_j, 1]`` ``[B, H, D', Dv + 1]``. The
   states are combined by an exclusive prefix sum over the axis
   (:func:`exclusive_prefix_sum`: one shift and ``ceil(log2(n - 1))`` doubling steps of
   ``ppermute``), giving ``S_in``, the state of every earlier slice. Each shard then corrects
-  ``n_i += phi(q_i) S_in`` and returns ``y_i = n_i[:Dv] / (n_i[Dv] + eps)``.
+  ``n_i += phi(q_i) S_in`` and returns ``y_i = n_i[:Dv] / (n_i[Dv] + eps)``. With a decay the
+  prefix is over ``(total log decay, state)`` pairs (:func:`exclusive_decayed_prefix`, the same
+  rounds) and the correction is weighted by the slice's cumulative decay.
 - :func:`window_attention_sharded` (sliding-window softmax attention): each shard receives the
   previous shard's last ``window - 1`` keys and values (one ``ppermute``) and attends its
   queries over them and its own keys; shard 0 masks them out.
@@ -145,6 +148,37 @@ def _shard_map(function: Callable, in_specs: Any, out_specs: Any) -> Callable:
     return jax.shard_map(function, in_specs=in_specs, out_specs=out_specs, check_vma=False)
 
 
+def exclusive_decayed_prefix(state: Any, log_total: Array, shards: int) -> Any:
+    """The state entering shard ``s`` of a decayed linear recurrence, inside a ``shard_map``
+    over the ``sequence`` axis: ``sum_{r < s} exp(Λ_{r+1} + ... + Λ_{s-1}) S_r`` (zeros on
+    shard 0), where shard ``r`` ran its slice from a zero state to the final state ``S_r`` and
+    ``Λ_r`` is the sum of its log decays.
+
+    ``state`` is a pytree of ``[B, H, ...]`` leaves, ``log_total`` ``[B, H]`` (log decays are
+    ``<= 0``, so every factor is in ``[0, 1]``). The pairs ``(Λ, S)`` compose associatively,
+    an earlier range ``(Λ_1, S_1)`` then a later one ``(Λ_2, S_2)`` giving
+    ``(Λ_1 + Λ_2, exp(Λ_2) S_1 + S_2)``, and ``(0, 0)`` is the identity that ``ppermute``
+    hands the shards nothing is sent to; so the scan is :func:`exclusive_prefix_sum`'s: one
+    shift, then doubling steps, ``exclusive_prefix_rounds(shards)`` rounds, each moving the
+    state and its ``[B, H]`` log decay once.
+    """
+
+    def scale(leaf: Array, log_factor: Array) -> Array:
+        factor = jnp.exp(log_factor).astype(leaf.dtype)
+        return leaf * factor.reshape(factor.shape + (1,) * (leaf.ndim - factor.ndim))
+
+    total, total_log = _shift_to_next((state, log_total), shards)
+    offset = 1
+    while offset < shards - 1:
+        earlier, earlier_log = _shift_to_next((total, total_log), shards, offset)
+        total = jax.tree.map(
+            lambda mine, theirs, log=total_log: scale(theirs, log) + mine, total, earlier
+        )
+        total_log = earlier_log + total_log
+        offset *= 2
+    return total
+
+
 def linear_attention_sharded(
     q: Float[Array, "B T G F"],
     k: Float[Array, "B T G F"],
@@ -155,11 +189,20 @@ def linear_attention_sharded(
     algorithm: str,
     chunk_size: int,
     eps: float,
+    log_decay: Float[Array, " H"] | Float[Array, "B T H"] | None = None,
+    normalize: bool = True,
 ) -> Float[Array, "B T H Dv"]:
-    """Causal linear attention with the BASED normalizer over a time-split mesh (module
-    docstring); the result equals :func:`jaxbased.ops.linear_attention` with the same arguments
-    (``[B, T, H, Dv]`` in ``v.dtype``). ``layout`` comes from :func:`sequence_layout` for
-    ``(B, T, G)``: heads are split over ``tensor`` only with whole groups per shard."""
+    """Causal linear attention over a time-split mesh (module docstring), with or without the
+    BASED normalizer and a decay; the result equals :func:`jaxbased.ops.linear_attention` with
+    the same arguments (``[B, T, H, Dv]`` in ``v.dtype``). ``layout`` comes from
+    :func:`sequence_layout` for ``(B, T, G)``: heads are split over ``tensor`` only with whole
+    groups per shard.
+
+    With ``log_decay`` (``[H]`` per head, or ``[B, T, H]`` per step, as RetNet, TransNormerLLM
+    and SSD use it) each shard's final state and total log decay ``Λ`` go through
+    :func:`exclusive_decayed_prefix`, and token ``i`` of a slice reads the incoming state
+    decayed by ``exp(G_i)``, ``G_i`` the cumulative log decay of the slice up to ``i``:
+    ``n_i += exp(G_i) phi(q_i) S_in``. Without ``normalize`` no ones column is appended."""
     from jaxbased.ops._common import compute_dtype
     from jaxbased.ops.feature_maps import get_feature_map
     from jaxbased.ops.linear_attention import linear_attention
@@ -167,12 +210,16 @@ def linear_attention_sharded(
     dtype = compute_dtype(q, k, v)
     value_dim = v.shape[3]
     phi = get_feature_map(feature_map)
+    per_step_decay = log_decay is not None and log_decay.ndim == 3
 
-    def local(q, k, v):
+    def local(q, k, v, *decay):
         batch, length = v.shape[:2]
         local_groups, local_heads = q.shape[2], v.shape[2]
-        ones = jnp.ones((batch, length, local_heads, 1), dtype)
-        values = jnp.concatenate([v.astype(dtype), ones], axis=-1)  # [B, L, H, Dv + 1]
+        values = v.astype(dtype)
+        if normalize:
+            ones = jnp.ones((batch, length, local_heads, 1), dtype)
+            values = jnp.concatenate([values, ones], axis=-1)  # [B, L, H, Dv + 1]
+        local_decay = decay[0].astype(dtype) if decay else None
         numerator, state = linear_attention(
             q.astype(dtype),
             k.astype(dtype),
@@ -183,17 +230,39 @@ def linear_attention_sharded(
             return_state=True,
             normalize=False,
             implementation="xla",
+            log_decay=local_decay,
         )
-        incoming = exclusive_prefix_sum(state.kv_state, layout.shards)  # [B, H, D', Dv + 1]
+        if local_decay is None:
+            incoming = exclusive_prefix_sum(state.kv_state, layout.shards)  # [B, H, D', Dv']
+            weight = None
+        else:
+            steps = (
+                local_decay
+                if per_step_decay
+                else jnp.broadcast_to(local_decay, (batch, length, local_heads))
+            )
+            cumulative = jnp.cumsum(steps, axis=1)  # G_i [B, L, H]
+            incoming = exclusive_decayed_prefix(state.kv_state, cumulative[:, -1], layout.shards)
+            weight = jnp.exp(cumulative)
         per_group = local_heads // local_groups
         incoming = incoming.reshape(batch, local_groups, per_group, *incoming.shape[2:])
         correction = jnp.einsum("blgf,bgrfd->blgrd", phi(q.astype(dtype)), incoming)
-        numerator = numerator + correction.reshape(numerator.shape)
-        y = numerator[..., :value_dim] / (numerator[..., value_dim:] + eps)
+        correction = correction.reshape(numerator.shape)
+        if weight is not None:
+            correction = correction * weight[..., None]
+        numerator = numerator + correction
+        if normalize:
+            y = numerator[..., :value_dim] / (numerator[..., value_dim:] + eps)
+        else:
+            y = numerator
         return y.astype(v.dtype)
 
-    specs = (layout.spec(4), layout.spec(4), layout.spec(4))
-    return _shard_map(local, specs, layout.spec(4))(q, k, v)
+    specs = [layout.spec(4), layout.spec(4), layout.spec(4)]
+    operands = [q, k, v]
+    if log_decay is not None:
+        specs.append(layout.spec(3) if per_step_decay else PartitionSpec(layout.head_axis))
+        operands.append(log_decay)
+    return _shard_map(local, tuple(specs), layout.spec(4))(*operands)
 
 
 def window_attention_sharded(

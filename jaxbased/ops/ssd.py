@@ -151,24 +151,35 @@ def ssd(
 
     if algorithm == "chunked":
         # The linear-attention state is [B, H, N, P] (keys x values); ours is [B, H, P, N].
-        carried = LinearAttentionState(
-            jnp.swapaxes(state, -1, -2), jnp.zeros((batch, heads, state_dim), dtype)
+        # From a zero state with no state returned (training's forward), neither is passed:
+        # that form also runs sequence-parallel on a time-split mesh.
+        stateless = initial_state is None and not return_state
+        carried = (
+            None
+            if stateless
+            else LinearAttentionState(
+                jnp.swapaxes(state, -1, -2), jnp.zeros((batch, heads, state_dim), dtype)
+            )
         )
         operand_dtype = _operand_dtype(x, b, c, dtype)
-        y, final = linear_attention(
+        attended = linear_attention(
             jnp.asarray(c, operand_dtype),
             jnp.asarray(b, operand_dtype),
             (dt_[..., None] * x_).astype(operand_dtype),
             feature_map="identity",
             chunk_size=chunk_size,
             initial_state=carried,
-            return_state=True,
+            return_state=not stateless,
             implementation=implementation,
             log_decay=dt_ * a_,
             normalize=False,
             kernel_chunk_size=kernel_chunk_size or _default_kernel_chunk_size(),
         )
-        final_state = jnp.swapaxes(final.kv_state, -1, -2)
+        if stateless:
+            y, final_state = attended, None
+        else:
+            y, final = attended
+            final_state = jnp.swapaxes(final.kv_state, -1, -2)
     else:
 
         def step(carry, token):

@@ -436,7 +436,11 @@ def sliding_window_attention_step(
     *,
     window: int | None,
     scale: float | None = None,
-) -> tuple[Float[Array, "B H Dv"], KVCache]:
+    return_probabilities: bool = False,
+) -> (
+    tuple[Float[Array, "B H Dv"], KVCache]
+    | tuple[Float[Array, "B H Dv"], KVCache, Float[Array, "B H S"]]
+):
     """One decoding step: write ``k, v`` at slot ``position % capacity``, then attend.
 
     Args:
@@ -446,7 +450,9 @@ def sliding_window_attention_step(
       cache: the ring buffer; its capacity must be ``>= window`` (or the maximum length).
       position: ``[B]`` absolute position of the new token in each row.
 
-    Returns the output ``[B, H, Dv]`` and the updated cache. Slots are updated in place: the
+    Returns the output ``[B, H, Dv]`` and the updated cache (and, with
+    ``return_probabilities``, the float32 softmax weights over the slots ``[B, H, S]``, 0 on
+    empty and masked slots: what an EchoAtt sharing layer reuses). Slots are updated in place: the
     write and both matrix-vector products work on a ``[B * H, S, D]`` view of the buffers, so
     that the update stays one scatter of ``B * H`` rows. (With ``[B, H, S, D]`` operands and
     ``B = 1``, XLA:CPU turns the update into a ``dynamic_update_slice``, drops the unit batch
@@ -485,4 +491,7 @@ def sliding_window_attention_step(
         values=values.reshape(cache.values.shape),
         slot_positions=stored,
     )
-    return out.reshape(batch, heads, value_dim).astype(v.dtype), cache
+    out = out.reshape(batch, heads, value_dim).astype(v.dtype)
+    if return_probabilities:
+        return out, cache, weights.reshape(batch, heads, capacity)
+    return out, cache

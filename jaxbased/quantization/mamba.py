@@ -165,6 +165,8 @@ class _QuantizedStateSpace(nn.Module):
         return SCHEMES[self.mixer_name]
 
     def _parameter_shapes(self) -> dict[str, tuple[int, ...]]:
+        # Abstract: QuantizedMamba and QuantizedMamba2 each give their parameter shapes; the
+        # base class is never built on its own.
         raise NotImplementedError
 
     def setup(self) -> None:

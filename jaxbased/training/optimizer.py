@@ -10,9 +10,15 @@ import jax
 import optax
 
 NO_DECAY_NAMES = ("bias", "norm", "embedding")
-#: Parameters that never decay, matched by their exact name: the SSM decay rates and skip
-#: weights of Mamba / Mamba-2 (mamba_ssm sets ``_no_weight_decay`` on them).
-NO_DECAY_EXACT_NAMES = frozenset({"A_log", "D"})
+#: The state-space parameters that never decay, matched by their exact leaf name: the decay
+#: rates ``A_log``, the skip weights ``D`` and the time-step biases ``dt_bias`` of Mamba and
+#: Mamba-2 (mamba_ssm marks them ``_no_weight_decay``; decaying ``A_log`` pulls every rate to
+#: ``exp(0) = 1`` and decaying ``dt_bias`` pulls every time step to ``softplus(0) = 0.69``).
+STATE_SPACE_NO_DECAY_NAMES = frozenset({"A_log", "D", "dt_bias"})
+
+
+def _leaf_names(path: tuple[Any, ...]) -> list[str]:
+    return [str(getattr(key, "key", getattr(key, "name", key))) for key in path]
 
 
 def learning_rate_schedule(
@@ -40,14 +46,26 @@ def learning_rate_schedule(
 
 
 def weight_decay_mask(params: Any) -> Any:
-    """True for every parameter that decays: not a bias, a norm weight, the embedding, ``A_log``
-    or ``D``."""
+    """True for every parameter that decays: not a bias, a norm weight, the embedding, nor one of
+    ``STATE_SPACE_NO_DECAY_NAMES``."""
 
     def decays(path: tuple[Any, ...], _: Any) -> bool:
-        names = [str(getattr(key, "key", getattr(key, "name", key))) for key in path]
-        if names and names[-1] in NO_DECAY_EXACT_NAMES:
+        names = _leaf_names(path)
+        if names and names[-1] in STATE_SPACE_NO_DECAY_NAMES:
             return False
         return not any(marker in name for name in names for marker in NO_DECAY_NAMES)
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def state_space_decay_mask(params: Any) -> Any:
+    """True for every parameter but the state-space ones (``STATE_SPACE_NO_DECAY_NAMES``):
+    PyTorch's ``AdamW(model.parameters())`` with mamba_ssm's ``_no_weight_decay`` honoured, so
+    biases, norms and the embedding still decay (the MQAR protocol's optimizer)."""
+
+    def decays(path: tuple[Any, ...], _: Any) -> bool:
+        names = _leaf_names(path)
+        return not (names and names[-1] in STATE_SPACE_NO_DECAY_NAMES)
 
     return jax.tree_util.tree_map_with_path(decays, params)
 
