@@ -3,6 +3,7 @@ and fake-quant agree to float rounding, both agree with a float64 NumPy model of
 arithmetic, calibration's scales are the observed ones, decoding continues the prefill, and a
 model of another family is refused."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -75,6 +76,41 @@ def test_int8_and_fake_quant_agree_to_float_rounding(setup, int8_model):
         assert real_layer.conv_state.dtype == jnp.int8
         np.testing.assert_array_equal(real_layer.conv_state, fake_layer.conv_state)
         np.testing.assert_allclose(real_layer.ssm_state, fake_layer.ssm_state, rtol=1e-5, atol=1e-6)
+
+
+def observed_codes(model, params, tokens):
+    """``[(layer, point, int8 codes)]`` of every activation point, in the order they occur
+    (caught at the quantized layers' rounding step)."""
+    found = []
+
+    def catch(next_fun, args, kwargs, context):
+        result = next_fun(*args, **kwargs)
+        if context.method_name == "_observe":
+            found.append((context.module.path[0], args[0], np.asarray(result[0])))
+        return result
+
+    with nn.intercept_methods(catch):
+        model.apply({"params": params}, jnp.asarray(tokens))
+    return found
+
+
+def test_int8_and_fake_round_every_activation_alike_to_one_unit(setup, int8_model):
+    _, _, _, tokens = setup
+    model, params, _ = int8_model
+    fake = QuantizedLanguageModel(CONFIG, arithmetic="fake", hadamard=True)
+    real, faked = observed_codes(model, params, tokens), observed_codes(fake, params, tokens)
+    assert len(real) == CONFIG.num_layers * len(SCHEMES["mamba"].activation_points)
+    differing = 0
+    for (layer, point, real_codes), (fake_layer, fake_point, fake_codes) in zip(
+        real, faked, strict=True
+    ):
+        assert (layer, point) == (fake_layer, fake_point)
+        assert real_codes.dtype == fake_codes.dtype == np.int8
+        steps = np.abs(real_codes.astype(np.int32) - fake_codes.astype(np.int32))
+        assert steps.max() <= 1, (layer, point)  # at most one rounding unit apart
+        differing += int(np.count_nonzero(steps))
+    total = sum(codes.size for _, _, codes in real)
+    assert differing <= 1e-3 * total  # a flip needs a value within float rounding of a half-step
 
 
 def quantized_numpy_forward(params, tokens, config, hadamard=True, rounded=None):
