@@ -12,7 +12,7 @@ tokens. The argument after the colon picks the model:
 Parameters (d_model 128, byte vocabulary of 257): BASED 1.05M (the demo's model), Transformer++
 and CCA 1.02M (6 layers; CCA: groups of 16, local window 64), TransNormerLLM 1.12M (6 layers,
 SGLU 256), SeqBoat 0.96M (7 layers without MLP, z 64, h 256, window 65; it logs its activation
-rate per layer), Mamba 0.95M (8 layers without MLP, state 16: the model that
+rate per layer), Mamba 0.97M (8 layers without MLP, state 16: the model that
 ``benchmarks/quamba_ablation.py`` quantizes).
 """
 
