@@ -350,7 +350,13 @@ def run(config, params, dataset, settings: dict[str, Any]) -> dict[str, Any]:
     sensitivity = []
     if settings["sensitivity"]:
         for hadamard in (False, True):
-            points = SCHEMES["mamba"].activation_points
+            points = tuple(
+                dict.fromkeys(
+                    point
+                    for name in config.layer_pattern
+                    for point in SCHEMES[name].activation_points
+                )
+            )
             for rounded in ((), *[(point,) for point in points]):
                 observers = ["min_max", "percentile"] if rounded == ("ssm_input",) else ["min_max"]
                 for observer in observers:
