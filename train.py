@@ -5,7 +5,9 @@
         --config.train.num_steps=20000 --workdir=/ckpt/based-360m
 
 Restarting with the same --workdir resumes from the newest intact checkpoint. SIGTERM saves a
-checkpoint and exits cleanly.
+checkpoint and exits cleanly. With --config.distill.teacher_workdir set, the run distills an
+EchoAtt student (shared attention) from that teacher, then trains it on the LM loss
+(docs/echoatt.md#distillation-in-trainpy).
 """
 
 from __future__ import annotations
@@ -43,6 +45,10 @@ COMMAND = command.Command(
         "--config.train.num_steps=600    # extend a finished run",
         ".venv/bin/python train.py --config=configs/based_360m.py --workdir=/ckpt/based-360m "
         "--config.data.path=/data/pile-gpt2 --config.train.num_steps=20000",
+        ".venv/bin/python train.py --config=configs/demo_mixers.py:transformer "
+        "--workdir=workdirs/demo_echoatt --config.distill.teacher_workdir=workdirs/"
+        "demo_transformer --config.distill.share_fraction=0.5 --config.distill.steps=200"
+        "    # EchoAtt: distill a student sharing half the layers, then LM-train it",
     ),
     notes="Restarting with the same --workdir resumes from its newest intact checkpoint (a "
     "damaged newer one is skipped with a warning and moved to <workdir>/damaged_checkpoints/). "

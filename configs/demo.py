@@ -4,7 +4,13 @@ cores. Byte-level tokens; BaseConv, linear-attention and sliding-window layers a
 import ml_collections
 
 from jaxbased.config import ModelConfig, based_layer_pattern
-from jaxbased.training.configs import data_defaults, mesh_defaults, sample_defaults, train_defaults
+from jaxbased.training.configs import (
+    data_defaults,
+    distill_defaults,
+    mesh_defaults,
+    sample_defaults,
+    train_defaults,
+)
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -33,4 +39,5 @@ def get_config() -> ml_collections.ConfigDict:
     )
     config.mesh = mesh_defaults()
     config.sample = sample_defaults(prompt="def ", max_new_tokens=200)
+    config.distill = distill_defaults()
     return config

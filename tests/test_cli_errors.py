@@ -48,6 +48,12 @@ CASES = [
     (TRAIN, ["--config.data.path=nowhere"], 2, "'nowhere' does not exist"),
     (TRAIN, ["--config.model.vocab_size=100"], 2, "vocab_size=100"),
     (TRAIN, ["--config.data.seq_len=0"], 2, "seq_len=0"),
+    (
+        TRAIN,
+        ["--config.distill.teacher_workdir=nowhere", "--config.distill.share_fraction=0.5"],
+        2,
+        "distill.teacher_workdir='nowhere' does not exist",
+    ),
     ([str(REPO / "train.py")], ["--config=nope.py"], 2, "--config=nope.py"),
     (TRAIN, ["--wrkdir=x"], 2, "did you mean --workdir?"),
     (TRAIN, ["stray"], 2, "stray"),

@@ -432,3 +432,31 @@ def test_paper_config_is_the_spec_protocol_and_the_cpu_config_expands():
     assert seqboat_states == [64 * 16 + 12 * (32 + 128), 64 * 16 + 56 * (32 + 128)]
     with pytest.raises(ValueError, match="not in the config"):
         expand_runs(paper, groups=["hyena"])
+
+
+def test_a_groups_train_overrides_change_its_settings_and_only_its_fingerprint():
+    from jaxbased.mqar import expand_runs
+    from jaxbased.mqar.sweep import base_sweep_config, model_group, run_fingerprint, train_settings
+
+    config = base_sweep_config()
+    config.models.based = model_group("based", dict(d_model=(16,)), dict(feature_dim=4))
+    plain = expand_runs(config)
+    config.models.mamba = model_group(
+        "mamba", dict(d_model=(16,)), train=dict(max_epochs=3, warmup_steps=7)
+    )
+    runs = expand_runs(config)
+    based, mamba = runs[0], runs[-1]
+    # Adding a group with overrides leaves the other groups' runs (and hashes) as they were.
+    assert based == plain[0] and based.train == ()
+    assert run_fingerprint(config, based) == run_fingerprint(base_sweep_config(), plain[0])
+    settings = train_settings(config, mamba.learning_rate, mamba.train)
+    assert (settings.max_epochs, settings.warmup_steps) == (3, 7)
+    assert settings.batch_size == config.train.batch_size  # the rest is the sweep's
+    assert train_settings(config, based.learning_rate, based.train).max_epochs == 32
+    import dataclasses
+
+    longer = dataclasses.replace(mamba, train=(("max_epochs", 4), ("warmup_steps", 7)))
+    assert run_fingerprint(config, longer) != run_fingerprint(config, mamba)
+    config.models.mamba = model_group("mamba", dict(d_model=(16,)), train=dict(epochs=3))
+    with pytest.raises(ValueError, match=r"train overrides \['epochs'\] are not fields"):
+        expand_runs(config)

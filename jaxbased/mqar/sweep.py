@@ -7,10 +7,14 @@ The sweep config (an ml_collections ``ConfigDict``; see :func:`base_sweep_config
     models.<group> = dict(mixer="based",                       # a name of config.MIXER_NAMES
                           grid=dict(d_model=(48, 64), feature_dim=(8, 16, 24)),  # product
                           fixed=dict(linear_attention_heads=1),  # ModelConfig overrides
-                          learning_rates=())                    # () = the sweep's list
+                          learning_rates=(),                    # () = the sweep's list
+                          train=dict(max_epochs=16))            # {} = the sweep's config.train
 
 so a new mixer joins a sweep with a config entry alone; every ``grid`` and ``fixed`` key is a
-``ModelConfig`` field. Each (group, grid point, learning rate) is a run. Its JSON is written to
+``ModelConfig`` field, every ``train`` key a field of ``config.train`` (a group that needs a
+longer budget than the rest, say, states it there; the run's JSON records the settings used).
+
+Each (group, grid point, learning rate) is a run. Its JSON is written to
 ``<output_dir>/runs/<name>.json`` atomically (written to a temporary file, then renamed), and a
 run whose JSON exists with the same settings is skipped: a killed sweep resumes where it stopped.
 """
@@ -96,6 +100,7 @@ def model_group(
     grid: Mapping[str, Iterable[Any]],
     fixed: Mapping[str, Any] | None = None,
     learning_rates: Iterable[float] = (),
+    train: Mapping[str, Any] | None = None,
 ) -> ml_collections.ConfigDict:
     """One entry of ``config.models`` (see the module docstring)."""
     return ml_collections.ConfigDict(
@@ -104,6 +109,7 @@ def model_group(
             grid={key: tuple(values) for key, values in grid.items()},
             fixed=dict(fixed or {}),
             learning_rates=tuple(learning_rates),
+            train=dict(train or {}),
         )
     )
 
@@ -111,13 +117,15 @@ def model_group(
 @dataclasses.dataclass(frozen=True)
 class RunSpec:
     """One run of a sweep: a model (group, mixer, grid point, fixed overrides) and a learning
-    rate. ``grid`` and ``fixed`` are ``(field, value)`` pairs of ``ModelConfig`` overrides."""
+    rate. ``grid`` and ``fixed`` are ``(field, value)`` pairs of ``ModelConfig`` overrides,
+    ``train`` the group's ``(field, value)`` overrides of the sweep's ``config.train``."""
 
     group: str
     mixer: str
     grid: tuple[tuple[str, Any], ...]
     fixed: tuple[tuple[str, Any], ...]
     learning_rate: float
+    train: tuple[tuple[str, Any], ...] = ()
 
     @property
     def model_key(self) -> str:
@@ -177,6 +185,13 @@ def expand_runs(
         if "d_model" not in grid and "d_model" not in entry.get("fixed", {}):
             raise ValueError(f"model group {group!r} sets no d_model (in grid or fixed)")
         fixed = _plain(entry.get("fixed", {}))
+        train = _plain(entry.get("train", {}))
+        unknown_train = sorted(set(train) - set(config.train.keys()))
+        if unknown_train:
+            raise ValueError(
+                f"model group {group!r}: train overrides {unknown_train} are not fields of "
+                f"config.train; allowed: {sorted(config.train.keys())}"
+            )
         learning_rates = tuple(entry.get("learning_rates", ())) or tuple(config.learning_rates)
         if not learning_rates:
             raise ValueError(f"model group {group!r} has no learning rates")
@@ -190,8 +205,10 @@ def expand_runs(
                 tuple(zip(grid, point, strict=True)),
                 tuple(sorted(fixed.items())),
                 0.0,
+                tuple(sorted(train.items())),
             )
             spec.model_config(config.vocab_size)  # validates now, not in the middle of a sweep
+            train_settings(config, 1.0, spec.train)  # and the training settings
             for learning_rate in learning_rates:
                 runs.append(dataclasses.replace(spec, learning_rate=float(learning_rate)))
     names = [run.name for run in runs]
@@ -201,8 +218,13 @@ def expand_runs(
     return runs
 
 
-def train_settings(config: ml_collections.ConfigDict, learning_rate: float) -> TrainSettings:
-    values = _plain(config.train)
+def train_settings(
+    config: ml_collections.ConfigDict,
+    learning_rate: float,
+    overrides: Iterable[tuple[str, Any]] = (),
+) -> TrainSettings:
+    """The ``TrainSettings`` of ``config.train`` with a group's ``overrides`` applied."""
+    values = {**_plain(config.train), **dict(overrides)}
     values["max_steps"] = values["max_steps"] or None
     return TrainSettings(learning_rate=learning_rate, **values)
 
@@ -240,6 +262,8 @@ def run_fingerprint(config: ml_collections.ConfigDict, run: RunSpec) -> str:
         learning_rate=run.learning_rate,
         state_size_seq_len=config.state_size_seq_len,
     )
+    if run.train:  # only when set, so that the runs of groups without overrides keep their hash
+        description["train_overrides"] = _plain(dict(run.train))
     text = json.dumps(description, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -278,7 +302,7 @@ def run_one(
 ) -> dict[str, Any]:
     """Train one run and return its JSON record."""
     model_config = run.model_config(config.vocab_size)
-    settings = train_settings(config, run.learning_rate)
+    settings = train_settings(config, run.learning_rate, run.train)
     sizes = state_size(model_config, config.state_size_seq_len)
     parameters = count_parameters(jax.eval_shape(lambda: init_params(model_config, settings.seed)))
     result = train_mqar(

@@ -202,27 +202,34 @@ class Checkpointer:
         self.manager.close()
 
 
-def check_compatible(saved_model: dict, config: ModelConfig, workdir: pathlib.Path) -> None:
-    """Raise ``IncompatibleCheckpointError`` naming every model field that differs
-    (``based.feature_dim`` for a section's field), apart from ``LAYOUT_ONLY_FIELDS``.
+def model_differences(saved_model: dict, config: ModelConfig) -> list[str]:
+    """``"name: checkpoint X vs config Y"`` for every model field of the saved record that
+    differs from ``config`` (``based.feature_dim`` for a section's field), apart from
+    ``LAYOUT_ONLY_FIELDS``; empty when the two are the same model.
 
     The saved record is read as ``ModelConfig.from_dict`` reads it: a field missing from it (a
     checkpoint written before the field existed) counts as its default, and an old flat record
-    is converted to sections first.
+    is converted to sections first. Raises ``ValueError`` when the record cannot be read.
     """
+    saved = _flat_fields(ModelConfig.from_dict(saved_model).to_dict())
+    current = _flat_fields(config.to_dict())
+    return [
+        f"{name}: checkpoint {saved[name]!r} vs config {current[name]!r}"
+        for name in sorted(current)
+        if saved[name] != current[name] and name not in LAYOUT_ONLY_FIELDS
+    ]
+
+
+def check_compatible(saved_model: dict, config: ModelConfig, workdir: pathlib.Path) -> None:
+    """Raise ``IncompatibleCheckpointError`` naming every model field that differs
+    (:func:`model_differences`)."""
     try:
-        saved = _flat_fields(ModelConfig.from_dict(saved_model).to_dict())
+        differences = model_differences(saved_model, config)
     except ValueError as error:
         raise IncompatibleCheckpointError(
             f"workdir {str(workdir)!r} holds a checkpoint whose model config cannot be read "
             f"({error}); use a new --workdir"
         ) from None
-    current = _flat_fields(config.to_dict())
-    differences = [
-        f"{name}: checkpoint {saved[name]!r} vs config {current[name]!r}"
-        for name in sorted(current)
-        if saved[name] != current[name] and name not in LAYOUT_ONLY_FIELDS
-    ]
     if differences:
         raise IncompatibleCheckpointError(
             f"workdir {str(workdir)!r} holds a checkpoint of an incompatible model ("

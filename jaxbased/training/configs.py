@@ -1,6 +1,7 @@
 """The sections of a training config, shared by the files in ``configs/``.
 
-Sections: ``model`` (every ``ModelConfig`` field), ``data``, ``train``, ``mesh`` and ``sample``.
+Sections: ``model`` (every ``ModelConfig`` field), ``data``, ``train``, ``mesh``, ``sample`` and
+``distill`` (EchoAtt distillation from a teacher workdir, off by default).
 Each ``configs/<name>.py`` is read with absl ``config_flags``; any field can be overridden on the
 command line, e.g. ``--config=configs/based_360m.py --config.model.d_model=512
 --config.train.num_steps=100 --config.data.path=/data/pile``. Unknown fields are rejected.
@@ -74,6 +75,33 @@ def sample_defaults(**overrides: Any) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(values)
 
 
+def distill_defaults(**overrides: Any) -> ml_collections.ConfigDict:
+    """EchoAtt distillation (docs/echoatt.md#distillation-in-trainpy); off while
+    ``teacher_workdir`` is empty.
+
+    ``teacher_workdir``: a ``train.py`` workdir of the unshared teacher (its model must be
+    ``config.model``). ``steps``: distillation steps, then plain language-model training for the
+    rest of ``train.num_steps`` (-1: every step distills; 0: none, the student only starts from
+    the teacher's weights). The student shares the layers ``shared_layers`` (``"2,3"``, or
+    ``"2:1,3:1"`` with anchors) or, with ``share_fraction`` in (0, 1), the ``round(fraction *
+    L)`` full-attention layers whose maps are most alike on ``similarity_sequences``
+    validation rows; set one of the two. ``hidden_weight``, ``kl_weight``, ``hard_weight``:
+    the loss's weights (jaxbased.training.distillation).
+    """
+    values = dict(
+        teacher_workdir="",
+        steps=-1,
+        shared_layers="",
+        share_fraction=0.0,
+        similarity_sequences=16,
+        hidden_weight=0.25,
+        kl_weight=0.25,
+        hard_weight=0.5,
+    )
+    values.update(overrides)
+    return ml_collections.ConfigDict(values)
+
+
 def preset_config(preset: str, **model_overrides: Any) -> ml_collections.ConfigDict:
     """A config whose model is ``preset`` (plus ``model_overrides``), with the released recipe."""
     config = ml_collections.ConfigDict()
@@ -85,4 +113,5 @@ def preset_config(preset: str, **model_overrides: Any) -> ml_collections.ConfigD
     config.train = train_defaults()
     config.mesh = mesh_defaults()
     config.sample = sample_defaults()
+    config.distill = distill_defaults()
     return config

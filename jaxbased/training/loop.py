@@ -25,6 +25,11 @@ A non-finite loss or gradient norm skips that update and every later one on the 
 :class:`NonFiniteLossError` naming the first such step, before anything of that step or later is
 logged, evaluated or saved, so the last checkpoint is the last good state.
 
+**Distillation.** With ``config.distill.teacher_workdir`` set, steps ``1 .. distill.steps`` run
+the EchoAtt distillation step (:mod:`jaxbased.training.distill_run`) with the teacher's
+parameters as an extra argument, and the later steps the language-model step; which one a step
+runs depends on its number only, so a resumed run continues in the right phase.
+
 :func:`jaxbased.training.setup.setup_run` prepares the run (config, workdir, data, model,
 optimizer, mesh, checkpoints, resume); :func:`train` runs its steps, evaluations and saves.
 """
@@ -129,6 +134,12 @@ def train(
     tokens_per_step = data_config.batch_size * data_config.seq_len
     num_steps = train_config.num_steps
     train_step = stop_updates_after_non_finite(run.train_step)
+    distillation = run.distillation
+    last_distill_step, distill_step, teacher_params = 0, None, None
+    if distillation is not None and distillation.train_step is not None:
+        last_distill_step = distillation.steps
+        distill_step = stop_updates_after_non_finite(distillation.train_step)
+        teacher_params = distillation.teacher_params
     replicated = jax.sharding.NamedSharding(run.mesh, jax.sharding.PartitionSpec())
     non_finite = jax.device_put(no_non_finite_step(), replicated)
     batches = DevicePrefetcher(iterator, data_sharding)
@@ -190,7 +201,19 @@ def train(
                 step += 1
                 profiler.before_step(step)
                 batch = batches.next()
-                state, metrics, non_finite = train_step(state, batch.device, non_finite)
+                if step <= last_distill_step:
+                    state, metrics, non_finite = distill_step(
+                        state, batch.device, non_finite, teacher_params
+                    )
+                    if step == last_distill_step and step < num_steps:
+                        logging.info(
+                            "step %d is the last distillation step; language-model training from "
+                            "step %d",
+                            step,
+                            step + 1,
+                        )
+                else:
+                    state, metrics, non_finite = train_step(state, batch.device, non_finite)
                 if step < num_steps:
                     batches.prefetch()  # batch step + 1 goes to the devices while step runs
                 data_state = batch.data_state

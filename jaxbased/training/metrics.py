@@ -67,6 +67,10 @@ def progress_line(step: int, total: int, values: dict[str, float], eta_seconds: 
     parts = [f"step {step}/{total}"]
     formats = {
         "loss": "loss {:.4f}",
+        "distill/lm_loss": "lm_loss {:.4f}",
+        "distill/hidden_mse": "hidden_mse {:.4f}",
+        "distill/kl": "kl {:.4f}",
+        "distill/teacher_ce": "teacher_ce {:.4f}",
         "accuracy": "acc {:.3f}",
         "learning_rate": "lr {:.2e}",
         "grad_norm": "grad_norm {:.3f}",

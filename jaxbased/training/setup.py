@@ -5,6 +5,10 @@ tokenized into ``workdir/builtin_data`` once), builds the model, learning-rate s
 optimizer and device mesh, the sharded train state (restored from the latest complete checkpoint
 of the workdir, with the data iterator where it was, or freshly initialised and evaluated), the
 jit-compiled steps and the metrics writer. :func:`jaxbased.training.loop.train` runs the steps.
+
+With ``config.distill.teacher_workdir`` set, the model is an EchoAtt student of that teacher
+(:mod:`jaxbased.training.distill_run`): a fresh state starts from the teacher's weights, and
+``RunSetup.distillation`` holds the teacher and the distillation step.
 """
 
 from __future__ import annotations
@@ -40,6 +44,16 @@ from jaxbased.sharding import (
     with_shardings,
 )
 from jaxbased.training.checkpointing import TOKENIZER_SUBDIR, Checkpointer, check_compatible
+from jaxbased.training.distill_run import (
+    Distillation,
+    check_teacher_tokenizer,
+    distill_settings,
+    initial_student_params,
+    load_teacher,
+    make_distillation,
+    share_count,
+    student_config,
+)
 from jaxbased.training.flops import flops_per_token, measure_matmul_peak
 from jaxbased.training.metrics import MetricsWriter
 from jaxbased.training.optimizer import learning_rate_schedule, make_optimizer
@@ -69,6 +83,7 @@ class RunSetup:
       parameters: the number of parameters; ``flops``: training FLOPs per token by part
         (:func:`~jaxbased.training.flops.flops_per_token`); ``peak``: FLOP/s for utilisation.
       writer: the metrics writer (None on processes that do not write).
+      distillation: the EchoAtt distillation of the run (None when ``distill`` is off).
     """
 
     workdir: pathlib.Path
@@ -90,6 +105,7 @@ class RunSetup:
     flops: dict[str, float]
     peak: float
     writer: MetricsWriter | None
+    distillation: Distillation | None = None
 
     def close(self) -> None:
         """Finish the checkpoint saves and close the checkpointer and the writer."""
@@ -258,6 +274,14 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) ->
     if train_config.num_steps < 1:
         raise ValueError(f"train.num_steps={train_config.num_steps} must be >= 1")
     _check_data_settings(data_config)
+    distill = distill_settings(config)
+    teacher = None
+    if distill is not None:
+        teacher = load_teacher(distill, model_config)
+        if distill.shared_layers is not None:
+            model_config = student_config(distill, model_config, teacher)
+        else:
+            share_count(distill, teacher)  # the layers themselves need the validation data
 
     dataset = _open_data(config, workdir, model_config)
     _check_vocab(dataset, model_config)
@@ -275,6 +299,10 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) ->
         batch_size=data_config.batch_size,
         max_batches=train_config.eval_batches,
     )
+    if teacher is not None:
+        check_teacher_tokenizer(teacher, dataset)
+        if distill.shared_layers is None:
+            model_config = student_config(distill, model_config, teacher, validation)
 
     model = LanguageModel(model_config)
     schedule, optimizer = optimizer_from_config(train_config)
@@ -331,6 +359,19 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) ->
         iterator.set_state(data_state)
         logging.info("resumed from the checkpoint of step %d in %s", latest, workdir)
         _say_when_complete(latest, train_config.num_steps)
+    elif teacher is not None:
+        params_shardings = state_shardings.params
+        init_from = jax.jit(
+            lambda params: TrainState(
+                step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params)
+            ),
+            out_shardings=state_shardings,
+        )
+        state = init_from(initial_student_params(teacher, model_config, params_shardings))
+        initial_eval = evaluate(eval_step, state.params, validation, data_sharding)
+        logging.info(
+            "initial evaluation (the student from the teacher): %s", format_eval(initial_eval)
+        )
     else:
         state = init_state()
         initial_eval = evaluate(eval_step, state.params, validation, data_sharding)
@@ -355,6 +396,12 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) ->
         "data_path": str(dataset.path),
         "seq_len": data_config.seq_len,
     }
+    if distill is not None:
+        metadata["distill"] = {
+            "teacher_workdir": str(distill.teacher_workdir),
+            "steps": distill.steps,
+            "attention_sharing": [list(pair) for pair in model_config.attention_sharing],
+        }
     writer = MetricsWriter(workdir, tensorboard=train_config.tensorboard) if is_writer else None
     train_step = make_train_step(
         model,
@@ -364,6 +411,21 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) ->
         state_shardings=state_shardings,
         batch_sharding=data_sharding,
     )
+    distillation = None
+    if distill is not None:
+        distillation = make_distillation(
+            distill,
+            teacher,
+            model,
+            optimizer,
+            schedule,
+            grad_accum_steps=train_config.grad_accum_steps,
+            state_shardings=state_shardings,
+            batch_sharding=data_sharding,
+            mesh=mesh,
+            start_step=int(state.step),
+            num_steps=train_config.num_steps,
+        )
     logging.info(
         "mesh %s over %d devices in %d processes",
         dict(mesh.shape),
@@ -390,4 +452,5 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) ->
         flops=flops,
         peak=peak,
         writer=writer,
+        distillation=distillation,
     )

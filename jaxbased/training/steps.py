@@ -7,6 +7,8 @@ What a step trains on is chosen by its per-token loss function (:data:`LossFunct
   the mean next-token cross-entropy over the padded vocabulary, as the reference computes it.
 - :func:`answer_losses` (recall tasks such as MQAR): batches are ``(tokens [B, T], positions
   [B, P], targets [B, P])`` int32 and only the chosen positions count (the head runs there only).
+- EchoAtt distillation (:mod:`jaxbased.training.distill_run`): a loss that also takes the frozen
+  teacher's parameters, passed to the step as an extra argument (``extra_shardings``).
 
 With ``grad_accum_steps = n`` a batch (every array of it) is split into ``n`` micro-batches whose
 gradients are summed in a ``lax.scan`` before one optimizer update (same result as one big
@@ -37,13 +39,14 @@ from jaxbased.model import LanguageModel, mixer_metrics
 from jaxbased.sharding import global_batch
 from jaxbased.training.state import TrainState
 
-#: ``losses(model, params, batch) -> (losses, correct, mixer_metrics)``: per-token float32
-#: cross-entropy and correctness (1.0 where the argmax is the target), both of the same shape,
-#: and the scalars the mixers reported (:func:`jaxbased.model.mixer_metrics`; often empty).
+#: ``losses(model, params, batch, *extra) -> (losses, correct, reported)``: per-token float32
+#: loss and correctness (1.0 where the argmax is the target), both of the same shape, and the
+#: scalars to report (the mixers', :func:`jaxbased.model.mixer_metrics`; often empty). ``extra``
+#: are the step's extra arguments (none for language modelling), which carry no gradient.
 LossFunction = Callable[[LanguageModel, Any, Any], tuple[Array, Array, dict[str, Array]]]
 
 
-def _apply_with_metrics(model: LanguageModel, params: Any, *args: Any, **kwargs: Any):
+def apply_with_metrics(model: LanguageModel, params: Any, *args: Any, **kwargs: Any):
     """``model.apply`` that also returns the mixers' reported metrics, per layer."""
     out, variables = model.apply({"params": params}, *args, mutable=[METRICS_COLLECTION], **kwargs)
     return out, mixer_metrics(model.config, variables.get(METRICS_COLLECTION))
@@ -55,7 +58,7 @@ def token_losses(
     """Per-token cross-entropy and correctness (float32) of ``batch`` windows, and the mixers'
     metrics."""
     inputs, targets = batch[:, :-1], batch[:, 1:]
-    logits, metrics = _apply_with_metrics(model, params, inputs)
+    logits, metrics = apply_with_metrics(model, params, inputs)
     logits = logits.astype(jnp.float32)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
     correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
@@ -74,7 +77,7 @@ def answer_losses(
     ``targets[b, j]``.
     """
     tokens, positions, targets = batch
-    logits, metrics = _apply_with_metrics(model, params, tokens, positions, method="logits_at")
+    logits, metrics = apply_with_metrics(model, params, tokens, positions, method="logits_at")
     logits = logits.astype(jnp.float32)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
     correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
@@ -95,8 +98,9 @@ def make_train_step(
     state_shardings: Any = None,
     batch_sharding: Any = None,
     losses: LossFunction = token_losses,
-) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, Array]]]:
-    """``step(state, batch) -> (state, metrics)``, jit-compiled with the state donated.
+    extra_shardings: tuple[Any, ...] = (),
+) -> Callable[..., tuple[TrainState, dict[str, Array]]]:
+    """``step(state, batch, *extra) -> (state, metrics)``, jit-compiled with the state donated.
 
     ``losses`` says what the batch is and which tokens count (:data:`LossFunction`); ``metrics``
     are the mean ``loss`` and ``accuracy`` over those tokens, the ``grad_norm`` and the
@@ -106,18 +110,22 @@ def make_train_step(
 
     With ``state_shardings`` (a pytree of ``NamedSharding`` like the state) and
     ``batch_sharding``, the step is compiled for that mesh: the state keeps its shardings
-    from step to step and metrics come back replicated.
+    from step to step and metrics come back replicated. ``extra_shardings`` (one per extra
+    argument, e.g. a teacher's parameter shardings) says how ``extra`` arrives; without extra
+    arguments the step is ``step(state, batch)``.
     """
     if grad_accum_steps < 1:
         raise ValueError(f"grad_accum_steps={grad_accum_steps} must be >= 1")
 
-    def loss_fn(params: Any, batch: Any) -> tuple[Array, tuple[Array, dict[str, Array]]]:
-        token_loss, correct, reported = losses(model, params, batch)
+    def loss_fn(
+        params: Any, batch: Any, *extra: Any
+    ) -> tuple[Array, tuple[Array, dict[str, Array]]]:
+        token_loss, correct, reported = losses(model, params, batch, *extra)
         return token_loss.mean(), (correct.mean(), reported)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, Array]]:
+    def step(state: TrainState, batch: Any, *extra: Any) -> tuple[TrainState, dict[str, Array]]:
         rows = jax.tree.leaves(batch)[0].shape[0]
         if rows % grad_accum_steps:
             raise ValueError(
@@ -127,7 +135,7 @@ def make_train_step(
 
         def accumulate(carry, micro_batch):
             grads_sum, loss_sum, accuracy_sum = carry
-            (loss, (accuracy, reported)), grads = grad_fn(state.params, micro_batch)
+            (loss, (accuracy, reported)), grads = grad_fn(state.params, micro_batch, *extra)
             grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
             return (grads_sum, loss_sum + loss, accuracy_sum + accuracy), reported
 
@@ -156,7 +164,7 @@ def make_train_step(
         return jax.jit(step, donate_argnums=(0,))
     return jax.jit(
         step,
-        in_shardings=(state_shardings, batch_sharding),
+        in_shardings=(state_shardings, batch_sharding, *extra_shardings),
         out_shardings=(state_shardings, None),
         donate_argnums=(0,),
     )
@@ -182,10 +190,11 @@ def no_non_finite_step() -> dict[str, np.ndarray]:
 
 
 def stop_updates_after_non_finite(
-    train_step: Callable[[TrainState, Any], tuple[TrainState, dict[str, Array]]],
-) -> Callable[[TrainState, Any, NonFiniteRecord], tuple[TrainState, dict[str, Array], Any]]:
-    """``step(state, batch, record) -> (state, metrics, record)``: ``train_step`` (a step of
-    :func:`make_train_step`) that applies no update at all once a step was non-finite.
+    train_step: Callable[..., tuple[TrainState, dict[str, Array]]],
+) -> Callable[..., tuple[TrainState, dict[str, Array], Any]]:
+    """``step(state, batch, record, *extra) -> (state, metrics, record)``: ``train_step`` (a step
+    of :func:`make_train_step`, called as ``train_step(state, batch, *extra)``) that applies no
+    update at all once a step was non-finite.
 
     ``record`` is a :data:`NonFiniteRecord`. While its ``step`` is 0, the step runs as
     ``train_step`` does; the first step whose update is skipped (``update_skipped``) sets
@@ -197,9 +206,9 @@ def stop_updates_after_non_finite(
     """
 
     def step(
-        state: TrainState, batch: Any, record: NonFiniteRecord
+        state: TrainState, batch: Any, record: NonFiniteRecord, *extra: Any
     ) -> tuple[TrainState, dict[str, Array], NonFiniteRecord]:
-        updated, metrics = train_step(state, batch)
+        updated, metrics = train_step(state, batch, *extra)
         healthy = record["step"] == 0
         first_bad = healthy & (metrics["update_skipped"] > 0)
         this_step = {
