@@ -8,12 +8,14 @@ tokens. The argument after the colon picks the model:
     train.py --config=configs/demo_mixers.py:transnormer  --workdir=workdirs/demo_transnormer
     train.py --config=configs/demo_mixers.py:seqboat      --workdir=workdirs/demo_seqboat
     train.py --config=configs/demo_mixers.py:mamba        --workdir=workdirs/demo_mamba
+    train.py --config=configs/demo_mixers.py:mamba2       --workdir=workdirs/demo_mamba2
 
 Parameters (d_model 128, byte vocabulary of 257): BASED 1.05M (the demo's model), Transformer++
 and CCA 1.02M (6 layers; CCA: groups of 16, local window 64), TransNormerLLM 1.12M (6 layers,
 SGLU 256), SeqBoat 0.96M (7 layers without MLP, z 64, h 256, window 65; it logs its activation
-rate per layer), Mamba 0.95M (8 layers without MLP, state 16: the model that
-``benchmarks/quamba_ablation.py`` quantizes).
+rate per layer), Mamba 0.97M (8 layers without MLP, state 16) and Mamba-2 0.91M (8 layers
+without MLP, state 32, 8 heads of 32): the models that ``benchmarks/quamba_ablation.py``
+quantizes.
 """
 
 import ml_collections
@@ -52,6 +54,12 @@ MODELS = {
         seqboat={"attention_dim": 64, "value_dim": 256, "window": 65},
     ),
     "mamba": dict(num_layers=8, layer_pattern=("mamba",) * 8, use_mlp=False),
+    "mamba2": dict(
+        num_layers=8,
+        layer_pattern=("mamba2",) * 8,
+        use_mlp=False,
+        mamba2={"state_dim": 32, "head_dim": 32, "chunk_size": 64},
+    ),
 }
 
 

@@ -3,6 +3,7 @@ and fake-quant agree to float rounding, both agree with a float64 NumPy model of
 arithmetic, calibration's scales are the observed ones, decoding continues the prefill, and a
 model of another family is refused."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +14,7 @@ from jaxbased.generation import decode_cache_bytes, generate
 from jaxbased.quantization.calibration import QuantizationSettings, calibrate, quantize_model
 from jaxbased.quantization.hadamard import hadamard_matrix
 from jaxbased.quantization.mamba import (
+    SCHEMES,
     QuantizedLanguageModel,
     check_quantizable,
     fold_hadamard,
@@ -76,12 +78,45 @@ def test_int8_and_fake_quant_agree_to_float_rounding(setup, int8_model):
         np.testing.assert_allclose(real_layer.ssm_state, fake_layer.ssm_state, rtol=1e-5, atol=1e-6)
 
 
-def quantized_numpy_forward(params, tokens, config, hadamard=True):
-    """Float64 NumPy logits of the quantized model (the steps of docs/quantization.md), from the
-    int8 codes and scales of ``params``."""
+def observed_codes(model, params, tokens):
+    """``[(layer, point, int8 codes)]`` of every activation point, in the order they occur
+    (caught at the quantized layers' rounding step)."""
+    found = []
 
-    def q(values, scale):
-        return np.clip(np.round(values / scale), -127, 127) * scale
+    def catch(next_fun, args, kwargs, context):
+        result = next_fun(*args, **kwargs)
+        if context.method_name == "_observe":
+            found.append((context.module.path[0], args[0], np.asarray(result[0])))
+        return result
+
+    with nn.intercept_methods(catch):
+        model.apply({"params": params}, jnp.asarray(tokens))
+    return found
+
+
+def test_int8_and_fake_round_every_activation_alike_to_one_unit(setup, int8_model):
+    _, _, _, tokens = setup
+    model, params, _ = int8_model
+    fake = QuantizedLanguageModel(CONFIG, arithmetic="fake", hadamard=True)
+    real, faked = observed_codes(model, params, tokens), observed_codes(fake, params, tokens)
+    assert len(real) == CONFIG.num_layers * len(SCHEMES["mamba"].activation_points)
+    differing = 0
+    for (layer, point, real_codes), (fake_layer, fake_point, fake_codes) in zip(
+        real, faked, strict=True
+    ):
+        assert (layer, point) == (fake_layer, fake_point)
+        assert real_codes.dtype == fake_codes.dtype == np.int8
+        steps = np.abs(real_codes.astype(np.int32) - fake_codes.astype(np.int32))
+        assert steps.max() <= 1, (layer, point)  # at most one rounding unit apart
+        differing += int(np.count_nonzero(steps))
+    total = sum(codes.size for _, _, codes in real)
+    assert differing <= 1e-3 * total  # a flip needs a value within float rounding of a half-step
+
+
+def quantized_numpy_forward(params, tokens, config, hadamard=True, rounded=None):
+    """Float64 NumPy logits of the quantized model (the steps of docs/quantization.md), from the
+    int8 codes and scales of ``params``; only the activation points in ``rounded`` (None: all)
+    are rounded."""
 
     def w(mixer, name):
         return np.asarray(mixer[name], np.float64) * float(mixer[f"{name}_scale"])
@@ -93,18 +128,24 @@ def quantized_numpy_forward(params, tokens, config, hadamard=True):
     for i in range(config.num_layers):
         layer = params[f"layers_{i}"]
         m = layer["mixer"]
-        s = {k[: -len("_scale")]: float(v) for k, v in m.items() if k.endswith("_scale")}
-        h = q(ref._norm(x, layer["norm1"], config), s["in_proj_input"])
-        xz = q(h @ w(m, "in_proj_kernel").reshape(d, 2 * inner), s["in_proj_output"])
+
+        def q(values, point, mixer=m):
+            if rounded is not None and point not in rounded:
+                return values
+            scale = float(mixer[f"{point}_scale"])
+            return np.clip(np.round(values / scale), -127, 127) * scale
+
+        h = q(ref._norm(x, layer["norm1"], config), "in_proj_input")
+        xz = q(h @ w(m, "in_proj_kernel").reshape(d, 2 * inner), "in_proj_output")
         conv_in, gate = xz[..., :inner], xz[..., inner:]
         u = ref.silu(
             depthwise_causal_conv(
                 conv_in, w(m, "conv_weight"), np.asarray(m["conv_bias"], np.float64)
             )
         )
-        u = q(u, s["ssm_input"])
-        sel = q(u @ w(m, "x_proj_kernel"), s["x_proj_output"])
-        dt = q(sel[..., :rank] @ w(m, "dt_proj_kernel"), s["dt_proj_output"])
+        u = q(u, "ssm_input")
+        sel = q(u @ w(m, "x_proj_kernel"), "x_proj_output")
+        dt = q(sel[..., :rank] @ w(m, "dt_proj_kernel"), "dt_proj_output")
         delta = softplus(dt + np.asarray(m["dt_bias"], np.float64))
         b, c = sel[..., rank : rank + state], sel[..., rank + state :]
         a = -np.exp(np.asarray(m["A_log"], np.float64))
@@ -119,7 +160,7 @@ def quantized_numpy_forward(params, tokens, config, hadamard=True):
         y = (y + np.asarray(m["D"], np.float64) * u) * ref.silu(gate)
         if hadamard:
             y = y @ hadamard_matrix(inner).astype(np.float64) / np.sqrt(inner)
-        x = x + q(y, s["out_proj_input"]) @ w(m, "out_proj_kernel")
+        x = x + q(y, "out_proj_input") @ w(m, "out_proj_kernel")
     return ref._norm(x, params["final_norm"], config) @ embedding.T
 
 
@@ -129,6 +170,47 @@ def test_int8_model_matches_a_float64_numpy_model_of_the_quantized_arithmetic(se
     expected = quantized_numpy_forward(params, tokens, CONFIG)
     # float32 vs float64 may round an activation that sits on a half-step the other way
     assert relative_error(logits(model, params, tokens), expected) < 1e-3
+
+
+@pytest.mark.parametrize(
+    "rounded", [(), ("in_proj_output",), ("ssm_input", "out_proj_input")], ids=str
+)
+def test_rounding_only_some_activation_points_matches_numpy(setup, int8_model, rounded):
+    _, _, _, tokens = setup
+    _, params, _ = int8_model
+    model = QuantizedLanguageModel(CONFIG, arithmetic="int8", rounded_points=rounded)
+    got = logits(model, params, tokens)
+    expected = quantized_numpy_forward(params, tokens, CONFIG, rounded=rounded)
+    assert relative_error(got, expected) < (1e-5 if not rounded else 1e-3)
+    everything = quantized_numpy_forward(params, tokens, CONFIG)
+    assert relative_error(got, everything) > 10 * relative_error(got, expected)
+
+
+def test_rounding_every_point_is_the_default_and_decoding_follows_the_points(setup, int8_model):
+    from jaxbased.quantization.mamba import ACTIVATION_POINTS
+
+    _, _, _, tokens = setup
+    default, params, _ = int8_model
+    named = QuantizedLanguageModel(CONFIG, rounded_points=ACTIVATION_POINTS)
+    np.testing.assert_array_equal(logits(named, params, tokens), logits(default, params, tokens))
+    partial = QuantizedLanguageModel(CONFIG, rounded_points=("ssm_input",))
+    variables, full = {"params": params}, logits(partial, params, tokens)
+    step_logits, cache = partial.apply(variables, jnp.asarray(tokens[:, :8]), 12, method="prefill")
+    empty = partial.init_cache(2, 12)
+    for layer, fresh in zip(cache.layers, empty.layers, strict=True):
+        assert layer.conv_state.dtype == fresh.conv_state.dtype == jnp.float32
+    np.testing.assert_allclose(step_logits, full[:, :8], rtol=1e-4, atol=1e-4)
+    for t in range(8, 12):
+        step, cache = partial.apply(
+            variables, jnp.asarray(tokens[:, t]), cache, method="decode_step"
+        )
+        np.testing.assert_allclose(step, full[:, t], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match=r"rounded_points=\('ssm_bc',\).*unknown: \['ssm_bc'\]"):
+        logits(QuantizedLanguageModel(CONFIG, rounded_points=("ssm_bc",)), params, tokens)
+    with pytest.raises(ValueError, match="needs arithmetic 'int8' or 'fake'"):
+        QuantizedLanguageModel(CONFIG, arithmetic="float", rounded_points=()).init(
+            jax.random.key(0), jnp.zeros((1, 2), jnp.int32)
+        )
 
 
 def test_int8_model_is_close_to_float_and_stores_int8_weights(setup, int8_model):
@@ -261,6 +343,37 @@ def test_mamba2_int8_and_fake_agree_and_decode_continues_the_prefill(mixed):
         np.testing.assert_allclose(step, full[:, t], rtol=1e-4, atol=1e-4)
 
 
+def dequantized(config, params):
+    """The ``float`` arithmetic's parameters holding the int8 model's weights (codes x scale)."""
+    result = {}
+    for key, value in params.items():
+        if not key.startswith("layers_"):
+            result[key] = value
+            continue
+        scheme = SCHEMES[config.layer_pattern[int(key.split("_")[1])]]
+        mixer = {
+            name: np.asarray(value["mixer"][name], np.float32)
+            * np.float32(value["mixer"][f"{name}_scale"])
+            if name in scheme.quantized_weights
+            else value["mixer"][name]
+            for name in (*scheme.quantized_weights, *scheme.float_parameters)
+        }
+        result[key] = {**value, "mixer": mixer}
+    return result
+
+
+def test_mamba2_unrounded_activations_are_the_float_model_of_the_int8_weights(mixed):
+    _, _, (_, params, _), tokens = mixed
+    none = QuantizedLanguageModel(MIXED, rounded_points=())
+    float_model = QuantizedLanguageModel(MIXED, arithmetic="float")
+    expected = logits(float_model, dequantized(MIXED, params), tokens)
+    unrounded_error = relative_error(logits(none, params, tokens), expected)
+    assert unrounded_error < 1e-6
+    for point in ("x_proj_output", "ssm_bc"):  # a point of the Mamba-1, of the Mamba-2 layer
+        one = logits(QuantizedLanguageModel(MIXED, rounded_points=(point,)), params, tokens)
+        assert relative_error(one, expected) > 5 * max(unrounded_error, 1e-7)
+
+
 def test_the_serving_engine_runs_the_int8_model_as_generate_does(setup, int8_model):
     from jaxbased.serving import Engine, EngineConfig, SamplingParams
 
@@ -277,3 +390,18 @@ def test_the_serving_engine_runs_the_int8_model_as_generate_does(setup, int8_mod
         engine.stop(timeout=10)
     expected = generate(model, params, [prompt], max_new_tokens=4, temperature=0.0)
     assert served.token_ids[0] == list(expected.tokens[0])
+
+
+def test_a_scanned_model_is_folded_into_the_unrolled_layout(setup):
+    from jaxbased.layer_layout import convert_layout
+
+    _, params, _, _ = setup
+    scanned = CONFIG.replace(scan_layers=True)
+    stacked = convert_layout(params, scanned)
+    assert "layers_0" not in stacked  # really the stacked layout
+    folded, expected = fold_hadamard(scanned, stacked), fold_hadamard(CONFIG, params)
+    assert sorted(folded) == sorted(expected)
+    for got, want in zip(jax.tree.leaves(folded), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match="unrolled"):
+        QuantizedLanguageModel(scanned).init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32))

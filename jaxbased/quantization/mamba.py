@@ -25,6 +25,11 @@ float32, and so does the scan's state. The decode cache keeps the conv inputs as
 float32: the check of ``int8``), or ``float`` (no quantization: float32 weights, activations
 unrounded; with ``hadamard`` it is the float model with the rotation folded, and its forward
 records the activations calibration observes, in the ``calibration`` collection).
+
+``rounded_points`` (int8 and fake only) names the activation points that are rounded; the
+others pass through unrounded and the matmul or conv after them runs in float32 with the
+dequantized int8 weight. ``None`` (the default) rounds every point; a subset measures what
+rounding each point costs (``benchmarks/quamba_ablation.py``'s sensitivity rows).
 """
 
 from __future__ import annotations
@@ -148,6 +153,27 @@ def _check_arithmetic(arithmetic: str) -> None:
         raise ValueError(f"arithmetic={arithmetic!r} is not known; allowed: {ARITHMETICS}")
 
 
+def check_rounded_points(
+    config: ModelConfig, arithmetic: str, rounded_points: tuple[str, ...] | None
+) -> None:
+    """``ValueError`` unless ``rounded_points`` is None or a tuple of activation points of
+    ``config``'s mixers, under the ``int8`` or ``fake`` arithmetic."""
+    if rounded_points is None:
+        return
+    if arithmetic == "float":
+        raise ValueError(
+            f"rounded_points={rounded_points!r} needs arithmetic 'int8' or 'fake' (the 'float' "
+            "arithmetic rounds nothing)"
+        )
+    allowed = sorted({p for name in config.layer_pattern for p in SCHEMES[name].activation_points})
+    unknown = sorted(set(rounded_points) - set(allowed))
+    if not isinstance(rounded_points, tuple) or unknown:
+        raise ValueError(
+            f"rounded_points={rounded_points!r} must be a tuple of this model's activation "
+            f"points {allowed}; unknown: {unknown}"
+        )
+
+
 class _QuantizedStateSpace(nn.Module):
     """What the quantized Mamba and Mamba-2 layers share: their parameters (int8 weights with
     scales, float32 rest, one scale per activation point; float32 weights and no scales under
@@ -159,6 +185,10 @@ class _QuantizedStateSpace(nn.Module):
     @property
     def quantized(self) -> bool:
         return self.arithmetic != "float"
+
+    def rounds(self, point: str) -> bool:
+        """Whether activation ``point`` is rounded to int8 (never under ``float``)."""
+        return self.quantized and (self.rounded_points is None or point in self.rounded_points)
 
     @property
     def scheme(self) -> LayerScheme:
@@ -195,15 +225,20 @@ class _QuantizedStateSpace(nn.Module):
         if not self.quantized:
             self.sow(CALIBRATION_COLLECTION, point, values)
             return None, values
+        if not self.rounds(point):
+            return None, values
         scale = self.scales[f"{point}_scale"]
         codes = quantize(values, scale)
         return codes, dequantize(codes, scale)
 
     def _linear(self, point: str, codes: Array | None, values: Array, weight: str) -> Array:
-        """``values · W`` (contracting the last axis of ``values`` with the first of ``W``)."""
+        """``values · W`` (contracting the last axis of ``values`` with the first of ``W``);
+        float32 with the dequantized ``W`` when the input was not rounded (``codes`` None)."""
         kernel = self.weights[weight]
         kernel = kernel.reshape(kernel.shape[0], -1)
-        if not self.quantized:
+        if self.quantized and codes is None:
+            kernel = dequantize(kernel, self.scales[f"{weight}_scale"])
+        if codes is None:
             out = jnp.matmul(values, kernel, precision=jax.lax.Precision.HIGHEST)
         else:
             out = quantized_matmul(
@@ -223,11 +258,13 @@ class _QuantizedStateSpace(nn.Module):
         lengths: Array | None,
     ) -> tuple[Array, Array]:
         """Causal depthwise conv of the conv inputs ``[B, T, E]`` after ``conv_state``
-        (``[B, K - 1, E]``: int8 codes, or float32 under ``float``; None: zeros); returns the
-        float32 output and the new state."""
+        (``[B, K - 1, E]``: int8 codes, or float32 when the inputs are not rounded; None:
+        zeros); returns the float32 output and the new state."""
         weight = self.weights["conv_weight"]
         taps = weight.shape[0]
-        if not self.quantized:
+        if codes is None:  # float inputs (float arithmetic, or the conv input not rounded)
+            if self.quantized:
+                weight = dequantize(weight, self.scales["conv_weight_scale"])
             out, state = short_conv(
                 values, weight, initial_state=conv_state, return_state=True, lengths=lengths
             )
@@ -270,6 +307,7 @@ class QuantizedMamba(_QuantizedStateSpace):
     context: MixerContext
     arithmetic: str = "int8"
     hadamard: bool = True
+    rounded_points: tuple[str, ...] | None = None
     mixer_name = "mamba"
 
     def _parameter_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -365,12 +403,12 @@ class QuantizedMamba(_QuantizedStateSpace):
         return out[:, 0], cache
 
     def init_cache(self, batch_size: int, max_len: int) -> MambaCache:
-        """Zeros: conv inputs ``[B, K - 1, E]`` (int8 codes; float32 under ``float``) and the
+        """Zeros: conv inputs ``[B, K - 1, E]`` (int8 codes; float32 when not rounded) and the
         float32 state ``[B, E, N]``. Works on an unbound module."""
         del max_len
         config = self.config
         inner = config.inner_dim(self.context.d_model)
-        conv_dtype = jnp.int8 if self.quantized else jnp.float32
+        conv_dtype = jnp.int8 if self.rounds("in_proj_output") else jnp.float32
         return MambaCache(
             jnp.zeros((batch_size, config.conv_kernel_size - 1, inner), conv_dtype),
             jnp.zeros((batch_size, inner, config.state_dim), jnp.float32),
@@ -400,6 +438,7 @@ class QuantizedMamba2(_QuantizedStateSpace):
     context: MixerContext
     arithmetic: str = "int8"
     hadamard: bool = True
+    rounded_points: tuple[str, ...] | None = None
     mixer_name = "mamba2"
 
     def _parameter_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -495,11 +534,11 @@ class QuantizedMamba2(_QuantizedStateSpace):
         return out[:, 0], cache
 
     def init_cache(self, batch_size: int, max_len: int) -> Mamba2Cache:
-        """Zeros: conv inputs ``[B, K - 1, C]`` (int8 codes; float32 under ``float``) and the
+        """Zeros: conv inputs ``[B, K - 1, C]`` (int8 codes; float32 when not rounded) and the
         float32 state ``[B, H, P, N]``. Works on an unbound module."""
         del max_len
         config, d_model = self.config, self.context.d_model
-        conv_dtype = jnp.int8 if self.quantized else jnp.float32
+        conv_dtype = jnp.int8 if self.rounds("in_proj_output") else jnp.float32
         return Mamba2Cache(
             jnp.zeros(
                 (batch_size, config.conv_kernel_size - 1, config.conv_channels(d_model)),
@@ -522,11 +561,22 @@ QUANTIZED_MIXERS: dict[str, type[_QuantizedStateSpace]] = {
 def quantized_mixer(
     config: ModelConfig, index: int, arithmetic: str, hadamard: bool, **kwargs: Any
 ) -> _QuantizedStateSpace:
-    """The quantized module of layer ``index`` of ``config`` (``kwargs``: e.g. ``parent``)."""
+    """The quantized module of layer ``index`` of ``config`` (``kwargs``: e.g. ``parent``,
+    ``rounded_points``)."""
     name = config.layer_pattern[index]
     return QUANTIZED_MIXERS[name](
         getattr(config, name), config.layer_context(index), arithmetic, hadamard, **kwargs
     )
+
+
+def mixer_rounded_points(
+    config: ModelConfig, index: int, rounded_points: tuple[str, ...] | None
+) -> tuple[str, ...] | None:
+    """The points of ``rounded_points`` that layer ``index``'s mixer has (None stays None)."""
+    if rounded_points is None:
+        return None
+    points = SCHEMES[config.layer_pattern[index]].activation_points
+    return tuple(point for point in rounded_points if point in points)
 
 
 class QuantizedBlock(Block):
@@ -535,11 +585,18 @@ class QuantizedBlock(Block):
 
     arithmetic: str = "int8"
     hadamard: bool = True
+    rounded_points: tuple[str, ...] | None = None
 
     def setup(self) -> None:
         config = self.config
         self.norm1 = make_norm(config.norm, config.d_model, config.norm_eps, config.compute_dtype)
-        self.mixer = quantized_mixer(config, self.layer_index, self.arithmetic, self.hadamard)
+        self.mixer = quantized_mixer(
+            config,
+            self.layer_index,
+            self.arithmetic,
+            self.hadamard,
+            rounded_points=mixer_rounded_points(config, self.layer_index, self.rounded_points),
+        )
         if config.use_mlp:
             self.norm2 = make_norm(
                 config.norm, config.d_model, config.norm_eps, config.compute_dtype
@@ -552,17 +609,21 @@ class QuantizedLanguageModel(LanguageModel):
     the same methods (``__call__``, ``prefill``, ``decode_step``, ``init_cache``), so that
     :func:`jaxbased.generation.generate` runs it as it is.
 
-    Raises ``ValueError`` at setup for a model that :func:`check_quantizable` refuses or that
-    scans its layers (quantized parameters are stored unrolled).
+    ``rounded_points``: the activation points rounded to int8 (None: all; the module doc).
+    Raises ``ValueError`` at setup for a model that :func:`check_quantizable` refuses, that
+    scans its layers (quantized parameters are stored unrolled), or for ``rounded_points``
+    that :func:`check_rounded_points` refuses.
     """
 
     arithmetic: str = "int8"
     hadamard: bool = True
+    rounded_points: tuple[str, ...] | None = None
 
     def setup(self) -> None:
         config = self.config
         check_quantizable(config, self.hadamard)
         _check_arithmetic(self.arithmetic)
+        check_rounded_points(config, self.arithmetic, self.rounded_points)
         if config.scan_layers:
             raise ValueError("a quantized model runs its layers unrolled: scan_layers=False")
         self.embedding = self.param(
@@ -573,7 +634,12 @@ class QuantizedLanguageModel(LanguageModel):
         )
         self.layers = {
             str(index): QuantizedBlock(
-                config, name, index, arithmetic=self.arithmetic, hadamard=self.hadamard
+                config,
+                name,
+                index,
+                arithmetic=self.arithmetic,
+                hadamard=self.hadamard,
+                rounded_points=self.rounded_points,
             )
             for index, name in enumerate(config.layer_pattern)
         }
@@ -586,9 +652,14 @@ class QuantizedLanguageModel(LanguageModel):
             raise ValueError(f"batch_size={batch_size} must be >= 1")
         config = self.config
         layers = tuple(
-            quantized_mixer(config, index, self.arithmetic, self.hadamard, parent=None).init_cache(
-                batch_size, max_len
-            )
+            quantized_mixer(
+                config,
+                index,
+                self.arithmetic,
+                self.hadamard,
+                parent=None,
+                rounded_points=mixer_rounded_points(config, index, self.rounded_points),
+            ).init_cache(batch_size, max_len)
             for index in range(config.num_layers)
         )
         return ModelCache(layers=layers, positions=jnp.zeros((batch_size,), jnp.int32))
