@@ -58,6 +58,34 @@ def init_model(config: ModelConfig, seed: int = 0, seq: int = 4):
     return model, nn.meta.unbox(variables["params"])
 
 
+def sgd_losses(model, params, tokens, learning_rate: float, steps: int) -> list[float]:
+    """Next-token cross-entropy of ``steps`` jitted SGD steps of ``model`` on ``tokens``
+    ``[B, T + 1]`` (int32), the loss before each update: two implementations of a model train
+    alike when these match."""
+    import optax
+
+    def loss_fn(params):
+        logits = model.apply({"params": params}, tokens[:, :-1])
+        return optax.softmax_cross_entropy_with_integer_labels(
+            logits.astype(jnp.float32), tokens[:, 1:]
+        ).mean()
+
+    optimizer = optax.sgd(learning_rate)
+    opt_state = optimizer.init(params)
+
+    @jax.jit
+    def step(params, opt_state):
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    losses = []
+    for _ in range(steps):
+        params, opt_state, loss = step(params, opt_state)
+        losses.append(float(loss))
+    return losses
+
+
 #: The kernel family this machine runs compiled: ``tpu`` on a TPU, ``gpu`` on a CUDA/ROCm GPU,
 #: none on CPU.
 NATIVE_KERNEL_BACKEND = {"tpu": "tpu", "gpu": "gpu", "cuda": "gpu", "rocm": "gpu"}.get(

@@ -12,7 +12,6 @@ wheel); none of this replaces a run on the hardware (``benchmarks/gpu_check.sh``
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
@@ -26,7 +25,7 @@ from pallas_kernels.linear_attention._symmetric import (
     symmetric_from_full,
 )
 from tests import reference_numpy as ref
-from tests.conftest import init_model, kernel_interpret, relative_error
+from tests.conftest import init_model, kernel_interpret, relative_error, sgd_losses
 
 BACKENDS = ("tpu", "gpu")
 CHUNK = 16  # legal on both backends (TPU: multiple of 8; Triton: power of two >= 16)
@@ -331,27 +330,7 @@ def test_based_model_trains_the_same_with_the_kernels(rng):
     def train(implementation: str, steps: int = 2) -> list[float]:
         config = ModelConfig.from_preset("based_tiny", implementation=implementation)
         model, params = init_model(config, seq=seq)
-
-        def loss_fn(params):
-            logits = model.apply({"params": params}, tokens[:, :-1])
-            return optax.softmax_cross_entropy_with_integer_labels(
-                logits.astype(jnp.float32), tokens[:, 1:]
-            ).mean()
-
-        optimizer = optax.sgd(0.5)
-        opt_state = optimizer.init(params)
-
-        @jax.jit
-        def step(params, opt_state):
-            loss, grads = jax.value_and_grad(loss_fn)(params)
-            updates, opt_state = optimizer.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state, loss
-
-        losses = []
-        for _ in range(steps):
-            params, opt_state, loss = step(params, opt_state)
-            losses.append(float(loss))
-        return losses
+        return sgd_losses(model, params, tokens, learning_rate=0.5, steps=steps)
 
     xla_losses, pallas_losses = train("xla"), train("pallas")
     assert xla_losses[-1] < xla_losses[0]  # it does train

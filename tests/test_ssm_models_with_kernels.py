@@ -6,14 +6,12 @@ of a one-layer model of each must give the losses of ``implementation="xla"`` wi
 (relative), and the XLA run must actually train.
 """
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from jaxbased import ModelConfig
-from tests.conftest import init_model
+from tests.conftest import init_model, sgd_losses
 
 SEQ = 24
 
@@ -23,27 +21,7 @@ def train(preset: str, mixer: str, implementation: str, tokens, steps: int = 5) 
         preset, num_layers=1, layer_pattern=(mixer,), implementation=implementation
     )
     model, params = init_model(config, seq=SEQ)
-
-    def loss_fn(params):
-        logits = model.apply({"params": params}, tokens[:, :-1])
-        return optax.softmax_cross_entropy_with_integer_labels(
-            logits.astype(jnp.float32), tokens[:, 1:]
-        ).mean()
-
-    optimizer = optax.sgd(1.0)
-    opt_state = optimizer.init(params)
-
-    @jax.jit
-    def step(params, opt_state):
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    losses = []
-    for _ in range(steps):
-        params, opt_state, loss = step(params, opt_state)
-        losses.append(float(loss))
-    return losses
+    return sgd_losses(model, params, tokens, learning_rate=1.0, steps=steps)
 
 
 @pytest.mark.parametrize(("preset", "mixer"), [("mamba_tiny", "mamba"), ("mamba2_tiny", "mamba2")])
