@@ -308,6 +308,15 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) ->
     piece = process_piece(
         data_sharding, data_config.batch_size, data_config.seq_len, sequence_slices
     )
+    logging.info(
+        "process %d reads rows %d..%d and time slices %d..%d of %d of every batch",
+        process_index,
+        piece.row_start,
+        piece.row_stop - 1,
+        piece.slice_start,
+        piece.slice_stop - 1,
+        sequence_slices,
+    )
     batches = training_batches(
         dataset,
         seq_len=data_config.seq_len,
