@@ -173,3 +173,10 @@ def test_two_processes_splitting_the_sequence_train_like_one_device(corpus, tmp_
     # device's, which three Adam steps carry into the parameters (as in test_sharding.py).
     for a, b in zip(jax.tree.leaves(two_params), jax.tree.leaves(one_params), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5)
+
+
+def test_batch_size_must_split_over_the_batch_axes_and_micro_batches(corpus, tmp_path):  # noqa: F811
+    config = tiny_config(corpus, num_steps=1, grad_accum_steps=3)
+    with pytest.raises(ValueError, match=r"data.batch_size=4 must be divisible by mesh.data \*"):
+        train(config, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()  # refused before anything is written
