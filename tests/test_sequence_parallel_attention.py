@@ -79,9 +79,11 @@ def test_train_steps_hold_only_the_designed_collectives(report):
             "layers_1": full,
             "outside": outside,
         }
-        # mamba2: the conv halo and the SSD state scan each way; its conv weight's gradient
-        # sum (the shard_map reads the weight whole).
-        mamba2 = {"collective-permute": 2 + 2 * exclusive_prefix_rounds(shards), "all-reduce": 1}
+        # mamba2, each way: the conv halo, the SSD scan's r(n) states and r(n) - 1 total log
+        # decays (the last round's is never read); its conv weight's gradient sum (the
+        # shard_map reads the weight whole).
+        rounds = exclusive_prefix_rounds(shards)
+        mamba2 = {"collective-permute": 2 * (1 + rounds + rounds - 1), "all-reduce": 1}
         assert report["hlo"]["hybrid"][name(mesh)] == {
             "layers_0": mamba2,
             "layers_1": full,
