@@ -9,7 +9,12 @@ when a training or evaluation run cannot split its sequences ``sequence`` ways:
   (:data:`SEQUENCE_SHARDED_MIXERS`), computed by the XLA algorithms
   (``implementation`` ``auto`` or ``xla``);
 - a slice must hold what its first token needs from the previous one: ``window - 1`` keys for
-  ``sliding_window``, ``kernel_size - 1`` inputs for ``base_conv``.
+  ``sliding_window``, ``kernel_size - 1`` inputs for ``base_conv``, ``local_window +
+  group_size - 2`` raw keys for ``cca_attention``;
+- ``cca_attention`` slices must be whole groups (``L % group_size == 0``): each pools its own;
+- EchoAtt (``attention_sharing``) is refused: a sharing layer reuses its anchor's whole
+  ``[B, H, T, T]`` probabilities. (Recycled Attention is a decode policy; training and
+  evaluation never reach it.)
 
 Slices need not be whole chunks of the chunked linear attention: each shard pads its own last
 chunk, as the unsharded op pads the sequence's tail (logged, since that padding is work).
@@ -22,10 +27,13 @@ from typing import Any
 from absl import logging
 
 from jaxbased.ops.sequence_parallel import SEQUENCE_IMPLEMENTATIONS
+from jaxbased.ops.sequence_parallel_attention import cca_halo_tokens
 
 #: Mixers whose forward and backward split the time axis, each passing only what crosses a
 #: slice boundary (``mlp`` acts on each token alone): the linear-attention family through the
-#: (decayed) state prefix, the windows and short convs through a halo.
+#: (decayed) state prefix, the windows and short convs through a halo, full attention through
+#: all-gathered keys and values, CCA-Attention through all-gathered core tokens and a halo
+#: (:mod:`jaxbased.ops.sequence_parallel_attention`).
 SEQUENCE_SHARDED_MIXERS: tuple[str, ...] = (
     "based",
     "sliding_window",
@@ -34,6 +42,8 @@ SEQUENCE_SHARDED_MIXERS: tuple[str, ...] = (
     "decay_attention",
     "transnormer",
     "mamba2",
+    "attention",
+    "cca_attention",
 )
 
 
@@ -44,7 +54,8 @@ def _divisors(number: int) -> list[int]:
 def halo_tokens(config: Any) -> dict[str, int]:
     """``{mixer: tokens a slice needs from the previous slice}`` for the used mixers that reach
     back a fixed number of tokens (``sliding_window``: ``window - 1``; ``base_conv``:
-    ``kernel_size - 1``; ``mamba2``: its short conv's ``conv_kernel_size - 1``)."""
+    ``kernel_size - 1``; ``mamba2``: its short conv's ``conv_kernel_size - 1``;
+    ``cca_attention``: ``local_window + group_size - 2`` raw keys)."""
     halos = {}
     if "sliding_window" in config.layer_pattern:
         halos["sliding_window"] = config.sliding_window.window - 1
@@ -52,6 +63,9 @@ def halo_tokens(config: Any) -> dict[str, int]:
         halos["base_conv"] = config.base_conv.kernel_size - 1
     if "mamba2" in config.layer_pattern:
         halos["mamba2"] = config.mamba2.conv_kernel_size - 1
+    if "cca_attention" in config.layer_pattern:
+        cca = config.cca_attention
+        halos["cca_attention"] = cca_halo_tokens(cca.group_size, cca.local_window)
     return halos
 
 
@@ -79,7 +93,22 @@ def check_sequence_sharding(config: Any, sequence: int, seq_len: int) -> None:
             f"mesh.sequence={sequence}: implementation={config.implementation!r} cannot split "
             f"the sequence yet; allowed with sequence > 1: {SEQUENCE_IMPLEMENTATIONS}"
         )
+    if config.attention_sharing:
+        raise ValueError(
+            f"mesh.sequence={sequence}: attention_sharing={config.attention_sharing} (EchoAtt) "
+            "reuses an anchor's [B, H, T, T] probabilities, which a time-split mesh does not "
+            "form; use attention_sharing=() or mesh.sequence=1"
+        )
     length = seq_len // sequence
+    if "cca_attention" in config.layer_pattern and length % config.cca_attention.group_size:
+        group_size = config.cca_attention.group_size
+        working = [size for size in _divisors(seq_len) if (seq_len // size) % group_size == 0]
+        raise ValueError(
+            f"mesh.sequence={sequence} splits data.seq_len={seq_len} into slices of {length} "
+            f"tokens, not whole groups of cca_attention.group_size={group_size} (each slice "
+            f"pools its own groups); sequence sizes that work: {working}, or a seq_len "
+            f"divisible by sequence x group_size = {sequence * group_size}"
+        )
     for mixer, halo in halo_tokens(config).items():
         if length < halo:
             working = [size for size in _divisors(seq_len) if seq_len // size >= halo]

@@ -20,6 +20,11 @@ Algorithms (never a ``T x T`` matrix unless ``T`` is small):
 ``pallas_kernels.window_attention`` instead: the same blocks, key blocks outside the window
 skipped, online softmax in float32 (see :mod:`jaxbased.ops.dispatch`).
 
+Under a mesh that splits time (``sequence > 1``) the window runs
+:func:`~jaxbased.ops.sequence_parallel.window_attention_sharded` (a halo of keys) and full
+attention :func:`~jaxbased.ops.sequence_parallel_attention.full_attention_sharded` (keys and
+values all-gathered), both XLA per shard.
+
 Decoding keeps a ring buffer (:class:`KVCache`) of ``capacity`` slots: ``window`` slots for a
 sliding window, the maximum length for full attention. Position ``p`` lives in slot
 ``p % capacity``; empty slots hold position -1. The buffer is head-major, ``[B, H, S, D]``, so
@@ -54,6 +59,7 @@ from jaxbased.ops.sequence_parallel import (
     sequence_layout,
     window_attention_sharded,
 )
+from jaxbased.ops.sequence_parallel_attention import full_attention_sharded
 
 DEFAULT_BLOCK_SIZE = 128
 FULL_ATTENTION_BLOCK_SIZE = 512
@@ -273,6 +279,9 @@ def sliding_window_attention(
         return window_attention_sharded(
             q, k, v, layout, window=window, scale=scale, block_size=block_size
         )
+    if layout is not None:
+        check_sequence_implementation("full causal attention", implementation)
+        return full_attention_sharded(q, k, v, layout, scale=scale, block_size=block_size)
     if implementation != "xla" and use_pallas(
         implementation, _kernel_unsupported(q, k, v, window, block_size), _kernel_request(q)
     ):
