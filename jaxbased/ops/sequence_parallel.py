@@ -24,8 +24,12 @@ tokens (shard ``s`` holds tokens ``s L .. (s + 1) L - 1``). Each op below runs i
   shard's last ``kernel - 1`` inputs (one ``ppermute``) as its initial state; shard 0 receives
   zeros, the unsharded op's initial state.
 
-Every shard computes its part with the XLA algorithms of the unsharded ops; the functions are
-exact reformulations, equal to the unsharded ops up to float rounding. Batch dims stay split over
+Every shard computes its part with the XLA algorithms of the unsharded ops, or with their Pallas
+kernels (the ops of :data:`SEQUENCE_KERNEL_OPS` under ``implementation="pallas"``, or ``auto``
+where the kernel runs); the halos, the prefix and the corrections are XLA. The functions are
+exact reformulations, equal to the unsharded ops up to float rounding. With ``return_state``
+(prefill) the linear attention and the conv also return their decode state, replicated over
+``sequence`` (:mod:`jaxbased.ops.sequence_parallel_prefill`). Batch dims stay split over
 the mesh's batch axes and heads (channels) over ``tensor`` as in :mod:`jaxbased.ops.dispatch`.
 """
 
