@@ -63,6 +63,8 @@ PREFILL_CASES = [
     ("hybrid", (2, 1, 1, 4), True),
     ("hybrid", (2, 1, 2, 2), True),
 ]
+#: The prefill whose compiled collectives are counted.
+HLO_CASE = ("based", (1, 1, 1, 8), True)
 #: The per-shard kernel checks: (op, mesh), sequence alone and with data.
 KERNEL_CASES = [
     ("linear_attention", (1, 1, 1, 4)),
@@ -126,6 +128,7 @@ def prefill_cases() -> dict:
     from flax import linen as nn
 
     from jaxbased.sharding import LOGICAL_RULES, batch_sharding, logical_shardings, make_mesh
+    from tests.sequence_worker import collective_counts
 
     rng = np.random.default_rng(1)
     tokens = jnp.asarray(rng.integers(0, 64, size=(4, SEQ_LEN)), jnp.int32)
@@ -164,10 +167,15 @@ def prefill_cases() -> dict:
                     logits, cache = with_lengths(placed, placed_tokens, ragged)
                 else:
                     logits, cache = without_lengths(placed, placed_tokens)
+                collectives = None
+                if (name, shape, is_ragged) == HLO_CASE:
+                    compiled = with_lengths.lower(placed, placed_tokens, ragged).compile()
+                    collectives = collective_counts(compiled.as_text())
             expected_logits, expected_cache = expected[is_ragged]
             cache = jax.device_get(cache)  # decoding continues on one device
             lengths = ragged if is_ragged else full
             report[f"{name}/{mesh_name(shape)}/{'ragged' if is_ragged else 'full'}"] = {
+                "collectives": collectives,
                 "logits": relative_error(logits, expected_logits),
                 "cache": leaf_errors(cache, expected_cache),
                 "tokens_equal": bool(

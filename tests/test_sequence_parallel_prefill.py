@@ -20,9 +20,16 @@ import numpy as np
 import pytest
 
 from jaxbased import ModelConfig
+from jaxbased.ops.sequence_parallel import exclusive_prefix_rounds
 from jaxbased.ops.window_attention import fill_kv_cache
 from jaxbased.sequence_sharding import check_sequence_sharding
-from tests.sequence_prefill_worker import BASED_MODEL, HYBRID_MODEL, KERNEL_CASES, PREFILL_CASES
+from tests.sequence_prefill_worker import (
+    BASED_MODEL,
+    HLO_CASE,
+    HYBRID_MODEL,
+    KERNEL_CASES,
+    PREFILL_CASES,
+)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-5  # relative, float32
@@ -64,6 +71,16 @@ def test_sharded_prefill_equals_one_device(report, model, mesh, ragged):
     for leaf, error in case["cache"].items():
         assert error <= TOLERANCE, (leaf, error)
     assert case["tokens_equal"], case
+
+
+def test_sharded_prefill_gathers_nothing(report):
+    # BASED on sequence = 8: the halo ppermutes of the conv and the window and the state scan's
+    # rounds; the caches' broadcasts are all-reduces (XLA may combine them); no all-gather of
+    # the prompt (the window's cache gathers only its slots).
+    counts = report["prefill"][case_name(*HLO_CASE)]["collectives"]
+    assert len(counts["other_permutes"]) == 1 + exclusive_prefix_rounds(8) + 1, counts
+    assert counts["all_gather"] == counts["all_to_all"] == counts["reduce_scatter"] == 0, counts
+    assert 1 <= counts["all_reduce"] <= 3, counts
 
 
 def test_generate_under_a_sequence_mesh_gives_the_one_device_tokens(report):

@@ -228,7 +228,8 @@ def linear_attention_sharded(
     :class:`~jaxbased.ops.linear_attention.LinearAttentionState` (float32) replicated over
     ``sequence``: the last shard's incoming state (decayed by its ``exp(Λ)``) plus its own,
     broadcast by one all-reduce (:func:`jaxbased.ops.sequence_parallel_prefill.last_shard_value`).
-    Without ``normalize`` the normalizer ``z`` then travels with ``S`` in the prefix.
+    Without ``normalize`` the ones column is appended then too, so that ``z`` (the state's
+    ``k_state``) travels with ``S`` in the prefix as one ``[B, H, D', Dv + 1]`` leaf.
 
     ``use_kernel``: each shard scans its slice with the Pallas kernel
     (``pallas_kernels.linear_attention``, chunks of ``kernel_chunk_size``; interpreted on CPU)
@@ -242,6 +243,9 @@ def linear_attention_sharded(
     value_dim = v.shape[3]
     phi = get_feature_map(feature_map)
     per_step_decay = log_decay is not None and log_decay.ndim == 3
+    # A column of ones appended to the values makes the same scan yield the normalizer z, for
+    # the BASED normalizer and for a returned state (whose k_state is z).
+    with_ones = normalize or return_state
 
     def scan_slice(q, k, values, decay):
         """The slice from a zero state: unnormalised outputs and the final ``(S, z)``."""
@@ -269,7 +273,7 @@ def linear_attention_sharded(
         # The kernel takes the inputs' own dtype (bfloat16 operands for a bfloat16 model).
         operand_dtype = v.dtype if use_kernel else dtype
         values = v.astype(operand_dtype)
-        if normalize:
+        if with_ones:
             ones = jnp.ones((batch, length, local_heads, 1), operand_dtype)
             values = jnp.concatenate([values, ones], axis=-1)  # [B, L, H, Dv + 1]
         local_decay = decay[0].astype(dtype) if decay else None
@@ -280,9 +284,8 @@ def linear_attention_sharded(
             numerator, (kv_state, k_state) = scan_slice(
                 q.astype(dtype), k.astype(dtype), values, local_decay
             )
-        # The normalizer rides in the ones column when normalized; a returned state without
-        # it needs z as a second leaf.
-        state = (kv_state, k_state) if return_state and not normalize else kv_state
+        del k_state  # z is the ones column's state where it is needed
+        state = kv_state
         if local_decay is None:
             incoming = exclusive_prefix_sum(state, layout.shards)  # [B, H, D', Dv']
             weight, own_decay = None, None
@@ -295,9 +298,8 @@ def linear_attention_sharded(
             cumulative = jnp.cumsum(steps, axis=1)  # G_i [B, L, H]
             incoming = exclusive_decayed_prefix(state, cumulative[:, -1], layout.shards)
             weight, own_decay = jnp.exp(cumulative), jnp.exp(cumulative[:, -1])
-        incoming_kv = incoming[0] if isinstance(incoming, tuple) else incoming
         per_group = local_heads // local_groups
-        grouped = incoming_kv.reshape(batch, local_groups, per_group, *incoming_kv.shape[2:])
+        grouped = incoming.reshape(batch, local_groups, per_group, *incoming.shape[2:])
         correction = jnp.einsum("blgf,bgrfd->blgrd", phi(q.astype(dtype)), grouped)
         correction = correction.reshape(numerator.shape)
         if weight is not None:
@@ -306,20 +308,14 @@ def linear_attention_sharded(
         if normalize:
             y = numerator[..., :value_dim] / (numerator[..., value_dim:] + eps)
         else:
-            y = numerator
+            y = numerator[..., :value_dim]
         y = y.astype(v.dtype)
         if not return_state:
             return y
-
-        def total(own: Array, earlier: Array) -> Array:  # the state after the slice
-            if own_decay is None:
-                return own + earlier
-            return own + own_decay.reshape(own_decay.shape + (1,) * (own.ndim - 2)) * earlier
-
-        final = jax.tree.map(total, state, incoming)
-        if normalize:
-            final = (final[..., :value_dim], final[..., value_dim])
-        return y, last_shard_value(final, layout.shards)
+        final = state + (  # the state after the slice [B, H, D', Dv + 1]
+            incoming if own_decay is None else own_decay[..., None, None] * incoming
+        )
+        return y, last_shard_value((final[..., :value_dim], final[..., value_dim]), layout.shards)
 
     specs = [layout.spec(4), layout.spec(4), layout.spec(4)]
     operands = [q, k, v]
