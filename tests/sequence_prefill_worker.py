@@ -205,8 +205,8 @@ def generate_case() -> dict:
 
 def kernel_cases() -> dict:
     """Values and gradients of the Pallas kernels per shard (interpreted) vs the sharded XLA ops
-    vs no mesh: linear attention (Taylor, normalized), decayed (identity map, per-step decay,
-    unnormalised) with its returned state, and the window."""
+    vs no mesh: linear attention (Taylor, normalized) and decayed (identity map, per-step decay,
+    unnormalised), each with its returned state, and the window."""
     from jaxbased.ops import linear_attention, sliding_window_attention
     from jaxbased.sharding import make_mesh
 
@@ -222,7 +222,9 @@ def kernel_cases() -> dict:
 
     def based(implementation):
         def op(q, k, v, log_decay):
-            return linear_attention(q, k, v, chunk_size=16, implementation=implementation)
+            return linear_attention(
+                q, k, v, chunk_size=16, return_state=True, implementation=implementation
+            )
 
         return op
 
