@@ -399,6 +399,10 @@ def fill_kv_cache(
     slot ``s`` of row ``b`` holds the latest valid position ``p ≡ s (mod capacity)``:
     ``p = len - 1 - ((len - 1 - s) mod capacity)``, or -1 (empty) when ``p < 0``. Padding never
     enters the cache.
+
+    Under a mesh that splits time (a sequence-parallel prefill) the same cache is assembled from
+    the shards and comes out replicated over ``sequence``
+    (:func:`jaxbased.ops.sequence_parallel_prefill.fill_kv_cache_sharded`).
     """
     layout = sequence_layout(keys.shape[0], keys.shape[1], keys.shape[2])
     if layout is not None:  # a prefill over a time-split mesh
