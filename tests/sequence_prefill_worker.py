@@ -6,6 +6,7 @@ sharded XLA ops and the unsharded ones. Prints one JSON line with what it measur
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pathlib
@@ -62,6 +63,8 @@ PREFILL_CASES = [
     ("based", (1, 2, 2, 2), True),
     ("hybrid", (2, 1, 1, 4), True),
     ("hybrid", (2, 1, 2, 2), True),
+    # implementation="pallas": the kernels per shard (interpreted), against the XLA one device.
+    ("based_pallas", (1, 1, 1, 4), True),
 ]
 #: The prefill whose compiled collectives are counted.
 HLO_CASE = ("based", (1, 1, 1, 8), True)
@@ -156,25 +159,29 @@ def prefill_cases() -> dict:
             for key, value in expected.items()
         }
         for case_model, shape, is_ragged in PREFILL_CASES:
-            if case_model != name:
+            if case_model not in (name, f"{name}_pallas"):
                 continue
+            run_ragged, run_full = with_lengths, without_lengths
+            if case_model != name:  # the same parameters, the kernels per shard
+                kernels = LanguageModel(model.config.replace(implementation="pallas"))
+                run_ragged = jax.jit(functools.partial(prefill, model=kernels))
             mesh = make_mesh(shape)
             shardings = logical_shardings(jax.eval_shape(lambda boxed=boxed: boxed), mesh)
             with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
                 placed = jax.device_put(params, shardings)
                 placed_tokens = jax.device_put(tokens, batch_sharding(mesh))
                 if is_ragged:
-                    logits, cache = with_lengths(placed, placed_tokens, ragged)
+                    logits, cache = run_ragged(placed, placed_tokens, ragged)
                 else:
-                    logits, cache = without_lengths(placed, placed_tokens)
+                    logits, cache = run_full(placed, placed_tokens)
                 collectives = None
-                if (name, shape, is_ragged) == HLO_CASE:
+                if (case_model, shape, is_ragged) == HLO_CASE:
                     compiled = with_lengths.lower(placed, placed_tokens, ragged).compile()
                     collectives = collective_counts(compiled.as_text())
             expected_logits, expected_cache = expected[is_ragged]
             cache = jax.device_get(cache)  # decoding continues on one device
             lengths = ragged if is_ragged else full
-            report[f"{name}/{mesh_name(shape)}/{'ragged' if is_ragged else 'full'}"] = {
+            report[f"{case_model}/{mesh_name(shape)}/{'ragged' if is_ragged else 'full'}"] = {
                 "collectives": collectives,
                 "logits": relative_error(logits, expected_logits),
                 "cache": leaf_errors(cache, expected_cache),
