@@ -6,8 +6,8 @@ when a training or evaluation run cannot split its sequences ``sequence`` ways:
 
 - the length ``T`` must divide into ``sequence`` whole slices of ``L = T / sequence`` tokens;
 - every mixer of the pattern must have a sequence-parallel form
-  (:data:`SEQUENCE_SHARDED_MIXERS`), computed by the XLA algorithms
-  (``implementation`` ``auto`` or ``xla``);
+  (:data:`SEQUENCE_SHARDED_MIXERS`); with ``implementation="pallas"`` every one must also run
+  its kernels per shard (:data:`SEQUENCE_KERNEL_MIXERS`);
 - a slice must hold what its first token needs from the previous one: ``window - 1`` keys for
   ``sliding_window``, ``kernel_size - 1`` inputs for ``base_conv``, ``local_window +
   group_size - 2`` raw keys for ``cca_attention``;
@@ -26,7 +26,7 @@ from typing import Any
 
 from absl import logging
 
-from jaxbased.ops.sequence_parallel import SEQUENCE_IMPLEMENTATIONS
+from jaxbased.ops.dispatch import IMPLEMENTATIONS
 from jaxbased.ops.sequence_parallel_attention import cca_halo_tokens
 
 #: Mixers whose forward and backward split the time axis, each passing only what crosses a
@@ -44,6 +44,19 @@ SEQUENCE_SHARDED_MIXERS: tuple[str, ...] = (
     "mamba2",
     "attention",
     "cca_attention",
+)
+
+#: The sharded mixers whose shards run their Pallas kernels under ``implementation="pallas"``
+#: (linear attention, decayed linear attention and SSD, the window; the convs and the MLP have
+#: no kernel and run XLA under every implementation).
+SEQUENCE_KERNEL_MIXERS: tuple[str, ...] = (
+    "based",
+    "sliding_window",
+    "base_conv",
+    "mlp",
+    "decay_attention",
+    "transnormer",
+    "mamba2",
 )
 
 
@@ -88,10 +101,17 @@ def check_sequence_sharding(config: Any, sequence: int, seq_len: int) -> None:
             f"mesh.sequence={sequence}: layer_pattern has mixers {unsharded} that cannot split "
             f"the sequence yet; those that can: {SEQUENCE_SHARDED_MIXERS}; or use mesh.sequence=1"
         )
-    if config.implementation not in SEQUENCE_IMPLEMENTATIONS:
+    if config.implementation not in IMPLEMENTATIONS:
         raise ValueError(
-            f"mesh.sequence={sequence}: implementation={config.implementation!r} cannot split "
-            f"the sequence yet; allowed with sequence > 1: {SEQUENCE_IMPLEMENTATIONS}"
+            f"implementation={config.implementation!r} is not known; allowed: {IMPLEMENTATIONS}"
+        )
+    without_kernels = sorted(set(config.layer_pattern) - set(SEQUENCE_KERNEL_MIXERS))
+    if config.implementation == "pallas" and without_kernels:
+        raise ValueError(
+            f"mesh.sequence={sequence}: implementation='pallas' cannot split the sequence of "
+            f"mixers {without_kernels} yet (their shards run XLA only); use implementation "
+            f"'auto' or 'xla', or mesh.sequence=1; mixers whose shards run their kernels: "
+            f"{SEQUENCE_KERNEL_MIXERS}"
         )
     if config.attention_sharing:
         raise ValueError(

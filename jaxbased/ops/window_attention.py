@@ -276,9 +276,15 @@ def sliding_window_attention(
     layout = sequence_layout(q.shape[0], q.shape[1], q.shape[2])
     if layout is not None and window is not None:
         check_sequence_implementation("sliding_window_attention", implementation)
-        return window_attention_sharded(
-            q, k, v, layout, window=window, scale=scale, block_size=block_size
+        # The kernel sees one shard's slice (its arguments are checked at that length).
+        local = [layout.local_struct(x) for x in (q, k, v)]
+        use_kernel = implementation != "xla" and use_pallas(
+            implementation, _kernel_unsupported(*local, window, block_size), _kernel_request(q)
         )
+        return window_attention_sharded(
+            q, k, v, layout, window=window, scale=scale, block_size=block_size,
+            use_kernel=use_kernel,
+        )  # fmt: skip
     if layout is not None:
         check_sequence_implementation("full causal attention", implementation)
         return full_attention_sharded(q, k, v, layout, scale=scale, block_size=block_size)
@@ -402,7 +408,16 @@ def fill_kv_cache(
     slot ``s`` of row ``b`` holds the latest valid position ``p ≡ s (mod capacity)``:
     ``p = len - 1 - ((len - 1 - s) mod capacity)``, or -1 (empty) when ``p < 0``. Padding never
     enters the cache.
+
+    Under a mesh that splits time (a sequence-parallel prefill) the same cache is assembled from
+    the shards and comes out replicated over ``sequence``
+    (:func:`jaxbased.ops.sequence_parallel_prefill.fill_kv_cache_sharded`).
     """
+    layout = sequence_layout(keys.shape[0], keys.shape[1], keys.shape[2])
+    if layout is not None:  # a prefill over a time-split mesh
+        from jaxbased.ops.sequence_parallel_prefill import fill_kv_cache_sharded
+
+        return fill_kv_cache_sharded(keys, values, capacity, lengths, layout)
     if lengths is not None:
         return _fill_kv_cache_ragged(keys, values, capacity, jnp.asarray(lengths, jnp.int32))
     batch, seq, heads, head_dim = keys.shape
@@ -421,11 +436,10 @@ def fill_kv_cache(
 
 def _fill_kv_cache_ragged(keys: Array, values: Array, capacity: int, lengths: Array) -> KVCache:
     # A gather per slot (no scatter): slot s of row b reads position p[b, s] of the prompt.
+    from jaxbased.ops.sequence_parallel_prefill import ring_buffer_positions
+
     seq = keys.shape[1]
-    last = lengths[:, None] - 1  # [B, 1]
-    slots = jnp.arange(capacity, dtype=jnp.int32)[None, :]
-    positions = last - jnp.mod(last - slots, capacity)  # [B, S], <= last, ≡ slot
-    positions = jnp.where(positions >= 0, positions, -1)
+    positions = ring_buffer_positions(lengths, capacity)  # [B, S], <= last, ≡ slot
     index = jnp.clip(positions, 0, seq - 1)[:, None, :, None]  # [B, 1, S, 1]
     filled = (positions >= 0)[:, None, :, None]  # empty slots hold zeros, as in init_kv_cache
 
