@@ -55,6 +55,17 @@ HYBRID_MODEL = dict(
     sliding_window=dict(heads=4, window=8),
     mlp=dict(inner_dim=64),
 )
+#: Transformer++ attention (rotary on half of each head) and CCA-Attention (groups of 3, a local
+#: window of 6: whole groups and the 7-key raw halo fit in 9-token slices).
+ATTENTION_MODEL = dict(
+    vocab_size=64,
+    d_model=32,
+    num_layers=2,
+    layer_pattern=("attention", "cca_attention"),
+    attention=dict(heads=4, rotary_fraction=0.5),
+    cca_attention=dict(heads=4, group_size=3, local_window=6),
+    mlp=dict(inner_dim=64),
+)
 #: (model, mesh (data, fsdp, tensor, sequence), ragged): sequence 2, 4 and 8, alone and with
 #: the batch and head axes; one compile each.
 PREFILL_CASES = [
@@ -63,6 +74,8 @@ PREFILL_CASES = [
     ("based", (1, 2, 2, 2), True),
     ("hybrid", (2, 1, 1, 4), True),
     ("hybrid", (2, 1, 2, 2), True),
+    ("attention", (1, 1, 1, 8), True),
+    ("attention", (2, 1, 1, 4), True),
     # implementation="pallas": the kernels per shard (interpreted), against the XLA one device.
     ("based_pallas", (1, 1, 1, 4), True),
 ]
@@ -138,7 +151,10 @@ def prefill_cases() -> dict:
     ragged = jnp.asarray(LENGTHS, jnp.int32)
     full = jnp.full((4,), SEQ_LEN, jnp.int32)
     report: dict = {}
-    for name, fields in (("based", BASED_MODEL), ("hybrid", HYBRID_MODEL)):
+    models = (("based", BASED_MODEL), ("hybrid", HYBRID_MODEL), ("attention", ATTENTION_MODEL))
+    for name, fields in models:
+        if not any(case[0] in (name, f"{name}_pallas") for case in PREFILL_CASES):
+            continue
         model, boxed, params = model_and_params(fields)
 
         def prefill(params, tokens, lengths, model=model):

@@ -24,6 +24,7 @@ from jaxbased.ops.sequence_parallel import exclusive_prefix_rounds
 from jaxbased.ops.window_attention import fill_kv_cache
 from jaxbased.sequence_sharding import check_sequence_sharding
 from tests.sequence_prefill_worker import (
+    ATTENTION_MODEL,
     BASED_MODEL,
     HLO_CASE,
     HYBRID_MODEL,
@@ -54,10 +55,11 @@ def case_name(model: str, mesh, ragged: bool) -> str:
 
 
 def test_prefill_cases_cover_every_sharded_mixer_and_sequence_size():
-    mixers = set(BASED_MODEL["layer_pattern"]) | set(HYBRID_MODEL["layer_pattern"])
-    assert mixers == {
-        "based", "sliding_window", "base_conv", "decay_attention", "transnormer", "mamba2", "mlp"
-    }  # fmt: skip
+    from jaxbased.sequence_sharding import SEQUENCE_SHARDED_MIXERS
+
+    models = (BASED_MODEL, HYBRID_MODEL, ATTENTION_MODEL)
+    mixers = set().union(*(model["layer_pattern"] for model in models))
+    assert mixers == set(SEQUENCE_SHARDED_MIXERS)
     assert {mesh[3] for _, mesh, _ in PREFILL_CASES} == {2, 4, 8}
 
 
@@ -66,7 +68,7 @@ def test_sharded_prefill_equals_one_device(report, model, mesh, ragged):
     case = report["prefill"][case_name(model, mesh, ragged)]
     assert case["logits"] <= TOLERANCE, case
     # Every leaf: the states, the conv inputs, the window's keys, values and slot positions.
-    expected_leaves = 7 if model.startswith("based") else 10
+    expected_leaves = {"based": 7, "hybrid": 10, "attention": 9}[model.removesuffix("_pallas")]
     assert len(case["cache"]) == expected_leaves, case["cache"]
     for leaf, error in case["cache"].items():
         assert error <= TOLERANCE, (leaf, error)
