@@ -406,14 +406,20 @@ def test_paper_config_is_the_spec_protocol_and_the_cpu_config_expands():
     assert sorted(run.mixer for run in extra) == (
         ["cca_attention"] * 2
         + ["decay_attention"]
-        + ["mamba"] * 2
+        + ["mamba"] * 3  # the two of the 4-epoch budget and mamba_large_mix's
         + ["mamba2"] * 3  # the two of the 4-epoch budget and mamba2_long's
         + ["seqboat"] * 2
         + ["transnormer"] * 2
     )
-    # Only mamba2_long trains longer than the sweep's 4 epochs (its cosine spans its 8).
+    # Only mamba2_long trains longer than the sweep's 4 epochs (its cosine spans its 8), and
+    # only mamba_large_mix has its own mix: the sweep's times ten, seen once.
     assert {run.group: dict(run.train) for run in extra if run.train} == {
-        "mamba2_long": {"max_epochs": 8}
+        "mamba2_long": {"max_epochs": 8},
+        "mamba_large_mix": {"max_epochs": 1},
+    }
+    sweep_mix = [tuple(segment) for segment in _load_config("mqar_cpu.py").train_mix]
+    assert {run.group: run.train_mix for run in extra if run.train_mix} == {
+        "mamba_large_mix": tuple((t, p, n * 10) for t, p, n in sweep_mix)
     }
     # The CCA rows' states match BASED's F = 16 and F = 8 at the test length (docs/mqar.md).
     cca_states = sorted(
