@@ -233,8 +233,24 @@ def _sharded_step_analysis(
     seq_len: int,
     batch_size: int,
 ) -> Any:
-    """``memory_analysis()`` of the train step as ``train`` compiles it for ``mesh`` (on this
-    host's first devices): the state sharded by its logical axes, the batch over data x fsdp."""
+    """``memory_analysis()`` of :func:`compile_sharded_step`."""
+    return compile_sharded_step(
+        model, optimizer, schedule, mesh, seq_len=seq_len, batch_size=batch_size
+    ).memory_analysis()
+
+
+def compile_sharded_step(
+    model: LanguageModel,
+    optimizer: Any,
+    schedule: Any,
+    mesh: dict[str, int],
+    *,
+    seq_len: int,
+    batch_size: int,
+) -> Any:
+    """The train step as ``train`` compiles it for ``mesh`` (sizes by axis, on this host's first
+    devices): the state sharded by its logical axes, the ``[batch_size, seq_len + 1]`` int32
+    batch over data x fsdp. Returns the ``jax.stages.Compiled``."""
     from jaxbased.sharding import batch_sharding, logical_shardings, make_mesh, with_shardings
     from jaxbased.training.state import TrainState
     from jaxbased.training.steps import make_train_step
@@ -257,4 +273,4 @@ def _sharded_step_analysis(
     tokens = jax.ShapeDtypeStruct((batch_size, seq_len + 1), jnp.int32, sharding=batch)
     with jax.set_mesh(device_mesh), nn.logical_axis_rules(LOGICAL_RULES):
         lowered = step.lower(state, tokens)
-    return lowered.compile().memory_analysis()
+    return lowered.compile()
