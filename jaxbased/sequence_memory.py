@@ -111,7 +111,7 @@ def layer_boundaries(config: Any, *, shards: int, tensor: int = 1) -> tuple[Laye
     a mesh with ``shards`` devices on ``sequence`` and ``tensor`` on heads and channels."""
     from jaxbased.model import LanguageModel
 
-    model = LanguageModel(config)
+    model = LanguageModel(config.replace(scan_layers=False))  # one cache entry per layer
     cache = jax.eval_shape(lambda: model.init_cache(1, 1))
     rounds = exclusive_prefix_rounds(shards)
     boundaries = []
