@@ -8,14 +8,15 @@ so a loaded CPU is fine (only the wall times vary).
 (a) ``memory``: per-device temp bytes (``memory_analysis().temp_size_in_bytes``) of the train
     step vs ``sequence`` in 1, 2, 4, 8 at a fixed global length, for a model of BASED linear
     attention layers only and for the BASED mix (base_conv, based, sliding_window), with
-    ``n x temp(n) / temp(1)`` (1.0 would be an exact 1/n) and ``jaxbased-plan``'s one-device
-    estimate for the same mesh.
+    ``n x temp(n) / temp(1)`` (1.0 would be an exact 1/n), and for the mix ``jaxbased-plan``'s
+    one-device estimate for the same mesh.
 (b) ``longest``: the longest sequence whose train step fits a per-device cap (``--cap_mib``;
     temp + arguments + outputs - aliased donations), ``sequence`` = 1 vs 8: lengths double until
-    one does not fit, then a bisection on multiples of ``sequence x chunk_size``.
-(c) ``bytes``: the collective-permute bytes of every layer, read from the compiled HLO
-    (``jaxbased.hlo_traffic``; forward and backward), against docs/sequence_parallelism.md's
-    formula (forward; the backward sends as much back).
+    one does not fit, then ``--bisections`` bisection steps on multiples of
+    ``sequence x chunk_size``.
+(c) ``bytes``: the collective-permute bytes of every layer of the mix, read from the HLO of
+    (a)'s compiled steps (``jaxbased.hlo_traffic``; forward and backward), against
+    docs/sequence_parallelism.md's formula (forward; the backward sends as much back).
 
 Usage (repository root)::
 
@@ -110,41 +111,66 @@ def formula_bytes(fields: dict, mixer: str, *, rows: int, shards: int) -> int:
     return 0
 
 
-def memory_sweep(seq_len: int, batch_size: int) -> dict:
-    """(a): temp bytes vs sequence size, and the planner's one-device estimate."""
+def layer_bytes(fields: dict, hlo: str, mesh: tuple[int, ...], batch_size: int) -> dict:
+    """(c): collective-permute bytes per layer from the HLO vs the formula."""
+    from jaxbased.hlo_traffic import collective_bytes
+
+    measured = collective_bytes(hlo)
+    rows = batch_size // (mesh[0] * mesh[1])
+    layers = {}
+    for index, mixer in enumerate(fields["layer_pattern"]):
+        hlo_bytes = measured["permutes_by_layer"].get(f"layers_{index}", 0)
+        formula = formula_bytes(fields, mixer, rows=rows, shards=mesh[3])
+        layers[f"layers_{index} ({mixer})"] = {
+            "hlo_forward_and_backward": hlo_bytes,
+            "formula_forward": formula,
+            "hlo_over_twice_formula": round(hlo_bytes / (2 * formula), 4) if formula else None,
+        }
+    return {
+        "layers": layers,
+        "other_permutes_bytes": measured["other_permutes"],
+        "all_reduce_bytes": measured["by_kind"]["all-reduce"],
+    }
+
+
+def memory_sweep(seq_len: int, batch_size: int) -> tuple[dict, dict]:
+    """(a) temp bytes vs sequence size (and the planner's one-device estimate for the mix), and
+    (c) the mix's bytes per layer on the sequence meshes."""
     from jaxbased import ModelConfig
     from jaxbased.planning import plan_memory
 
-    results = {}
+    results, traffic = {}, {}
     for name, fields in MODELS.items():
         rows = {}
         for shards in SEQUENCE_SIZES:
             mesh = (1, 1, 1, shards)
             start = time.perf_counter()
             compiled = compile_step(fields, mesh, seq_len=seq_len, batch_size=batch_size)
-            temp = int(compiled.memory_analysis().temp_size_in_bytes)
-            estimate = plan_memory(
-                ModelConfig.from_dict(fields),
-                mesh,
-                seq_len=seq_len,
-                batch_size=batch_size,
-                on_mesh=False,
-            ).activations
-            rows[str(shards)] = {
-                "temp_bytes": temp,
-                "planner_estimate_bytes": estimate,
-                "seconds": round(time.perf_counter() - start, 1),
-            }
-            print(name, shards, rows[str(shards)], flush=True)
+            row = {"temp_bytes": int(compiled.memory_analysis().temp_size_in_bytes)}
+            if name == "based_mix":
+                row["planner_estimate_bytes"] = plan_memory(
+                    ModelConfig.from_dict(fields),
+                    mesh,
+                    seq_len=seq_len,
+                    batch_size=batch_size,
+                    on_mesh=False,
+                ).activations
+                row["planner_over_compiled"] = round(
+                    row["planner_estimate_bytes"] / row["temp_bytes"], 3
+                )
+                if shards > 1:
+                    traffic["x".join(map(str, mesh))] = layer_bytes(
+                        fields, compiled.as_text(), mesh, batch_size
+                    )
+            row["seconds"] = round(time.perf_counter() - start, 1)
+            rows[str(shards)] = row
+            print(name, shards, row, flush=True)
         one = rows["1"]["temp_bytes"]
         for shards in SEQUENCE_SIZES:
             row = rows[str(shards)]
             row["n_times_fraction_of_one"] = round(shards * row["temp_bytes"] / one, 3)
-            row["planner_over_compiled"] = round(
-                row["planner_estimate_bytes"] / row["temp_bytes"], 3
-            )
         results[name] = rows
-    return results
+    return results, traffic
 
 
 def fits(fields: dict, shards: int, seq_len: int, batch_size: int, cap: int) -> tuple[bool, int]:
@@ -153,70 +179,47 @@ def fits(fields: dict, shards: int, seq_len: int, batch_size: int, cap: int) -> 
     return held <= cap, held
 
 
-def longest_sequence(fields: dict, shards: int, *, batch_size: int, cap: int, start: int) -> dict:
-    """(b): the longest multiple of ``shards x chunk_size`` whose step fits ``cap`` bytes."""
+def longest_sequence(
+    fields: dict, shards: int, *, batch_size: int, cap: int, start: int, bisections: int
+) -> dict:
+    """(b): the longest multiple of ``shards x chunk_size`` whose step fits ``cap`` bytes,
+    found by doubling from ``start`` and ``bisections`` bisection steps."""
     step = shards * fields["based"]["chunk_size"]
     tried = {}
     length = max(step, start - start % step)
-    good, bad = None, None
+    good, bad = 0, None
     while bad is None:
         ok, held = fits(fields, shards, length, batch_size, cap)
         tried[length] = held
-        print("longest", shards, length, held / 2**20, ok, flush=True)
+        print("longest", shards, length, round(held / 2**20, 1), ok, flush=True)
         if ok:
             good, length = length, length * 2
+        elif good == 0 and length > step:
+            length = max(step, length // 2 // step * step)  # the start did not fit: halve
+            bad = None if length not in tried else length
         else:
             bad = length
-            if good is None:
-                good, length = 0, 0
-    for _ in range(3):  # bisect between the last length that fit and the first that did not
+    for _ in range(bisections):
         middle = (good + bad) // 2 // step * step
         if middle <= good:
             break
         ok, held = fits(fields, shards, middle, batch_size, cap)
         tried[middle] = held
-        print("longest", shards, middle, held / 2**20, ok, flush=True)
+        print("longest", shards, middle, round(held / 2**20, 1), ok, flush=True)
         good, bad = (middle, bad) if ok else (good, middle)
     return {
         "longest_fitting": good,
-        "first_not_fitting": bad,
+        "first_not_fitting": min(length for length in tried if length > good),
         "bytes_by_length": {str(k): v for k, v in sorted(tried.items())},
     }
 
 
-def bytes_per_layer(seq_len: int, batch_size: int) -> dict:
-    """(c): collective-permute bytes per layer from the HLO vs the formula."""
-    from jaxbased.hlo_traffic import collective_bytes
-
-    fields = MODELS["based_mix"]
-    results = {}
-    for mesh in [(1, 1, 1, 2), (1, 1, 1, 4), (1, 1, 1, 8), (2, 1, 1, 4)]:
-        compiled = compile_step(fields, mesh, seq_len=seq_len, batch_size=batch_size)
-        measured = collective_bytes(compiled.as_text())
-        rows = batch_size // (mesh[0] * mesh[1])
-        layers = {}
-        for index, mixer in enumerate(fields["layer_pattern"]):
-            hlo = measured["permutes_by_layer"].get(f"layers_{index}", 0)
-            formula = formula_bytes(fields, mixer, rows=rows, shards=mesh[3])
-            layers[f"layers_{index} ({mixer})"] = {
-                "hlo_forward_and_backward": hlo,
-                "formula_forward": formula,
-                "hlo_over_twice_formula": round(hlo / (2 * formula), 4) if formula else None,
-            }
-        results["x".join(map(str, mesh))] = {
-            "layers": layers,
-            "other_permutes_bytes": measured["other_permutes"],
-            "all_reduce_bytes": measured["by_kind"]["all-reduce"],
-        }
-        print("bytes", mesh, results["x".join(map(str, mesh))], flush=True)
-    return results
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seq_len", type=int, default=4096, help="(a), (c): global length")
+    parser.add_argument("--seq_len", type=int, default=2048, help="(a), (c): global length")
     parser.add_argument("--batch_size", type=int, default=2, help="sequences per step")
     parser.add_argument("--cap_mib", type=int, default=256, help="(b): per-device memory cap")
+    parser.add_argument("--bisections", type=int, default=1, help="(b): bisection steps")
     parser.add_argument(
         "--output",
         default=os.path.join(os.path.dirname(__file__), "results", "sequence_parallel.json"),
@@ -235,8 +238,8 @@ def main() -> None:
         "models": MODELS,
         "seq_len": args.seq_len,
         "batch_size": args.batch_size,
-        "memory": memory_sweep(args.seq_len, args.batch_size),
     }
+    payload["memory"], payload["bytes"] = memory_sweep(args.seq_len, args.batch_size)
     cap = args.cap_mib * 2**20
     payload["longest"] = {
         "cap_mib": args.cap_mib,
@@ -244,12 +247,16 @@ def main() -> None:
         "batch_size": 1,
         **{
             f"sequence_{shards}": longest_sequence(
-                MODELS["based_mix"], shards, batch_size=1, cap=cap, start=start
+                MODELS["based_mix"],
+                shards,
+                batch_size=1,
+                cap=cap,
+                start=start,
+                bisections=args.bisections,
             )
             for shards, start in ((1, 4096), (8, 32768))
         },
     }
-    payload["bytes"] = bytes_per_layer(args.seq_len, args.batch_size)
     payload["seconds"] = round(time.perf_counter() - started, 1)
     write_json_atomic(args.output, payload)
     print(f"wrote {args.output} in {payload['seconds']} s")

@@ -79,6 +79,13 @@ def test_boundary_bytes_follow_the_design_table():
     assert window.halo_bytes == (8 - 1) * 2 * (value + value) * 4  # window - 1 keys and values
     with pytest.raises(ValueError, match="seq_len=100"):
         sequence_bytes(config, shards=8, seq_len=100)
+    # A scanned model stacks its caches over the repeats: the per-layer bytes are the same.
+    repeated = config.replace(layer_pattern=("based", "sliding_window") * 2, num_layers=4)
+    scanned, unrolled = (
+        sequence_bytes(repeated.replace(scan_layers=scan), shards=shards, seq_len=SEQ_LEN)
+        for scan in (True, False)
+    )
+    assert scanned == unrolled and scanned.layers[0] == based
 
 
 def test_hlo_traffic_reads_permute_and_all_reduce_shapes():
