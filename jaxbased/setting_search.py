@@ -148,13 +148,17 @@ def settings_on_mesh(
     per_device = batch_size // shards
     plan = plan_memory(config, mesh, seq_len=seq_len, batch_size=batch_size, activations=False)
     parameter_share = plan.parameters / parameter_bytes(config)
-    sequence = sequence_bytes(
-        config, shards=mesh[SEQUENCE_AXIS], seq_len=seq_len, tensor=mesh["tensor"]
-    )
     settings = []
     for remat in REMAT_POLICIES:
         if remat not in models:
             continue
+        scanned = models[remat].probes == "scanned"
+        sequence = sequence_bytes(
+            config.replace(remat=remat, scan_layers=scanned),
+            shards=mesh[SEQUENCE_AXIS],
+            seq_len=seq_len,
+            tensor=mesh["tensor"],
+        )
         for micro_batch in (m for m in range(per_device, 0, -1) if per_device % m == 0):
             accumulation = per_device // micro_batch
             estimate = models[remat].estimate(micro_batch, accumulating=accumulation > 1)

@@ -85,7 +85,15 @@ def test_boundary_bytes_follow_the_design_table():
         sequence_bytes(repeated.replace(scan_layers=scan), shards=shards, seq_len=SEQ_LEN)
         for scan in (True, False)
     )
-    assert scanned == unrolled and scanned.layers[0] == based
+    assert scanned.layers == unrolled.layers and scanned.layers[0] == based
+    # Without remat every layer's buffers are held for the backward; with remat across the
+    # scanned blocks, one block's at a time.
+    per_layer = [unrolled.layer_memory(layer) for layer in unrolled.layers]
+    assert unrolled.memory_per_row == sum(per_layer)
+    recomputed = sequence_bytes(
+        repeated.replace(scan_layers=True, remat="full"), shards=shards, seq_len=SEQ_LEN
+    )
+    assert recomputed.memory_per_row == max(per_layer) < sum(per_layer)
 
 
 def test_hlo_traffic_reads_permute_and_all_reduce_shapes():
