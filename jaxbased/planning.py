@@ -10,7 +10,11 @@
   for a 3-layer BASED model with ``seq_len`` 8, 32 and 128, it came to 0.88-1.11x the sharded
   step's on data- or FSDP-only meshes (the sharded step also holds gradient all-reduce and
   gathered-parameter buffers), 1.5-1.7x on a (2, 2, 2) mesh and 3.3-3.7x with tensor parallelism
-  8 (which splits the activations further); ``tests/test_sharding.py`` checks two of these;
+  8 (which splits the activations further); ``tests/test_sharding.py`` checks two of these.
+  With ``sequence`` = n the one-device step is that of a slice, ``T / n`` tokens, plus what the
+  time-split mixers hold beyond it (boundary states and halos, the correction's feature maps:
+  :mod:`jaxbased.sequence_memory`); ``tests/test_plan_sequence.py`` checks it against the
+  sharded step for n = 1, 2, 4, 8;
 - caches: the generation cache of ``generate_batch`` sequences of ``max_len`` tokens, split over
   the batch axes (linear-attention and window states do not grow with ``max_len``).
 
@@ -53,6 +57,9 @@ class MemoryPlan:
     #: How ``activations`` was found: "sharded step" (compiled for the mesh on this host's
     #: devices), "one-device estimate" (the per-device batch on one device) or "not computed".
     activations_source: str = "not computed"
+    #: Bytes one device sends over the ``sequence`` axis per train step (states and halos,
+    #: forward and backward; 0 without the axis). Not memory: shown beside it.
+    sequence_traffic: int = 0
 
     @property
     def total(self) -> int:
@@ -71,6 +78,11 @@ class MemoryPlan:
         for name, value in rows:
             shown = "not computed" if value is None else f"{value / 2**20:12.2f} MiB"
             lines.append(f"  {name:<30} {shown}")
+        if self.sequence_traffic:
+            lines.append(
+                f"  {'sent over sequence per step':<30} {self.sequence_traffic / 2**20:12.2f} MiB"
+                " (states and halos, not memory)"
+            )
         return "\n".join(lines)
 
 
@@ -80,13 +92,7 @@ def _mesh_sizes(mesh_shape: Mapping[str, int] | Sequence[int], device_count: int
         if any(size < 1 for size in sizes):
             raise ValueError(f"mesh {sizes}: give every size (no -1) when planning")
         device_count = math.prod(sizes)
-    mesh = dict(zip(MESH_AXES, resolve_mesh_shape(mesh_shape, device_count), strict=True))
-    if mesh[SEQUENCE_AXIS] > 1:
-        raise ValueError(
-            f"mesh {mesh}: the planner does not yet divide activations over "
-            f"{SEQUENCE_AXIS}={mesh[SEQUENCE_AXIS]}; plan with {SEQUENCE_AXIS}=1"
-        )
-    return mesh
+    return dict(zip(MESH_AXES, resolve_mesh_shape(mesh_shape, device_count), strict=True))
 
 
 def _shard_bytes(abstract_boxed: Any, mesh: dict[str, int]) -> int:
@@ -122,17 +128,27 @@ def plan_memory(
     max_len: int | None = None,
     activations: bool = True,
     device_count: int | None = None,
+    on_mesh: bool | None = None,
 ) -> MemoryPlan:
-    """The per-device :class:`MemoryPlan` of ``config`` on a ``(data, fsdp, tensor)`` mesh.
+    """The per-device :class:`MemoryPlan` of ``config`` on a ``(data, fsdp, tensor, sequence)``
+    mesh (three sizes: ``sequence`` 1).
 
     ``batch_size`` is the global training batch (sequences); ``max_len`` (default ``seq_len``) the
     generation length. ``optimizer`` defaults to the training optimizer (AdamW + clipping).
+    Parameters and optimizer state are replicated over ``sequence``. A ``sequence`` size the
+    model or ``seq_len`` cannot split raises ``ValueError`` before any compile
+    (:func:`jaxbased.sequence_sharding.check_sequence_sharding`). ``on_mesh`` chooses how the
+    activations are found: True compiles the step for the mesh on this host's devices, False the
+    one-device estimate, None (default) the former when this host has the mesh's devices.
     """
     import optax
 
+    from jaxbased.sequence_memory import sequence_bytes
+    from jaxbased.sequence_sharding import check_sequence_sharding
     from jaxbased.training.optimizer import make_optimizer
 
     mesh = _mesh_sizes(mesh_shape, device_count)
+    check_sequence_sharding(config, mesh[SEQUENCE_AXIS], seq_len)
     batch_shards = mesh["data"] * mesh["fsdp"]
     if batch_size % batch_shards:
         raise ValueError(
@@ -144,22 +160,33 @@ def plan_memory(
     boxed_params = jax.eval_shape(model.init, jax.random.key(0), tokens)["params"]
     boxed_opt_state = jax.eval_shape(optimizer.init, boxed_params)
     per_device_batch = batch_size // batch_shards
+    sequence = sequence_bytes(
+        config, shards=mesh[SEQUENCE_AXIS], seq_len=seq_len, tensor=mesh["tensor"]
+    )
 
     activation_bytes, activations_source = None, "not computed"
     if activations:
         schedule = optax.constant_schedule(1e-3)
-        if jax.device_count() >= math.prod(mesh.values()):
+        if on_mesh is None:
+            on_mesh = jax.device_count() >= math.prod(mesh.values())
+        if on_mesh:
             analysis = _sharded_step_analysis(
                 model, optimizer, schedule, mesh, seq_len=seq_len, batch_size=batch_size
             )
             activations_source = "sharded step"
         else:
             analysis = _one_device_step_analysis(
-                model, optimizer, schedule, seq_len=seq_len, batch_size=per_device_batch
+                model,
+                optimizer,
+                schedule,
+                seq_len=sequence.slice_tokens,
+                batch_size=per_device_batch,
             )
             activations_source = "one-device estimate"
         if analysis is not None:
             activation_bytes = int(analysis.temp_size_in_bytes)
+            if activations_source == "one-device estimate":
+                activation_bytes += per_device_batch * sequence.memory_per_row
         else:
             activations_source = "not computed"
 
@@ -175,6 +202,7 @@ def plan_memory(
         caches=cache_bytes // batch_shards if generate_batch % batch_shards == 0 else cache_bytes,
         batch_per_device=per_device_batch,
         activations_source=activations_source,
+        sequence_traffic=per_device_batch * sequence.sent_per_row,
     )
 
 
@@ -205,8 +233,24 @@ def _sharded_step_analysis(
     seq_len: int,
     batch_size: int,
 ) -> Any:
-    """``memory_analysis()`` of the train step as ``train`` compiles it for ``mesh`` (on this
-    host's first devices): the state sharded by its logical axes, the batch over data x fsdp."""
+    """``memory_analysis()`` of :func:`compile_sharded_step`."""
+    return compile_sharded_step(
+        model, optimizer, schedule, mesh, seq_len=seq_len, batch_size=batch_size
+    ).memory_analysis()
+
+
+def compile_sharded_step(
+    model: LanguageModel,
+    optimizer: Any,
+    schedule: Any,
+    mesh: dict[str, int],
+    *,
+    seq_len: int,
+    batch_size: int,
+) -> Any:
+    """The train step as ``train`` compiles it for ``mesh`` (sizes by axis, on this host's first
+    devices): the state sharded by its logical axes, the ``[batch_size, seq_len + 1]`` int32
+    batch over data x fsdp. Returns the ``jax.stages.Compiled``."""
     from jaxbased.sharding import batch_sharding, logical_shardings, make_mesh, with_shardings
     from jaxbased.training.state import TrainState
     from jaxbased.training.steps import make_train_step
@@ -229,4 +273,4 @@ def _sharded_step_analysis(
     tokens = jax.ShapeDtypeStruct((batch_size, seq_len + 1), jnp.int32, sharding=batch)
     with jax.set_mesh(device_mesh), nn.logical_axis_rules(LOGICAL_RULES):
         lowered = step.lower(state, tokens)
-    return lowered.compile().memory_analysis()
+    return lowered.compile()

@@ -1,11 +1,14 @@
 """What fits: the training setting (micro-batch x gradient accumulation x remat) for a device.
 
-For a config, a mesh ``(data, fsdp, tensor)``, a global batch and a sequence length, every
-candidate setting is sized per device:
+For a config, a mesh ``(data, fsdp, tensor, sequence)``, a global batch and a sequence length,
+every candidate setting is sized per device:
 
-- parameters and optimizer state: exact, from the sharding rules (``jaxbased.planning``);
+- parameters and optimizer state: exact, from the sharding rules (``jaxbased.planning``;
+  replicated over ``sequence``);
 - gradients and activations: the :class:`~jaxbased.activation_model.ActivationModel` fitted for
-  each remat setting (its parameter-sized part split like the parameters).
+  each remat setting (its parameter-sized part split like the parameters). With ``sequence`` = n
+  the probes train on one slice, ``seq_len / n`` tokens, and every sequence of a micro-batch adds
+  what the time-split mixers hold beyond the slice's step (:mod:`jaxbased.sequence_memory`).
 
 A candidate fits when the sum is at most ``memory_fraction`` of the device memory. Of those that
 fit, the chosen one recomputes least (``none`` before ``minimal`` before ``full``) and, among
@@ -25,6 +28,8 @@ from jaxbased.activation_model import ActivationModel, fit_activation_model, par
 from jaxbased.config import REMAT_POLICIES, ModelConfig
 from jaxbased.layer_layout import find_repeating_unit
 from jaxbased.planning import plan_memory
+from jaxbased.sequence_memory import sequence_bytes
+from jaxbased.sequence_sharding import check_sequence_sharding
 from jaxbased.sharding import MESH_AXES, SEQUENCE_AXIS, mesh_sizes_as_given
 
 #: Memory of common accelerators (bytes per device, as the device reports its total).
@@ -135,7 +140,8 @@ def settings_on_mesh(
     budget: int,
 ) -> list[Setting]:
     """Every (remat, micro-batch) setting of ``mesh``: micro-batches divide the per-device
-    batch ``batch_size / (data * fsdp)``."""
+    batch ``batch_size / (data * fsdp)``. ``models`` are fitted on the slice of
+    ``seq_len / sequence`` tokens."""
     shards = mesh["data"] * mesh["fsdp"]
     if batch_size % shards:
         return []
@@ -146,6 +152,13 @@ def settings_on_mesh(
     for remat in REMAT_POLICIES:
         if remat not in models:
             continue
+        scanned = models[remat].probes == "scanned"
+        sequence = sequence_bytes(
+            config.replace(remat=remat, scan_layers=scanned),
+            shards=mesh[SEQUENCE_AXIS],
+            seq_len=seq_len,
+            tensor=mesh["tensor"],
+        )
         for micro_batch in (m for m in range(per_device, 0, -1) if per_device % m == 0):
             accumulation = per_device // micro_batch
             estimate = models[remat].estimate(micro_batch, accumulating=accumulation > 1)
@@ -158,7 +171,9 @@ def settings_on_mesh(
                     parameters=plan.parameters,
                     optimizer_state=plan.optimizer_state,
                     gradients=math.ceil(estimate.gradients * parameter_share),
-                    activations=math.ceil(estimate.activations),
+                    activations=math.ceil(
+                        estimate.activations + micro_batch * sequence.memory_per_row
+                    ),
                     scan_layers=models[remat].probes == "scanned",
                     budget=budget,
                 )
@@ -178,19 +193,22 @@ def search_settings(
     models: Mapping[str, ActivationModel] | None = None,
 ) -> SearchResult:
     """Search micro-batch x accumulation x remat on ``mesh_shape`` (sizes of data, fsdp,
-    tensor) for a global ``batch_size`` of ``seq_len`` tokens; see the module docstring.
+    tensor and optionally sequence) for a global ``batch_size`` of ``seq_len`` tokens; see the
+    module docstring. A ``sequence`` size that the model or ``seq_len`` cannot split raises
+    ``ValueError`` before any compile (``check_sequence_sharding``).
 
     The search plans scanned layers whenever the pattern repeats (``scan_layers=True``: a
     faster compile, and remat saves memory across the scan's iterations on every backend).
     ``models`` (one fitted :class:`ActivationModel` per remat setting) are fitted when not
-    given (four probe compiles per setting for a scanned pattern).
+    given (four probe compiles per setting for a scanned pattern), on ``seq_len / sequence``
+    tokens; given ones must have been fitted on that length.
     """
     sizes = mesh_sizes_as_given(mesh_shape)
-    if any(size < 1 for size in sizes) or sizes[MESH_AXES.index(SEQUENCE_AXIS)] != 1:
-        raise ValueError(
-            f"mesh={sizes} must give sizes >= 1 for {MESH_AXES}, with {SEQUENCE_AXIS}=1 (the "
-            "search does not yet plan sequence parallelism)"
-        )
+    if any(size < 1 for size in sizes):
+        raise ValueError(f"mesh={sizes} must give sizes >= 1 for {MESH_AXES}")
+    sequence = sizes[MESH_AXES.index(SEQUENCE_AXIS)]
+    check_sequence_sharding(config, sequence, seq_len)
+    slice_tokens = seq_len // sequence
     if not 0 < memory_fraction <= 1:
         raise ValueError(f"memory_fraction={memory_fraction} must be in (0, 1]")
     if device_memory <= 0:
@@ -208,10 +226,18 @@ def search_settings(
         scan = find_repeating_unit(config.layer_pattern) is not None
         models = {
             remat: fit_activation_model(
-                config.replace(remat=remat, scan_layers=scan), seq_len=seq_len
+                config.replace(remat=remat, scan_layers=scan), seq_len=slice_tokens
             )
             for remat in remats
         }
+    stale = {
+        remat: model.seq_len for remat, model in models.items() if model.seq_len != slice_tokens
+    }
+    if stale:
+        raise ValueError(
+            f"models were fitted on {stale} tokens; mesh {SEQUENCE_AXIS}={sequence} trains on "
+            f"slices of seq_len / {sequence} = {slice_tokens} tokens: fit them on that length"
+        )
     budget = int(device_memory * memory_fraction)
     candidates = settings_on_mesh(
         config, models, mesh, seq_len=seq_len, batch_size=batch_size, budget=budget

@@ -4,9 +4,16 @@
     jaxbased-plan --config=configs/based_360m.py --mesh=2,2,2 --config.data.batch_size=64 \
         --generate_batch=16 --max_len=8192
 
-``--mesh`` gives the sizes of (data, fsdp, tensor); the default is the config's ``mesh`` section
-(which must then have no -1). Activations come from compiling one train step of the per-device
-batch on this host (``--noactivations`` skips that for big models on small hosts).
+``--mesh`` gives the sizes of (data, fsdp, tensor) or (data, fsdp, tensor, sequence); the
+default is the config's ``mesh`` section (which must then have no -1). A ``sequence`` size splits
+every sequence's tokens (docs/sequence_parallelism.md): the plan sizes the step of one slice and
+prints the bytes each device sends over that axis per step.
+
+    jaxbased-plan --config=configs/based_360m.py --mesh=1,1,1,8 \
+        --config.data.seq_len=131072 --config.data.batch_size=1
+
+Activations come from compiling one train step of the per-device batch on this host
+(``--noactivations`` skips that for big models on small hosts).
 
 ``--device_memory=141GiB`` (or an accelerator name) searches the training setting that fits
 instead (``jaxbased.setting_search``).
@@ -22,7 +29,9 @@ from ml_collections import config_flags
 from jaxbased.cli import command, errors
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file")
-_MESH = flags.DEFINE_list("mesh", None, "data,fsdp,tensor sizes (default: the config's mesh)")
+_MESH = flags.DEFINE_list(
+    "mesh", None, "data,fsdp,tensor[,sequence] sizes (default: the config's mesh)"
+)
 _GENERATE_BATCH = flags.DEFINE_integer("generate_batch", 1, "sequences decoded at once")
 _MAX_LEN = flags.DEFINE_integer("max_len", None, "generation length (default: data.seq_len)")
 _ACTIVATIONS = flags.DEFINE_bool("activations", True, "compile a train step for activations")
@@ -38,13 +47,16 @@ _MEMORY_FRACTION = flags.DEFINE_float(
 
 
 def parse_mesh(values: list[str] | None) -> list[int] | None:
-    """``--mesh=1,8,1`` as three positive sizes (None when not given)."""
+    """``--mesh=1,8,1`` or ``--mesh=1,1,1,8`` as three or four positive sizes (None when not
+    given)."""
     if not values:
         return None
-    if len(values) != 3 or not all(value.strip().isdigit() and int(value) > 0 for value in values):
+    if len(values) not in (3, 4) or not all(
+        value.strip().isdigit() and int(value) > 0 for value in values
+    ):
         raise errors.UsageError(
-            f"--mesh={','.join(values)} must be three positive sizes data,fsdp,tensor "
-            "(e.g. --mesh=1,8,1)"
+            f"--mesh={','.join(values)} must be three or four positive sizes "
+            "data,fsdp,tensor[,sequence] (e.g. --mesh=1,8,1 or --mesh=1,1,1,8)"
         )
     return [int(value) for value in values]
 
@@ -102,7 +114,8 @@ def search(config: Any, mesh: Any, device_memory: int) -> None:
 
     if isinstance(mesh, dict) and any(int(size) < 1 for size in mesh.values()):
         raise errors.UsageError(
-            f"the config's mesh {dict(mesh)} has a -1; give --mesh=DATA,FSDP,TENSOR to search"
+            f"the config's mesh {dict(mesh)} has a -1; give --mesh=DATA,FSDP,TENSOR[,SEQUENCE] "
+            "to search"
         )
     result = search_settings(
         ModelConfig.from_dict(config.model),
@@ -147,16 +160,19 @@ COMMAND = command.Command(
     name="jaxbased-plan",
     summary="per-device memory (parameters, optimizer state, activations, decoding caches) "
     "of a training config on a device mesh, before launching it",
-    usage="jaxbased-plan --config=FILE [--mesh=DATA,FSDP,TENSOR] [flags]",
+    usage="jaxbased-plan --config=FILE [--mesh=DATA,FSDP,TENSOR[,SEQUENCE]] [flags]",
     examples=(
         "jaxbased-plan --config=configs/based_1b.py --mesh=1,8,1",
         "jaxbased-plan --config=configs/based_360m.py --mesh=2,2,2 --config.data.batch_size=64 "
         "--generate_batch=16 --max_len=8192",
         "jaxbased-plan --config=configs/based_1b.py --mesh=1,8,1 --noactivations",
         "jaxbased-plan --config=configs/based_1b.py --mesh=1,8,1 --device_memory=141GiB",
+        "jaxbased-plan --config=configs/based_360m.py --mesh=1,1,1,8 "
+        "--config.data.seq_len=131072 --config.data.batch_size=1",
     ),
     notes="Activations come from compiling one train step of the per-device batch on this "
-    "host (--noactivations skips that for big models on small hosts). With --device_memory "
+    "host (--noactivations skips that for big models on small hosts); with a sequence size, "
+    "the step of one slice of every sequence. With --device_memory "
     "the command instead searches micro-batch x gradient accumulation x remat for the mesh, "
     "global batch and sequence length, and prints the setting that fits with its train.py "
     "flags, or the smallest mesh that would fit (docs/planning.md).",
