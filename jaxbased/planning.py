@@ -12,7 +12,7 @@
   gathered-parameter buffers), 1.5-1.7x on a (2, 2, 2) mesh and 3.3-3.7x with tensor parallelism
   8 (which splits the activations further); ``tests/test_sharding.py`` checks two of these.
   With ``sequence`` = n the one-device step is that of a slice, ``T / n`` tokens, plus what the
-  time-split mixers hold beyond it (boundary states and halos, the correction's feature maps:
+  time-split mixers hold beyond it (boundary states and halos, the slice states' feature maps:
   :mod:`jaxbased.sequence_memory`); ``tests/test_plan_sequence.py`` checks it against the
   sharded step for n = 1, 2, 4, 8;
 - caches: the generation cache of ``generate_batch`` sequences of ``max_len`` tokens, split over

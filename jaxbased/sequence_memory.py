@@ -6,14 +6,17 @@ the time-split mixers' activations and the head all shrink by ``n``) plus, per l
 sharded mixers hold beyond the unsharded ops (docs/sequence_parallelism.md):
 
 - **boundary buffers**: the state a linear-attention layer receives from the earlier slices
-  (``[H, D', Dv']`` float32 per row, kept for the backward of the correction), the halo a window
-  or convolution receives (``window - 1`` keys and values, ``kernel_size - 1`` inputs);
-- **the correction's feature maps**: the correction ``phi(q_i) S_in`` evaluates the feature map
-  outside the chunked scan, and XLA keeps its output, the outer product it is built from and
-  their cotangents for the backward: on XLA:CPU, for BASED layers of ``D'`` = 21, 73 and 273,
-  the sharded step held 3.5-3.9 ``[L, G, D']`` float32 arrays per layer and row more than the
-  one-device step of the slice (``G`` query groups: the heads, or Mamba-2's groups); counted as
-  :data:`CORRECTION_FEATURE_COPIES`.
+  (``[H, D', Dv']`` float32 per row, kept for the backward of the scan that starts from it), the
+  halo a window or convolution receives (``window - 1`` keys and values, ``kernel_size - 1``
+  inputs);
+- **the slice state's feature maps**: each shard first sums its slice's state from a zero start
+  (``jaxbased.ops.sequence_parallel.slice_final_state``: a rematerialised chunk scan over
+  ``phi(k)``) and then runs the unsharded op from the received state; on XLA:CPU, for BASED
+  layers of ``D'`` = 73 and 273, the sharded step held 0.5-0.9 ``[L, G, D']`` float32 arrays per
+  layer and row more than the one-device step of the slice (``G`` query groups: the heads, or
+  Mamba-2's groups; the received state and its cotangent included), counted as
+  :data:`SLICE_FEATURE_COPIES`. (Before the two passes, a correction ``phi(q_i) S_in``
+  evaluated outside the scan held 3.5-3.9 of them.)
 
 These are summed over the layers, except under remat across scanned layers (``remat`` other
 than ``none`` with ``scan_layers`` and a repeating pattern): the backward then recomputes one
@@ -39,8 +42,8 @@ import numpy as np
 from jaxbased.ops.sequence_parallel import exclusive_prefix_rounds
 
 #: ``[L, G, D']`` float32 arrays per row that a time-split linear-attention layer holds beyond
-#: the unsharded op of its slice (measured on XLA:CPU, module docstring).
-CORRECTION_FEATURE_COPIES = 4
+#: the unsharded op of its slice (measured on XLA:CPU: 0.5-0.9, module docstring).
+SLICE_FEATURE_COPIES = 1
 #: Mixers whose slices exchange a (decayed) linear-attention state.
 STATE_MIXERS = ("based", "decay_attention", "transnormer", "mamba2")
 FLOAT32_BYTES = 4
@@ -81,9 +84,9 @@ class SequenceBytes:
     remat_across_layers: bool = False
 
     def layer_memory(self, layer: LayerBoundary) -> int:
-        """One layer's boundary buffers plus its correction's feature maps, bytes per row."""
+        """One layer's boundary buffers plus its slice state's feature maps, bytes per row."""
         features = (
-            CORRECTION_FEATURE_COPIES
+            SLICE_FEATURE_COPIES
             * self.slice_tokens
             * layer.feature_floats_per_token
             * FLOAT32_BYTES

@@ -7,16 +7,18 @@ tokens (shard ``s`` holds tokens ``s L .. (s + 1) L - 1``). Each op below runs i
 (docs/sequence_parallelism.md):
 
 - :func:`linear_attention_sharded` (causal linear attention with the BASED normalizer, and the
-  decayed, unnormalised form of RetNet, TransNormerLLM and Mamba-2's SSD): each
-  shard scans its slice from a zero state, with a column of ones appended to the values so that
-  the same scan yields the normalizer: ``n_i = sum_{j<=i, j in slice} phi(q_i).phi(k_j) [v_j, 1]``
-  and the slice's final state ``S = sum_j phi(k_j) ⊗ [v_j, 1]`` ``[B, H, D', Dv + 1]``. The
-  states are combined by an exclusive prefix sum over the axis
+  decayed, unnormalised form of RetNet, TransNormerLLM and Mamba-2's SSD), in two passes per
+  shard. First each shard sums its slice's final state from a zero start,
+  ``S = sum_j phi(k_j) ⊗ [v_j, 1]`` ``[B, H, D', Dv + 1]`` (:func:`slice_final_state`: no outputs,
+  no intra-chunk work; the column of ones appended to the values makes the normalizer's state
+  ``z`` travel with ``S``). The states are combined by an exclusive prefix sum over the axis
   (:func:`exclusive_prefix_sum`: one shift and ``ceil(log2(n - 1))`` doubling steps of
-  ``ppermute``), giving ``S_in``, the state of every earlier slice. Each shard then corrects
-  ``n_i += phi(q_i) S_in`` and returns ``y_i = n_i[:Dv] / (n_i[Dv] + eps)``. With a decay the
-  prefix is over ``(total log decay, state)`` pairs (:func:`exclusive_decayed_prefix`, the same
-  rounds) and the correction is weighted by the slice's cumulative decay.
+  ``ppermute``), giving ``S_in``, the state of every earlier slice. Then each shard runs the
+  unsharded op on its slice from ``initial_state = S_in``: its outputs need no correction, and
+  it holds what the unsharded op of ``L`` tokens holds. With a decay the first pass weights key
+  ``j`` by ``exp(G_L - G_j)`` (``G`` the slice's cumulative log decay), the prefix is over
+  ``(total log decay, state)`` pairs (:func:`exclusive_decayed_prefix`, the same rounds), and
+  the scan decays its initial state as the unsharded op does.
 - :func:`window_attention_sharded` (sliding-window softmax attention): each shard receives the
   previous shard's last ``window - 1`` keys and values (one ``ppermute``) and attends its
   queries over them and its own keys; shard 0 masks them out.
@@ -26,7 +28,7 @@ tokens (shard ``s`` holds tokens ``s L .. (s + 1) L - 1``). Each op below runs i
 
 Every shard computes its part with the XLA algorithms of the unsharded ops, or with their Pallas
 kernels (the ops of :data:`SEQUENCE_KERNEL_OPS` under ``implementation="pallas"``, or ``auto``
-where the kernel runs); the halos, the prefix and the corrections are XLA. The functions are
+where the kernel runs); the halos, the slices' states and the prefix are XLA. The functions are
 exact reformulations, equal to the unsharded ops up to float rounding. With ``return_state``
 (prefill) the linear attention and the conv also return their decode state, replicated over
 ``sequence`` (:mod:`jaxbased.ops.sequence_parallel_prefill`). Batch dims stay split over
@@ -141,8 +143,8 @@ def exclusive_prefix_rounds(shards: int) -> int:
 #: Implementations of the sequence-sharded ops whose shards compute with the XLA algorithms only
 #: (``auto`` resolves to them under a time-split mesh).
 SEQUENCE_IMPLEMENTATIONS: tuple[str, ...] = ("auto", "xla")
-#: The ops whose shards also run their Pallas kernel inside the ``shard_map`` (the corrections
-#: stay XLA), and the implementations they accept there.
+#: The ops whose shards also run their Pallas kernel inside the ``shard_map`` (the halos, the
+#: slices' states and the prefix stay XLA), and the implementations they accept there.
 SEQUENCE_KERNEL_OPS: tuple[str, ...] = ("linear_attention", "sliding_window_attention")
 SEQUENCE_KERNEL_IMPLEMENTATIONS: tuple[str, ...] = ("auto", "xla", "pallas")
 
@@ -196,6 +198,57 @@ def exclusive_decayed_prefix(state: Any, log_total: Array, shards: int) -> Any:
     return total
 
 
+def slice_final_state(
+    k: Float[Array, "B L G F"],
+    values: Float[Array, "B L H D"],
+    log_decay: Float[Array, "B L H"] | None,
+    *,
+    feature_map: str,
+    chunk_size: int,
+) -> Float[Array, "B H E D"]:
+    """The state a slice reaches from a zero state, ``S = sum_j exp(G_L - G_j) phi(k_j) ⊗ v_j``
+    ``[B, H, D', D]`` (``G_j`` the cumulative log decay up to ``j``; without a decay every
+    weight is 1), with no outputs and no intra-chunk kernel matrices: one contraction over the
+    tokens, in chunks of ``chunk_size`` carried by ``lax.scan`` (the state decayed by each
+    chunk's total decay, keys by their decay to the chunk's end, so exponents restart in every
+    chunk as in the chunked algorithm). The step is rematerialised, so the backward keeps no
+    ``[L, G, D']`` feature maps, only one chunk's at a time. ``k`` ``[B, L, G, F]`` groups the
+    ``H`` heads of ``values`` as :func:`jaxbased.ops.linear_attention` does; all in
+    ``values.dtype``."""
+    from jaxbased.ops.feature_maps import get_feature_map
+
+    phi = get_feature_map(feature_map)
+    batch, length, groups = k.shape[:3]
+    heads, width = values.shape[2:]
+    chunks = -(-length // chunk_size)
+    padding = chunks * chunk_size - length
+
+    def to_chunks(x: Array) -> Array:  # [B, L, ...] -> [N, B, C, ...], zeros after the end
+        x = jnp.pad(x, [(0, 0), (0, padding)] + [(0, 0)] * (x.ndim - 2))
+        x = x.reshape(batch, chunks, chunk_size, *x.shape[2:])
+        return jnp.moveaxis(x, 1, 0)
+
+    @jax.checkpoint
+    def step(state, chunk):
+        k_chunk, values_chunk, *decay_chunk = chunk
+        if decay_chunk:  # padded steps have log decay 0 and zero values: they add nothing
+            cumulative = jnp.cumsum(decay_chunk[0], axis=1)  # [B, C, H]
+            total = cumulative[:, -1]
+            values_chunk = values_chunk * jnp.exp(total[:, None] - cumulative)[..., None]
+            state = state * jnp.exp(total)[..., None, None]
+        grouped = values_chunk.reshape(batch, chunk_size, groups, heads // groups, width)
+        added = jnp.einsum("bcgf,bcgrd->bgrfd", phi(k_chunk), grouped)
+        return state + added.reshape(state.shape), None
+
+    features = jax.eval_shape(phi, jax.ShapeDtypeStruct((1, k.shape[3]), values.dtype))
+    state = jnp.zeros((batch, heads, features.shape[-1], width), values.dtype)
+    inputs = [to_chunks(k.astype(values.dtype)), to_chunks(values)]
+    if log_decay is not None:
+        inputs.append(to_chunks(log_decay.astype(values.dtype)))
+    state, _ = jax.lax.scan(step, state, tuple(inputs))
+    return state
+
+
 def linear_attention_sharded(
     q: Float[Array, "B T G F"],
     k: Float[Array, "B T G F"],
@@ -218,104 +271,84 @@ def linear_attention_sharded(
     :func:`sequence_layout` for ``(B, T, G)``: heads are split over ``tensor`` only with whole
     groups per shard.
 
-    With ``log_decay`` (``[H]`` per head, or ``[B, T, H]`` per step, as RetNet, TransNormerLLM
-    and SSD use it) each shard's final state and total log decay ``Λ`` go through
-    :func:`exclusive_decayed_prefix`, and token ``i`` of a slice reads the incoming state
-    decayed by ``exp(G_i)``, ``G_i`` the cumulative log decay of the slice up to ``i``:
-    ``n_i += exp(G_i) phi(q_i) S_in``. Without ``normalize`` no ones column is appended.
+    Two passes per shard: :func:`slice_final_state` gives the slice's state from a zero start
+    (with a column of ones appended to the values where the normalizer ``z`` is needed, so
+    that ``S`` and ``z`` travel as one ``[B, H, D', Dv + 1]`` leaf), the exclusive prefix gives
+    ``S_in``, and the unsharded op scans the slice from ``initial_state = S_in``. With
+    ``log_decay`` (``[H]`` per head, or ``[B, T, H]`` per step, as RetNet, TransNormerLLM and
+    SSD use it) the pass weights key ``j`` by ``exp(G_L - G_j)`` and the prefix is
+    :func:`exclusive_decayed_prefix` over ``(Λ = G_L, S)``; the scan decays its initial state
+    as the unsharded op does.
 
     ``return_state`` (prefill): also return the state after the last token, a
     :class:`~jaxbased.ops.linear_attention.LinearAttentionState` (float32) replicated over
-    ``sequence``: the last shard's incoming state (decayed by its ``exp(Λ)``) plus its own,
-    broadcast by one all-reduce (:func:`jaxbased.ops.sequence_parallel_prefill.last_shard_value`).
-    Without ``normalize`` the ones column is appended then too, so that ``z`` (the state's
-    ``k_state``) travels with ``S`` in the prefix as one ``[B, H, D', Dv + 1]`` leaf.
+    ``sequence``: the last shard's scan's final state, broadcast by one all-reduce
+    (:func:`jaxbased.ops.sequence_parallel_prefill.last_shard_value`).
 
     ``use_kernel``: each shard scans its slice with the Pallas kernel
-    (``pallas_kernels.linear_attention``, chunks of ``kernel_chunk_size``; interpreted on CPU)
-    instead of the XLA ``algorithm``; the prefix and the corrections stay XLA."""
+    (``pallas_kernels.linear_attention``, chunks of ``kernel_chunk_size``, from ``S_in``;
+    interpreted on CPU) instead of the XLA ``algorithm``; the slice's state and the prefix stay
+    XLA."""
     from jaxbased.ops._common import compute_dtype
-    from jaxbased.ops.feature_maps import get_feature_map
     from jaxbased.ops.linear_attention import LinearAttentionState, linear_attention
     from jaxbased.ops.sequence_parallel_prefill import last_shard_value
 
     dtype = compute_dtype(q, k, v)
     value_dim = v.shape[3]
-    phi = get_feature_map(feature_map)
     per_step_decay = log_decay is not None and log_decay.ndim == 3
-    # A column of ones appended to the values makes the same scan yield the normalizer z, for
-    # the BASED normalizer and for a returned state (whose k_state is z).
+    # The normalizer's state z rides with S as a ones column where the scan or the returned
+    # state reads it.
     with_ones = normalize or return_state
 
-    def scan_slice(q, k, values, decay):
-        """The slice from a zero state: unnormalised outputs and the final ``(S, z)``."""
+    def scan_slice(q, k, v, decay, initial):
+        """The slice's outputs and final ``(S, z)`` from the incoming ``initial`` state."""
         if not use_kernel:
-            numerator, state = linear_attention(
-                q, k, values, feature_map=feature_map, algorithm=algorithm,
-                chunk_size=chunk_size, return_state=True, normalize=False,
-                implementation="xla", log_decay=decay,
+            return linear_attention(
+                q, k, v, feature_map=feature_map, algorithm=algorithm, chunk_size=chunk_size,
+                eps=eps, initial_state=LinearAttentionState(*initial), return_state=True,
+                normalize=normalize, implementation="xla", log_decay=decay,
             )  # fmt: skip
-            return numerator, (state.kv_state, state.k_state)
         from jaxbased.ops.dispatch import kernel_backend
         from pallas_kernels.linear_attention import linear_attention as kernel
 
         backend, interpret = kernel_backend()
         if decay is not None and decay.ndim == 1:
-            decay = jnp.broadcast_to(decay, values.shape[:3])
-        return kernel(
-            q, k, values, None, log_decay=decay, normalize=False, feature_map=feature_map,
-            chunk_size=kernel_chunk_size, backend=backend, interpret=interpret,
+            decay = jnp.broadcast_to(decay, v.shape[:3])
+        y, final = kernel(
+            q, k, v, initial, log_decay=decay, normalize=normalize, feature_map=feature_map,
+            chunk_size=kernel_chunk_size, eps=eps, backend=backend, interpret=interpret,
         )  # fmt: skip
+        return y, LinearAttentionState(*final)
 
     def local(q, k, v, *decay):
-        batch, length = v.shape[:2]
-        local_groups, local_heads = q.shape[2], v.shape[2]
-        # The kernel takes the inputs' own dtype (bfloat16 operands for a bfloat16 model).
-        operand_dtype = v.dtype if use_kernel else dtype
-        values = v.astype(operand_dtype)
+        batch, length, local_heads = v.shape[:3]
+        values = v.astype(dtype)
         if with_ones:
-            ones = jnp.ones((batch, length, local_heads, 1), operand_dtype)
+            ones = jnp.ones((batch, length, local_heads, 1), dtype)
             values = jnp.concatenate([values, ones], axis=-1)  # [B, L, H, Dv + 1]
         local_decay = decay[0].astype(dtype) if decay else None
-        if use_kernel:
-            numerator, (kv_state, k_state) = scan_slice(q, k, values, local_decay)
-            numerator = numerator.astype(dtype)
-        else:
-            numerator, (kv_state, k_state) = scan_slice(
-                q.astype(dtype), k.astype(dtype), values, local_decay
-            )
-        del k_state  # z is the ones column's state where it is needed
-        state = kv_state
-        if local_decay is None:
-            incoming = exclusive_prefix_sum(state, layout.shards)  # [B, H, D', Dv']
-            weight, own_decay = None, None
-        else:
+        steps = None
+        if local_decay is not None:
             steps = (
                 local_decay
                 if per_step_decay
                 else jnp.broadcast_to(local_decay, (batch, length, local_heads))
             )
-            cumulative = jnp.cumsum(steps, axis=1)  # G_i [B, L, H]
-            incoming = exclusive_decayed_prefix(state, cumulative[:, -1], layout.shards)
-            weight, own_decay = jnp.exp(cumulative), jnp.exp(cumulative[:, -1])
-        per_group = local_heads // local_groups
-        grouped = incoming.reshape(batch, local_groups, per_group, *incoming.shape[2:])
-        correction = jnp.einsum("blgf,bgrfd->blgrd", phi(q.astype(dtype)), grouped)
-        correction = correction.reshape(numerator.shape)
-        if weight is not None:
-            correction = correction * weight[..., None]
-        numerator = numerator + correction
-        if normalize:
-            y = numerator[..., :value_dim] / (numerator[..., value_dim:] + eps)
+        state = slice_final_state(
+            k, values, steps, feature_map=feature_map, chunk_size=chunk_size
+        )  # [B, H, D', Dv']
+        if steps is None:
+            incoming = exclusive_prefix_sum(state, layout.shards)
         else:
-            y = numerator[..., :value_dim]
-        y = y.astype(v.dtype)
+            incoming = exclusive_decayed_prefix(state, jnp.sum(steps, axis=1), layout.shards)
+        if with_ones:
+            initial = (incoming[..., :value_dim], incoming[..., value_dim])
+        else:
+            initial = (incoming, jnp.zeros(incoming.shape[:3], incoming.dtype))
+        y, final = scan_slice(q, k, v, local_decay, initial)
         if not return_state:
             return y
-        final = state + (  # the state after the slice [B, H, D', Dv + 1]
-            incoming if own_decay is None else own_decay[..., None, None] * incoming
-        )
-        return y, last_shard_value((final[..., :value_dim], final[..., value_dim]), layout.shards)
+        return y, last_shard_value((final.kv_state, final.k_state), layout.shards)
 
     specs = [layout.spec(4), layout.spec(4), layout.spec(4)]
     operands = [q, k, v]
