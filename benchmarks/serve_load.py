@@ -14,8 +14,12 @@ that, so requests end at different steps), in three modes:
 
 Measured per run: throughput (generated tokens / wall time), time to first token and
 per-token latency (the gaps between a request's streamed tokens), p50 and p99. Each server
-compiles on an untimed warm-up request first. The run stops by itself; results go to
-``--output`` as JSON.
+compiles on an untimed warm-up request first. Before its server starts, each engine's
+compiled programs are timed alone (the step-time breakdown): one decode step over its slots
+and one whole-prompt prefill, blocked on their results (medians). ``--repeats`` rounds run
+every case again, the modes in reverse order on odd rounds, so that a change in the shared
+machine's load falls on every mode; the ratios use the median throughput over the rounds.
+The run stops by itself; results go to ``--output`` as JSON.
 
     .venv/bin/python benchmarks/serve_load.py --quick
     .venv/bin/python benchmarks/serve_load.py --requests=64 --concurrency=16 --prompts=256,4096
@@ -51,6 +55,9 @@ flags.DEFINE_float("timeout", 600.0, "Seconds a run may take before it is abando
 flags.DEFINE_string("output", "benchmarks/results/serve_load.json", "Where the JSON goes.")
 flags.DEFINE_bool("quick", False, "Smoke run: N 32, C 8, prompts 64 and 512, 24 new tokens.")
 flags.DEFINE_integer("seed", 0, "Seed of the parameters and prompts.")
+flags.DEFINE_integer(
+    "repeats", 1, "Rounds over every (model, prompt, mode); the order of the modes alternates."
+)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402  (the benchmarks' shared models and helpers)
@@ -184,6 +191,49 @@ async def drive(url: str, prompts: list[list[int]], lengths: list[int], mode: st
     }
 
 
+def median_seconds(call: Any, repeats: int) -> float:
+    """The median wall time of ``call()`` over ``repeats`` calls, after one untimed call."""
+    import numpy as np
+
+    call()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def step_profile(engine: Any, prompt: list[int]) -> dict[str, float]:
+    """Seconds of the engine's compiled programs alone (its thread not started): one decode
+    step over every slot, with and without the device-to-host copy of its outputs, and one
+    whole-prompt prefill of ``prompt``; each blocked on its results. The decode steps write
+    only free slots (as :meth:`Engine.warmup` does)."""
+    import jax
+    import numpy as np
+
+    programs = engine._programs  # the benchmark times the engine's own programs
+    occupied = np.zeros((engine.config.num_slots,), bool)
+
+    def decode_compiled() -> None:
+        *outputs, engine._cache = programs.decode(
+            engine.params, engine._cache, engine._tokens, occupied, *engine._sampling_arrays()
+        )
+        jax.block_until_ready(outputs)
+
+    tokens = np.zeros((1, engine._bucket(len(prompt))), np.int32)
+    tokens[0, : len(prompt)] = prompt
+
+    def prefill() -> None:
+        jax.block_until_ready(engine._run_prefill(tokens, len(prompt)))
+
+    return {
+        "decode_step_compiled_seconds": median_seconds(decode_compiled, 10),
+        "decode_step_with_copy_seconds": median_seconds(engine._run_decode, 10),
+        "prefill_seconds": median_seconds(prefill, 2),
+    }
+
+
 def run_case(name: str, params: Any, prompt_length: int, mode: str, rng: Any) -> dict:
     from jaxbased.model import LanguageModel
     from jaxbased.serving.engine import Engine, EngineConfig
@@ -202,6 +252,7 @@ def run_case(name: str, params: Any, prompt_length: int, mode: str, rng: Any) ->
         prefill_chunk=chunk,
     )
     engine = Engine(LanguageModel(model_config(name)), params, engine_config)
+    profile = step_profile(engine, prompts[0])
     with LocalServer(engine, name) as server:
         compile_start = time.perf_counter()
         asyncio.run(drive(server.url, prompts[:1], [2], "continuous", 1))  # compiles
@@ -216,6 +267,7 @@ def run_case(name: str, params: Any, prompt_length: int, mode: str, rng: Any) ->
         "slots": slots,
         "mean_new_tokens": mean,
         "warmup_seconds": compile_seconds,
+        **profile,
         **measured,
         "load_average_after": os.getloadavg(),
     }
@@ -224,7 +276,9 @@ def run_case(name: str, params: Any, prompt_length: int, mode: str, rng: Any) ->
         f"{row['throughput_tokens_per_second']:8.1f} tok/s  TTFT p50 "
         f"{row['ttft_p50_seconds']:.3f} s p99 {row['ttft_p99_seconds']:.3f} s  per token p50 "
         f"{1e3 * row['per_token_p50_seconds']:.1f} ms "
-        f"p99 {1e3 * row['per_token_p99_seconds']:.1f} ms",
+        f"p99 {1e3 * row['per_token_p99_seconds']:.1f} ms  (decode step "
+        f"{1e3 * row['decode_step_compiled_seconds']:.1f} ms, prefill "
+        f"{1e3 * row['prefill_seconds']:.0f} ms)",
         flush=True,
     )
     return row
@@ -232,10 +286,14 @@ def run_case(name: str, params: Any, prompt_length: int, mode: str, rng: Any) ->
 
 def ratios(rows: list[dict]) -> dict[str, float]:
     """Throughput of continuous batching over the other modes, and of BASED over
-    Transformer++ (continuous), per prompt length."""
-    by = {
-        (r["model"], r["prompt_length"], r["mode"]): r["throughput_tokens_per_second"] for r in rows
-    }
+    Transformer++ (continuous), per prompt length; medians over the rounds."""
+    import numpy as np
+
+    rounds: dict[tuple[str, int, str], list[float]] = {}
+    for r in rows:
+        key = (r["model"], r["prompt_length"], r["mode"])
+        rounds.setdefault(key, []).append(r["throughput_tokens_per_second"])
+    by = {key: float(np.median(values)) for key, values in rounds.items()}
     out = {}
     for (model, length, mode), value in by.items():
         if mode != "continuous":
@@ -264,8 +322,10 @@ def main(argv: Sequence[str]) -> None:
             raise app.UsageError(f"--modes has {mode!r}; allowed: {', '.join(MODES)}")
     for name in FLAGS.models:
         model_config(name)  # validates the name
-    if FLAGS.requests < 1 or FLAGS.concurrency < 1 or FLAGS.new_tokens < 2:
-        raise app.UsageError("--requests and --concurrency must be >= 1, --new_tokens >= 2")
+    if FLAGS.requests < 1 or FLAGS.concurrency < 1 or FLAGS.new_tokens < 2 or FLAGS.repeats < 1:
+        raise app.UsageError(
+            "--requests, --concurrency and --repeats must be >= 1, --new_tokens >= 2"
+        )
 
     import flax.linen as nn
     import jax
@@ -286,21 +346,30 @@ def main(argv: Sequence[str]) -> None:
             "prompts": [int(p) for p in FLAGS.prompts],
             "mean_new_tokens": FLAGS.new_tokens,
             "prefill_chunk": FLAGS.prefill_chunk,
+            "repeats": FLAGS.repeats,
             "sampling": "greedy, streamed, end of text ignored",
             "client": "httpx.AsyncClient in the server's process, 127.0.0.1",
         },
         "parameters": {},
         "runs": [],
     }
+    all_params = {}
     for name in FLAGS.models:
         model = LanguageModel(model_config(name))
         variables = jax.jit(model.init)(jax.random.key(FLAGS.seed), jnp.zeros((1, 8), jnp.int32))
-        params = nn.meta.unbox(variables["params"])
-        payload["parameters"][name] = count_parameters(params)
-        for length in (int(p) for p in FLAGS.prompts):
-            for mode in FLAGS.modes:
-                rng = np.random.default_rng(FLAGS.seed + length)  # the same requests per mode
-                payload["runs"].append(run_case(name, params, length, mode, rng))
+        all_params[name] = nn.meta.unbox(variables["params"])
+        payload["parameters"][name] = count_parameters(all_params[name])
+    for round_index in range(FLAGS.repeats):
+        modes = FLAGS.modes if round_index % 2 == 0 else FLAGS.modes[::-1]
+        for name in FLAGS.models:
+            for length in (int(p) for p in FLAGS.prompts):
+                for mode in modes:
+                    rng = np.random.default_rng(FLAGS.seed + length)  # the same requests per mode
+                    row = run_case(name, all_params[name], length, mode, rng)
+                    payload["runs"].append({"round": round_index, **row})
+                    payload["ratios"] = ratios(payload["runs"])
+                    if FLAGS.output:  # what has run so far survives an interruption
+                        write_json_atomic(FLAGS.output, payload)
     payload["ratios"] = ratios(payload["runs"])
     payload["wall_seconds"] = time.perf_counter() - started
     print(json.dumps(payload["ratios"], indent=2))
