@@ -15,8 +15,10 @@ requests end at different steps), in three modes:
 
 Measured per run: throughput (generated tokens / wall time), time to first token and
 per-token latency (the gaps between a request's streamed tokens), p50 and p99. Each server
-compiles on an untimed warm-up request first. Before its server starts, each engine's
-compiled programs are timed alone (the step-time breakdown): one decode step over its slots
+compiles on an untimed warm-up request first. The engine's own metrics split each run's
+wall time into decode steps, prefills (with slot insertion and first token) and the rest
+(the scheduler's and the HTTP streaming's host work, and waiting for requests). Before its
+server starts, each engine's compiled programs are timed alone: one decode step over its slots
 and one whole-prompt prefill, blocked on their results (medians). ``--repeats`` rounds run
 every case again, the modes in reverse order on odd rounds, so that a change in the shared
 machine's load falls on every mode; the ratios use the median throughput over the rounds.
@@ -214,6 +216,23 @@ def drive_elsewhere(*args: Any) -> dict:
         return pool.submit(drive_in_process, *args).result()
 
 
+def engine_times(engine: Any) -> dict[str, float]:
+    """The engine's totals so far, from its metrics: decode steps and their seconds (each
+    with the copy of its outputs to the host), prefills and their seconds (each with the
+    slot insertion and the first token), and scheduler iterations."""
+    from jaxbased.serving.metrics import parse_metrics
+
+    values = parse_metrics(engine.metrics.render())
+    prefix = "jaxbased_serve_"
+    return {
+        "engine_decode_steps": values[f"{prefix}decode_step_seconds_count"],
+        "engine_decode_seconds": values[f"{prefix}decode_step_seconds_sum"],
+        "engine_prefills": values[f"{prefix}prefill_seconds_count"],
+        "engine_prefill_seconds": values[f"{prefix}prefill_seconds_sum"],
+        "engine_iterations": float(engine.iterations),
+    }
+
+
 def median_seconds(call: Any, repeats: int) -> float:
     """The median wall time of ``call()`` over ``repeats`` calls, after one untimed call."""
     import numpy as np
@@ -280,7 +299,13 @@ def run_case(name: str, params: Any, prompt_length: int, mode: str, rng: Any) ->
         compile_start = time.perf_counter()
         asyncio.run(drive(server.url, prompts[:1], [2], "continuous", 1, FLAGS.timeout))
         compile_seconds = time.perf_counter() - compile_start  # the programs compiled
+        before = engine_times(engine)
         measured = drive_elsewhere(server.url, prompts, lengths, mode, c, FLAGS.timeout)
+        after = engine_times(engine)
+    spent = {name: after[name] - before[name] for name in after}
+    spent["engine_other_seconds"] = (
+        measured["wall_seconds"] - spent["engine_decode_seconds"] - spent["engine_prefill_seconds"]
+    )
     row = {
         "model": name,
         "mode": mode,
@@ -292,6 +317,7 @@ def run_case(name: str, params: Any, prompt_length: int, mode: str, rng: Any) ->
         "warmup_seconds": compile_seconds,
         **profile,
         **measured,
+        **spent,
         "load_average_after": os.getloadavg(),
     }
     print(
@@ -301,7 +327,10 @@ def run_case(name: str, params: Any, prompt_length: int, mode: str, rng: Any) ->
         f"{1e3 * row['per_token_p50_seconds']:.1f} ms "
         f"p99 {1e3 * row['per_token_p99_seconds']:.1f} ms  (decode step "
         f"{1e3 * row['decode_step_compiled_seconds']:.1f} ms, prefill "
-        f"{1e3 * row['prefill_seconds']:.0f} ms)",
+        f"{1e3 * row['prefill_seconds']:.0f} ms; in the run: decode "
+        f"{row['engine_decode_seconds']:.1f} s over {row['engine_decode_steps']:.0f} steps, "
+        f"prefill {row['engine_prefill_seconds']:.1f} s, other "
+        f"{row['engine_other_seconds']:.1f} s)",
         flush=True,
     )
     return row
