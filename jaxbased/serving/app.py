@@ -7,11 +7,10 @@ Every refusal is an OpenAI-style JSON error, ``{"error": {"message", "type", "pa
 for a body over ``max_body_bytes``, 429 when the engine's queue is full, 503 while shutting
 down.
 
-The engine runs in its own thread; each request's events cross to the event loop into an
-``asyncio.Queue``, in batches: one ``loop.call_soon_threadsafe`` hands over every event
-posted since the loop's last hand-over (one wake-up per decode step, not one per slot). A
-streaming response (server-sent events) whose client goes away cancels its request, which
-frees its slots at the engine's next iteration; so does a non-streaming one, checked every
+The engine runs in its own thread; each request's events cross to the event loop through
+``loop.call_soon_threadsafe`` into an ``asyncio.Queue``. A streaming response
+(server-sent events) whose client goes away cancels its request, which frees its slots at the
+engine's next iteration; so does a non-streaming one, checked every
 :data:`DISCONNECT_POLL_SECONDS`.
 """
 
@@ -20,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -50,43 +48,15 @@ from jaxbased.serving.protocol import ApiError
 DISCONNECT_POLL_SECONDS = 0.25
 
 
-class _EventRelay:
-    """Hands events from the engine's thread to one event loop's queues in batches: the
-    events posted while the loop has not yet run the previous hand-over wait for it, so that
-    the engine's ``num_slots`` tokens of one step cost one wake-up of the loop, not one
-    each."""
+class _RequestStream:
+    """One engine request seen from the event loop: its events in an asyncio queue."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self._lock = threading.Lock()
-        self._pending: list[tuple[asyncio.Queue[Event], Event]] = []
-
-    def post(self, events: asyncio.Queue[Event], event: Event) -> None:
-        """Queue ``event`` for ``events`` (any thread); wakes the loop if it is not due to
-        run a hand-over already."""
-        with self._lock:
-            self._pending.append((events, event))
-            wake = len(self._pending) == 1
-        if wake:
-            self.loop.call_soon_threadsafe(self._hand_over)
-
-    def _hand_over(self) -> None:  # the loop's thread
-        with self._lock:
-            pending, self._pending = self._pending, []
-        for events, event in pending:
-            events.put_nowait(event)
-
-
-class _RequestStream:
-    """One engine request seen from the event loop: its events in an asyncio queue, fed
-    through the loop's :class:`_EventRelay`."""
-
-    def __init__(self, relay: _EventRelay) -> None:
-        self.relay = relay
         self.events: asyncio.Queue[Event] = asyncio.Queue()
 
     def __call__(self, event: Event) -> None:  # the engine's thread
-        self.relay.post(self.events, event)
+        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
 
 class _Choice:
@@ -130,7 +100,6 @@ class Server:
         self.default_max_tokens = default_max_tokens
         self.shutdown_timeout = shutdown_timeout
         self.created = int(time.time())
-        self._relays: dict[asyncio.AbstractEventLoop, _EventRelay] = {}
 
     @property
     def metrics(self) -> ServingMetrics:
@@ -169,10 +138,7 @@ class Server:
     ) -> tuple[Request, _RequestStream]:
         """Queue a request on the engine; the engine's refusals as ApiErrors (400, 429, 503)."""
         loop = asyncio.get_running_loop()
-        relay = self._relays.get(loop)
-        if relay is None:
-            relay = self._relays[loop] = _EventRelay(loop)
-        stream = _RequestStream(relay)
+        stream = _RequestStream(loop)
         request = Request(ids, settings.sampling, stream)
         try:
             self.engine.submit(request)
