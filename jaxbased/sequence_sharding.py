@@ -34,6 +34,7 @@ SEQUENCE_SHARDED_MIXERS: tuple[str, ...] = (
     "decay_attention",
     "transnormer",
     "mamba2",
+    "mamba",
 )
 
 
@@ -44,7 +45,7 @@ def _divisors(number: int) -> list[int]:
 def halo_tokens(config: Any) -> dict[str, int]:
     """``{mixer: tokens a slice needs from the previous slice}`` for the used mixers that reach
     back a fixed number of tokens (``sliding_window``: ``window - 1``; ``base_conv``:
-    ``kernel_size - 1``; ``mamba2``: its short conv's ``conv_kernel_size - 1``)."""
+    ``kernel_size - 1``; ``mamba2``, ``mamba``: the short conv's ``conv_kernel_size - 1``)."""
     halos = {}
     if "sliding_window" in config.layer_pattern:
         halos["sliding_window"] = config.sliding_window.window - 1
@@ -52,6 +53,8 @@ def halo_tokens(config: Any) -> dict[str, int]:
         halos["base_conv"] = config.base_conv.kernel_size - 1
     if "mamba2" in config.layer_pattern:
         halos["mamba2"] = config.mamba2.conv_kernel_size - 1
+    if "mamba" in config.layer_pattern:
+        halos["mamba"] = config.mamba.conv_kernel_size - 1
     return halos
 
 

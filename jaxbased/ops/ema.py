@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from jaxbased.ops.sequence_parallel import sequence_layout
+
 
 def _powers(log_decay: Array, exponents: Array) -> Array:
     """``a^e`` for ``log_decay [D, N]`` and integer ``exponents [L] >= 0``: ``[D, N, L]``."""
@@ -68,6 +70,12 @@ def multi_head_ema(
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be >= 1")
     batch, seq, channels = x.shape
+    # A time-split mesh: the sequence-parallel form from a zero state (training's forward).
+    layout = sequence_layout(batch, seq, 1)
+    if layout is not None and initial_state is None and not return_chunk_states:
+        from jaxbased.ops.sequence_parallel_scan import ema_sharded
+
+        return ema_sharded(x, decay, input_scale, output_scale, layout, chunk_size=chunk_size)
     dtype = jnp.promote_types(x.dtype, jnp.float32)
     log_decay = jnp.log(decay.astype(dtype))
     b, w = input_scale.astype(dtype), output_scale.astype(dtype)

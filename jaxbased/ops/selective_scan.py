@@ -58,6 +58,8 @@ from jaxbased.ops.dispatch import (
     use_pallas,
 )
 from jaxbased.ops.kernel_check import compare_with_reference
+from jaxbased.ops.sequence_parallel import check_sequence_implementation, sequence_layout
+from jaxbased.ops.sequence_parallel_scan import selective_scan_sharded
 
 ALGORITHMS: tuple[str, ...] = ("chunked", "sequential", "associative")
 
@@ -176,6 +178,14 @@ def selective_scan(
     check_chunk_size(chunk_size)
     check_implementation(implementation)
     channels, state_dim = _check_shapes(u, delta, a, b, c, token_axes=2)
+    # A time-split mesh: the sequence-parallel form from a zero state; prefill (an initial or
+    # returned state) runs below and XLA places the data.
+    layout = sequence_layout(u.shape[0], u.shape[1], channels)
+    if layout is not None and initial_state is None and not return_state:
+        check_sequence_implementation("selective_scan", implementation)
+        return selective_scan_sharded(
+            u, delta, a, b, c, layout, algorithm=algorithm, chunk_size=chunk_size
+        )
     if implementation != "xla" and use_pallas(
         implementation,
         _kernel_unsupported(u, delta, a, b, c, algorithm),
