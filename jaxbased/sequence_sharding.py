@@ -9,7 +9,8 @@ when a training or evaluation run cannot split its sequences ``sequence`` ways:
   (:data:`SEQUENCE_SHARDED_MIXERS`), computed by the XLA algorithms
   (``implementation`` ``auto`` or ``xla``);
 - a slice must hold what its first token needs from the previous one: ``window - 1`` keys for
-  ``sliding_window``, ``kernel_size - 1`` inputs for ``base_conv``.
+  ``sliding_window``, ``kernel_size - 1`` inputs for ``base_conv``;
+- SeqBoat runs its packed algorithm (``masked`` is a full-length reference).
 
 Slices need not be whole chunks of the chunked linear attention: each shard pads its own last
 chunk, as the unsharded op pads the sequence's tail (logged, since that padding is work).
@@ -35,6 +36,7 @@ SEQUENCE_SHARDED_MIXERS: tuple[str, ...] = (
     "transnormer",
     "mamba2",
     "mamba",
+    "seqboat",
 )
 
 
@@ -81,6 +83,11 @@ def check_sequence_sharding(config: Any, sequence: int, seq_len: int) -> None:
         raise ValueError(
             f"mesh.sequence={sequence}: implementation={config.implementation!r} cannot split "
             f"the sequence yet; allowed with sequence > 1: {SEQUENCE_IMPLEMENTATIONS}"
+        )
+    if "seqboat" in config.layer_pattern and config.seqboat.algorithm != "packed":
+        raise ValueError(
+            f"mesh.sequence={sequence}: seqboat.algorithm={config.seqboat.algorithm!r} (the "
+            "full-length reference) cannot split the sequence; use seqboat.algorithm='packed'"
         )
     length = seq_len // sequence
     for mixer, halo in halo_tokens(config).items():

@@ -25,6 +25,7 @@ from tests.sequence_worker import (
     collective_counts,
     mesh_name,
     model_cases,
+    relative_error,
     tree_error,
 )
 
@@ -46,6 +47,30 @@ MAMBA_MODEL = dict(
     use_mlp=False,
     mamba=dict(state_dim=8, chunk_size=16),
 )
+
+#: SeqBoat layers on the same length: capacity 36 of 72 packed slots (capacity_bucket 1), a
+#: window of 8 packed keys. The first layer's router is biased towards inactive
+#: (:data:`SPARSE_ROUTER_BIAS`: about a quarter of the tokens active, two per 9-token slice,
+#: so a query's 7 earlier keys come from several earlier slices); the second keeps its init
+#: (about 70% active: tokens beyond the capacity are dropped).
+SEQBOAT_MODEL = dict(
+    vocab_size=64,
+    d_model=32,
+    num_layers=2,
+    layer_pattern=("seqboat", "seqboat"),
+    use_mlp=False,
+    residual_activation="silu",
+    seqboat=dict(
+        ema_dim=4,
+        attention_dim=16,
+        window=8,
+        capacity_fraction=0.5,
+        capacity_bucket=1,
+        ema_chunk_size=16,
+    ),
+)
+#: Added to the first SeqBoat layer's "inactive" router logit.
+SPARSE_ROUTER_BIAS = 0.1
 
 
 def op_cases() -> dict:
@@ -98,6 +123,45 @@ def op_cases() -> dict:
                 actual = jax.jit(grad)(*inputs)
             errors[name][mesh_name(shape)] = tree_error(actual, expected)
     return errors
+
+
+def seqboat_model_cases() -> dict:
+    """The SeqBoat model's loss, gradients and router metrics (activation rate and dropped
+    tokens per layer) on every mesh vs one device."""
+    from flax import linen as nn
+
+    from jaxbased.sharding import LOGICAL_RULES, batch_sharding, logical_shardings, make_mesh
+    from jaxbased.training.steps import token_losses
+
+    model = LanguageModel(ModelConfig.from_dict(SEQBOAT_MODEL))
+    boxed = model.init(jax.random.key(0), jnp.zeros((1, SEQ_LEN), jnp.int32))["params"]
+    params = nn.meta.unbox(boxed)
+    router = params["layers_0"]["mixer"]["hx_proj"]
+    router["bias"] = router["bias"].at[0].add(SPARSE_ROUTER_BIAS)
+    batch = jnp.asarray(np.random.default_rng(1).integers(0, 64, size=(4, SEQ_LEN + 1)), jnp.int32)
+
+    def loss(params, batch):
+        losses, _, metrics = token_losses(model, params, batch)
+        return losses.mean(), metrics
+
+    step = jax.jit(jax.value_and_grad(loss, has_aux=True))
+    (expected_loss, expected_metrics), expected_grads = step(params, batch)
+    report: dict = {
+        "metrics": {key: float(value) for key, value in expected_metrics.items()},
+        "loss": {},
+        "grads": {},
+        "metric_errors": {},
+    }
+    for shape in MODEL_MESHES:
+        mesh = make_mesh(shape)
+        shardings = logical_shardings(jax.eval_shape(lambda: boxed), mesh)
+        with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+            placed = jax.device_put(params, shardings)
+            (loss_value, metrics), grads = step(placed, jax.device_put(batch, batch_sharding(mesh)))
+        report["loss"][mesh_name(shape)] = relative_error(loss_value, expected_loss)
+        report["grads"][mesh_name(shape)] = tree_error(grads, expected_grads)
+        report["metric_errors"][mesh_name(shape)] = tree_error(metrics, expected_metrics)
+    return report
 
 
 def train_step_hlo(fields: dict, shape: tuple[int, ...]) -> str:
@@ -163,10 +227,11 @@ def counted_collectives(hlo: str) -> dict:
 def hlo_cases() -> dict:
     """Collectives of the compiled train steps on sequence meshes."""
     return {
-        "mamba": {
-            mesh_name(shape): counted_collectives(train_step_hlo(MAMBA_MODEL, shape))
+        name: {
+            mesh_name(shape): counted_collectives(train_step_hlo(fields, shape))
             for shape in HLO_MESHES
         }
+        for name, fields in (("mamba", MAMBA_MODEL), ("seqboat", SEQBOAT_MODEL))
     }
 
 
@@ -177,6 +242,7 @@ if __name__ == "__main__":
     for name, case in [
         ("ops", op_cases),
         ("mamba_model", lambda: model_cases(MAMBA_MODEL, MODEL_MESHES)),
+        ("seqboat_model", seqboat_model_cases),
         ("hlo", hlo_cases),
     ]:
         start = time.perf_counter()

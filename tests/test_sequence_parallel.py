@@ -117,9 +117,9 @@ def test_unshardable_mixers_and_implementations_are_refused():
     based = ModelConfig.from_dict(BASED_MODEL)
     check_sequence_sharding(based, 1, 7)  # sequence 1: anything goes
     check_sequence_sharding(based, 8, 72)
-    seqboat = ModelConfig.from_dict(dict(BASED_MODEL, layer_pattern=("based", "seqboat", "mlp")))
-    with pytest.raises(ValueError, match=r"mixers \['seqboat'\] that cannot split"):
-        check_sequence_sharding(seqboat, 2, 64)
+    softmax = ModelConfig.from_dict(dict(BASED_MODEL, layer_pattern=("based", "attention", "mlp")))
+    with pytest.raises(ValueError, match=r"mixers \['attention'\] that cannot split"):
+        check_sequence_sharding(softmax, 2, 64)
     mamba2 = ModelConfig.from_dict(dict(BASED_MODEL, layer_pattern=("based", "mamba2", "mlp")))
     check_sequence_sharding(mamba2, 8, 72)  # 9-token slices hold the conv's 3 inputs
     with pytest.raises(ValueError, match="mamba2 needs the 3 tokens"):

@@ -15,7 +15,13 @@ import pytest
 from jaxbased import ModelConfig
 from jaxbased.ops.sequence_parallel import exclusive_prefix_rounds
 from jaxbased.sequence_sharding import check_sequence_sharding
-from tests.sequence_scan_worker import HLO_MESHES, MAMBA_MODEL, MODEL_MESHES, OP_MESHES
+from tests.sequence_scan_worker import (
+    HLO_MESHES,
+    MAMBA_MODEL,
+    MODEL_MESHES,
+    OP_MESHES,
+    SEQBOAT_MODEL,
+)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-5  # relative, float32
@@ -72,3 +78,42 @@ def test_mamba_conv_halo_is_checked():
     check_sequence_sharding(mamba, 8, 72)  # 9-token slices hold the conv's 3 inputs
     with pytest.raises(ValueError, match="mamba needs the 3 tokens"):
         check_sequence_sharding(mamba, 8, 16)
+
+
+def test_seqboat_model_loss_gradients_and_metrics_equal_one_device(report):
+    cases = report["seqboat_model"]
+    metrics = cases["metrics"]
+    # The cases the design must get right: a sparse layer whose 7 earlier packed keys come
+    # from several earlier slices (about 2 active tokens per 9-token slice), and a dense one
+    # that drops active tokens beyond the capacity of 36 packed slots.
+    assert 0.1 < metrics["mixer/layer0/activation_rate"] < 0.35, metrics
+    assert metrics["mixer/layer0/dropped_tokens"] == 0, metrics
+    assert metrics["mixer/layer1/dropped_tokens"] > 0.1, metrics
+    for mesh in MODEL_MESHES:
+        assert cases["loss"][name(mesh)] <= TOLERANCE, mesh
+        assert cases["grads"][name(mesh)] <= TOLERANCE, mesh
+        assert cases["metric_errors"][name(mesh)] <= TOLERANCE, (mesh, cases)
+
+
+def test_seqboat_train_step_holds_only_the_designed_collectives(report):
+    for mesh in HLO_MESHES:
+        counts = report["hlo"]["seqboat"][name(mesh)]
+        rounds = exclusive_prefix_rounds(mesh[3])
+        # Per layer and round: forward the EMA state, the active count (int32) and the last
+        # window - 1 packed keys and values (one array); backward the EMA state's and the
+        # keys' cotangents.
+        assert counts["permutes_by_layer"] == {"layers_0": 5 * rounds, "layers_1": 5 * rounds}
+        assert counts["other_permutes"] == ["s32", "s32"], counts  # the next-token targets
+        assert counts["all_gather"] == counts["reduce_scatter"] == counts["all_to_all"] == 0
+        # The EMA's shard_map reads its three [d, N] coefficients whole.
+        assert counts["shard_map_psums"] == ["f32[32,4]"] * 6, counts
+        # Gradient and loss sums, and the router metrics' active counts over the row.
+        assert 2 <= counts["all_reduce"] <= 4, counts
+
+
+def test_seqboat_reference_algorithm_is_refused():
+    seqboat = ModelConfig.from_dict(SEQBOAT_MODEL)
+    check_sequence_sharding(seqboat, 8, 72)  # no halo limit: keys come from any earlier slice
+    masked = seqboat.replace(seqboat=dict(SEQBOAT_MODEL["seqboat"], algorithm="masked"))
+    with pytest.raises(ValueError, match=r"seqboat\.algorithm='masked'"):
+        check_sequence_sharding(masked, 2, 72)

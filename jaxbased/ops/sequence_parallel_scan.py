@@ -35,10 +35,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
-from jaxtyping import Array, Float
+from jaxtyping import Array, Bool, Float, Int
 
 from jaxbased.ops._common import compute_dtype
 from jaxbased.ops.sequence_parallel import (
+    SEQUENCE_AXIS,
     SequenceLayout,
     _shift_to_next,
 )
@@ -214,3 +215,120 @@ def ema_sharded(
     tokens, whole = layout.spec(3, heads=False), PartitionSpec()
     specs = (tokens, whole, whole, whole)
     return _shard_map(local, specs, tokens)(x, decay, input_scale, output_scale)
+
+
+# SeqBoat's packed attention ----------------------------------------------------------------
+
+
+def pack_active_sharded(
+    x: Float[Array, "B T D"], active: Bool[Array, "B T"], layout: SequenceLayout, slots: int
+) -> tuple[Float[Array, "B S D"], Int[Array, "B S"], Int[Array, "B S"], Int[Array, "B n"]]:
+    """Each shard packs its slice's active tokens, in order, into ``slots`` places (the first
+    ``slots`` of them; inactive tokens fill the rest, as the unsharded packing does).
+
+    Returns, with ``S = n * slots`` split over ``sequence`` like ``T``: the packed ``x``
+    ``[B, S, D]``; each slot's position in the whole sequence ``[B, S]`` (for rotary) and in
+    its slice ``[B, S]`` (for :func:`unpack_sharded`); and each slice's active count
+    ``[B, n]``. No communication."""
+
+    def local(x, active):
+        length = x.shape[1]
+        order = jnp.argsort(jnp.logical_not(active), axis=-1, stable=True)[:, :slots]
+        order = order.astype(jnp.int32)
+        packed = jnp.take_along_axis(x, order[..., None], axis=1)
+        start = jax.lax.axis_index(SEQUENCE_AXIS).astype(jnp.int32) * length
+        count = active.sum(axis=-1, dtype=jnp.int32)[:, None]
+        return packed, order + start, order, count
+
+    tokens, flags = layout.spec(3, heads=False), PartitionSpec(layout.batch_axes, SEQUENCE_AXIS)
+    return _shard_map(local, (tokens, flags), (tokens, flags, flags, flags))(x, active)
+
+
+def _last_keys(buffer: Array, count: Array, history: int) -> Array:
+    """The last ``min(count, slots)`` rows of ``buffer [B, slots, X]`` right-aligned in
+    ``[B, history, X]`` (zeros before them)."""
+    slots = buffer.shape[1]
+    filled = jnp.minimum(count, slots)
+    padded = jnp.pad(buffer, ((0, 0), (history, 0), (0, 0)))
+    index = filled[:, None] + jnp.arange(history)[None, :]  # slot j: packed rank filled-history+j
+    return jnp.take_along_axis(padded, index[..., None], axis=1)
+
+
+def _append_keys(earlier: tuple[Array, Array], later: tuple[Array, Array], span: int):
+    """The exclusive scan's step over ``(active count [B], last keys [B, W - 1, X])``: the
+    later range's keys, preceded by the earlier range's last ones."""
+    del span
+    (earlier_count, earlier_keys), (later_count, later_keys) = earlier, later
+    history = later_keys.shape[1]
+    taken = jnp.minimum(later_count, history)[:, None]  # slots the later range fills
+    slot = jnp.arange(history)[None, :]
+    from_earlier = jnp.take_along_axis(
+        earlier_keys, jnp.minimum(slot + taken, history - 1)[..., None], axis=1
+    )
+    keys = jnp.where((slot >= history - taken)[..., None], later_keys, from_earlier)
+    return earlier_count + later_count, keys
+
+
+def packed_window_attention_sharded(
+    q: Float[Array, "B S 1 Z"],
+    k: Float[Array, "B S 1 Z"],
+    v: Float[Array, "B S 1 H"],
+    counts: Int[Array, "B n"],
+    layout: SequenceLayout,
+    *,
+    window: int,
+    capacity: int,
+) -> tuple[Float[Array, "B S 1 H"], Bool[Array, "B S"]]:
+    """SeqBoat's attention of every packed query over the last ``window`` packed keys (itself
+    included) in the whole row, from the shards' packed slots (:func:`pack_active_sharded`).
+
+    A packed token's rank in the row is its slice's offset (the active tokens of earlier
+    slices) plus its rank in the slice; it is kept when that rank is below ``capacity``. An
+    exclusive scan over ``(active count, last window - 1 packed keys and values)`` pairs gives
+    each shard its offset and the ``window - 1`` keys before its first packed token, gathered
+    from as many earlier shards as it takes (fewer exist in a row with fewer earlier active
+    tokens: its first queries see only those). Returns the attended values ``[B, S, 1, H]``
+    (``v.dtype``) and the kept mask ``[B, S]``."""
+    from jaxbased.ops.window_attention import windowed_attention_with_history
+
+    history = window - 1
+    key_dim = k.shape[-1]
+
+    def local(q, k, v, count):
+        slots = q.shape[1]
+        count = count[:, 0]
+        if history:
+            tail = _last_keys(jnp.concatenate([k[:, :, 0], v[:, :, 0]], axis=-1), count, history)
+            offset, halo = exclusive_scan((count, tail), _append_keys, layout.shards)
+            earlier = (halo[:, :, None, :key_dim], halo[:, :, None, key_dim:])
+        else:
+            offset = exclusive_scan(
+                count, lambda earlier, later, span: earlier + later, layout.shards
+            )
+            earlier = None
+        attended = windowed_attention_with_history(
+            q, k, v, earlier, None, window=window, earlier_counts=offset
+        )
+        rank = jnp.arange(slots)[None, :]
+        kept = (rank < count[:, None]) & (offset[:, None] + rank < capacity)
+        return attended, kept
+
+    tokens = layout.spec(4, heads=False)
+    flags = PartitionSpec(layout.batch_axes, SEQUENCE_AXIS)
+    return _shard_map(local, (tokens, tokens, tokens, flags), (tokens, flags))(q, k, v, counts)
+
+
+def unpack_sharded(
+    packed: Float[Array, "B S D"], index: Int[Array, "B S"], layout: SequenceLayout, seq: int
+) -> Float[Array, "B T D"]:
+    """Each shard scatters its packed rows back to their places in its slice (``index`` from
+    :func:`pack_active_sharded`), zeros elsewhere: ``[B, T, D]``. No communication."""
+    length = seq // layout.shards
+
+    def local(packed, index):
+        rows = jnp.arange(packed.shape[0])[:, None]
+        out = jnp.zeros((packed.shape[0], length, packed.shape[2]), packed.dtype)
+        return out.at[rows, index].set(packed)
+
+    tokens, flags = layout.spec(3, heads=False), PartitionSpec(layout.batch_axes, SEQUENCE_AXIS)
+    return _shard_map(local, (tokens, flags), tokens)(packed, index)
