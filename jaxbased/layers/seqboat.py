@@ -20,6 +20,10 @@ Static shapes: the packed sequence has ``capacity = packed_capacity(T)`` slots
 dropped from attention (their ``h`` is 0) and counted in the ``dropped_tokens`` metric; the
 ``activation_rate`` metric is the share of active tokens (``jaxbased.layers.mixer.report_metric``).
 
+On a mesh whose ``sequence`` axis splits time, the EMA and the packed attention run
+sequence-parallel with the same ranks, capacity and window as over the whole row
+(docs/sequence_parallelism.md#seqboat).
+
 Decode cache (:class:`SeqBoatCache`): the EMA state and a ring buffer of the last ``window``
 active tokens' rotated keys and values.
 """

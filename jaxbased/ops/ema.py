@@ -13,6 +13,9 @@ convolution is a ``C x C`` Toeplitz product per channel (built from ``k[c, 0 .. 
 ``lax.scan`` over chunks carries the state, read as ``w a^(i+1) h`` by the chunk's token ``i``
 and updated as ``a^C h + sum_j a^(C-1-j) b x_j``. Every power of ``a`` has a non-negative
 exponent, so nothing overflows. Work ``O(T D (C + N))``, memory ``O(T D + D C^2)``.
+
+On a mesh whose ``sequence`` axis splits time, the EMA from a zero state without chunk states
+runs sequence-parallel (:func:`jaxbased.ops.sequence_parallel_scan.ema_sharded`).
 """
 
 from __future__ import annotations

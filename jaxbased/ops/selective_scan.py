@@ -25,6 +25,10 @@ sequence, chunks of 16 (TPU) or 8 (GPU) tokens unrolled, a checkpoint per chunk 
 backward; its own chunk, not ``chunk_size``, which is the XLA scan's); see
 :mod:`jaxbased.ops.dispatch`.
 
+On a mesh whose ``sequence`` axis splits time, a scan from a zero state without a returned
+state (training's forward) runs sequence-parallel
+(:func:`jaxbased.ops.sequence_parallel_scan.selective_scan_sharded`).
+
 All arithmetic is in float32 (float64 under x64); ``y`` has the dtype of ``u``; states are
 ``[B, D, N]`` float32.
 """
