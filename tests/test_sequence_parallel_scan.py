@@ -10,10 +10,13 @@ import pathlib
 import subprocess
 import sys
 
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from jaxbased import ModelConfig
 from jaxbased.ops.sequence_parallel import exclusive_prefix_rounds
+from jaxbased.ops.sequence_parallel_scan import _append_keys, _last_keys
 from jaxbased.sequence_sharding import check_sequence_sharding
 from tests.sequence_scan_worker import (
     HLO_MESHES,
@@ -117,3 +120,33 @@ def test_seqboat_reference_algorithm_is_refused():
     masked = seqboat.replace(seqboat=dict(SEQBOAT_MODEL["seqboat"], algorithm="masked"))
     with pytest.raises(ValueError, match=r"seqboat\.algorithm='masked'"):
         check_sequence_sharding(masked, 2, 72)
+
+
+def test_packed_key_step_keeps_the_last_keys_of_the_ranges():
+    # The exclusive scan's step for SeqBoat's keys against a NumPy reference: the last
+    # `history` active keys of the concatenated ranges, right-aligned, and associativity.
+    history, rng = 5, np.random.default_rng(0)
+    ranges = []
+    for count in (0, 2, 7, 1, 3):  # fewer, more and as many active tokens as the history
+        keys = rng.normal(size=(1, count, 2))
+        counts = jnp.asarray([count])
+        ranges.append((keys, (counts, _last_keys(jnp.asarray(keys), counts, history))))
+
+    def combine(earlier, later):
+        return _append_keys(earlier, later, 0)
+
+    total = ranges[0][1]
+    for _, pair in ranges[1:]:
+        total = combine(total, pair)
+    every = np.concatenate([keys for keys, _ in ranges], axis=1)
+    assert int(total[0][0]) == every.shape[1]
+    np.testing.assert_allclose(np.asarray(total[1]), every[:, -history:], rtol=1e-6)
+    regrouped = combine(
+        combine(ranges[0][1], ranges[1][1]),
+        combine(ranges[2][1], combine(ranges[3][1], ranges[4][1])),
+    )
+    np.testing.assert_allclose(np.asarray(regrouped[1]), np.asarray(total[1]), rtol=1e-6)
+    few = combine(ranges[1][1], ranges[3][1])  # 3 keys, after 2 empty slots
+    expected = np.concatenate([ranges[1][0], ranges[3][0]], axis=1)
+    np.testing.assert_allclose(np.asarray(few[1])[:, -3:], expected, rtol=1e-6)
+    assert int(few[0][0]) == 3
