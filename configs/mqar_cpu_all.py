@@ -7,6 +7,9 @@ d_model 64 and state sizes matched to BASED's F = 8 / F = 16 (about 2.5k and 9k 
   with state dim 8 and 32 (per layer ``d_inner * N`` floats plus its conv inputs: 2,816 and
   8,960 floats for the two layers), scanned with the sequential algorithm (on CPU, at T <= 256,
   several times faster per training step than the chunked associative scan; the same function);
+- ``mamba_large_mix``: the state-dim-8 Mamba-1 on ten times the sweep's training examples
+  (160k, one epoch, about as many tokens as twelve epochs of the sweep's 16k): on the sweep's
+  mix Mamba-1 memorizes the examples instead of learning recall (BENCHMARKS.md);
 - ``mamba2`` (SSD), the same model, with state dim 8 and 32, head dim 32 (4 heads), chunk 64
   (2,912 and 9,344 floats for the two layers); ``mamba2_long`` is its state-dim-8 model on
   twice the budget (8 epochs, 4000 steps, the cosine over all of them): on the 4-epoch budget
@@ -47,6 +50,15 @@ def get_config() -> ml_collections.ConfigDict:
         "mamba",
         dict(d_model=(64,), state_dim=(8, 32)),
         fixed=dict(scan_algorithm="sequential"),
+    )
+    config.models.mamba_large_mix = model_group(
+        "mamba",
+        dict(d_model=(64,), state_dim=(8,)),
+        fixed=dict(scan_algorithm="sequential"),
+        train=dict(max_epochs=1),
+        train_mix=[
+            (seq_len, pairs, examples * 10) for seq_len, pairs, examples in config.train_mix
+        ],
     )
     config.models.mamba2 = model_group(
         "mamba2",

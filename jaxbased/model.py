@@ -263,6 +263,7 @@ class RepeatedUnit(nn.Module):
         caches = []
         for j, block in enumerate(self.block):
             x, cache = block.prefill(x, max_len, lengths, first + j, recycled_attention)
+            x = constrain_batch(x)
             caches.append(cache)
         return x, tuple(caches)
 
@@ -478,7 +479,11 @@ class LanguageModel(nn.Module):
             lengths = jnp.asarray(lengths, jnp.int32)
             if lengths.shape != (batch,):
                 raise ValueError(f"lengths must be [batch]={batch}; got shape {lengths.shape}")
-        x = self._embed(tokens)
+        # Under a time-split mesh (``sequence`` > 1 dividing T) the prompt stays split over
+        # time at every block boundary, as in training, and every mixer's prefill runs its
+        # sequence-parallel form; the caches come out replicated over ``sequence``, equal to an
+        # unsharded prefill's (docs/sequence_parallelism.md#prefill).
+        x = constrain_batch(self._embed(tokens))
         caches = []
         head, tail = self._unrolled_blocks()
         policy = recycled_attention
@@ -500,7 +505,7 @@ class LanguageModel(nn.Module):
             if anchor:
                 probabilities[block.layer_index] = anchor[0]
             caches.append(cache)
-            return x
+            return constrain_batch(x)
 
         for block in head:
             x = run(block, x)

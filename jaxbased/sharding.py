@@ -145,6 +145,12 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
 
 
+def token_batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Token batches ``[B, n (L + 1)]`` (slice windows, :mod:`jaxbased.data.sequence_slices`)
+    are split over ``data`` and ``fsdp`` by rows and over ``sequence`` by time slices."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, SEQUENCE_AXIS))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 

@@ -86,6 +86,34 @@ def sgd_losses(model, params, tokens, learning_rate: float, steps: int) -> list[
     return losses
 
 
+def compiled_decode_step(model, params, batch: int, **prefill_options):
+    """The compiled HLO text of ``generate``'s sampling decode step (32 new tokens) after a
+    prefill of ``batch`` rows of 16 tokens (lengths 5 and 16) into a 48-token cache, and that
+    cache: for tests that look for cache-sized copies in the step."""
+    from jaxbased.generation import _DecodeMode, _programs_for
+
+    programs = _programs_for(model)
+    logits, cache = programs.prefill(
+        params,
+        jnp.zeros((batch, 16), jnp.int32),
+        jnp.array([5, 16][:batch], jnp.int32),
+        max_len=48,
+        **prefill_options,
+    )
+    lowered = programs.decode.lower(
+        params,
+        cache,
+        logits,
+        jax.random.key(0),
+        jnp.float32(1),
+        jnp.float32(1),
+        jnp.zeros((model.config.padded_vocab_size,), bool),
+        jnp.int32(-1),
+        mode=_DecodeMode(32, True, 0, False, False),
+    )
+    return lowered.compile().as_text(), cache
+
+
 #: The kernel family this machine runs compiled: ``tpu`` on a TPU, ``gpu`` on a CUDA/ROCm GPU,
 #: none on CPU.
 NATIVE_KERNEL_BACKEND = {"tpu": "tpu", "gpu": "gpu", "cuda": "gpu", "rocm": "gpu"}.get(

@@ -209,8 +209,9 @@ def collective_counts(hlo: str) -> dict:
     return report
 
 
-def hlo_cases() -> dict:
-    """Collectives of the compiled train step (as ``train`` builds it) on sequence meshes."""
+def compiled_train_steps(fields: dict, meshes: list) -> dict:
+    """``{mesh name: HLO text}`` of the compiled train step (as ``train`` builds it) of the
+    model ``fields`` on every mesh, and ``parameter_leaves``: its parameter count in leaves."""
     from flax import linen as nn
 
     from jaxbased.sharding import (
@@ -224,7 +225,7 @@ def hlo_cases() -> dict:
     from jaxbased.training.state import TrainState
     from jaxbased.training.steps import make_train_step
 
-    model = LanguageModel(ModelConfig.from_dict(BASED_MODEL))
+    model = LanguageModel(ModelConfig.from_dict(fields))
     schedule = learning_rate_schedule(peak=1e-3, final=0, warmup_steps=0, total_steps=2)
     optimizer = make_optimizer(schedule)
 
@@ -235,8 +236,8 @@ def hlo_cases() -> dict:
         )
 
     abstract = jax.eval_shape(boxed)
-    report = {"parameter_leaves": len(jax.tree.leaves(nn.meta.unbox(abstract.params)))}
-    for shape in HLO_MESHES:
+    report: dict = {"parameter_leaves": len(jax.tree.leaves(nn.meta.unbox(abstract.params)))}
+    for shape in meshes:
         mesh = make_mesh(shape)
         shardings = logical_shardings(abstract, mesh)
         batch = batch_sharding(mesh)
@@ -246,8 +247,15 @@ def hlo_cases() -> dict:
         tokens = jax.ShapeDtypeStruct((4, SEQ_LEN + 1), jnp.int32, sharding=batch)
         state = with_shardings(abstract, shardings)
         with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
-            hlo = step.lower(state, tokens).compile().as_text()
-        report[mesh_name(shape)] = collective_counts(hlo)
+            report[mesh_name(shape)] = step.lower(state, tokens).compile().as_text()
+    return report
+
+
+def hlo_cases() -> dict:
+    """Collectives of the compiled train step (as ``train`` builds it) on sequence meshes."""
+    report = compiled_train_steps(BASED_MODEL, HLO_MESHES)
+    for shape in HLO_MESHES:
+        report[mesh_name(shape)] = collective_counts(report[mesh_name(shape)])
     return report
 
 

@@ -11,14 +11,13 @@ import pytest
 import jaxbased
 from jaxbased import LanguageModel, ModelConfig
 from jaxbased.generation import (
-    _DecodeMode,
     _programs_for,
     bucket_length,
     decode_cache_bytes,
     generate,
 )
 from jaxbased.sampling import sample_tokens
-from tests.conftest import init_model
+from tests.conftest import compiled_decode_step, init_model
 
 PRESETS = ["based_tiny", "attn_tiny"]
 NEW_TOKENS = 32
@@ -235,25 +234,7 @@ def test_decode_loop_does_not_copy_the_caches(model_and_params, batch):
     # B = 1 XLA duplicated the slot update (dynamic_update_slice) and copied the cache 4 times
     # per step.
     model, params = model_and_params
-    programs = _programs_for(model)
-    logits, cache = programs.prefill(
-        params,
-        jnp.zeros((batch, 16), jnp.int32),
-        jnp.array([5, 16][:batch], jnp.int32),
-        max_len=48,
-    )
-    lowered = programs.decode.lower(
-        params,
-        cache,
-        logits,
-        jax.random.key(0),
-        jnp.float32(1),
-        jnp.float32(1),
-        jnp.zeros((model.config.padded_vocab_size,), bool),
-        jnp.int32(-1),
-        mode=_DecodeMode(32, True, 0, False, False),
-    )
-    hlo = lowered.compile().as_text()
+    hlo, cache = compiled_decode_step(model, params, batch)
     big = {leaf.shape for leaf in jax.tree.leaves(cache.layers) if leaf.ndim >= 3}
     # The short conv's [B, K-1, C] state is a shift (read before write): a copy of 2 rows is
     # the cheapest way to do it, and is allowed.

@@ -1,6 +1,7 @@
 """MQAR: the generator against its definition (docs/mqar.md, Zoology's ``multiquery_ar``), the
 2-layer models, state sizes against docs/mqar.md's formulas, training, and the sweep CLI."""
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -464,3 +465,39 @@ def test_a_groups_train_overrides_change_its_settings_and_only_its_fingerprint()
     config.models.mamba = model_group("mamba", dict(d_model=(16,)), train=dict(epochs=3))
     with pytest.raises(ValueError, match=r"train overrides \['epochs'\] are not fields"):
         expand_runs(config)
+
+
+def test_a_groups_train_mix_is_its_own_data_and_only_its_fingerprint():
+    from jaxbased.mqar import expand_runs
+    from jaxbased.mqar.sweep import (
+        base_sweep_config,
+        build_data,
+        data_description,
+        model_group,
+        run_fingerprint,
+    )
+
+    config = base_sweep_config()
+    config.train_mix = ((16, 2, 8),)
+    config.test_mix = ((16, 2, 4),)
+    config.models.based = model_group("based", dict(d_model=(16,)), dict(feature_dim=4))
+    plain = expand_runs(config)
+    config.models.mamba = model_group("mamba", dict(d_model=(16,)), train_mix=[(16, 2, 12)])
+    runs = expand_runs(config)
+    based, mamba = runs[0], runs[-1]
+    assert based == plain[0] and based.train_mix == ()
+    assert mamba.train_mix == ((16, 2, 12),)
+    assert run_fingerprint(config, based) == run_fingerprint(config, plain[0])
+    same_model_sweep_mix = dataclasses.replace(mamba, train_mix=())
+    assert run_fingerprint(config, mamba) != run_fingerprint(config, same_model_sweep_mix)
+    assert data_description(config, mamba.train_mix)["train_mix"] == [[16, 2, 12]]
+    train, test = build_data(config, mamba.train_mix)
+    sweep_train, sweep_test = build_data(config)
+    assert [segment.inputs.shape for segment in train] == [(12, 16)]
+    assert [segment.inputs.shape for segment in sweep_train] == [(8, 16)]
+    # The same seed draws the larger mix, and the test mix is the sweep's.
+    np.testing.assert_array_equal(test[0].inputs, sweep_test[0].inputs)
+    for bad in ([(16, 2)], [(16, 0, 12)], [(16, 2, 1.5)]):
+        config.models.mamba = model_group("mamba", dict(d_model=(16,)), train_mix=bad)
+        with pytest.raises(ValueError, match="model group 'mamba': train_mix entry"):
+            expand_runs(config)

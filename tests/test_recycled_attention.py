@@ -17,8 +17,6 @@ import pytest
 
 from jaxbased import LanguageModel, ModelConfig, RecycledAttentionPolicy, generate
 from jaxbased.generation import (
-    _DecodeMode,
-    _programs_for,
     recycled_attention_layers,
     teacher_forced_logprobs,
 )
@@ -29,7 +27,7 @@ from jaxbased.ops.recycled_attention import (
     selection_scores,
 )
 from jaxbased.ops.window_attention import KVCache
-from tests.conftest import init_model
+from tests.conftest import compiled_decode_step, init_model
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NEW_TOKENS = 20
@@ -177,27 +175,8 @@ def test_the_decode_loop_does_not_copy_the_full_caches(transformer, batch):
     # A recycled step must not cost a read and write of the whole KV cache: the new key and
     # value are written outside the lax.cond, whose branches only read the cache.
     model, params = transformer
-    programs = _programs_for(model)
     policy = RecycledAttentionPolicy(top_k=4, stride=3, similarity_threshold=0.5)
-    logits, cache = programs.prefill(
-        params,
-        jnp.zeros((batch, 16), jnp.int32),
-        jnp.array([5, 16][:batch], jnp.int32),
-        max_len=48,
-        recycled_attention=policy,
-    )
-    lowered = programs.decode.lower(
-        params,
-        cache,
-        logits,
-        jax.random.key(0),
-        jnp.float32(1),
-        jnp.float32(1),
-        jnp.zeros((model.config.padded_vocab_size,), bool),
-        jnp.int32(-1),
-        mode=_DecodeMode(32, True, 0, False, False),
-    )
-    hlo = lowered.compile().as_text()
+    hlo, cache = compiled_decode_step(model, params, batch, recycled_attention=policy)
     full = {leaf.shape for leaf in jax.tree.leaves(cache.layers) if leaf.ndim == 4}
     assert full == {(batch, 4, 48, 16)}
     smallest = min(np.prod(shape) for shape in full)

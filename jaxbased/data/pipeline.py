@@ -3,7 +3,9 @@
 Training windows are ``seq_len + 1`` consecutive tokens starting every ``seq_len`` tokens of the
 train split (inputs are the first ``seq_len``, targets the last ``seq_len``). They are shuffled
 with the seed (reshuffled every epoch), repeated forever and cut into global batches; each JAX
-process reads only its own rows of each global batch. The iterator's state (``get_state`` /
+process reads only its own part of each global batch: its rows, and with a mesh that splits the
+time axis (``sequence``) only its time slices of them, as slice windows
+(:mod:`jaxbased.data.sequence_slices`). The iterator's state (``get_state`` /
 ``set_state``, a small dict) is saved with the model checkpoint, so that a resumed run sees
 exactly the batches it would have.
 """
@@ -15,6 +17,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from jaxbased.data.sequence_slices import BatchPiece, slice_window_positions
 from jaxbased.data.token_store import TokenDataset
 
 
@@ -37,13 +40,40 @@ class TokenWindows:
         return self.num_windows
 
     def __getitem__(self, index: int) -> np.ndarray:
+        return self.read(index, 0, self.seq_len + 1)
+
+    def read(self, index: int, start: int, stop: int) -> np.ndarray:
+        """Tokens ``start .. stop - 1`` of window ``index`` (int32), read alone from the store."""
         if not 0 <= index < self.num_windows:
             raise IndexError(f"window index {index} outside 0..{self.num_windows - 1}")
-        start = index * self.seq_len
-        window = self.tokens[start : start + self.seq_len + 1]
+        if not 0 <= start < stop <= self.seq_len + 1:
+            raise IndexError(f"tokens {start}..{stop - 1} outside the window's 0..{self.seq_len}")
+        offset = index * self.seq_len
+        window = self.tokens[offset + start : offset + stop]
         if not isinstance(window, np.ndarray):  # a TensorStore view
             window = window.read().result()
         return np.asarray(window, np.int32)
+
+
+class PieceWindows:
+    """Random-access slice windows of one :class:`BatchPiece`'s slices: item ``i`` is
+    ``[slices (L + 1)]`` int32, slices ``slice_start .. slice_stop - 1`` of window ``i`` (each
+    its ``L`` tokens and the next one), read as one span of ``slices L + 1`` tokens."""
+
+    def __init__(self, windows: TokenWindows, piece: BatchPiece) -> None:
+        self.windows, self.piece = windows, piece
+        length = windows.seq_len // piece.num_slices
+        self.span = (piece.slice_start * length, piece.slice_stop * length + 1)
+        positions = slice_window_positions(
+            windows.seq_len, piece.num_slices, piece.slice_start, piece.slices
+        )
+        self.positions = positions - self.span[0]
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return self.windows.read(index, *self.span)[self.positions]
 
 
 def training_batches(
@@ -54,27 +84,26 @@ def training_batches(
     seed: int,
     process_index: int = 0,
     process_count: int = 1,
+    piece: BatchPiece | None = None,
 ) -> grain.MapDataset:
-    """This process's rows ``[batch_size / process_count, seq_len + 1]`` (int32) of every global
-    batch.
+    """This process's part (int32) of every global batch.
 
     The global stream is the same for any number of processes: all windows, shuffled with
     ``seed`` (reshuffled every epoch), repeated, cut into global batches of ``batch_size``.
-    Process ``p`` reads only rows ``p * L .. (p + 1) * L - 1`` of each (``L`` = local batch), so
-    the processes together see exactly the batches one process would.
+    Without a ``piece``, process ``p`` reads rows ``p * R .. (p + 1) * R - 1`` of each
+    (``R = batch_size / process_count``) whole: ``[R, seq_len + 1]`` windows. With a ``piece``
+    (:func:`jaxbased.data.sequence_slices.process_piece`) it reads the piece's rows and, of
+    each, only the tokens of the piece's time slices: ``[rows, slices (L + 1)]`` slice windows
+    (``L = seq_len / num_slices``). Either way the processes together see exactly the batches
+    one process would.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be >= 1")
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index={process_index} outside 0..{process_count - 1}")
-    if batch_size % process_count:
-        raise ValueError(
-            f"batch_size={batch_size} must be divisible by the {process_count} processes"
-        )
+    if piece is None:
+        piece = BatchPiece.rows_of_process(batch_size, process_index, process_count)
+    piece.check(batch_size, seq_len)
     windows = TokenWindows(dataset.tokens("train"), seq_len, "train")
-    stream = grain.MapDataset.source(windows).shuffle(seed=seed).repeat(None)
-    local = batch_size // process_count
-    offset = process_index * local
+    source = windows if piece.num_slices == 1 else PieceWindows(windows, piece)
+    stream = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
+    local, offset = piece.rows, piece.row_start
 
     def global_position(index: int) -> int:
         return (index // local) * batch_size + offset + index % local

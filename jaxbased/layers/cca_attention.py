@@ -37,6 +37,8 @@ from jaxtyping import Array, Float, Int
 
 from jaxbased.layers.attention import AttentionConfig, SlidingWindowAttention
 from jaxbased.layers.mixer import MixerContext, require_positive_int
+from jaxbased.ops.sequence_parallel import sequence_layout
+from jaxbased.ops.sequence_parallel_attention import cca_attention_sharded
 from jaxbased.ops.window_attention import KVCache, fill_kv_cache, init_kv_cache
 
 
@@ -162,41 +164,93 @@ def cca_attention(
         and the raw keys ``p - (s + g - 2) .. p + block - 1``.
 
     Returns ``[B, T, H, Dv]`` in ``v.dtype``; scores, softmax and sums in float32 or wider.
-    Work ``O(T (T / g + s + g))``, memory ``O(block (T / g + s + g))`` per head.
+    Work ``O(T (T / g + s + g))``, memory ``O(block (T / g + s + g))`` per head. Under a mesh
+    that splits time (``sequence > 1``) it runs
+    :func:`~jaxbased.ops.sequence_parallel_attention.cca_attention_sharded`.
     """
     if q.ndim != 4 or q.shape != k.shape or q.shape[:3] != v.shape[:3]:
         raise ValueError(
             f"q, k, v must be [batch, seq, heads, dim] alike; got {q.shape}, {k.shape}, {v.shape}"
         )
     batch, seq, heads, head_dim = q.shape
+    layout = sequence_layout(batch, seq, heads)
+    if layout is not None:
+        return cca_attention_sharded(
+            q,
+            k,
+            v,
+            layout,
+            group_size=group_size,
+            local_window=local_window,
+            scale=scale,
+            block_size=block_size,
+        )
     scale = head_dim**-0.5 if scale is None else scale
     dtype = jnp.result_type(jnp.float32, q.dtype, k.dtype, v.dtype)
     qh, kh, vh = (jnp.swapaxes(x, 1, 2).astype(dtype) for x in (q, k, v))
     core_keys, core_values = pool_groups(qh, kh, vh, group_size, scale)
-    core_index = jnp.arange(core_keys.shape[2])
+    lookback = local_window + group_size - 2  # raw keys before the first query it may see
+    history = ((0, 0), (0, 0), (lookback, 0), (0, 0))  # zeros at positions < 0, never seen
+    out = attend_with_history(
+        qh * jnp.asarray(scale, dtype),
+        jnp.pad(kh, history),
+        jnp.pad(vh, history),
+        core_keys,
+        core_values,
+        jnp.asarray(0),
+        group_size=group_size,
+        local_window=local_window,
+        block_size=block_size,
+    )
+    return jnp.swapaxes(out, 1, 2).astype(v.dtype)
 
+
+def attend_with_history(
+    queries: Float[Array, "B H L D"],
+    keys: Float[Array, "B H W D"],
+    values: Float[Array, "B H W Dv"],
+    core_keys: Float[Array, "B H M D"],
+    core_values: Float[Array, "B H M Dv"],
+    query_start: Array,
+    *,
+    group_size: int,
+    local_window: int,
+    block_size: int,
+) -> Float[Array, "B H L Dv"]:
+    """CCA attention of ``L`` head-major queries (already scaled) at absolute positions
+    ``query_start .. query_start + L - 1``, the core of the whole unsharded op and of each
+    sequence shard.
+
+    ``keys, values``: the raw keys of positions ``query_start - (s + g - 2) .. query_start + L
+    - 1`` (``W = s + g - 2 + L``); those at negative positions are never seen.
+    ``core_keys, core_values``: the core tokens of groups ``0 .. M - 1`` of the sequence (group
+    ``n`` visible to query ``i`` when ``n < c_i``). A block of queries starting at ``p`` reads
+    every core token and the raw keys ``p - (s + g - 2) .. p + block - 1``. Float32 or wider.
+    """
+    batch, heads, seq, _ = queries.shape
+    core_index = jnp.arange(core_keys.shape[2])
     block = min(block_size, seq)
     num_blocks = -(-seq // block)
     padded = num_blocks * block
-    lookback = local_window + group_size - 2  # raw keys before a block's first query it may see
-    qh = jnp.pad(qh * jnp.asarray(scale, dtype), ((0, 0), (0, 0), (0, padded - seq), (0, 0)))
-    key_pad = ((0, 0), (0, 0), (lookback, padded - seq), (0, 0))
-    kh, vh = jnp.pad(kh, key_pad), jnp.pad(vh, key_pad)
+    lookback = local_window + group_size - 2
+    queries = jnp.pad(queries, ((0, 0), (0, 0), (0, padded - seq), (0, 0)))
+    key_pad = ((0, 0), (0, 0), (0, padded - seq), (0, 0))
+    keys, values = jnp.pad(keys, key_pad), jnp.pad(values, key_pad)
 
     def attend_block(index: Array) -> Array:
         start = index * block
-        queries = jax.lax.dynamic_slice_in_dim(qh, start, block, axis=2)
-        keys = jax.lax.dynamic_slice_in_dim(kh, start, lookback + block, axis=2)
-        values = jax.lax.dynamic_slice_in_dim(vh, start, lookback + block, axis=2)
-        query_pos = start + jnp.arange(block)[:, None]  # [Q, 1]
-        key_pos = start - lookback + jnp.arange(lookback + block)[None, :]  # [1, K]
+        block_queries = jax.lax.dynamic_slice_in_dim(queries, start, block, axis=2)
+        block_keys = jax.lax.dynamic_slice_in_dim(keys, start, lookback + block, axis=2)
+        block_values = jax.lax.dynamic_slice_in_dim(values, start, lookback + block, axis=2)
+        query_pos = query_start + start + jnp.arange(block)[:, None]  # [Q, 1]
+        key_pos = query_start + start - lookback + jnp.arange(lookback + block)[None, :]
         visible = visible_core_tokens(query_pos, group_size, local_window)  # [Q, 1]
         local_mask = (key_pos >= visible * group_size) & (key_pos <= query_pos)
         core_mask = core_index[None, :] < visible
-        core_scores = jnp.einsum("bhqd,bhmd->bhqm", queries, core_keys)  # q carries the scale
-        local_scores = jnp.einsum("bhqd,bhkd->bhqk", queries, keys)
+        core_scores = jnp.einsum("bhqd,bhmd->bhqm", block_queries, core_keys)
+        local_scores = jnp.einsum("bhqd,bhkd->bhqk", block_queries, block_keys)
         return _one_softmax(
-            core_scores, core_mask, local_scores, local_mask, core_values, values
+            core_scores, core_mask, local_scores, local_mask, core_values, block_values
         )  # [B, H, Q, Dv]
 
     if num_blocks == 1:
@@ -204,7 +258,7 @@ def cca_attention(
     else:
         out = jax.lax.map(attend_block, jnp.arange(num_blocks))  # [n, B, H, Q, Dv]
         out = jnp.moveaxis(out, 0, 2).reshape(batch, heads, padded, -1)
-    return jnp.swapaxes(out[:, :, :seq], 1, 2).astype(v.dtype)
+    return out[:, :, :seq]
 
 
 def fill_core_cache(

@@ -8,11 +8,14 @@ The sweep config (an ml_collections ``ConfigDict``; see :func:`base_sweep_config
                           grid=dict(d_model=(48, 64), feature_dim=(8, 16, 24)),  # product
                           fixed=dict(linear_attention_heads=1),  # ModelConfig overrides
                           learning_rates=(),                    # () = the sweep's list
-                          train=dict(max_epochs=16))            # {} = the sweep's config.train
+                          train=dict(max_epochs=16),            # {} = the sweep's config.train
+                          train_mix=((64, 4, 100_000),))        # () = the sweep's train_mix
 
 so a new mixer joins a sweep with a config entry alone; every ``grid`` and ``fixed`` key is a
 ``ModelConfig`` field, every ``train`` key a field of ``config.train`` (a group that needs a
 longer budget than the rest, say, states it there; the run's JSON records the settings used).
+``train_mix`` replaces the sweep's training mix for the group alone (a model that memorizes a
+small mix gets a larger one, drawn from the same seed); the test mix is always the sweep's.
 
 Each (group, grid point, learning rate) is a run. Its JSON is written to
 ``<output_dir>/runs/<name>.json`` atomically (written to a temporary file, then renamed), and a
@@ -101,6 +104,7 @@ def model_group(
     fixed: Mapping[str, Any] | None = None,
     learning_rates: Iterable[float] = (),
     train: Mapping[str, Any] | None = None,
+    train_mix: Iterable[tuple[int, int, int]] = (),
 ) -> ml_collections.ConfigDict:
     """One entry of ``config.models`` (see the module docstring)."""
     return ml_collections.ConfigDict(
@@ -110,15 +114,34 @@ def model_group(
             fixed=dict(fixed or {}),
             learning_rates=tuple(learning_rates),
             train=dict(train or {}),
+            train_mix=tuple(tuple(segment) for segment in train_mix),
         )
     )
+
+
+def check_train_mix(group: str, train_mix: Any) -> tuple[tuple[int, int, int], ...]:
+    """``train_mix`` as ``((seq_len, num_pairs, num_examples), ...)`` of positive ints, or
+    ``ValueError`` naming the group and the bad entry."""
+    segments = []
+    for segment in train_mix:
+        values = tuple(segment) if isinstance(segment, list | tuple) else (segment,)
+        if len(values) != 3 or not all(
+            isinstance(value, int) and not isinstance(value, bool) and value > 0 for value in values
+        ):
+            raise ValueError(
+                f"model group {group!r}: train_mix entry {segment!r} must be "
+                "(seq_len, num_pairs, num_examples), three positive ints"
+            )
+        segments.append(values)
+    return tuple(segments)
 
 
 @dataclasses.dataclass(frozen=True)
 class RunSpec:
     """One run of a sweep: a model (group, mixer, grid point, fixed overrides) and a learning
     rate. ``grid`` and ``fixed`` are ``(field, value)`` pairs of ``ModelConfig`` overrides,
-    ``train`` the group's ``(field, value)`` overrides of the sweep's ``config.train``."""
+    ``train`` the group's ``(field, value)`` overrides of the sweep's ``config.train`` and
+    ``train_mix`` its training mix (empty: the sweep's)."""
 
     group: str
     mixer: str
@@ -126,6 +149,7 @@ class RunSpec:
     fixed: tuple[tuple[str, Any], ...]
     learning_rate: float
     train: tuple[tuple[str, Any], ...] = ()
+    train_mix: tuple[tuple[int, int, int], ...] = ()
 
     @property
     def model_key(self) -> str:
@@ -192,6 +216,7 @@ def expand_runs(
                 f"model group {group!r}: train overrides {unknown_train} are not fields of "
                 f"config.train; allowed: {sorted(config.train.keys())}"
             )
+        train_mix = check_train_mix(group, _plain(entry.get("train_mix", ())))
         learning_rates = tuple(entry.get("learning_rates", ())) or tuple(config.learning_rates)
         if not learning_rates:
             raise ValueError(f"model group {group!r} has no learning rates")
@@ -206,6 +231,7 @@ def expand_runs(
                 tuple(sorted(fixed.items())),
                 0.0,
                 tuple(sorted(train.items())),
+                train_mix,
             )
             spec.model_config(config.vocab_size)  # validates now, not in the middle of a sweep
             train_settings(config, 1.0, spec.train)  # and the training settings
@@ -229,25 +255,32 @@ def train_settings(
     return TrainSettings(learning_rate=learning_rate, **values)
 
 
-def data_description(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """The data settings every run of a sweep shares (part of each run's fingerprint)."""
+def data_description(
+    config: ml_collections.ConfigDict, train_mix: Iterable[tuple[int, int, int]] = ()
+) -> dict[str, Any]:
+    """The data settings of a run (part of its fingerprint): the sweep's, with ``train_mix``
+    (a group's override) in place of the sweep's training mix when given."""
     return dict(
         vocab_size=config.vocab_size,
         power_a=config.power_a,
         seed=config.seed,
-        train_mix=_plain(config.train_mix),
+        train_mix=_plain(tuple(train_mix) or config.train_mix),
         test_mix=_plain(config.test_mix),
     )
 
 
-def build_data(config: ml_collections.ConfigDict) -> tuple[list[MQARSegment], list[MQARSegment]]:
-    """The training and test mixes of the sweep (drawn from independent seeds)."""
+def build_data(
+    config: ml_collections.ConfigDict, train_mix: Iterable[tuple[int, int, int]] = ()
+) -> tuple[list[MQARSegment], list[MQARSegment]]:
+    """The training and test mixes of the sweep (drawn from independent seeds); ``train_mix``
+    replaces the sweep's training mix when given."""
+    train_mix = tuple(train_mix) or config.train_mix
 
     def specs(mix) -> list[SegmentSpec]:
         return [SegmentSpec(int(t), int(p), int(n)) for t, p, n in mix]
 
     common = dict(vocab_size=config.vocab_size, power_a=config.power_a)
-    train_segments = make_segments(specs(config.train_mix), seed=(config.seed, 0), **common)
+    train_segments = make_segments(specs(train_mix), seed=(config.seed, 0), **common)
     test_segments = make_segments(specs(config.test_mix), seed=(config.seed, 1), **common)
     return train_segments, test_segments
 
@@ -255,7 +288,7 @@ def build_data(config: ml_collections.ConfigDict) -> tuple[list[MQARSegment], li
 def run_fingerprint(config: ml_collections.ConfigDict, run: RunSpec) -> str:
     """A hash of everything that determines a run's result (data, training, model, lr)."""
     description = dict(
-        data=data_description(config),
+        data=data_description(config, run.train_mix),
         train=_plain(config.train),
         model=_plain(run.model_overrides()),
         mixer=run.mixer,
@@ -327,7 +360,7 @@ def run_one(
         stopped_early=result.stopped_early,
         seconds=result.seconds,
         train=_plain(dataclasses.asdict(settings)),
-        data=data_description(config),
+        data=data_description(config, run.train_mix),
         finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     )
 
@@ -356,6 +389,7 @@ def summarize(config: ml_collections.ConfigDict, records: list[dict[str, Any]]) 
             best_learning_rate=record["learning_rate"],
             learning_rates=sorted(tried[key]),
             steps=record["steps"],
+            train_examples=sum(segment[2] for segment in record["data"]["train_mix"]),
             stopped_early=record["stopped_early"],
             seconds=record["seconds"],
         )
@@ -420,7 +454,7 @@ def run_sweep(
     output = pathlib.Path(output_dir)
     runs = expand_runs(config, groups)
     logging.info("MQAR sweep: %d runs into %s", len(runs), output)
-    data: tuple[list[MQARSegment], list[MQARSegment]] | None = None
+    data: dict[tuple, tuple[list[MQARSegment], list[MQARSegment]]] = {}
     records, trained, skipped = [], [], []
     for index, run in enumerate(runs):
         path = output / RUNS_FOLDER / f"{run.name}.json"
@@ -430,10 +464,10 @@ def run_sweep(
             logging.info("[%d/%d] %s: finished before, skipped", index + 1, len(runs), run.name)
             skipped.append(run.name)
         else:
-            if data is None:
-                data = build_data(config)
+            if run.train_mix not in data:
+                data[run.train_mix] = build_data(config, run.train_mix)
             logging.info("[%d/%d] %s: training", index + 1, len(runs), run.name)
-            record = run_one(config, run, *data)
+            record = run_one(config, run, *data[run.train_mix])
             write_json_atomically(path, record)
             trained.append(run.name)
             logging.info(

@@ -251,15 +251,24 @@ def linear_attention(
     heads = v.shape[2]
     if log_decay is not None:
         log_decay = _check_log_decay(log_decay, {"[H]": (heads,), "[B, T, H]": (batch, seq, heads)})
-    # A time-split mesh: the sequence-parallel form from a zero state (with or without decay
-    # and normalizer); prefill (an initial or returned state) runs below and XLA places the
-    # data.
+    # A time-split mesh: the sequence-parallel form from a zero state (with or without decay,
+    # normalizer and returned state, per shard by XLA or the kernel); a prefill continuing from
+    # an initial state runs below and XLA places the data.
     layout = sequence_layout(batch, seq, groups)
-    if layout is not None and initial_state is None and not return_state:
+    if layout is not None and initial_state is None:
         check_sequence_implementation("linear_attention", implementation)
+        local = [layout.local_struct(x) for x in (q, k, v)]  # what one shard's kernel sees
+        unsupported = _kernel_unsupported(
+            *local, feature_map, algorithm, kernel_chunk_size, log_decay, normalize
+        )
+        use_kernel = implementation != "xla" and use_pallas(
+            implementation, unsupported, _kernel_request(q, feature_map)
+        )
         return linear_attention_sharded(
             q, k, v, layout, feature_map=feature_map, algorithm=algorithm,
             chunk_size=chunk_size, eps=eps, log_decay=log_decay, normalize=normalize,
+            return_state=return_state, use_kernel=use_kernel,
+            kernel_chunk_size=kernel_chunk_size,
         )  # fmt: skip
     if implementation != "xla" and use_pallas(
         implementation,

@@ -24,8 +24,12 @@ tokens (shard ``s`` holds tokens ``s L .. (s + 1) L - 1``). Each op below runs i
   shard's last ``kernel - 1`` inputs (one ``ppermute``) as its initial state; shard 0 receives
   zeros, the unsharded op's initial state.
 
-Every shard computes its part with the XLA algorithms of the unsharded ops; the functions are
-exact reformulations, equal to the unsharded ops up to float rounding. Batch dims stay split over
+Every shard computes its part with the XLA algorithms of the unsharded ops, or with their Pallas
+kernels (the ops of :data:`SEQUENCE_KERNEL_OPS` under ``implementation="pallas"``, or ``auto``
+where the kernel runs); the halos, the prefix and the corrections are XLA. The functions are
+exact reformulations, equal to the unsharded ops up to float rounding. With ``return_state``
+(prefill) the linear attention and the conv also return their decode state, replicated over
+``sequence`` (:mod:`jaxbased.ops.sequence_parallel_prefill`). Batch dims stay split over
 the mesh's batch axes and heads (channels) over ``tensor`` as in :mod:`jaxbased.ops.dispatch`.
 """
 
@@ -66,6 +70,11 @@ class SequenceLayout:
         the third dim is not split)."""
         rest = [self.head_axis if heads else None] + [None] * (ndim - 3)
         return PartitionSpec(self.batch_axes, SEQUENCE_AXIS, *rest[: ndim - 2])
+
+    def local_struct(self, x: Any) -> jax.ShapeDtypeStruct:
+        """Shape and dtype of one shard's slice of the ``[B, T, ...]`` array ``x`` (time
+        divided by the shards; batch and heads as given: kernels check their time length)."""
+        return jax.ShapeDtypeStruct((x.shape[0], x.shape[1] // self.shards, *x.shape[2:]), x.dtype)
 
 
 def sequence_shards() -> int:
@@ -129,17 +138,25 @@ def exclusive_prefix_rounds(shards: int) -> int:
     return 1 + (math.ceil(math.log2(shards - 1)) if shards > 2 else 0)
 
 
-#: Implementations the sequence-sharded ops run: each shard computes with the XLA algorithms
+#: Implementations of the sequence-sharded ops whose shards compute with the XLA algorithms only
 #: (``auto`` resolves to them under a time-split mesh).
 SEQUENCE_IMPLEMENTATIONS: tuple[str, ...] = ("auto", "xla")
+#: The ops whose shards also run their Pallas kernel inside the ``shard_map`` (the corrections
+#: stay XLA), and the implementations they accept there.
+SEQUENCE_KERNEL_OPS: tuple[str, ...] = ("linear_attention", "sliding_window_attention")
+SEQUENCE_KERNEL_IMPLEMENTATIONS: tuple[str, ...] = ("auto", "xla", "pallas")
 
 
 def check_sequence_implementation(op: str, implementation: str) -> None:
-    """Raise ``ValueError`` when ``implementation`` cannot run ``op`` on a time-split mesh."""
-    if implementation not in SEQUENCE_IMPLEMENTATIONS:
+    """Raise ``ValueError`` when ``implementation`` cannot run ``op`` on a time-split mesh: the
+    ops of :data:`SEQUENCE_KERNEL_OPS` take ``pallas`` too, the others only the XLA forms."""
+    allowed = (
+        SEQUENCE_KERNEL_IMPLEMENTATIONS if op in SEQUENCE_KERNEL_OPS else SEQUENCE_IMPLEMENTATIONS
+    )
+    if implementation not in allowed:
         raise ValueError(
             f"{op} with implementation={implementation!r} cannot run on a mesh with "
-            f"{SEQUENCE_AXIS}={sequence_shards()}; allowed there: {SEQUENCE_IMPLEMENTATIONS}, "
+            f"{SEQUENCE_AXIS}={sequence_shards()}; allowed there: {allowed}, "
             f"or {SEQUENCE_AXIS}=1"
         )
 
@@ -191,7 +208,10 @@ def linear_attention_sharded(
     eps: float,
     log_decay: Float[Array, " H"] | Float[Array, "B T H"] | None = None,
     normalize: bool = True,
-) -> Float[Array, "B T H Dv"]:
+    return_state: bool = False,
+    use_kernel: bool = False,
+    kernel_chunk_size: int | None = None,
+) -> Any:
     """Causal linear attention over a time-split mesh (module docstring), with or without the
     BASED normalizer and a decay; the result equals :func:`jaxbased.ops.linear_attention` with
     the same arguments (``[B, T, H, Dv]`` in ``v.dtype``). ``layout`` comes from
@@ -202,39 +222,73 @@ def linear_attention_sharded(
     and SSD use it) each shard's final state and total log decay ``Λ`` go through
     :func:`exclusive_decayed_prefix`, and token ``i`` of a slice reads the incoming state
     decayed by ``exp(G_i)``, ``G_i`` the cumulative log decay of the slice up to ``i``:
-    ``n_i += exp(G_i) phi(q_i) S_in``. Without ``normalize`` no ones column is appended."""
+    ``n_i += exp(G_i) phi(q_i) S_in``. Without ``normalize`` no ones column is appended.
+
+    ``return_state`` (prefill): also return the state after the last token, a
+    :class:`~jaxbased.ops.linear_attention.LinearAttentionState` (float32) replicated over
+    ``sequence``: the last shard's incoming state (decayed by its ``exp(Λ)``) plus its own,
+    broadcast by one all-reduce (:func:`jaxbased.ops.sequence_parallel_prefill.last_shard_value`).
+    Without ``normalize`` the ones column is appended then too, so that ``z`` (the state's
+    ``k_state``) travels with ``S`` in the prefix as one ``[B, H, D', Dv + 1]`` leaf.
+
+    ``use_kernel``: each shard scans its slice with the Pallas kernel
+    (``pallas_kernels.linear_attention``, chunks of ``kernel_chunk_size``; interpreted on CPU)
+    instead of the XLA ``algorithm``; the prefix and the corrections stay XLA."""
     from jaxbased.ops._common import compute_dtype
     from jaxbased.ops.feature_maps import get_feature_map
-    from jaxbased.ops.linear_attention import linear_attention
+    from jaxbased.ops.linear_attention import LinearAttentionState, linear_attention
+    from jaxbased.ops.sequence_parallel_prefill import last_shard_value
 
     dtype = compute_dtype(q, k, v)
     value_dim = v.shape[3]
     phi = get_feature_map(feature_map)
     per_step_decay = log_decay is not None and log_decay.ndim == 3
+    # A column of ones appended to the values makes the same scan yield the normalizer z, for
+    # the BASED normalizer and for a returned state (whose k_state is z).
+    with_ones = normalize or return_state
+
+    def scan_slice(q, k, values, decay):
+        """The slice from a zero state: unnormalised outputs and the final ``(S, z)``."""
+        if not use_kernel:
+            numerator, state = linear_attention(
+                q, k, values, feature_map=feature_map, algorithm=algorithm,
+                chunk_size=chunk_size, return_state=True, normalize=False,
+                implementation="xla", log_decay=decay,
+            )  # fmt: skip
+            return numerator, (state.kv_state, state.k_state)
+        from jaxbased.ops.dispatch import kernel_backend
+        from pallas_kernels.linear_attention import linear_attention as kernel
+
+        backend, interpret = kernel_backend()
+        if decay is not None and decay.ndim == 1:
+            decay = jnp.broadcast_to(decay, values.shape[:3])
+        return kernel(
+            q, k, values, None, log_decay=decay, normalize=False, feature_map=feature_map,
+            chunk_size=kernel_chunk_size, backend=backend, interpret=interpret,
+        )  # fmt: skip
 
     def local(q, k, v, *decay):
         batch, length = v.shape[:2]
         local_groups, local_heads = q.shape[2], v.shape[2]
-        values = v.astype(dtype)
-        if normalize:
-            ones = jnp.ones((batch, length, local_heads, 1), dtype)
+        # The kernel takes the inputs' own dtype (bfloat16 operands for a bfloat16 model).
+        operand_dtype = v.dtype if use_kernel else dtype
+        values = v.astype(operand_dtype)
+        if with_ones:
+            ones = jnp.ones((batch, length, local_heads, 1), operand_dtype)
             values = jnp.concatenate([values, ones], axis=-1)  # [B, L, H, Dv + 1]
         local_decay = decay[0].astype(dtype) if decay else None
-        numerator, state = linear_attention(
-            q.astype(dtype),
-            k.astype(dtype),
-            values,
-            feature_map=feature_map,
-            algorithm=algorithm,
-            chunk_size=chunk_size,
-            return_state=True,
-            normalize=False,
-            implementation="xla",
-            log_decay=local_decay,
-        )
+        if use_kernel:
+            numerator, (kv_state, k_state) = scan_slice(q, k, values, local_decay)
+            numerator = numerator.astype(dtype)
+        else:
+            numerator, (kv_state, k_state) = scan_slice(
+                q.astype(dtype), k.astype(dtype), values, local_decay
+            )
+        del k_state  # z is the ones column's state where it is needed
+        state = kv_state
         if local_decay is None:
-            incoming = exclusive_prefix_sum(state.kv_state, layout.shards)  # [B, H, D', Dv']
-            weight = None
+            incoming = exclusive_prefix_sum(state, layout.shards)  # [B, H, D', Dv']
+            weight, own_decay = None, None
         else:
             steps = (
                 local_decay
@@ -242,11 +296,11 @@ def linear_attention_sharded(
                 else jnp.broadcast_to(local_decay, (batch, length, local_heads))
             )
             cumulative = jnp.cumsum(steps, axis=1)  # G_i [B, L, H]
-            incoming = exclusive_decayed_prefix(state.kv_state, cumulative[:, -1], layout.shards)
-            weight = jnp.exp(cumulative)
+            incoming = exclusive_decayed_prefix(state, cumulative[:, -1], layout.shards)
+            weight, own_decay = jnp.exp(cumulative), jnp.exp(cumulative[:, -1])
         per_group = local_heads // local_groups
-        incoming = incoming.reshape(batch, local_groups, per_group, *incoming.shape[2:])
-        correction = jnp.einsum("blgf,bgrfd->blgrd", phi(q.astype(dtype)), incoming)
+        grouped = incoming.reshape(batch, local_groups, per_group, *incoming.shape[2:])
+        correction = jnp.einsum("blgf,bgrfd->blgrd", phi(q.astype(dtype)), grouped)
         correction = correction.reshape(numerator.shape)
         if weight is not None:
             correction = correction * weight[..., None]
@@ -254,15 +308,29 @@ def linear_attention_sharded(
         if normalize:
             y = numerator[..., :value_dim] / (numerator[..., value_dim:] + eps)
         else:
-            y = numerator
-        return y.astype(v.dtype)
+            y = numerator[..., :value_dim]
+        y = y.astype(v.dtype)
+        if not return_state:
+            return y
+        final = state + (  # the state after the slice [B, H, D', Dv + 1]
+            incoming if own_decay is None else own_decay[..., None, None] * incoming
+        )
+        return y, last_shard_value((final[..., :value_dim], final[..., value_dim]), layout.shards)
 
     specs = [layout.spec(4), layout.spec(4), layout.spec(4)]
     operands = [q, k, v]
     if log_decay is not None:
         specs.append(layout.spec(3) if per_step_decay else PartitionSpec(layout.head_axis))
         operands.append(log_decay)
-    return _shard_map(local, tuple(specs), layout.spec(4))(*operands)
+    out_specs: Any = layout.spec(4)
+    if return_state:
+        state_spec = PartitionSpec(layout.batch_axes, layout.head_axis)
+        out_specs = (out_specs, (state_spec, state_spec))
+    result = _shard_map(local, tuple(specs), out_specs)(*operands)
+    if not return_state:
+        return result
+    y, (kv_state, k_state) = result
+    return y, LinearAttentionState(kv_state, k_state)
 
 
 def window_attention_sharded(
@@ -274,11 +342,17 @@ def window_attention_sharded(
     window: int,
     scale: float | None,
     block_size: int | None,
+    use_kernel: bool = False,
 ) -> Float[Array, "B T H Dv"]:
     """Sliding-window causal softmax attention over a time-split mesh: each shard attends its
     queries over the previous shard's last ``window - 1`` keys and values (one ``ppermute`` of
     both, concatenated) and its own. Requires ``T / n >= window - 1``. Equals
-    :func:`jaxbased.ops.sliding_window_attention` (``[B, T, H, Dv]`` in ``v.dtype``)."""
+    :func:`jaxbased.ops.sliding_window_attention` (``[B, T, H, Dv]`` in ``v.dtype``).
+
+    ``use_kernel``: each shard runs the Pallas kernel (``pallas_kernels.window_attention``;
+    interpreted on CPU) on ``[halo, own]`` keys with zero queries in front of its own, and
+    keeps the outputs of its own ``L`` queries; shard 0, whose halo is empty, runs the kernel
+    on its slice alone (a ``lax.cond`` on the shard index)."""
     from jaxbased.ops.window_attention import windowed_attention_with_history
 
     history = window - 1
@@ -291,6 +365,29 @@ def window_attention_sharded(
         )
     head_dim = k.shape[-1]
 
+    def kernel(q, k, v):
+        from jaxbased.ops.dispatch import kernel_backend
+        from pallas_kernels.window_attention import window_attention
+
+        backend, interpret = kernel_backend()
+        return window_attention(
+            q, k, v, window=window, scale=scale, block_size=block_size, backend=backend,
+            interpret=interpret,
+        )  # fmt: skip
+
+    def kernel_with_history(q, k, v, earlier_keys, earlier_values):
+        def with_halo():
+            front = jnp.zeros((q.shape[0], history, *q.shape[2:]), q.dtype)
+            extended = (
+                jnp.concatenate([front, q], axis=1),
+                jnp.concatenate([earlier_keys, k], axis=1),
+                jnp.concatenate([earlier_values, v], axis=1),
+            )
+            return kernel(*extended)[:, history:]
+
+        has_earlier = jax.lax.axis_index(SEQUENCE_AXIS) > 0
+        return jax.lax.cond(has_earlier, with_halo, lambda: kernel(q, k, v))
+
     def local(q, k, v):
         if history:
             tail = jnp.concatenate([k[:, -history:], v[:, -history:]], axis=-1)
@@ -298,6 +395,10 @@ def window_attention_sharded(
             earlier = (received[..., :head_dim], received[..., head_dim:])
         else:
             earlier = None
+        if use_kernel:
+            if earlier is None:
+                return kernel(q, k, v)
+            return kernel_with_history(q, k, v, *earlier)
         has_earlier = jax.lax.axis_index(SEQUENCE_AXIS) > 0
         return windowed_attention_with_history(
             q, k, v, earlier, has_earlier, window=window, scale=scale, block_size=block_size
@@ -308,28 +409,50 @@ def window_attention_sharded(
 
 
 def short_conv_sharded(
-    x: Float[Array, "B T C"], weight: Float[Array, "K C"], layout: SequenceLayout
-) -> Float[Array, "B T C"]:
+    x: Float[Array, "B T C"],
+    weight: Float[Array, "K C"],
+    layout: SequenceLayout,
+    *,
+    return_state: bool = False,
+    lengths: Any = None,
+) -> Any:
     """Causal depthwise convolution over a time-split mesh: each shard's initial state is the
     previous shard's last ``K - 1`` inputs (one ``ppermute``; zeros on shard 0). Requires
-    ``T / n >= K - 1``. Equals :func:`jaxbased.ops.short_conv` with no initial state."""
+    ``T / n >= K - 1``. Equals :func:`jaxbased.ops.short_conv` with no initial state.
+
+    ``return_state`` (prefill): also the ``[B, K - 1, C]`` inputs before position
+    ``lengths[b]`` of each row (``lengths [B]`` int, default ``T``), zeros before the start,
+    replicated over ``sequence``: each input is taken by the shard that holds it and summed
+    over the axis (:func:`jaxbased.ops.sequence_parallel_prefill.gather_positions`)."""
+    from jaxbased.ops.sequence_parallel_prefill import gather_positions
     from jaxbased.ops.short_conv import short_conv
 
     history = weight.shape[0] - 1
-    length = x.shape[1] // layout.shards
+    batch, seq = x.shape[:2]
+    length = seq // layout.shards
     if length < history:
         raise ValueError(
-            f"sequence shards of {length} tokens (T={x.shape[1]} over sequence={layout.shards}) "
+            f"sequence shards of {length} tokens (T={seq} over sequence={layout.shards}) "
             f"must hold the convolution's {history} earlier inputs; use sequence <= "
-            f"{max(1, x.shape[1] // history)} or a longer sequence"
+            f"{max(1, seq // history)} or a longer sequence"
         )
 
-    def local(x, weight):
+    def local(x, weight, *ends):
         if not history:
-            return short_conv(x, weight)
-        earlier = _shift_to_next(x[:, -history:], layout.shards)
-        return short_conv(x, weight, initial_state=earlier)
+            y = short_conv(x, weight)
+        else:
+            earlier = _shift_to_next(x[:, -history:], layout.shards)
+            y = short_conv(x, weight, initial_state=earlier)
+        if not return_state:
+            return y
+        positions = ends[0][:, None] - history + jnp.arange(history, dtype=jnp.int32)
+        return y, gather_positions(x, positions)
 
     channels = layout.spec(3)
     weight_spec = PartitionSpec(None, layout.head_axis)
-    return _shard_map(local, (channels, weight_spec), channels)(x, weight)
+    if not return_state:
+        return _shard_map(local, (channels, weight_spec), channels)(x, weight)
+    ends = jnp.full((batch,), seq, jnp.int32) if lengths is None else jnp.asarray(lengths)
+    state_spec = PartitionSpec(layout.batch_axes, None, layout.head_axis)
+    in_specs = (channels, weight_spec, PartitionSpec(layout.batch_axes))
+    return _shard_map(local, in_specs, (channels, state_spec))(x, weight, ends.astype(jnp.int32))

@@ -53,8 +53,8 @@ def short_conv(
     batch, seq, channels = x.shape
     kernel_size = _check_weight(weight, channels)
     layout = sequence_layout(batch, seq, channels)
-    if layout is not None and initial_state is None and not return_state:
-        return short_conv_sharded(x, weight, layout)
+    if layout is not None and initial_state is None:
+        return short_conv_sharded(x, weight, layout, return_state=return_state, lengths=lengths)
     if initial_state is None:
         initial_state = init_short_conv_state(batch, kernel_size, channels, x.dtype)
     elif initial_state.shape != (batch, kernel_size - 1, channels):

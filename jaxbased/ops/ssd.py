@@ -151,12 +151,12 @@ def ssd(
 
     if algorithm == "chunked":
         # The linear-attention state is [B, H, N, P] (keys x values); ours is [B, H, P, N].
-        # From a zero state with no state returned (training's forward), neither is passed:
-        # that form also runs sequence-parallel on a time-split mesh.
+        # From a zero state none is passed: that form (training's forward, and a prefill
+        # returning its state) also runs sequence-parallel on a time-split mesh.
         stateless = initial_state is None and not return_state
         carried = (
             None
-            if stateless
+            if initial_state is None
             else LinearAttentionState(
                 jnp.swapaxes(state, -1, -2), jnp.zeros((batch, heads, state_dim), dtype)
             )

@@ -20,6 +20,11 @@ Algorithms (never a ``T x T`` matrix unless ``T`` is small):
 ``pallas_kernels.window_attention`` instead: the same blocks, key blocks outside the window
 skipped, online softmax in float32 (see :mod:`jaxbased.ops.dispatch`).
 
+Under a mesh that splits time (``sequence > 1``) the window runs
+:func:`~jaxbased.ops.sequence_parallel.window_attention_sharded` (a halo of keys) and full
+attention :func:`~jaxbased.ops.sequence_parallel_attention.full_attention_sharded` (keys and
+values all-gathered), both XLA per shard.
+
 Decoding keeps a ring buffer (:class:`KVCache`) of ``capacity`` slots: ``window`` slots for a
 sliding window, the maximum length for full attention. Position ``p`` lives in slot
 ``p % capacity``; empty slots hold position -1. The buffer is head-major, ``[B, H, S, D]``, so
@@ -54,6 +59,7 @@ from jaxbased.ops.sequence_parallel import (
     sequence_layout,
     window_attention_sharded,
 )
+from jaxbased.ops.sequence_parallel_attention import full_attention_sharded
 
 DEFAULT_BLOCK_SIZE = 128
 FULL_ATTENTION_BLOCK_SIZE = 512
@@ -276,9 +282,18 @@ def sliding_window_attention(
     layout = sequence_layout(q.shape[0], q.shape[1], q.shape[2])
     if layout is not None and window is not None:
         check_sequence_implementation("sliding_window_attention", implementation)
-        return window_attention_sharded(
-            q, k, v, layout, window=window, scale=scale, block_size=block_size
+        # The kernel sees one shard's slice (its arguments are checked at that length).
+        local = [layout.local_struct(x) for x in (q, k, v)]
+        use_kernel = implementation != "xla" and use_pallas(
+            implementation, _kernel_unsupported(*local, window, block_size), _kernel_request(q)
         )
+        return window_attention_sharded(
+            q, k, v, layout, window=window, scale=scale, block_size=block_size,
+            use_kernel=use_kernel,
+        )  # fmt: skip
+    if layout is not None:
+        check_sequence_implementation("full causal attention", implementation)
+        return full_attention_sharded(q, k, v, layout, scale=scale, block_size=block_size)
     if implementation != "xla" and use_pallas(
         implementation, _kernel_unsupported(q, k, v, window, block_size), _kernel_request(q)
     ):
@@ -402,7 +417,16 @@ def fill_kv_cache(
     slot ``s`` of row ``b`` holds the latest valid position ``p ≡ s (mod capacity)``:
     ``p = len - 1 - ((len - 1 - s) mod capacity)``, or -1 (empty) when ``p < 0``. Padding never
     enters the cache.
+
+    Under a mesh that splits time (a sequence-parallel prefill) the same cache is assembled from
+    the shards and comes out replicated over ``sequence``
+    (:func:`jaxbased.ops.sequence_parallel_prefill.fill_kv_cache_sharded`).
     """
+    layout = sequence_layout(keys.shape[0], keys.shape[1], keys.shape[2])
+    if layout is not None:  # a prefill over a time-split mesh
+        from jaxbased.ops.sequence_parallel_prefill import fill_kv_cache_sharded
+
+        return fill_kv_cache_sharded(keys, values, capacity, lengths, layout)
     if lengths is not None:
         return _fill_kv_cache_ragged(keys, values, capacity, jnp.asarray(lengths, jnp.int32))
     batch, seq, heads, head_dim = keys.shape
@@ -421,11 +445,10 @@ def fill_kv_cache(
 
 def _fill_kv_cache_ragged(keys: Array, values: Array, capacity: int, lengths: Array) -> KVCache:
     # A gather per slot (no scatter): slot s of row b reads position p[b, s] of the prompt.
+    from jaxbased.ops.sequence_parallel_prefill import ring_buffer_positions
+
     seq = keys.shape[1]
-    last = lengths[:, None] - 1  # [B, 1]
-    slots = jnp.arange(capacity, dtype=jnp.int32)[None, :]
-    positions = last - jnp.mod(last - slots, capacity)  # [B, S], <= last, ≡ slot
-    positions = jnp.where(positions >= 0, positions, -1)
+    positions = ring_buffer_positions(lengths, capacity)  # [B, S], <= last, ≡ slot
     index = jnp.clip(positions, 0, seq - 1)[:, None, :, None]  # [B, 1, S, 1]
     filled = (positions >= 0)[:, None, :, None]  # empty slots hold zeros, as in init_kv_cache
 

@@ -142,7 +142,7 @@ def train(
         teacher_params = distillation.teacher_params
     replicated = jax.sharding.NamedSharding(run.mesh, jax.sharding.PartitionSpec())
     non_finite = jax.device_put(no_non_finite_step(), replicated)
-    batches = DevicePrefetcher(iterator, data_sharding)
+    batches = DevicePrefetcher(iterator, put=run.put_batch)
     profiler = StepProfiler(profile_steps, run.workdir)
     stop = _StopFlag()
     stop.install()

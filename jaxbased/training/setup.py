@@ -14,7 +14,9 @@ With ``config.distill.teacher_workdir`` set, the model is an EchoAtt student of 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import math
 import pathlib
 import shutil
 from collections.abc import Callable
@@ -31,16 +33,18 @@ from absl import logging
 from jaxbased.config import ModelConfig
 from jaxbased.data.corpus import Document, builtin_corpus_files, builtin_corpus_fingerprint
 from jaxbased.data.pipeline import make_iterator, training_batches, validation_batches
+from jaxbased.data.sequence_slices import assemble_global_batch, process_piece, slice_windows
 from jaxbased.data.token_store import TokenDataset, write_token_dataset
 from jaxbased.data.tokenizers import ByteTokenizer
 from jaxbased.layer_layout import convert_layout, is_stacked
 from jaxbased.model import LanguageModel, count_parameters
 from jaxbased.sequence_sharding import check_sequence_sharding
 from jaxbased.sharding import (
+    BATCH_AXES,
     SEQUENCE_AXIS,
-    batch_sharding,
     logical_shardings,
     make_mesh,
+    token_batch_sharding,
     with_shardings,
 )
 from jaxbased.training.checkpointing import TOKENIZER_SUBDIR, Checkpointer, check_compatible
@@ -58,7 +62,7 @@ from jaxbased.training.flops import flops_per_token, measure_matmul_peak
 from jaxbased.training.metrics import MetricsWriter
 from jaxbased.training.optimizer import learning_rate_schedule, make_optimizer
 from jaxbased.training.state import TrainState
-from jaxbased.training.steps import evaluate, make_eval_step, make_train_step
+from jaxbased.training.steps import evaluate, make_eval_step, make_train_step, token_losses
 
 BUILTIN_DATA_SUBDIR = "builtin_data"
 
@@ -72,11 +76,15 @@ class RunSetup:
       config: the whole run config (sections ``model``, ``data``, ``train``, ``mesh``, ...).
       model_config: ``config.model`` as a ``ModelConfig``.
       is_writer: whether this process writes metrics and the tokenizer (JAX process 0).
-      mesh: the device mesh; ``data_sharding`` shards a batch's rows over it.
+      mesh: the device mesh; ``data_sharding`` shards a token batch over it (rows over
+        ``data`` x ``fsdp``, time slices over ``sequence``).
       state: the float32 train state, sharded on ``mesh`` (restored or initialised).
       train_step, eval_step: the jit-compiled steps (``train_step`` donates the state).
-      iterator: the training batches (this process's rows), checkpointable.
-      validation: the global validation batches, ``[batch, seq_len + 1]`` int32 each.
+      iterator: the training batches (this process's rows and time slices, as slice windows:
+        :mod:`jaxbased.data.sequence_slices`), checkpointable.
+      put_batch: ``put_batch(host_piece) -> global batch array`` on ``data_sharding``.
+      validation: the global validation batches, ``[batch, n (seq_len / n + 1)]`` int32 slice
+        windows each (``n = mesh.shape["sequence"]``; with 1, ``[batch, seq_len + 1]``).
       checkpointer: the workdir's checkpoints; ``resumed_step`` the step restored (None: fresh).
       initial_eval: the evaluation of a fresh state (None when resumed).
       metadata: what every checkpoint records beside the state (model, tokenizer, data).
@@ -96,6 +104,7 @@ class RunSetup:
     train_step: Callable[[TrainState, jax.Array], tuple[TrainState, dict[str, jax.Array]]]
     eval_step: Callable[[Any, jax.Array], dict[str, jax.Array]]
     iterator: Any
+    put_batch: Callable[[np.ndarray], jax.Array]
     validation: list[np.ndarray]
     checkpointer: Checkpointer
     resumed_step: int | None
@@ -265,16 +274,25 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) ->
     is_writer = process_index == 0
 
     mesh = make_mesh(config.mesh)
-    check_sequence_sharding(model_config, mesh.shape[SEQUENCE_AXIS], data_config.seq_len)
-    if data_config.batch_size % (process_count * train_config.grad_accum_steps):
+    sequence_slices = mesh.shape[SEQUENCE_AXIS]
+    check_sequence_sharding(model_config, sequence_slices, data_config.seq_len)
+    row_shards = math.prod(mesh.shape[axis] for axis in BATCH_AXES)
+    rows_multiple = math.lcm(row_shards, train_config.grad_accum_steps)
+    if data_config.batch_size % rows_multiple:
         raise ValueError(
-            f"data.batch_size={data_config.batch_size} must be divisible by process_count * "
-            f"train.grad_accum_steps = {process_count * train_config.grad_accum_steps}"
+            f"data.batch_size={data_config.batch_size} must be divisible by mesh.data * "
+            f"mesh.fsdp = {row_shards} and by train.grad_accum_steps = "
+            f"{train_config.grad_accum_steps} (e.g. {rows_multiple})"
         )
     if train_config.num_steps < 1:
         raise ValueError(f"train.num_steps={train_config.num_steps} must be >= 1")
     _check_data_settings(data_config)
     distill = distill_settings(config)
+    if distill is not None and sequence_slices > 1:
+        raise ValueError(
+            f"mesh.sequence={sequence_slices}: distillation (distill.teacher_workdir) reads whole "
+            "windows and cannot split the sequence yet; use mesh.sequence=1"
+        )
     teacher = None
     if distill is not None:
         teacher = load_teacher(distill, model_config)
@@ -285,14 +303,37 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) ->
 
     dataset = _open_data(config, workdir, model_config)
     _check_vocab(dataset, model_config)
+    # Each process reads only the rows and time slices its devices hold, targets included.
+    data_sharding = token_batch_sharding(mesh)
+    piece = process_piece(
+        data_sharding, data_config.batch_size, data_config.seq_len, sequence_slices
+    )
+    logging.info(
+        "process %d reads rows %d..%d and time slices %d..%d of %d of every batch",
+        process_index,
+        piece.row_start,
+        piece.row_stop - 1,
+        piece.slice_start,
+        piece.slice_stop - 1,
+        sequence_slices,
+    )
     batches = training_batches(
         dataset,
         seq_len=data_config.seq_len,
         batch_size=data_config.batch_size,
         seed=data_config.seed,
-        process_index=process_index,
-        process_count=process_count,
+        piece=piece,
     )
+    global_shape = (
+        data_config.batch_size,
+        sequence_slices * (data_config.seq_len // sequence_slices + 1),
+    )
+
+    def put_batch(host_piece: np.ndarray) -> jax.Array:
+        return assemble_global_batch(
+            data_sharding, global_shape, {process_index: (piece, host_piece)}
+        )
+
     validation = validation_batches(
         dataset,
         seq_len=data_config.seq_len,
@@ -304,7 +345,9 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) ->
         if distill.shared_layers is None:
             model_config = student_config(distill, model_config, teacher, validation)
 
+    validation = [slice_windows(batch, sequence_slices) for batch in validation]
     model = LanguageModel(model_config)
+    losses = functools.partial(token_losses, sequence_slices=sequence_slices)
     schedule, optimizer = optimizer_from_config(train_config)
 
     def init_boxed_state(model: LanguageModel = model) -> TrainState:
@@ -319,7 +362,6 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) ->
     abstract_boxed = jax.eval_shape(init_boxed_state)
     state_shardings = logical_shardings(abstract_boxed, mesh)
     init_state = jax.jit(lambda: nn.meta.unbox(init_boxed_state()), out_shardings=state_shardings)
-    data_sharding = batch_sharding(mesh)
 
     workdir.mkdir(parents=True, exist_ok=True)  # config and data are valid: the run starts
     checkpointer = Checkpointer(
@@ -350,7 +392,7 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) ->
     found = checkpointer.restore_newest_intact(read_checkpoint)
     latest = None if found is None else found[0]
     initial_eval = None
-    eval_step = make_eval_step(model)
+    eval_step = make_eval_step(model, losses)
     if found is not None:
         _, (state, data_state, _), damaged = found
         for step in damaged:  # newer than the one resumed: this run saves those steps again
@@ -410,6 +452,7 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) ->
         train_config.grad_accum_steps,
         state_shardings=state_shardings,
         batch_sharding=data_sharding,
+        losses=losses,
     )
     distillation = None
     if distill is not None:
@@ -443,6 +486,7 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) ->
         train_step=train_step,
         eval_step=eval_step,
         iterator=iterator,
+        put_batch=put_batch,
         validation=validation,
         checkpointer=checkpointer,
         resumed_step=latest,

@@ -5,6 +5,10 @@ What a step trains on is chosen by its per-token loss function (:data:`LossFunct
 - :func:`token_losses` (the default, language modelling): batches are ``[batch, seq_len + 1]``
   int32 windows, inputs ``[:, :-1]``, targets ``[:, 1:]``; every position counts. The loss is
   the mean next-token cross-entropy over the padded vocabulary, as the reference computes it.
+  On a mesh that splits the time axis into ``n`` slices, bind ``sequence_slices=n``: batches
+  are then ``[batch, n (seq_len / n + 1)]`` slice windows
+  (:mod:`jaxbased.data.sequence_slices`), which a ``sequence``-sharded batch splits at slice
+  boundaries.
 - :func:`answer_losses` (recall tasks such as MQAR): batches are ``(tokens [B, T], positions
   [B, P], targets [B, P])`` int32 and only the chosen positions count (the head runs there only).
 - EchoAtt distillation (:mod:`jaxbased.training.distill_run`): a loss that also takes the frozen
@@ -34,9 +38,9 @@ import numpy as np
 import optax
 from jaxtyping import Array, Float, Int
 
+from jaxbased.data.sequence_slices import global_batch_from_host, next_token_pairs
 from jaxbased.layers.mixer import METRICS_COLLECTION
 from jaxbased.model import LanguageModel, mixer_metrics
-from jaxbased.sharding import global_batch
 from jaxbased.training.state import TrainState
 
 #: ``losses(model, params, batch, *extra) -> (losses, correct, reported)``: per-token float32
@@ -53,11 +57,12 @@ def apply_with_metrics(model: LanguageModel, params: Any, *args: Any, **kwargs: 
 
 
 def token_losses(
-    model: LanguageModel, params: Any, batch: Int[Array, "B L"]
+    model: LanguageModel, params: Any, batch: Int[Array, "B L"], *, sequence_slices: int = 1
 ) -> tuple[Float[Array, "B T"], Float[Array, "B T"], dict[str, Array]]:
-    """Per-token cross-entropy and correctness (float32) of ``batch`` windows, and the mixers'
+    """Per-token cross-entropy and correctness (float32) of ``batch`` windows (``[B, T + 1]``,
+    or ``[B, n (T / n + 1)]`` slice windows for ``sequence_slices = n``), and the mixers'
     metrics."""
-    inputs, targets = batch[:, :-1], batch[:, 1:]
+    inputs, targets = next_token_pairs(batch, sequence_slices)
     logits, metrics = apply_with_metrics(model, params, inputs)
     logits = logits.astype(jnp.float32)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
@@ -238,12 +243,6 @@ def make_eval_step(
     return jax.jit(eval_step)
 
 
-def _local_rows(batch: np.ndarray) -> np.ndarray:
-    """This process's contiguous share of the rows of a global batch."""
-    local = batch.shape[0] // jax.process_count()
-    return batch[jax.process_index() * local : (jax.process_index() + 1) * local]
-
-
 def sum_evaluation(
     eval_step: Callable[[Any, Any], dict[str, Array]],
     params: Any,
@@ -251,12 +250,12 @@ def sum_evaluation(
     sharding: Any = None,
 ) -> dict[str, float]:
     """``{loss_sum, correct_sum, tokens}`` of ``eval_step`` summed over ``batches`` (Python
-    floats). With a ``sharding``, each batch is a global ``[batch, ...]`` array of which this
-    process feeds its own rows."""
+    floats). With a ``sharding``, each batch is a global host array (every process holds it
+    whole) of which each device takes its own block."""
     totals = {"loss_sum": 0.0, "correct_sum": 0.0, "tokens": 0.0}
     for batch in batches:
         if sharding is not None:
-            batch = global_batch(_local_rows(batch), sharding)
+            batch = global_batch_from_host(batch, sharding)
         for key, value in eval_step(params, batch).items():
             totals[key] += float(value)
     return totals
