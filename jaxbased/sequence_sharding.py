@@ -15,6 +15,7 @@ when a training or evaluation run cannot split its sequences ``sequence`` ways:
 - EchoAtt (``attention_sharing``) is refused: a sharing layer reuses its anchor's whole
   ``[B, H, T, T]`` probabilities. (Recycled Attention is a decode policy; training and
   evaluation never reach it.)
+- SeqBoat runs its packed algorithm (``masked`` is a full-length reference).
 
 Slices need not be whole chunks of the chunked linear attention: each shard pads its own last
 chunk, as the unsharded op pads the sequence's tail (logged, since that padding is work).
@@ -44,6 +45,8 @@ SEQUENCE_SHARDED_MIXERS: tuple[str, ...] = (
     "mamba2",
     "attention",
     "cca_attention",
+    "mamba",
+    "seqboat",
 )
 
 #: The sharded mixers whose shards run their Pallas kernels under ``implementation="pallas"``
@@ -67,7 +70,7 @@ def _divisors(number: int) -> list[int]:
 def halo_tokens(config: Any) -> dict[str, int]:
     """``{mixer: tokens a slice needs from the previous slice}`` for the used mixers that reach
     back a fixed number of tokens (``sliding_window``: ``window - 1``; ``base_conv``:
-    ``kernel_size - 1``; ``mamba2``: its short conv's ``conv_kernel_size - 1``;
+    ``kernel_size - 1``; ``mamba2``, ``mamba``: the short conv's ``conv_kernel_size - 1``;
     ``cca_attention``: ``local_window + group_size - 2`` raw keys)."""
     halos = {}
     if "sliding_window" in config.layer_pattern:
@@ -76,6 +79,8 @@ def halo_tokens(config: Any) -> dict[str, int]:
         halos["base_conv"] = config.base_conv.kernel_size - 1
     if "mamba2" in config.layer_pattern:
         halos["mamba2"] = config.mamba2.conv_kernel_size - 1
+    if "mamba" in config.layer_pattern:
+        halos["mamba"] = config.mamba.conv_kernel_size - 1
     if "cca_attention" in config.layer_pattern:
         cca = config.cca_attention
         halos["cca_attention"] = cca_halo_tokens(cca.group_size, cca.local_window)
@@ -118,6 +123,11 @@ def check_sequence_sharding(config: Any, sequence: int, seq_len: int) -> None:
             f"mesh.sequence={sequence}: attention_sharing={config.attention_sharing} (EchoAtt) "
             "reuses an anchor's [B, H, T, T] probabilities, which a time-split mesh does not "
             "form; use attention_sharing=() or mesh.sequence=1"
+        )
+    if "seqboat" in config.layer_pattern and config.seqboat.algorithm != "packed":
+        raise ValueError(
+            f"mesh.sequence={sequence}: seqboat.algorithm={config.seqboat.algorithm!r} (the "
+            "full-length reference) cannot split the sequence; use seqboat.algorithm='packed'"
         )
     length = seq_len // sequence
     if "cca_attention" in config.layer_pattern and length % config.cca_attention.group_size:

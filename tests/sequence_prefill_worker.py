@@ -66,6 +66,23 @@ ATTENTION_MODEL = dict(
     cca_attention=dict(heads=4, group_size=3, local_window=6),
     mlp=dict(inner_dim=64),
 )
+#: Mamba-1 and SeqBoat (half of 72 packed slots, a window of 8 packed keys).
+SCAN_MODEL = dict(
+    vocab_size=64,
+    d_model=32,
+    num_layers=2,
+    layer_pattern=("mamba", "seqboat"),
+    use_mlp=False,
+    mamba=dict(state_dim=8, chunk_size=16),
+    seqboat=dict(
+        ema_dim=4,
+        attention_dim=16,
+        window=8,
+        capacity_fraction=0.5,
+        capacity_bucket=1,
+        ema_chunk_size=16,
+    ),
+)
 #: (model, mesh (data, fsdp, tensor, sequence), ragged): sequence 2, 4 and 8, alone and with
 #: the batch and head axes; one compile each.
 PREFILL_CASES = [
@@ -76,6 +93,8 @@ PREFILL_CASES = [
     ("hybrid", (2, 1, 2, 2), True),
     ("attention", (1, 1, 1, 8), True),
     ("attention", (2, 1, 1, 4), True),
+    ("scan", (1, 1, 1, 8), True),
+    ("scan", (1, 2, 2, 2), True),
     # implementation="pallas": the kernels per shard (interpreted), against the XLA one device.
     ("based_pallas", (1, 1, 1, 4), True),
 ]
@@ -151,7 +170,12 @@ def prefill_cases() -> dict:
     ragged = jnp.asarray(LENGTHS, jnp.int32)
     full = jnp.full((4,), SEQ_LEN, jnp.int32)
     report: dict = {}
-    models = (("based", BASED_MODEL), ("hybrid", HYBRID_MODEL), ("attention", ATTENTION_MODEL))
+    models = (
+        ("based", BASED_MODEL),
+        ("hybrid", HYBRID_MODEL),
+        ("attention", ATTENTION_MODEL),
+        ("scan", SCAN_MODEL),
+    )
     for name, fields in models:
         if not any(case[0] in (name, f"{name}_pallas") for case in PREFILL_CASES):
             continue

@@ -30,6 +30,7 @@ from tests.sequence_prefill_worker import (
     HYBRID_MODEL,
     KERNEL_CASES,
     PREFILL_CASES,
+    SCAN_MODEL,
 )
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -57,7 +58,7 @@ def case_name(model: str, mesh, ragged: bool) -> str:
 def test_prefill_cases_cover_every_sharded_mixer_and_sequence_size():
     from jaxbased.sequence_sharding import SEQUENCE_SHARDED_MIXERS
 
-    models = (BASED_MODEL, HYBRID_MODEL, ATTENTION_MODEL)
+    models = (BASED_MODEL, HYBRID_MODEL, ATTENTION_MODEL, SCAN_MODEL)
     mixers = set().union(*(model["layer_pattern"] for model in models))
     assert mixers == set(SEQUENCE_SHARDED_MIXERS)
     assert {mesh[3] for _, mesh, _ in PREFILL_CASES} == {2, 4, 8}
@@ -68,7 +69,8 @@ def test_sharded_prefill_equals_one_device(report, model, mesh, ragged):
     case = report["prefill"][case_name(model, mesh, ragged)]
     assert case["logits"] <= TOLERANCE, case
     # Every leaf: the states, the conv inputs, the window's keys, values and slot positions.
-    expected_leaves = {"based": 7, "hybrid": 10, "attention": 9}[model.removesuffix("_pallas")]
+    leaves = {"based": 7, "hybrid": 10, "attention": 9, "scan": 8}
+    expected_leaves = leaves[model.removesuffix("_pallas")]
     assert len(case["cache"]) == expected_leaves, case["cache"]
     for leaf, error in case["cache"].items():
         assert error <= TOLERANCE, (leaf, error)

@@ -20,6 +20,10 @@ Static shapes: the packed sequence has ``capacity = packed_capacity(T)`` slots
 dropped from attention (their ``h`` is 0) and counted in the ``dropped_tokens`` metric; the
 ``activation_rate`` metric is the share of active tokens (``jaxbased.layers.mixer.report_metric``).
 
+On a mesh whose ``sequence`` axis splits time, the EMA and the packed attention run
+sequence-parallel with the same ranks, capacity and window as over the whole row
+(docs/sequence_parallelism.md#seqboat).
+
 Decode cache (:class:`SeqBoatCache`): the EMA state and a ring buffer of the last ``window``
 active tokens' rotated keys and values.
 """
@@ -47,6 +51,12 @@ from jaxbased.layers.mixer import (
 )
 from jaxbased.ops.ema import ema_state_at, ema_step, multi_head_ema
 from jaxbased.ops.rotary import apply_rotary
+from jaxbased.ops.sequence_parallel import SequenceLayout, sequence_layout
+from jaxbased.ops.sequence_parallel_scan import (
+    pack_active_sharded,
+    packed_window_attention_sharded,
+    unpack_sharded,
+)
 from jaxbased.ops.window_attention import sliding_window_attention
 
 #: ``packed``: attention over the packed active tokens (the layer's algorithm); ``masked``: the
@@ -222,6 +232,10 @@ class SeqBoat(StateSizeFromCache, nn.Module):
         each row dropped beyond the capacity ``[B]``."""
         batch, seq, d = mx.shape
         capacity = self.config.packed_capacity(seq)
+        layout = sequence_layout(batch, seq, 1)
+        if layout is not None:
+            h = self._packed_sharded(mx, active, layout, capacity)
+            return h, jnp.maximum(active.sum(axis=-1) - capacity, 0)
         order = jnp.argsort(jnp.logical_not(active), axis=-1, stable=True)  # active first
         index = order[:, :capacity]  # [B, C] original positions, in order
         count = active.sum(axis=-1)
@@ -239,6 +253,23 @@ class SeqBoat(StateSizeFromCache, nn.Module):
         rows = jnp.arange(batch)[:, None]
         h = jnp.zeros((batch, seq, d), out.dtype).at[rows, index].set(out)
         return h, jnp.maximum(count - capacity, 0)
+
+    def _packed_sharded(
+        self, mx: Array, active: Array, layout: SequenceLayout, capacity: int
+    ) -> Array:
+        """:meth:`_packed`'s ``h`` on a time-split mesh: each shard packs its slice's active
+        tokens into ``min(L, capacity)`` slots, the projections run on the packed slots where
+        they lie, and the attention passes the ranks and the last ``window - 1`` keys and values
+        across slices (:mod:`jaxbased.ops.sequence_parallel_scan`)."""
+        seq = mx.shape[1]
+        slots = min(seq // layout.shards, capacity)
+        packed, positions, index, counts = pack_active_sharded(mx, active, layout, slots)
+        q, k, v, r = self._attention_inputs(packed, positions)
+        attended, kept = packed_window_attention_sharded(
+            q, k, v[:, :, None], counts, layout, window=self.config.window, capacity=capacity
+        )
+        out = jnp.where(kept[..., None], self.h_proj(attended[:, :, 0] * r), 0)
+        return unpack_sharded(out, index, layout, seq)
 
     def _masked(self, mx: Array, active: Array) -> Array:
         """The same ``h`` at full length: active query ``t`` attends the active keys ``s <= t``
@@ -258,17 +289,18 @@ class SeqBoat(StateSizeFromCache, nn.Module):
         attended = jnp.einsum("bqk,bkh->bqh", weights, v.astype(dtype)).astype(v.dtype)
         return jnp.where(active[..., None], self.h_proj(attended * r), 0)
 
-    def _forward(self, x: Array, lengths: Array | None):
+    def _forward(self, x: Array, lengths: Array | None, return_chunk_states: bool = False):
         batch, seq, _ = x.shape
         decay, input_scale, output_scale = self._ema_coefficients()
-        ema, chunk_states = multi_head_ema(
+        ema = multi_head_ema(
             x,
             decay,
             input_scale,
             output_scale,
             chunk_size=self.config.ema_chunk_size,
-            return_chunk_states=True,
+            return_chunk_states=return_chunk_states,
         )
+        ema, chunk_states = ema if return_chunk_states else (ema, None)
         mx = self._mx(x, ema)
         hx, active, gate = self._route(mx)
         valid = valid_mask(lengths, seq)
@@ -300,7 +332,7 @@ class SeqBoat(StateSizeFromCache, nn.Module):
             if lengths is None
             else jnp.asarray(lengths, jnp.int32)
         )
-        y, mx, active, chunk_states = self._forward(x, lengths)
+        y, mx, active, chunk_states = self._forward(x, lengths, return_chunk_states=True)
         decay, input_scale, _ = self._ema_coefficients()
         ema_state = ema_state_at(
             x, chunk_states, decay, input_scale, lengths - 1, chunk_size=self.config.ema_chunk_size

@@ -13,6 +13,9 @@ convolution is a ``C x C`` Toeplitz product per channel (built from ``k[c, 0 .. 
 ``lax.scan`` over chunks carries the state, read as ``w a^(i+1) h`` by the chunk's token ``i``
 and updated as ``a^C h + sum_j a^(C-1-j) b x_j``. Every power of ``a`` has a non-negative
 exponent, so nothing overflows. Work ``O(T D (C + N))``, memory ``O(T D + D C^2)``.
+
+On a mesh whose ``sequence`` axis splits time, the EMA from a zero state without chunk states
+runs sequence-parallel (:func:`jaxbased.ops.sequence_parallel_scan.ema_sharded`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
+
+from jaxbased.ops.sequence_parallel import sequence_layout
 
 
 def _powers(log_decay: Array, exponents: Array) -> Array:
@@ -68,6 +73,12 @@ def multi_head_ema(
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be >= 1")
     batch, seq, channels = x.shape
+    # A time-split mesh: the sequence-parallel form from a zero state (training's forward).
+    layout = sequence_layout(batch, seq, 1)
+    if layout is not None and initial_state is None and not return_chunk_states:
+        from jaxbased.ops.sequence_parallel_scan import ema_sharded
+
+        return ema_sharded(x, decay, input_scale, output_scale, layout, chunk_size=chunk_size)
     dtype = jnp.promote_types(x.dtype, jnp.float32)
     log_decay = jnp.log(decay.astype(dtype))
     b, w = input_scale.astype(dtype), output_scale.astype(dtype)

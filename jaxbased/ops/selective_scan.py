@@ -25,6 +25,10 @@ sequence, chunks of 16 (TPU) or 8 (GPU) tokens unrolled, a checkpoint per chunk 
 backward; its own chunk, not ``chunk_size``, which is the XLA scan's); see
 :mod:`jaxbased.ops.dispatch`.
 
+On a mesh whose ``sequence`` axis splits time, a scan from a zero state without a returned
+state (training's forward) runs sequence-parallel
+(:func:`jaxbased.ops.sequence_parallel_scan.selective_scan_sharded`).
+
 All arithmetic is in float32 (float64 under x64); ``y`` has the dtype of ``u``; states are
 ``[B, D, N]`` float32.
 """
@@ -58,6 +62,8 @@ from jaxbased.ops.dispatch import (
     use_pallas,
 )
 from jaxbased.ops.kernel_check import compare_with_reference
+from jaxbased.ops.sequence_parallel import check_sequence_implementation, sequence_layout
+from jaxbased.ops.sequence_parallel_scan import selective_scan_sharded
 
 ALGORITHMS: tuple[str, ...] = ("chunked", "sequential", "associative")
 
@@ -176,6 +182,14 @@ def selective_scan(
     check_chunk_size(chunk_size)
     check_implementation(implementation)
     channels, state_dim = _check_shapes(u, delta, a, b, c, token_axes=2)
+    # A time-split mesh: the sequence-parallel form from a zero state; prefill (an initial or
+    # returned state) runs below and XLA places the data.
+    layout = sequence_layout(u.shape[0], u.shape[1], channels)
+    if layout is not None and initial_state is None and not return_state:
+        check_sequence_implementation("selective_scan", implementation)
+        return selective_scan_sharded(
+            u, delta, a, b, c, layout, algorithm=algorithm, chunk_size=chunk_size
+        )
     if implementation != "xla" and use_pallas(
         implementation,
         _kernel_unsupported(u, delta, a, b, c, algorithm),

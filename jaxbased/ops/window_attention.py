@@ -200,11 +200,15 @@ def _full_flash(q, k, v, block_size):
     return out[:, :, :seq]
 
 
-def _windowed_blocks(q, k, v, window, block_size, earlier=None, has_earlier=None):
+def _windowed_blocks(
+    q, k, v, window, block_size, earlier=None, has_earlier=None, earlier_counts=None
+):
     """Windowed attention of head-major ``q [B, H, T, D]`` (scaled) over ``k, v``.
 
     ``earlier``: None, or the ``window - 1`` keys and values ``[B, H, window - 1, D]`` before
-    ``k[:, :, 0]`` (a sequence shard's halo), seen where the scalar ``has_earlier`` is true.
+    ``k[:, :, 0]`` (a sequence shard's halo), seen where the scalar ``has_earlier`` is true;
+    or, with ``earlier_counts [B]`` (int), only the last ``earlier_counts[b]`` of them in row
+    ``b`` (the others do not exist).
     """
     batch, heads, seq, head_dim = q.shape
     value_dim = v.shape[-1]
@@ -232,7 +236,9 @@ def _windowed_blocks(q, k, v, window, block_size, earlier=None, has_earlier=None
         block_start - lookback * block_size + jnp.arange((lookback + 1) * block_size)[None, None]
     )
     seen = key_pos >= 0
-    if earlier is not None:
+    if earlier is not None and earlier_counts is not None:  # [B, 1, blocks, 1, keys]
+        seen = key_pos[None, None] >= -earlier_counts[:, None, None, None, None]
+    elif earlier is not None:
         seen = seen | has_earlier
     mask = seen & (key_pos <= query_pos) & (query_pos - key_pos < window)
 
@@ -317,11 +323,14 @@ def windowed_attention_with_history(
     window: int,
     scale: float | None = None,
     block_size: int | None = None,
+    earlier_counts: Int[Array, " B"] | None = None,
 ) -> Float[Array, "B T H Dv"]:
     """:func:`sliding_window_attention` (XLA) of a slice of a longer sequence: ``earlier`` holds
     the ``W = window - 1`` keys and values just before ``k[:, 0]`` (None when ``window`` is 1),
     which the first queries see where the boolean scalar ``has_earlier`` is true (elsewhere the
-    slice is the sequence's start). Returns ``[B, T, H, Dv]`` in ``v.dtype``."""
+    slice is the sequence's start); with ``earlier_counts [B]`` instead, row ``b`` sees only
+    the last ``earlier_counts[b]`` of them (fewer keys came before it). Returns
+    ``[B, T, H, Dv]`` in ``v.dtype``."""
     _check_inputs(q, k, v)
     _check_window(window)
     head_dim = q.shape[-1]
@@ -332,7 +341,7 @@ def windowed_attention_with_history(
     if earlier is not None:
         earlier = tuple(jnp.swapaxes(x, 1, 2).astype(dtype) for x in earlier)
     block = block_size if block_size is not None else min(DEFAULT_BLOCK_SIZE, window)
-    out = _windowed_blocks(qh, kh, vh, window, block, earlier, has_earlier)
+    out = _windowed_blocks(qh, kh, vh, window, block, earlier, has_earlier, earlier_counts)
     return jnp.swapaxes(out, 1, 2).astype(v.dtype)
 
 
