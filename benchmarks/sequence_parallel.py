@@ -21,6 +21,7 @@ so a loaded CPU is fine (only the wall times vary).
 Usage (repository root)::
 
     python benchmarks/sequence_parallel.py   # writes benchmarks/results/sequence_parallel.json
+    python benchmarks/sequence_parallel.py --parts memory --output /tmp/memory.json  # (a), (c)
 """
 
 from __future__ import annotations
@@ -221,10 +222,18 @@ def main() -> None:
     parser.add_argument("--cap_mib", type=int, default=256, help="(b): per-device memory cap")
     parser.add_argument("--bisections", type=int, default=1, help="(b): bisection steps")
     parser.add_argument(
+        "--parts",
+        default="memory,longest",
+        help="comma-separated: memory ((a) and (c)), longest ((b))",
+    )
+    parser.add_argument(
         "--output",
         default=os.path.join(os.path.dirname(__file__), "results", "sequence_parallel.json"),
     )
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
+    if not parts or not parts <= {"memory", "longest"}:
+        raise ValueError(f"--parts={args.parts!r}; allowed: memory, longest, or both")
 
     import jax
 
@@ -239,10 +248,20 @@ def main() -> None:
         "seq_len": args.seq_len,
         "batch_size": args.batch_size,
     }
-    payload["memory"], payload["bytes"] = memory_sweep(args.seq_len, args.batch_size)
-    cap = args.cap_mib * 2**20
-    payload["longest"] = {
-        "cap_mib": args.cap_mib,
+    if "memory" in parts:
+        payload["memory"], payload["bytes"] = memory_sweep(args.seq_len, args.batch_size)
+    if "longest" in parts:
+        payload["longest"] = longest_sweep(args.cap_mib, args.bisections)
+    payload["seconds"] = round(time.perf_counter() - started, 1)
+    write_json_atomic(args.output, payload)
+    print(f"wrote {args.output} in {payload['seconds']} s")
+
+
+def longest_sweep(cap_mib: int, bisections: int) -> dict:
+    """(b) for the BASED mix, ``sequence`` = 1 and 8, under ``cap_mib`` MiB per device."""
+    cap = cap_mib * 2**20
+    return {
+        "cap_mib": cap_mib,
         "model": "based_mix",
         "batch_size": 1,
         **{
@@ -252,14 +271,11 @@ def main() -> None:
                 batch_size=1,
                 cap=cap,
                 start=start,
-                bisections=args.bisections,
+                bisections=bisections,
             )
             for shards, start in ((1, 4096), (8, 32768))
         },
     }
-    payload["seconds"] = round(time.perf_counter() - started, 1)
-    write_json_atomic(args.output, payload)
-    print(f"wrote {args.output} in {payload['seconds']} s")
 
 
 if __name__ == "__main__":

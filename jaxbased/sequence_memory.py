@@ -12,9 +12,10 @@ sharded mixers hold beyond the unsharded ops (docs/sequence_parallelism.md):
 - **the slice state's feature maps**: each shard first sums its slice's state from a zero start
   (``jaxbased.ops.sequence_parallel.slice_final_state``: a rematerialised chunk scan over
   ``phi(k)``) and then runs the unsharded op from the received state; on XLA:CPU, for BASED
-  layers of ``D'`` = 73 and 273, the sharded step held 0.5-0.9 ``[L, G, D']`` float32 arrays per
-  layer and row more than the one-device step of the slice (``G`` query groups: the heads, or
-  Mamba-2's groups; the received state and its cotangent included), counted as
+  layers of ``D'`` = 273 and ``sequence`` 2 to 8, the sharded step held 0.5-0.9 ``[L, G, D']``
+  float32 arrays per layer and row more than the one-device step of the slice (``G`` query
+  groups: the heads, or Mamba-2's groups; the received state and its cotangent included),
+  counted as
   :data:`SLICE_FEATURE_COPIES`. (Before the two passes, a correction ``phi(q_i) S_in``
   evaluated outside the scan held 3.5-3.9 of them.)
 
