@@ -114,6 +114,27 @@ def compiled_decode_step(model, params, batch: int, **prefill_options):
     return lowered.compile().as_text(), cache
 
 
+def worker_report(worker: str, *arguments: str, timeout: int = 900) -> dict:
+    """Run ``tests/<worker>.py`` (an 8-simulated-device script) in a fresh Python with
+    ``arguments`` and return the JSON it prints on its ``RESULT `` line; fails with the
+    worker's stderr when it exits non-zero."""
+    import json
+    import subprocess
+    import sys
+
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, str(repo / "tests" / f"{worker}.py"), *arguments],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=repo,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    line = next(x for x in result.stdout.splitlines() if x.startswith("RESULT "))
+    return json.loads(line[len("RESULT ") :])
+
+
 #: The kernel family this machine runs compiled: ``tpu`` on a TPU, ``gpu`` on a CUDA/ROCm GPU,
 #: none on CPU.
 NATIVE_KERNEL_BACKEND = {"tpu": "tpu", "gpu": "gpu", "cuda": "gpu", "rocm": "gpu"}.get(

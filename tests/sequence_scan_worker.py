@@ -23,6 +23,7 @@ from jaxbased import LanguageModel, ModelConfig
 from tests.sequence_worker import (
     SEQ_LEN,
     collective_counts,
+    compiled_train_steps,
     mesh_name,
     model_cases,
     relative_error,
@@ -161,44 +162,6 @@ def seqboat_model_cases() -> dict:
     return report
 
 
-def train_step_hlo(fields: dict, shape: tuple[int, ...]) -> str:
-    """The compiled train step (as ``train`` builds it) of a model on a mesh, as HLO text."""
-    from flax import linen as nn
-
-    from jaxbased.sharding import (
-        LOGICAL_RULES,
-        batch_sharding,
-        logical_shardings,
-        make_mesh,
-        with_shardings,
-    )
-    from jaxbased.training.optimizer import learning_rate_schedule, make_optimizer
-    from jaxbased.training.state import TrainState
-    from jaxbased.training.steps import make_train_step
-
-    model = LanguageModel(ModelConfig.from_dict(fields))
-    schedule = learning_rate_schedule(peak=1e-3, final=0, warmup_steps=0, total_steps=2)
-    optimizer = make_optimizer(schedule)
-
-    def boxed() -> TrainState:
-        params = model.init(jax.random.key(0), jnp.zeros((1, SEQ_LEN), jnp.int32))["params"]
-        return TrainState(
-            step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params)
-        )
-
-    abstract = jax.eval_shape(boxed)
-    mesh = make_mesh(shape)
-    shardings = logical_shardings(abstract, mesh)
-    batch = batch_sharding(mesh)
-    step = make_train_step(
-        model, optimizer, schedule, state_shardings=shardings, batch_sharding=batch
-    )
-    tokens = jax.ShapeDtypeStruct((4, SEQ_LEN + 1), jnp.int32, sharding=batch)
-    state = with_shardings(abstract, shardings)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
-        return step.lower(state, tokens).compile().as_text()
-
-
 def counted_collectives(hlo: str) -> dict:
     """:func:`tests.sequence_worker.collective_counts`, with the all-reduces that sum the
     gradients of parameters a layer's ``shard_map`` reads whole split out: XLA combines those
@@ -223,13 +186,14 @@ def counted_collectives(hlo: str) -> dict:
 
 def hlo_cases() -> dict:
     """Collectives of the compiled train steps on sequence meshes."""
-    return {
-        name: {
-            mesh_name(shape): counted_collectives(train_step_hlo(fields, shape))
+    report = {}
+    for name, fields in (("mamba", MAMBA_MODEL), ("seqboat", SEQBOAT_MODEL)):
+        compiled = compiled_train_steps(fields, HLO_MESHES)
+        report[name] = {
+            mesh_name(shape): counted_collectives(compiled[mesh_name(shape)])
             for shape in HLO_MESHES
         }
-        for name, fields in (("mamba", MAMBA_MODEL), ("seqboat", SEQBOAT_MODEL))
-    }
+    return report
 
 
 if __name__ == "__main__":

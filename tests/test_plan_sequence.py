@@ -7,11 +7,6 @@ estimate (the step of one slice plus the time-split mixers' boundary buffers and
 and the bytes the planner says each device sends with the collective-permutes of that step's HLO.
 """
 
-import json
-import pathlib
-import subprocess
-import sys
-
 import pytest
 
 from jaxbased import ModelConfig
@@ -21,9 +16,9 @@ from jaxbased.ops.sequence_parallel import exclusive_prefix_rounds
 from jaxbased.planning import plan_memory
 from jaxbased.sequence_memory import sequence_bytes
 from jaxbased.setting_search import search_settings
+from tests.conftest import worker_report
 from tests.plan_sequence_worker import MESHES, PLAN_MODEL, SEQ_LEN, mesh_name
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 #: The planner's one-device estimates are held to 10% here (measured 0.93-1.01x; 1.03-1.04x
 #: on BENCHMARKS.md's larger BASED mix).
 ESTIMATE_BOUNDS = (0.9, 1.1)
@@ -31,16 +26,7 @@ ESTIMATE_BOUNDS = (0.9, 1.1)
 
 @pytest.fixture(scope="module")
 def report() -> dict:
-    result = subprocess.run(
-        [sys.executable, str(REPO / "tests" / "plan_sequence_worker.py")],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        cwd=REPO,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    line = next(x for x in result.stdout.splitlines() if x.startswith("RESULT "))
-    return json.loads(line[len("RESULT ") :])
+    return worker_report("plan_sequence_worker")
 
 
 def test_estimate_follows_the_compiled_step_over_sequence_sizes(report):

@@ -9,7 +9,6 @@ CPU devices shared out among pretended processes.
 import json
 import pathlib
 import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -19,6 +18,7 @@ from jaxbased.data.pipeline import PieceWindows, TokenWindows
 from jaxbased.data.sequence_slices import BatchPiece, next_token_pairs, slice_windows
 from jaxbased.training.checkpointing import load_for_inference
 from jaxbased.training.loop import train
+from tests.conftest import worker_report
 from tests.sequence_data_worker import PIECE_CASES, SEQ_LEN, case_name
 from tests.test_sharding import free_port
 from tests.test_training import command_line, corpus, tiny_config, train_lines  # noqa: F401
@@ -28,16 +28,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def report(corpus) -> dict:  # noqa: F811
-    result = subprocess.run(
-        [sys.executable, str(REPO / "tests" / "sequence_data_worker.py"), str(corpus)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=REPO,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    line = next(x for x in result.stdout.splitlines() if x.startswith("RESULT "))
-    return json.loads(line[len("RESULT ") :])
+    return worker_report("sequence_data_worker", str(corpus), timeout=600)
 
 
 def reference_slice_windows(windows: np.ndarray, num_slices: int) -> np.ndarray:

@@ -6,11 +6,6 @@ T = 72: not whole chunks of 16, 9-token slices on 8 shards) against one device, 
 of a compiled train step, and the refusals of ``train``.
 """
 
-import json
-import pathlib
-import subprocess
-import sys
-
 import pytest
 
 from jaxbased import ModelConfig
@@ -18,6 +13,7 @@ from jaxbased.ops.sequence_parallel import exclusive_prefix_rounds
 from jaxbased.sequence_sharding import check_sequence_sharding
 from jaxbased.sharding import resolve_mesh_shape
 from jaxbased.training.configs import mesh_defaults
+from tests.conftest import worker_report
 from tests.sequence_worker import (
     BASED_MODEL,
     DECAY_MODEL_MESHES,
@@ -26,23 +22,13 @@ from tests.sequence_worker import (
     OP_MESHES,
 )
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-5  # relative, float32
 
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> dict:
     data = tmp_path_factory.mktemp("sequence") / "no_data"  # refused before it is read
-    result = subprocess.run(
-        [sys.executable, str(REPO / "tests" / "sequence_worker.py"), str(data)],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        cwd=REPO,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    line = next(x for x in result.stdout.splitlines() if x.startswith("RESULT "))
-    return json.loads(line[len("RESULT ") :])
+    return worker_report("sequence_worker", str(data))
 
 
 def name(mesh) -> str:

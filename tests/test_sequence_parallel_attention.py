@@ -6,16 +6,12 @@ simulated CPU devices: both sharded ops (T = 72: 9-token slices on 8 shards, not
 device, the collectives of their compiled train steps per layer, and the op's refusals.
 """
 
-import json
-import pathlib
-import subprocess
-import sys
-
 import pytest
 
 from jaxbased import ModelConfig
 from jaxbased.ops.sequence_parallel import exclusive_prefix_rounds
 from jaxbased.sequence_sharding import check_sequence_sharding
+from tests.conftest import worker_report
 from tests.sequence_attention_worker import (
     HLO_MESHES,
     HYBRID_MESHES,
@@ -25,22 +21,12 @@ from tests.sequence_attention_worker import (
 )
 from tests.sequence_worker import OP_MESHES
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-5  # relative, float32
 
 
 @pytest.fixture(scope="module")
 def report() -> dict:
-    result = subprocess.run(
-        [sys.executable, str(REPO / "tests" / "sequence_attention_worker.py")],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        cwd=REPO,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    line = next(x for x in result.stdout.splitlines() if x.startswith("RESULT "))
-    return json.loads(line[len("RESULT ") :])
+    return worker_report("sequence_attention_worker")
 
 
 def name(mesh) -> str:

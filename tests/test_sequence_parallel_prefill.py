@@ -9,11 +9,6 @@ one-device tokens; ``generate`` under a mesh; the interpreted kernels per shard 
 sharded XLA ops and one device, values and gradients.
 """
 
-import json
-import pathlib
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,6 +18,7 @@ from jaxbased import ModelConfig
 from jaxbased.ops.sequence_parallel import exclusive_prefix_rounds
 from jaxbased.ops.window_attention import fill_kv_cache
 from jaxbased.sequence_sharding import check_sequence_sharding
+from tests.conftest import worker_report
 from tests.sequence_prefill_worker import (
     ATTENTION_MODEL,
     BASED_MODEL,
@@ -33,22 +29,12 @@ from tests.sequence_prefill_worker import (
     SCAN_MODEL,
 )
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-5  # relative, float32
 
 
 @pytest.fixture(scope="module")
 def report() -> dict:
-    result = subprocess.run(
-        [sys.executable, str(REPO / "tests" / "sequence_prefill_worker.py")],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        cwd=REPO,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    line = next(x for x in result.stdout.splitlines() if x.startswith("RESULT "))
-    return json.loads(line[len("RESULT ") :])
+    return worker_report("sequence_prefill_worker")
 
 
 def case_name(model: str, mesh, ragged: bool) -> str:

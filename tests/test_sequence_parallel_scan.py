@@ -5,11 +5,6 @@ simulated CPU devices: the sharded ops on sequence 2, 4 and 8 alone and with dat
 models' loss and gradients against one device, and the collectives of compiled train steps.
 """
 
-import json
-import pathlib
-import subprocess
-import sys
-
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -18,6 +13,7 @@ from jaxbased import ModelConfig
 from jaxbased.ops.sequence_parallel import exclusive_prefix_rounds
 from jaxbased.ops.sequence_parallel_scan import _append_keys, _last_keys
 from jaxbased.sequence_sharding import check_sequence_sharding
+from tests.conftest import worker_report
 from tests.sequence_scan_worker import (
     HLO_MESHES,
     MAMBA_MODEL,
@@ -26,22 +22,12 @@ from tests.sequence_scan_worker import (
     SEQBOAT_MODEL,
 )
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-5  # relative, float32
 
 
 @pytest.fixture(scope="module")
 def report() -> dict:
-    result = subprocess.run(
-        [sys.executable, str(REPO / "tests" / "sequence_scan_worker.py")],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        cwd=REPO,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    line = next(x for x in result.stdout.splitlines() if x.startswith("RESULT "))
-    return json.loads(line[len("RESULT ") :])
+    return worker_report("sequence_scan_worker")
 
 
 def name(mesh) -> str:
