@@ -1,8 +1,8 @@
 """Runs in a subprocess with 8 simulated CPU devices (set before JAX starts); used by
-tests/test_plan_sequence.py. For a BASED model on meshes with ``sequence`` = 1, 2, 4, 8 it plans
-the train step twice, as the one-device estimate of a slice and as the step compiled for the
-mesh, and reads the compiled step's collective-permute bytes from its HLO; prints one JSON
-line."""
+tests/test_plan_sequence.py. For a BASED model on meshes with ``sequence`` = 1, 2, 4, 8, and for
+a model of the other time-split mixers at ``sequence`` 4, it plans the train step twice, as the
+one-device estimate of a slice and as the step compiled for the mesh, and reads the compiled
+step's collective bytes from its HLO; prints one JSON line."""
 
 from __future__ import annotations
 
@@ -28,6 +28,20 @@ PLAN_MODEL = dict(
 )
 SEQ_LEN = 128
 BATCH = 4
+#: One layer of each mixer that all-gathers or scans a diagonal state: full attention, CCA
+#: (groups of 4, 8 raw keys: a 10-token halo), Mamba-1 and SeqBoat (window 8), on 32-token
+#: slices at ``sequence`` 4, the one mesh it is compiled for (two compiles of about 15 s).
+OTHER_MIXERS_MODEL = dict(
+    vocab_size=64,
+    d_model=32,
+    num_layers=4,
+    layer_pattern=("attention", "cca_attention", "mamba", "seqboat"),
+    attention=dict(heads=2),
+    cca_attention=dict(heads=2, group_size=4, local_window=8, block_size=16),
+    mamba=dict(state_dim=8),
+    seqboat=dict(window=8, attention_dim=16, ema_dim=8),
+)
+OTHER_MIXERS_MESH = (1, 1, 1, 4)
 #: (data, fsdp, tensor, sequence); each costs two compiles (about 10 s of CPU each), so data 2 x
 #: sequence 4 (1.03x of the compiled step's when measured once) is not repeated here.
 MESHES = [(1, 1, 1, 1), (1, 1, 1, 2), (1, 1, 1, 4), (1, 1, 1, 8)]
@@ -46,12 +60,14 @@ def main() -> dict:
     from jaxbased.sharding import MESH_AXES
     from jaxbased.training.optimizer import make_optimizer
 
-    config = ModelConfig.from_dict(PLAN_MODEL)
-    model = LanguageModel(config)
     schedule = optax.constant_schedule(1e-3)
     optimizer = make_optimizer(schedule)
     report: dict = {}
-    for shape in MESHES:
+    cases = [(PLAN_MODEL, shape, mesh_name(shape)) for shape in MESHES]
+    cases.append((OTHER_MIXERS_MODEL, OTHER_MIXERS_MESH, "other_mixers"))
+    for model_fields, shape, name in cases:
+        config = ModelConfig.from_dict(model_fields)
+        model = LanguageModel(config)
         estimate = plan_memory(config, shape, seq_len=SEQ_LEN, batch_size=BATCH, on_mesh=False)
         compiled = compile_sharded_step(
             model,
@@ -62,13 +78,15 @@ def main() -> dict:
             batch_size=BATCH,
         )
         traffic = collective_bytes(compiled.as_text())
-        report[mesh_name(shape)] = {
+        report[name] = {
             "estimate": estimate.activations,
             "compiled": int(compiled.memory_analysis().temp_size_in_bytes),
             "parameters": estimate.parameters,
             "optimizer_state": estimate.optimizer_state,
             "planned_traffic": estimate.sequence_traffic,
             "hlo_layer_permutes": sum(traffic["permutes_by_layer"].values()),
+            "hlo_layer_sent": sum(traffic["sent_by_layer"].values()),
+            "hlo_by_kind": traffic["by_kind"],
         }
     return report
 

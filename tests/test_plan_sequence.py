@@ -47,8 +47,22 @@ def test_planned_traffic_is_what_the_compiled_step_sends(report):
 
 
 def test_parameters_and_optimizer_state_are_replicated_over_sequence(report):
-    parts = {(c["parameters"], c["optimizer_state"]) for c in report.values()}
+    parts = {
+        (c["parameters"], c["optimizer_state"])
+        for name, c in report.items()
+        if name != "other_mixers"
+    }
     assert len(parts) == 1, parts
+
+
+def test_plan_of_the_gathering_and_scanning_mixers_follows_the_compiled_step(report):
+    # Full attention and CCA all-gather (and reduce-scatter in the backward), Mamba-1 and
+    # SeqBoat scan their states: every byte their shard_maps send is in the plan, exactly.
+    case = report["other_mixers"]
+    assert case["hlo_by_kind"]["all-gather"] > 0 and case["hlo_by_kind"]["reduce-scatter"] > 0
+    assert case["planned_traffic"] == case["hlo_layer_sent"] > case["hlo_layer_permutes"], case
+    ratio = case["estimate"] / case["compiled"]
+    assert ESTIMATE_BOUNDS[0] <= ratio <= ESTIMATE_BOUNDS[1], case
 
 
 def test_boundary_bytes_follow_the_design_table():
@@ -97,6 +111,23 @@ def test_hlo_traffic_reads_permute_and_all_reduce_shapes():
     assert bytes_["permutes_by_layer"] == {"layers_1": 2 * 4 * 73 * 17 * 4}
     assert bytes_["other_permutes"] == 2 * 3 * 4 + 2 * 15 * 4
     assert bytes_["by_kind"]["all-reduce"] == 8 * 4 + 16 * 2
+
+
+def test_hlo_traffic_counts_gathers_as_a_ring_sends_them():
+    layer = 'metadata={op_name="jit(step)/layers_0/mixer/shard_map/all_gather"}'
+    hlo = "\n".join(
+        [  # an all-gather of 4 shards [2, 8, 3] and the reduce-scatter of its cotangent
+            f"  %ag = f32[2,32,3]{{2,1,0}} all-gather(%a), replica_groups={{{{0,1,2,3}}}}, {layer}",
+            f"  %rs = f32[2,8,3]{{2,1,0}} reduce-scatter(%b), replica_groups=[2,4]<=[8], {layer}",
+            "  %ag2 = bf16[6]{0} all-gather(%c), replica_groups={{0,1},{2,3}}",
+        ]
+    )
+    bytes_ = collective_bytes(hlo)
+    shard = 2 * 8 * 3 * 4
+    assert bytes_["by_kind"]["all-gather"] == shard + 3 * 2  # operands: one shard each
+    assert bytes_["by_kind"]["reduce-scatter"] == 4 * shard  # the operand is the whole
+    assert bytes_["sent_by_layer"] == {"layers_0": 2 * 3 * shard}  # (g - 1) shards, twice
+    assert bytes_["permutes_by_layer"] == {}
 
 
 def test_planner_refuses_what_cannot_split_before_compiling():
