@@ -260,14 +260,16 @@ class SeqBoat(StateSizeFromCache, nn.Module):
         """:meth:`_packed`'s ``h`` on a time-split mesh: each shard packs its slice's active
         tokens into ``min(L, capacity)`` slots, the projections run on the packed slots where
         they lie, and the attention passes the ranks and the last ``window - 1`` keys and values
-        across slices (:mod:`jaxbased.ops.sequence_parallel_scan`)."""
+        across slices (:mod:`jaxbased.ops.sequence_parallel_scan`; under
+        ``implementation="pallas"`` each shard attends with the window kernel)."""
         seq = mx.shape[1]
         slots = min(seq // layout.shards, capacity)
         packed, positions, index, counts = pack_active_sharded(mx, active, layout, slots)
         q, k, v, r = self._attention_inputs(packed, positions)
         attended, kept = packed_window_attention_sharded(
-            q, k, v[:, :, None], counts, layout, window=self.config.window, capacity=capacity
-        )
+            q, k, v[:, :, None], counts, layout, window=self.config.window, capacity=capacity,
+            implementation=self.context.implementation,
+        )  # fmt: skip
         out = jnp.where(kept[..., None], self.h_proj(attended[:, :, 0] * r), 0)
         return unpack_sharded(out, index, layout, seq)
 

@@ -22,8 +22,9 @@ Under an active mesh whose ``sequence`` axis has ``n > 1`` devices, shard ``s`` 
   gives every shard its rank offset and the keys its first packed queries see, which may come
   from several earlier shards when activity is sparse.
 
-Every shard computes with the XLA algorithms of the unsharded ops; the results equal the
-unsharded ops up to float rounding. Batch dims stay split over the batch axes and channels
+Every shard computes with the XLA algorithms of the unsharded ops, except that the packed
+attention runs the Pallas window kernel per shard under ``implementation="pallas"``; the results
+equal the unsharded ops up to float rounding. Batch dims stay split over the batch axes and channels
 over ``tensor`` where the layout says so.
 """
 
@@ -269,6 +270,55 @@ def _append_keys(earlier: tuple[Array, Array], later: tuple[Array, Array], span:
     return earlier_count + later_count, keys
 
 
+def _packed_window_kernel(
+    q: Float[Array, "B S 1 Z"],
+    k: Float[Array, "B S 1 Z"],
+    v: Float[Array, "B S 1 H"],
+    earlier: tuple[Array, Array] | None,
+    earlier_counts: Int[Array, " B"],
+    *,
+    window: int,
+    block_size: int | None,
+) -> Float[Array, "B S 1 H"]:
+    """One shard's packed window attention by the Pallas kernel
+    (``pallas_kernels.window_attention``; interpreted on CPU).
+
+    ``earlier`` holds the ``W - 1`` packed keys and values ``[B, W - 1, 1, X]`` before the
+    shard's first packed token, right-aligned, of which only the last ``c_b =
+    min(earlier_counts[b], W - 1)`` exist in row ``b``. The kernel masks by position only, so
+    each row is laid out as ``[its c_b existing keys, its S own, W - 1 - c_b unused]`` (the
+    ``[halo, own]`` sequence rolled left by ``W - 1 - c_b``): the kernel's start of the
+    sequence hides what does not exist, and the unused keys, last, are later than every own
+    query. The queries in front of the own ones are zeros; own query ``i`` is read back at
+    ``c_b + i``."""
+    from jaxbased.ops.dispatch import kernel_backend
+    from pallas_kernels.window_attention import window_attention
+
+    backend, interpret = kernel_backend()
+
+    def kernel(q, k, v):
+        return window_attention(
+            q, k, v, window=window, block_size=block_size, backend=backend, interpret=interpret
+        )
+
+    if earlier is None:
+        return kernel(q, k, v)
+    history, slots = earlier[0].shape[1], q.shape[1]
+    existing = jnp.minimum(earlier_counts, history).astype(jnp.int32)  # c_b [B]
+    total = history + slots
+    rolled = (jnp.arange(total, dtype=jnp.int32)[None, :] + (history - existing)[:, None]) % total
+
+    def laid_out(front: Array, own: Array) -> Array:  # [B, W - 1 + S, 1, X], rolled per row
+        return jnp.take_along_axis(
+            jnp.concatenate([front, own], axis=1), rolled[:, :, None, None], axis=1
+        )
+
+    zeros = jnp.zeros((q.shape[0], history, *q.shape[2:]), q.dtype)
+    out = kernel(laid_out(zeros, q), laid_out(earlier[0], k), laid_out(earlier[1], v))
+    own = existing[:, None] + jnp.arange(slots, dtype=jnp.int32)[None, :]
+    return jnp.take_along_axis(out, own[:, :, None, None], axis=1)
+
+
 def packed_window_attention_sharded(
     q: Float[Array, "B S 1 Z"],
     k: Float[Array, "B S 1 Z"],
@@ -278,6 +328,8 @@ def packed_window_attention_sharded(
     *,
     window: int,
     capacity: int,
+    implementation: str = "xla",
+    block_size: int | None = None,
 ) -> tuple[Float[Array, "B S 1 H"], Bool[Array, "B S"]]:
     """SeqBoat's attention of every packed query over the last ``window`` packed keys (itself
     included) in the whole row, from the shards' packed slots (:func:`pack_active_sharded`).
@@ -288,14 +340,32 @@ def packed_window_attention_sharded(
     each shard its offset and the ``window - 1`` keys before its first packed token, gathered
     from as many earlier shards as it takes (fewer exist in a row with fewer earlier active
     tokens: its first queries see only those). Returns the attended values ``[B, S, 1, H]``
-    (``v.dtype``) and the kept mask ``[B, S]``."""
-    from jaxbased.ops.window_attention import windowed_attention_with_history
+    (``v.dtype``) and the kept mask ``[B, S]``.
+
+    ``implementation``: ``xla`` (the blocked XLA window with a per-row count of existing
+    earlier keys), ``pallas`` (each shard runs the Pallas window kernel, interpreted on CPU, on
+    the existing earlier keys and its own: :func:`_packed_window_kernel`), or ``auto``
+    (:func:`jaxbased.ops.window_attention.window_kernel_chosen` on one shard's shapes);
+    ``block_size`` as in :func:`jaxbased.ops.sliding_window_attention`. The scan and the
+    capacity stay XLA."""
+    from jaxbased.ops.window_attention import (
+        window_kernel_chosen,
+        windowed_attention_with_history,
+    )
 
     history = window - 1
     key_dim = k.shape[-1]
+    slots = q.shape[1] // layout.shards
+    extended = (q.shape[0], history + slots, *q.shape[2:])
+    use_kernel = window_kernel_chosen(
+        jax.ShapeDtypeStruct(extended, q.dtype),
+        jax.ShapeDtypeStruct((*extended[:3], v.shape[3]), v.dtype),
+        window=window,
+        block_size=block_size,
+        implementation=implementation,
+    )
 
     def local(q, k, v, count):
-        slots = q.shape[1]
         count = count[:, 0]
         if history:
             tail = _last_keys(jnp.concatenate([k[:, :, 0], v[:, :, 0]], axis=-1), count, history)
@@ -306,9 +376,15 @@ def packed_window_attention_sharded(
                 count, lambda earlier, later, span: earlier + later, layout.shards
             )
             earlier = None
-        attended = windowed_attention_with_history(
-            q, k, v, earlier, None, window=window, earlier_counts=offset
-        )
+        if use_kernel:
+            attended = _packed_window_kernel(
+                q, k, v, earlier, offset, window=window, block_size=block_size
+            )
+        else:
+            attended = windowed_attention_with_history(
+                q, k, v, earlier, None, window=window, block_size=block_size,
+                earlier_counts=offset,
+            )  # fmt: skip
         rank = jnp.arange(slots)[None, :]
         kept = (rank < count[:, None]) & (offset[:, None] + rank < capacity)
         return attended, kept
