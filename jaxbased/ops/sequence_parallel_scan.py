@@ -189,7 +189,8 @@ def ema_sharded(
     layout: SequenceLayout,
     *,
     chunk_size: int,
-) -> Float[Array, "B T D"]:
+    state_positions: Int[Array, " B"] | None = None,
+) -> Any:
     """MEGA's multi-head EMA over a time-split mesh; equals :func:`jaxbased.ops.ema.multi_head_ema`
     from a zero state (``[B, T, D]`` in ``x.dtype``). ``layout`` is for ``(B, T, 1)``: channels
     stay whole.
@@ -197,10 +198,16 @@ def ema_sharded(
     Each shard computes its slice's final state ``S_s`` from zero (:func:`ema_final_state`);
     a slice decays any state by the constant ``a^L``, so the exclusive scan composes
     ``a^(span L) S_earlier + S_later`` and sends only the ``[B, D, N]`` states; the shard then
-    runs the chunked EMA over its slice from ``S_in``."""
-    from jaxbased.ops.ema import multi_head_ema
+    runs the chunked EMA over its slice from ``S_in``.
 
-    def local(x, decay, input_scale, output_scale):
+    ``state_positions [B]`` (prefill): also return the state after token
+    ``state_positions[b]`` of each row (``0 <= t < T``; a padded row's last valid token),
+    ``[B, D, N]`` float32 or wider, replicated over ``sequence``: the shard holding ``t`` reads
+    it from its chunk states (:func:`jaxbased.ops.ema.ema_state_at`) and one all-reduce, the
+    other shards adding zeros, hands it to all."""
+    from jaxbased.ops.ema import ema_state_at, multi_head_ema
+
+    def local(x, decay, input_scale, output_scale, *positions):
         length = x.shape[1]
         final = ema_final_state(x, decay, input_scale, chunk_size)
         log_decay = jnp.log(decay.astype(final.dtype))
@@ -209,13 +216,30 @@ def ema_sharded(
             return jnp.exp(log_decay * (span * length)) * earlier + later
 
         incoming = exclusive_scan(final, combine, layout.shards)
-        return multi_head_ema(
-            x, decay, input_scale, output_scale, chunk_size=chunk_size, initial_state=incoming
-        )
+        if not positions:
+            return multi_head_ema(
+                x, decay, input_scale, output_scale, chunk_size=chunk_size, initial_state=incoming
+            )
+        y, chunk_states = multi_head_ema(
+            x, decay, input_scale, output_scale, chunk_size=chunk_size, initial_state=incoming,
+            return_chunk_states=True,
+        )  # fmt: skip
+        local_positions = positions[0] - jax.lax.axis_index(SEQUENCE_AXIS) * length
+        owned = (local_positions >= 0) & (local_positions < length)
+        state = ema_state_at(
+            x, chunk_states, decay, input_scale, jnp.clip(local_positions, 0, length - 1),
+            chunk_size=chunk_size,
+        )  # fmt: skip
+        return y, jax.lax.psum(jnp.where(owned[:, None, None], state, 0), SEQUENCE_AXIS)
 
     tokens, whole = layout.spec(3, heads=False), PartitionSpec()
     specs = (tokens, whole, whole, whole)
-    return _shard_map(local, specs, tokens)(x, decay, input_scale, output_scale)
+    operands = (x, decay, input_scale, output_scale)
+    if state_positions is None:
+        return _shard_map(local, specs, tokens)(*operands)
+    rows = PartitionSpec(layout.batch_axes)
+    positions = jnp.asarray(state_positions, jnp.int32)
+    return _shard_map(local, (*specs, rows), (tokens, rows))(*operands, positions)
 
 
 # SeqBoat's packed attention ----------------------------------------------------------------
@@ -408,3 +432,44 @@ def unpack_sharded(
 
     tokens, flags = layout.spec(3, heads=False), PartitionSpec(layout.batch_axes, SEQUENCE_AXIS)
     return _shard_map(local, (tokens, flags), tokens)(packed, index)
+
+
+def active_ring_sharded(
+    x: Float[Array, "B T D"], active: Bool[Array, "B T"], layout: SequenceLayout, window: int
+) -> tuple[Float[Array, "B W D"], Int[Array, "B W"], Int[Array, " B"]]:
+    """SeqBoat's decode ring after a prefill, from time-split ``x`` and ``active``: slot ``s``
+    of ``W = window`` holds the active token of rank ``r = last - ((last - s) mod W)``
+    (``last`` = the row's active count - 1), the latest rank ``≡ s (mod W)``, as
+    :func:`jaxbased.ops.sequence_parallel_prefill.ring_buffer_positions` lays out positions.
+
+    Each shard counts its active tokens; one all-reduce of the ``[B, n]`` counts gives every
+    shard the row's total and its rank offset. The shard holding rank ``r`` (offset ``<= r <``
+    offset + count) takes that token's ``x`` and position from its own stable packing order, the
+    others zeros, and one all-reduce of each sums them (exact). Returns, replicated over
+    ``sequence``: ``x`` at the slots ``[B, W, D]`` (zeros in empty slots), the slots' positions
+    ``[B, W]`` int32 (-1 when empty) and the active counts ``[B]`` int32."""
+    from jaxbased.ops.sequence_parallel_prefill import ring_buffer_positions
+
+    def local(x, active):
+        length = x.shape[1]
+        shard = jax.lax.axis_index(SEQUENCE_AXIS).astype(jnp.int32)
+        count = active.sum(axis=-1, dtype=jnp.int32)  # [B]
+        mine = jnp.arange(layout.shards, dtype=jnp.int32)[None, :] == shard
+        counts = jax.lax.psum(jnp.where(mine, count[:, None], 0), SEQUENCE_AXIS)  # [B, n]
+        total = counts.sum(axis=-1)
+        earlier = jnp.arange(layout.shards, dtype=jnp.int32)[None, :] < shard
+        offset = jnp.where(earlier, counts, 0).sum(axis=-1)
+        ranks = ring_buffer_positions(total, window)  # [B, W], -1: empty
+        local_ranks = ranks - offset[:, None]
+        owned = (ranks >= 0) & (local_ranks >= 0) & (local_ranks < count[:, None])
+        order = jnp.argsort(jnp.logical_not(active), axis=-1, stable=True).astype(jnp.int32)
+        index = jnp.take_along_axis(order, jnp.clip(local_ranks, 0, length - 1), axis=1)
+        taken = jnp.take_along_axis(x, index[..., None], axis=1)
+        ring = jax.lax.psum(jnp.where(owned[..., None], taken, 0), SEQUENCE_AXIS)
+        positions = jax.lax.psum(jnp.where(owned, index + shard * length, 0), SEQUENCE_AXIS)
+        return ring, jnp.where(ranks >= 0, positions, -1), total
+
+    tokens, flags = layout.spec(3, heads=False), PartitionSpec(layout.batch_axes, SEQUENCE_AXIS)
+    rows = PartitionSpec(layout.batch_axes)
+    out_specs = (PartitionSpec(layout.batch_axes), rows, rows)
+    return _shard_map(local, (tokens, flags), out_specs)(x, active)
