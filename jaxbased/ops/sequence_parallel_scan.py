@@ -21,6 +21,9 @@ Under an active mesh whose ``sequence`` axis has ``n > 1`` devices, shard ``s`` 
   tokens; an exclusive scan of ``(active count, last window - 1 packed keys and values)``
   gives every shard its rank offset and the keys its first packed queries see, which may come
   from several earlier shards when activity is sparse.
+- Prefill: :func:`ema_sharded` with ``state_positions`` also returns the EMA state after each
+  row's last valid token, and :func:`active_ring_sharded` the decode ring's last ``window``
+  active tokens, each taken by the shard holding it and summed over the axis (replicated).
 
 Every shard computes with the XLA algorithms of the unsharded ops, except that the packed
 attention runs the Pallas window kernel per shard under ``implementation="pallas"``; the results
