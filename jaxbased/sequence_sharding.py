@@ -60,6 +60,7 @@ SEQUENCE_KERNEL_MIXERS: tuple[str, ...] = (
     "decay_attention",
     "transnormer",
     "mamba2",
+    "seqboat",
 )
 
 

@@ -10,6 +10,7 @@ import functools
 import json
 import os
 import pathlib
+import re
 import sys
 
 if __name__ == "__main__":  # before JAX starts; importing this module changes nothing
@@ -98,8 +99,10 @@ PREFILL_CASES = [
     # implementation="pallas": the kernels per shard (interpreted), against the XLA one device.
     ("based_pallas", (1, 1, 1, 4), True),
 ]
-#: The prefill whose compiled collectives are counted.
+#: The prefills whose compiled collectives are counted: BASED, and Mamba-1 + SeqBoat (whose
+#: SeqBoat layer, ``layers_1``, must gather no activations).
 HLO_CASE = ("based", (1, 1, 1, 8), True)
+SCAN_HLO_CASE = ("scan", (1, 1, 1, 8), True)
 #: The per-shard kernel checks: (op, mesh), sequence alone and with data.
 KERNEL_CASES = [
     ("linear_attention", (1, 1, 1, 4)),
@@ -125,6 +128,19 @@ def leaf_errors(actual, expected) -> dict[str, float]:
 
 def mesh_name(shape) -> str:
     return "x".join(map(str, shape))
+
+
+def gathers_by_layer(hlo: str) -> dict[str, int]:
+    """``{layer: all-gathers}`` of compiled HLO text, by the layer named in their metadata
+    (``layers_<i>``; an async start/done pair counts once)."""
+    counts: dict[str, int] = {}
+    for line in hlo.splitlines():
+        if not re.search(r" all-gather(?:-start)?\(", line):
+            continue
+        layer = re.search(r"/(layers_\d+)[./]", line)
+        if layer:
+            counts[layer.group(1)] = counts.get(layer.group(1), 0) + 1
+    return counts
 
 
 def model_and_params(fields: dict):
@@ -215,9 +231,10 @@ def prefill_cases() -> dict:
                 else:
                     logits, cache = run_full(placed, placed_tokens)
                 collectives = None
-                if (case_model, shape, is_ragged) == HLO_CASE:
-                    compiled = with_lengths.lower(placed, placed_tokens, ragged).compile()
-                    collectives = collective_counts(compiled.as_text())
+                if (case_model, shape, is_ragged) in (HLO_CASE, SCAN_HLO_CASE):
+                    text = with_lengths.lower(placed, placed_tokens, ragged).compile().as_text()
+                    collectives = collective_counts(text)
+                    collectives["gathers_by_layer"] = gathers_by_layer(text)
             expected_logits, expected_cache = expected[is_ragged]
             cache = jax.device_get(cache)  # decoding continues on one device
             lengths = ragged if is_ragged else full

@@ -1,7 +1,8 @@
 """Runs in a subprocess with 8 simulated CPU devices (set before JAX starts); used by
 tests/test_sequence_parallel_scan.py. Compares the sequence-sharded selective scan and EMA, and
-Mamba-1 and SeqBoat models' loss and gradients, with one device, counts the collectives of their
-compiled train steps, and prints one JSON line with what it measured."""
+Mamba-1 and SeqBoat models' loss and gradients (SeqBoat also with the window kernel per shard),
+with one device, counts the collectives of their compiled train steps, and prints one JSON line
+with what it measured."""
 
 from __future__ import annotations
 
@@ -73,6 +74,20 @@ SEQBOAT_MODEL = dict(
 )
 #: Added to the first SeqBoat layer's "inactive" router logit.
 SPARSE_ROUTER_BIAS = 0.1
+#: One SeqBoat layer with ``implementation="pallas"`` (the window kernel per shard,
+#: interpreted), its router biased as the sparse layer's: about a quarter of the tokens active,
+#: so that the 7 earlier packed keys come from several slices, and a capacity of 15 packed
+#: slots (a fifth of 72) below the ~17 active tokens of a row, so that some are dropped. One
+#: layer covers both: each compile of the interpreted kernels takes tens of seconds.
+SEQBOAT_KERNEL_MODEL = dict(
+    SEQBOAT_MODEL,
+    num_layers=1,
+    layer_pattern=("seqboat",),
+    implementation="pallas",
+    seqboat=dict(SEQBOAT_MODEL["seqboat"], capacity_fraction=0.2),
+)
+#: Meshes of the kernel model: sequence 2, 4 (with data) and 8.
+KERNEL_MODEL_MESHES = [(1, 1, 1, 2), (2, 1, 1, 4), (1, 1, 1, 8)]
 
 
 def op_cases() -> dict:
@@ -123,34 +138,40 @@ def op_cases() -> dict:
     return errors
 
 
-def seqboat_model_cases() -> dict:
-    """The SeqBoat model's loss, gradients and router metrics (activation rate and dropped
-    tokens per layer) on every mesh vs one device."""
+def seqboat_model_cases(fields: dict, meshes: list) -> dict:
+    """A SeqBoat model's loss, gradients and router metrics (activation rate and dropped tokens
+    per layer) on every mesh vs one device running XLA (the first layer's router biased by
+    :data:`SPARSE_ROUTER_BIAS`)."""
     from flax import linen as nn
 
     from jaxbased.sharding import LOGICAL_RULES, batch_sharding, logical_shardings, make_mesh
     from jaxbased.training.steps import token_losses
 
-    model = LanguageModel(ModelConfig.from_dict(SEQBOAT_MODEL))
+    config = ModelConfig.from_dict(fields)
+    model = LanguageModel(config)
+    reference = LanguageModel(config.replace(implementation="xla"))
     boxed = model.init(jax.random.key(0), jnp.zeros((1, SEQ_LEN), jnp.int32))["params"]
     params = nn.meta.unbox(boxed)
     router = params["layers_0"]["mixer"]["hx_proj"]
     router["bias"] = router["bias"].at[0].add(SPARSE_ROUTER_BIAS)
     batch = jnp.asarray(np.random.default_rng(1).integers(0, 64, size=(4, SEQ_LEN + 1)), jnp.int32)
 
-    def loss(params, batch):
-        losses, _, metrics = token_losses(model, params, batch)
-        return losses.mean(), metrics
+    def make_step(model):
+        def loss(params, batch):
+            losses, _, metrics = token_losses(model, params, batch)
+            return losses.mean(), metrics
 
-    step = jax.jit(jax.value_and_grad(loss, has_aux=True))
-    (expected_loss, expected_metrics), expected_grads = step(params, batch)
+        return jax.jit(jax.value_and_grad(loss, has_aux=True))
+
+    step = make_step(model)
+    (expected_loss, expected_metrics), expected_grads = make_step(reference)(params, batch)
     report: dict = {
         "metrics": {key: float(value) for key, value in expected_metrics.items()},
         "loss": {},
         "grads": {},
         "metric_errors": {},
     }
-    for shape in MODEL_MESHES:
+    for shape in meshes:
         mesh = make_mesh(shape)
         shardings = logical_shardings(jax.eval_shape(lambda: boxed), mesh)
         with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
@@ -203,7 +224,11 @@ if __name__ == "__main__":
     for name, case in [
         ("ops", op_cases),
         ("mamba_model", lambda: model_cases(MAMBA_MODEL, MODEL_MESHES)),
-        ("seqboat_model", seqboat_model_cases),
+        ("seqboat_model", lambda: seqboat_model_cases(SEQBOAT_MODEL, MODEL_MESHES)),
+        (
+            "seqboat_kernel_model",
+            lambda: seqboat_model_cases(SEQBOAT_KERNEL_MODEL, KERNEL_MODEL_MESHES),
+        ),
         ("hlo", hlo_cases),
     ]:
         start = time.perf_counter()

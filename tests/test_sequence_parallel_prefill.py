@@ -26,6 +26,7 @@ from tests.sequence_prefill_worker import (
     HYBRID_MODEL,
     KERNEL_CASES,
     PREFILL_CASES,
+    SCAN_HLO_CASE,
     SCAN_MODEL,
 )
 
@@ -71,6 +72,15 @@ def test_sharded_prefill_gathers_nothing(report):
     assert len(counts["other_permutes"]) == 1 + exclusive_prefix_rounds(8) + 1, counts
     assert counts["all_gather"] == counts["all_to_all"] == counts["reduce_scatter"] == 0, counts
     assert 1 <= counts["all_reduce"] <= 3, counts
+
+
+def test_seqboat_prefill_gathers_no_activations(report):
+    # SeqBoat's prefill on sequence = 8 splits the time axis: the EMA's state and the decode
+    # ring come from the shards holding them (all-reduces), so its layer (layers_1) holds no
+    # all-gather (this mesh does not split the parameters: none are gathered either).
+    assert SCAN_MODEL["layer_pattern"][1] == "seqboat"
+    counts = report["prefill"][case_name(*SCAN_HLO_CASE)]["collectives"]
+    assert counts["gathers_by_layer"].get("layers_1", 0) == 0, counts
 
 
 def test_generate_under_a_sequence_mesh_gives_the_one_device_tokens(report):

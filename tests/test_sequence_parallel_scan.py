@@ -16,9 +16,11 @@ from jaxbased.sequence_sharding import check_sequence_sharding
 from tests.conftest import worker_report
 from tests.sequence_scan_worker import (
     HLO_MESHES,
+    KERNEL_MODEL_MESHES,
     MAMBA_MODEL,
     MODEL_MESHES,
     OP_MESHES,
+    SEQBOAT_KERNEL_MODEL,
     SEQBOAT_MODEL,
 )
 
@@ -82,6 +84,24 @@ def test_seqboat_model_loss_gradients_and_metrics_equal_one_device(report):
         assert cases["loss"][name(mesh)] <= TOLERANCE, mesh
         assert cases["grads"][name(mesh)] <= TOLERANCE, mesh
         assert cases["metric_errors"][name(mesh)] <= TOLERANCE, (mesh, cases)
+
+
+def test_seqboat_with_the_window_kernel_per_shard_equals_one_device(report):
+    # implementation="pallas" on every mesh against XLA on one device: a sparse router (earlier
+    # packed keys from several slices) and a capacity below the active count (dropped tokens).
+    cases = report["seqboat_kernel_model"]
+    metrics = cases["metrics"]
+    assert 0.1 < metrics["mixer/layer0/activation_rate"] < 0.35, metrics
+    assert metrics["mixer/layer0/dropped_tokens"] > 0.01, metrics
+    assert {mesh[3] for mesh in KERNEL_MODEL_MESHES} == {2, 4, 8}
+    for mesh in KERNEL_MODEL_MESHES:
+        assert cases["loss"][name(mesh)] <= TOLERANCE, mesh
+        assert cases["grads"][name(mesh)] <= TOLERANCE, mesh
+        assert cases["metric_errors"][name(mesh)] <= TOLERANCE, (mesh, cases)
+
+
+def test_seqboat_with_pallas_may_split_the_sequence():
+    check_sequence_sharding(ModelConfig.from_dict(SEQBOAT_KERNEL_MODEL), 8, 72)
 
 
 def test_seqboat_train_step_holds_only_the_designed_collectives(report):

@@ -49,10 +49,12 @@ from jaxbased.layers.mixer import (
     require_positive,
     require_positive_int,
 )
-from jaxbased.ops.ema import ema_state_at, ema_step, multi_head_ema
+from jaxbased.ops.ema import ema_step, multi_head_ema, multi_head_ema_with_state
 from jaxbased.ops.rotary import apply_rotary
 from jaxbased.ops.sequence_parallel import SequenceLayout, sequence_layout
+from jaxbased.ops.sequence_parallel_prefill import ring_buffer_positions
 from jaxbased.ops.sequence_parallel_scan import (
+    active_ring_sharded,
     pack_active_sharded,
     packed_window_attention_sharded,
     unpack_sharded,
@@ -260,14 +262,16 @@ class SeqBoat(StateSizeFromCache, nn.Module):
         """:meth:`_packed`'s ``h`` on a time-split mesh: each shard packs its slice's active
         tokens into ``min(L, capacity)`` slots, the projections run on the packed slots where
         they lie, and the attention passes the ranks and the last ``window - 1`` keys and values
-        across slices (:mod:`jaxbased.ops.sequence_parallel_scan`)."""
+        across slices (:mod:`jaxbased.ops.sequence_parallel_scan`; under
+        ``implementation="pallas"`` each shard attends with the window kernel)."""
         seq = mx.shape[1]
         slots = min(seq // layout.shards, capacity)
         packed, positions, index, counts = pack_active_sharded(mx, active, layout, slots)
         q, k, v, r = self._attention_inputs(packed, positions)
         attended, kept = packed_window_attention_sharded(
-            q, k, v[:, :, None], counts, layout, window=self.config.window, capacity=capacity
-        )
+            q, k, v[:, :, None], counts, layout, window=self.config.window, capacity=capacity,
+            implementation=self.context.implementation,
+        )  # fmt: skip
         out = jnp.where(kept[..., None], self.h_proj(attended[:, :, 0] * r), 0)
         return unpack_sharded(out, index, layout, seq)
 
@@ -289,18 +293,20 @@ class SeqBoat(StateSizeFromCache, nn.Module):
         attended = jnp.einsum("bqk,bkh->bqh", weights, v.astype(dtype)).astype(v.dtype)
         return jnp.where(active[..., None], self.h_proj(attended * r), 0)
 
-    def _forward(self, x: Array, lengths: Array | None, return_chunk_states: bool = False):
+    def _forward(self, x: Array, lengths: Array | None, state_positions: Array | None = None):
+        """``(y, mx, active, ema_state)``: the layer's output ``[B, T, d]``, the EMA-mixed
+        input, the routed tokens ``[B, T]`` and, with ``state_positions [B]``, the EMA state
+        after those tokens ``[B, d, N]`` (else None)."""
         batch, seq, _ = x.shape
         decay, input_scale, output_scale = self._ema_coefficients()
-        ema = multi_head_ema(
-            x,
-            decay,
-            input_scale,
-            output_scale,
-            chunk_size=self.config.ema_chunk_size,
-            return_chunk_states=return_chunk_states,
-        )
-        ema, chunk_states = ema if return_chunk_states else (ema, None)
+        chunk_size = self.config.ema_chunk_size
+        if state_positions is None:
+            ema = multi_head_ema(x, decay, input_scale, output_scale, chunk_size=chunk_size)
+            ema_state = None
+        else:
+            ema, ema_state = multi_head_ema_with_state(
+                x, decay, input_scale, output_scale, state_positions, chunk_size=chunk_size
+            )
         mx = self._mx(x, ema)
         hx, active, gate = self._route(mx)
         valid = valid_mask(lengths, seq)
@@ -314,7 +320,7 @@ class SeqBoat(StateSizeFromCache, nn.Module):
         else:
             h = self._masked(mx, active)
         y = hx + (h * gate[..., None].astype(h.dtype)).astype(hx.dtype)
-        return y, mx, active, chunk_states
+        return y, mx, active, ema_state
 
     # The Mixer protocol ---------------------------------------------------------------------
     def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
@@ -324,7 +330,10 @@ class SeqBoat(StateSizeFromCache, nn.Module):
         self, x: Float[Array, "B T D"], max_len: int, lengths: Int[Array, " B"] | None = None
     ) -> tuple[Float[Array, "B T D"], SeqBoatCache]:
         """Forward over prompts; the cache holds the EMA state after each row's last valid
-        token and its last ``window`` active tokens (padding is never active)."""
+        token and its last ``window`` active tokens (padding is never active). On a time-split
+        mesh the prefill is the sequence-parallel forward; the EMA state comes from the shard
+        holding each row's last token and the ring's tokens from the shards holding them, the
+        cache replicated over ``sequence`` (docs/sequence_parallelism.md#prefill)."""
         del max_len  # the cache does not grow
         batch, seq, _ = x.shape
         lengths = (
@@ -332,20 +341,19 @@ class SeqBoat(StateSizeFromCache, nn.Module):
             if lengths is None
             else jnp.asarray(lengths, jnp.int32)
         )
-        y, mx, active, chunk_states = self._forward(x, lengths, return_chunk_states=True)
-        decay, input_scale, _ = self._ema_coefficients()
-        ema_state = ema_state_at(
-            x, chunk_states, decay, input_scale, lengths - 1, chunk_size=self.config.ema_chunk_size
-        )
+        y, mx, active, ema_state = self._forward(x, lengths, state_positions=lengths - 1)
         window = self.config.window
-        order = jnp.argsort(jnp.logical_not(active), axis=-1, stable=True)
-        count = active.sum(axis=-1).astype(jnp.int32)
-        last = count[:, None] - 1
-        slots = jnp.arange(window, dtype=jnp.int32)[None, :]
-        ranks = last - jnp.mod(last - slots, window)  # rank held by each slot, < 0: empty
-        filled = ranks >= 0
-        positions = jnp.take_along_axis(order, jnp.clip(ranks, 0, seq - 1), axis=1)
-        ring_mx = jnp.take_along_axis(mx, positions[..., None], axis=1)
+        layout = sequence_layout(batch, seq, 1)
+        if layout is not None:  # each slot's token taken where it lies
+            ring_mx, positions, count = active_ring_sharded(mx, active, layout, window)
+            filled = positions >= 0
+        else:
+            order = jnp.argsort(jnp.logical_not(active), axis=-1, stable=True)
+            count = active.sum(axis=-1).astype(jnp.int32)
+            ranks = ring_buffer_positions(count, window)  # rank held by each slot, < 0: empty
+            filled = ranks >= 0
+            positions = jnp.take_along_axis(order, jnp.clip(ranks, 0, seq - 1), axis=1)
+            ring_mx = jnp.take_along_axis(mx, positions[..., None], axis=1)
         _, k, v, _ = self._attention_inputs(ring_mx, positions)
         cache = SeqBoatCache(
             ema_state=ema_state.astype(jnp.float32),

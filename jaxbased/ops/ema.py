@@ -15,7 +15,9 @@ and updated as ``a^C h + sum_j a^(C-1-j) b x_j``. Every power of ``a`` has a non
 exponent, so nothing overflows. Work ``O(T D (C + N))``, memory ``O(T D + D C^2)``.
 
 On a mesh whose ``sequence`` axis splits time, the EMA from a zero state without chunk states
-runs sequence-parallel (:func:`jaxbased.ops.sequence_parallel_scan.ema_sharded`).
+runs sequence-parallel (:func:`jaxbased.ops.sequence_parallel_scan.ema_sharded`), and so does
+:func:`multi_head_ema_with_state` (a prefill's outputs and its state after each row's last
+token).
 """
 
 from __future__ import annotations
@@ -144,6 +146,35 @@ def ema_state_at(
     )  # [B, D, N, C]
     carried = jnp.exp(log_decay[None] * (offset + 1)[:, None, None].astype(dtype)) * start
     return carried + input_scale.astype(dtype)[None] * jnp.einsum("bdnc,bcd->bdn", weights, taken)
+
+
+def multi_head_ema_with_state(
+    x: Float[Array, "B T D"],
+    decay: Float[Array, "D N"],
+    input_scale: Float[Array, "D N"],
+    output_scale: Float[Array, "D N"],
+    positions: Int[Array, " B"],
+    *,
+    chunk_size: int = 64,
+) -> tuple[Float[Array, "B T D"], Float[Array, "B D N"]]:
+    """:func:`multi_head_ema` from a zero state and the state after token ``positions[b]`` of
+    each row (:func:`ema_state_at`; float32 or wider): a prefill's outputs and decode state. On
+    a time-split mesh both come from the sequence-parallel EMA, the state replicated over
+    ``sequence`` (:func:`jaxbased.ops.sequence_parallel_scan.ema_sharded`)."""
+    _check(x, decay, input_scale, output_scale)
+    layout = sequence_layout(x.shape[0], x.shape[1], 1)
+    if layout is not None:
+        from jaxbased.ops.sequence_parallel_scan import ema_sharded
+
+        return ema_sharded(
+            x, decay, input_scale, output_scale, layout, chunk_size=chunk_size,
+            state_positions=positions,
+        )  # fmt: skip
+    y, chunk_states = multi_head_ema(
+        x, decay, input_scale, output_scale, chunk_size=chunk_size, return_chunk_states=True
+    )
+    state = ema_state_at(x, chunk_states, decay, input_scale, positions, chunk_size=chunk_size)
+    return y, state
 
 
 def ema_step(

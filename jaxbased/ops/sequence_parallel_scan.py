@@ -21,9 +21,13 @@ Under an active mesh whose ``sequence`` axis has ``n > 1`` devices, shard ``s`` 
   tokens; an exclusive scan of ``(active count, last window - 1 packed keys and values)``
   gives every shard its rank offset and the keys its first packed queries see, which may come
   from several earlier shards when activity is sparse.
+- Prefill: :func:`ema_sharded` with ``state_positions`` also returns the EMA state after each
+  row's last valid token, and :func:`active_ring_sharded` the decode ring's last ``window``
+  active tokens, each taken by the shard holding it and summed over the axis (replicated).
 
-Every shard computes with the XLA algorithms of the unsharded ops; the results equal the
-unsharded ops up to float rounding. Batch dims stay split over the batch axes and channels
+Every shard computes with the XLA algorithms of the unsharded ops, except that the packed
+attention runs the Pallas window kernel per shard under ``implementation="pallas"``; the results
+equal the unsharded ops up to float rounding. Batch dims stay split over the batch axes and channels
 over ``tensor`` where the layout says so.
 """
 
@@ -188,7 +192,8 @@ def ema_sharded(
     layout: SequenceLayout,
     *,
     chunk_size: int,
-) -> Float[Array, "B T D"]:
+    state_positions: Int[Array, " B"] | None = None,
+) -> Any:
     """MEGA's multi-head EMA over a time-split mesh; equals :func:`jaxbased.ops.ema.multi_head_ema`
     from a zero state (``[B, T, D]`` in ``x.dtype``). ``layout`` is for ``(B, T, 1)``: channels
     stay whole.
@@ -196,10 +201,16 @@ def ema_sharded(
     Each shard computes its slice's final state ``S_s`` from zero (:func:`ema_final_state`);
     a slice decays any state by the constant ``a^L``, so the exclusive scan composes
     ``a^(span L) S_earlier + S_later`` and sends only the ``[B, D, N]`` states; the shard then
-    runs the chunked EMA over its slice from ``S_in``."""
-    from jaxbased.ops.ema import multi_head_ema
+    runs the chunked EMA over its slice from ``S_in``.
 
-    def local(x, decay, input_scale, output_scale):
+    ``state_positions [B]`` (prefill): also return the state after token
+    ``state_positions[b]`` of each row (``0 <= t < T``; a padded row's last valid token),
+    ``[B, D, N]`` float32 or wider, replicated over ``sequence``: the shard holding ``t`` reads
+    it from its chunk states (:func:`jaxbased.ops.ema.ema_state_at`) and one all-reduce, the
+    other shards adding zeros, hands it to all."""
+    from jaxbased.ops.ema import ema_state_at, multi_head_ema
+
+    def local(x, decay, input_scale, output_scale, *positions):
         length = x.shape[1]
         final = ema_final_state(x, decay, input_scale, chunk_size)
         log_decay = jnp.log(decay.astype(final.dtype))
@@ -208,13 +219,30 @@ def ema_sharded(
             return jnp.exp(log_decay * (span * length)) * earlier + later
 
         incoming = exclusive_scan(final, combine, layout.shards)
-        return multi_head_ema(
-            x, decay, input_scale, output_scale, chunk_size=chunk_size, initial_state=incoming
-        )
+        if not positions:
+            return multi_head_ema(
+                x, decay, input_scale, output_scale, chunk_size=chunk_size, initial_state=incoming
+            )
+        y, chunk_states = multi_head_ema(
+            x, decay, input_scale, output_scale, chunk_size=chunk_size, initial_state=incoming,
+            return_chunk_states=True,
+        )  # fmt: skip
+        local_positions = positions[0] - jax.lax.axis_index(SEQUENCE_AXIS) * length
+        owned = (local_positions >= 0) & (local_positions < length)
+        state = ema_state_at(
+            x, chunk_states, decay, input_scale, jnp.clip(local_positions, 0, length - 1),
+            chunk_size=chunk_size,
+        )  # fmt: skip
+        return y, jax.lax.psum(jnp.where(owned[:, None, None], state, 0), SEQUENCE_AXIS)
 
     tokens, whole = layout.spec(3, heads=False), PartitionSpec()
     specs = (tokens, whole, whole, whole)
-    return _shard_map(local, specs, tokens)(x, decay, input_scale, output_scale)
+    operands = (x, decay, input_scale, output_scale)
+    if state_positions is None:
+        return _shard_map(local, specs, tokens)(*operands)
+    rows = PartitionSpec(layout.batch_axes)
+    positions = jnp.asarray(state_positions, jnp.int32)
+    return _shard_map(local, (*specs, rows), (tokens, rows))(*operands, positions)
 
 
 # SeqBoat's packed attention ----------------------------------------------------------------
@@ -269,6 +297,55 @@ def _append_keys(earlier: tuple[Array, Array], later: tuple[Array, Array], span:
     return earlier_count + later_count, keys
 
 
+def _packed_window_kernel(
+    q: Float[Array, "B S 1 Z"],
+    k: Float[Array, "B S 1 Z"],
+    v: Float[Array, "B S 1 H"],
+    earlier: tuple[Array, Array] | None,
+    earlier_counts: Int[Array, " B"],
+    *,
+    window: int,
+    block_size: int | None,
+) -> Float[Array, "B S 1 H"]:
+    """One shard's packed window attention by the Pallas kernel
+    (``pallas_kernels.window_attention``; interpreted on CPU).
+
+    ``earlier`` holds the ``W - 1`` packed keys and values ``[B, W - 1, 1, X]`` before the
+    shard's first packed token, right-aligned, of which only the last ``c_b =
+    min(earlier_counts[b], W - 1)`` exist in row ``b``. The kernel masks by position only, so
+    each row is laid out as ``[its c_b existing keys, its S own, W - 1 - c_b unused]`` (the
+    ``[halo, own]`` sequence rolled left by ``W - 1 - c_b``): the kernel's start of the
+    sequence hides what does not exist, and the unused keys, last, are later than every own
+    query. The queries in front of the own ones are zeros; own query ``i`` is read back at
+    ``c_b + i``."""
+    from jaxbased.ops.dispatch import kernel_backend
+    from pallas_kernels.window_attention import window_attention
+
+    backend, interpret = kernel_backend()
+
+    def kernel(q, k, v):
+        return window_attention(
+            q, k, v, window=window, block_size=block_size, backend=backend, interpret=interpret
+        )
+
+    if earlier is None:
+        return kernel(q, k, v)
+    history, slots = earlier[0].shape[1], q.shape[1]
+    existing = jnp.minimum(earlier_counts, history).astype(jnp.int32)  # c_b [B]
+    total = history + slots
+    rolled = (jnp.arange(total, dtype=jnp.int32)[None, :] + (history - existing)[:, None]) % total
+
+    def laid_out(front: Array, own: Array) -> Array:  # [B, W - 1 + S, 1, X], rolled per row
+        return jnp.take_along_axis(
+            jnp.concatenate([front, own], axis=1), rolled[:, :, None, None], axis=1
+        )
+
+    zeros = jnp.zeros((q.shape[0], history, *q.shape[2:]), q.dtype)
+    out = kernel(laid_out(zeros, q), laid_out(earlier[0], k), laid_out(earlier[1], v))
+    own = existing[:, None] + jnp.arange(slots, dtype=jnp.int32)[None, :]
+    return jnp.take_along_axis(out, own[:, :, None, None], axis=1)
+
+
 def packed_window_attention_sharded(
     q: Float[Array, "B S 1 Z"],
     k: Float[Array, "B S 1 Z"],
@@ -278,6 +355,8 @@ def packed_window_attention_sharded(
     *,
     window: int,
     capacity: int,
+    implementation: str = "xla",
+    block_size: int | None = None,
 ) -> tuple[Float[Array, "B S 1 H"], Bool[Array, "B S"]]:
     """SeqBoat's attention of every packed query over the last ``window`` packed keys (itself
     included) in the whole row, from the shards' packed slots (:func:`pack_active_sharded`).
@@ -288,14 +367,32 @@ def packed_window_attention_sharded(
     each shard its offset and the ``window - 1`` keys before its first packed token, gathered
     from as many earlier shards as it takes (fewer exist in a row with fewer earlier active
     tokens: its first queries see only those). Returns the attended values ``[B, S, 1, H]``
-    (``v.dtype``) and the kept mask ``[B, S]``."""
-    from jaxbased.ops.window_attention import windowed_attention_with_history
+    (``v.dtype``) and the kept mask ``[B, S]``.
+
+    ``implementation``: ``xla`` (the blocked XLA window with a per-row count of existing
+    earlier keys), ``pallas`` (each shard runs the Pallas window kernel, interpreted on CPU, on
+    the existing earlier keys and its own: :func:`_packed_window_kernel`), or ``auto``
+    (:func:`jaxbased.ops.window_attention.window_kernel_chosen` on one shard's shapes);
+    ``block_size`` as in :func:`jaxbased.ops.sliding_window_attention`. The scan and the
+    capacity stay XLA."""
+    from jaxbased.ops.window_attention import (
+        window_kernel_chosen,
+        windowed_attention_with_history,
+    )
 
     history = window - 1
     key_dim = k.shape[-1]
+    slots = q.shape[1] // layout.shards
+    extended = (q.shape[0], history + slots, *q.shape[2:])
+    use_kernel = window_kernel_chosen(
+        jax.ShapeDtypeStruct(extended, q.dtype),
+        jax.ShapeDtypeStruct((*extended[:3], v.shape[3]), v.dtype),
+        window=window,
+        block_size=block_size,
+        implementation=implementation,
+    )
 
     def local(q, k, v, count):
-        slots = q.shape[1]
         count = count[:, 0]
         if history:
             tail = _last_keys(jnp.concatenate([k[:, :, 0], v[:, :, 0]], axis=-1), count, history)
@@ -306,9 +403,15 @@ def packed_window_attention_sharded(
                 count, lambda earlier, later, span: earlier + later, layout.shards
             )
             earlier = None
-        attended = windowed_attention_with_history(
-            q, k, v, earlier, None, window=window, earlier_counts=offset
-        )
+        if use_kernel:
+            attended = _packed_window_kernel(
+                q, k, v, earlier, offset, window=window, block_size=block_size
+            )
+        else:
+            attended = windowed_attention_with_history(
+                q, k, v, earlier, None, window=window, block_size=block_size,
+                earlier_counts=offset,
+            )  # fmt: skip
         rank = jnp.arange(slots)[None, :]
         kept = (rank < count[:, None]) & (offset[:, None] + rank < capacity)
         return attended, kept
@@ -332,3 +435,44 @@ def unpack_sharded(
 
     tokens, flags = layout.spec(3, heads=False), PartitionSpec(layout.batch_axes, SEQUENCE_AXIS)
     return _shard_map(local, (tokens, flags), tokens)(packed, index)
+
+
+def active_ring_sharded(
+    x: Float[Array, "B T D"], active: Bool[Array, "B T"], layout: SequenceLayout, window: int
+) -> tuple[Float[Array, "B W D"], Int[Array, "B W"], Int[Array, " B"]]:
+    """SeqBoat's decode ring after a prefill, from time-split ``x`` and ``active``: slot ``s``
+    of ``W = window`` holds the active token of rank ``r = last - ((last - s) mod W)``
+    (``last`` = the row's active count - 1), the latest rank ``≡ s (mod W)``, as
+    :func:`jaxbased.ops.sequence_parallel_prefill.ring_buffer_positions` lays out positions.
+
+    Each shard counts its active tokens; one all-reduce of the ``[B, n]`` counts gives every
+    shard the row's total and its rank offset. The shard holding rank ``r`` (offset ``<= r <``
+    offset + count) takes that token's ``x`` and position from its own stable packing order, the
+    others zeros, and one all-reduce of each sums them (exact). Returns, replicated over
+    ``sequence``: ``x`` at the slots ``[B, W, D]`` (zeros in empty slots), the slots' positions
+    ``[B, W]`` int32 (-1 when empty) and the active counts ``[B]`` int32."""
+    from jaxbased.ops.sequence_parallel_prefill import ring_buffer_positions
+
+    def local(x, active):
+        length = x.shape[1]
+        shard = jax.lax.axis_index(SEQUENCE_AXIS).astype(jnp.int32)
+        count = active.sum(axis=-1, dtype=jnp.int32)  # [B]
+        mine = jnp.arange(layout.shards, dtype=jnp.int32)[None, :] == shard
+        counts = jax.lax.psum(jnp.where(mine, count[:, None], 0), SEQUENCE_AXIS)  # [B, n]
+        total = counts.sum(axis=-1)
+        earlier = jnp.arange(layout.shards, dtype=jnp.int32)[None, :] < shard
+        offset = jnp.where(earlier, counts, 0).sum(axis=-1)
+        ranks = ring_buffer_positions(total, window)  # [B, W], -1: empty
+        local_ranks = ranks - offset[:, None]
+        owned = (ranks >= 0) & (local_ranks >= 0) & (local_ranks < count[:, None])
+        order = jnp.argsort(jnp.logical_not(active), axis=-1, stable=True).astype(jnp.int32)
+        index = jnp.take_along_axis(order, jnp.clip(local_ranks, 0, length - 1), axis=1)
+        taken = jnp.take_along_axis(x, index[..., None], axis=1)
+        ring = jax.lax.psum(jnp.where(owned[..., None], taken, 0), SEQUENCE_AXIS)
+        positions = jax.lax.psum(jnp.where(owned, index + shard * length, 0), SEQUENCE_AXIS)
+        return ring, jnp.where(ranks >= 0, positions, -1), total
+
+    tokens, flags = layout.spec(3, heads=False), PartitionSpec(layout.batch_axes, SEQUENCE_AXIS)
+    rows = PartitionSpec(layout.batch_axes)
+    out_specs = (PartitionSpec(layout.batch_axes), rows, rows)
+    return _shard_map(local, (tokens, flags), out_specs)(x, active)

@@ -364,6 +364,26 @@ def _kernel_request(q: Array) -> KernelRequest:
     return KernelRequest("window_attention", dtype, functools.partial(_probe, dtype))
 
 
+def window_kernel_chosen(
+    q: jax.ShapeDtypeStruct,
+    v: jax.ShapeDtypeStruct,
+    *,
+    window: int,
+    block_size: int | None,
+    implementation: str,
+) -> bool:
+    """Whether ``implementation`` runs the Pallas window kernel on a call whose queries and keys
+    have ``q``'s shape and dtype ``[B, T, H, D]`` and whose values ``v``'s ``[B, T, H, Dv]``:
+    ``xla`` never, ``pallas`` always (``ValueError`` when the kernel cannot take them), ``auto``
+    as :func:`jaxbased.ops.dispatch.use_pallas` decides. For callers that run the kernel on
+    arrays they assemble themselves (a sequence shard's packed keys and their halo)."""
+    check_implementation(implementation)
+    if implementation == "xla":
+        return False
+    unsupported = _kernel_unsupported(q, q, v, window, block_size)
+    return use_pallas(implementation, unsupported, _kernel_request(q))
+
+
 def _probe(dtype: jnp.dtype, target: KernelTarget) -> None:
     """The kernel on ``target`` against the XLA path, forward and gradients, on a small problem
     of its class: 80 tokens (a partial last block on GPU), 2 heads of 32, a window of 33."""
